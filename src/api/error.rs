@@ -1,0 +1,17 @@
+//! The OpenAI error envelope: `{"error": {"message", "type", "param", "code"}}`, all four keys always present.
+
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorObject<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorObject<'a> {
+    pub message: &'a str,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub param: Option<&'a str>,
+    pub code: Option<&'a str>,
+}

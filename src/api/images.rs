@@ -1,0 +1,163 @@
+//! Wire types of `/v1/images/*`: the request body as clients send it, and the hand-written response writer
+//! (base64 goes straight into the output buffer, never through a second multi-megabyte `String`).
+
+use base64::Engine;
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+
+/// `POST /v1/images/generations`, whatever the content type: JSON is read as is; multipart and form fields are
+/// first turned into the same JSON object (see `http::extract`), so all three mean exactly the same.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagesRequest {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub n: Option<u32>,
+    pub size: Option<String>,
+    pub quality: Option<String>,
+    pub style: Option<String>,
+    pub response_format: Option<String>,
+    pub output_format: Option<String>,
+    pub output_compression: Option<u8>,
+    pub background: Option<String>,
+    pub moderation: Option<String>,
+    pub stream: Option<bool>,
+    pub partial_images: Option<u32>,
+    pub user: Option<String>,
+    // easel's extensions
+    pub negative_prompt: Option<String>,
+    pub seed: Option<u64>,
+    pub steps: Option<u32>,
+    pub guidance_scale: Option<f64>,
+    pub extra: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// How each field of [`ImagesRequest`] is typed, for turning form text into JSON values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldType {
+    Text,
+    Integer,
+    Number,
+    Boolean,
+    Object,
+}
+
+/// The type of a known field; `None` for a field the API does not have.
+pub fn field_type(name: &str) -> Option<FieldType> {
+    Some(match name {
+        "model" | "prompt" | "size" | "quality" | "style" | "response_format" | "output_format" | "background"
+        | "moderation" | "user" | "negative_prompt" => FieldType::Text,
+        "n" | "output_compression" | "partial_images" | "seed" | "steps" => FieldType::Integer,
+        "guidance_scale" => FieldType::Number,
+        "stream" => FieldType::Boolean,
+        "extra" => FieldType::Object,
+        _ => return None,
+    })
+}
+
+/// One produced image, ready to write.
+#[derive(Debug, Clone)]
+pub enum ImageData {
+    Url(String),
+    B64(Bytes),
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageItem {
+    pub data: ImageData,
+    pub revised_prompt: Option<String>,
+}
+
+/// Everything in an `ImagesResponse` that easel fills.
+#[derive(Debug, Clone)]
+pub struct ImagesResponse {
+    pub created: u64,
+    pub data: Vec<ImageItem>,
+    pub output_format: &'static str,
+    pub size: Option<String>,
+}
+
+impl ImagesResponse {
+    /// Writes the JSON body. Image bytes are base64-encoded directly into the output buffer.
+    pub fn to_json(&self) -> Bytes {
+        let engine = &base64::engine::general_purpose::STANDARD;
+        let estimate: usize = self
+            .data
+            .iter()
+            .map(|i| match &i.data {
+                ImageData::Url(u) => u.len() + 32,
+                ImageData::B64(b) => base64::encoded_len(b.len(), true).unwrap_or(0) + 32,
+            })
+            .sum();
+        let mut out = BytesMut::with_capacity(estimate + 128);
+        out.put_slice(b"{\"created\":");
+        out.put_slice(self.created.to_string().as_bytes());
+        out.put_slice(b",\"data\":[");
+        for (i, item) in self.data.iter().enumerate() {
+            if i > 0 {
+                out.put_u8(b',');
+            }
+            match &item.data {
+                ImageData::Url(u) => {
+                    out.put_slice(b"{\"url\":");
+                    put_json_string(&mut out, u);
+                }
+                ImageData::B64(bytes) => {
+                    out.put_slice(b"{\"b64_json\":\"");
+                    let start = out.len();
+                    let len = base64::encoded_len(bytes.len(), true).unwrap_or(0);
+                    out.resize(start + len, 0);
+                    // The buffer was sized exactly above, so this cannot fail; stay defensive anyway.
+                    let written = engine.encode_slice(bytes, &mut out[start..]).unwrap_or(0);
+                    out.truncate(start + written);
+                    out.put_u8(b'"');
+                }
+            }
+            if let Some(rp) = &item.revised_prompt {
+                out.put_slice(b",\"revised_prompt\":");
+                put_json_string(&mut out, rp);
+            }
+            out.put_u8(b'}');
+        }
+        out.put_slice(b"],\"output_format\":\"");
+        out.put_slice(self.output_format.as_bytes());
+        out.put_u8(b'"');
+        if let Some(size) = &self.size {
+            out.put_slice(b",\"size\":");
+            put_json_string(&mut out, size);
+        }
+        out.put_u8(b'}');
+        out.freeze()
+    }
+}
+
+fn put_json_string(out: &mut BytesMut, s: &str) {
+    // serde_json escapes exactly as JSON requires; strings here are short (URLs, prompts).
+    let quoted = serde_json::Value::String(s.to_owned()).to_string();
+    out.put_slice(quoted.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_valid_json_with_base64_and_urls() {
+        let r = ImagesResponse {
+            created: 7,
+            data: vec![
+                ImageItem { data: ImageData::B64(Bytes::from_static(b"\x89PNG")), revised_prompt: Some("a \"q\"".into()) },
+                ImageItem { data: ImageData::Url("http://h/v1/files/x.png".into()), revised_prompt: None },
+            ],
+            output_format: "png",
+            size: Some("8x8".into()),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&r.to_json()).unwrap();
+        assert_eq!(v["created"], 7);
+        assert_eq!(v["data"][0]["b64_json"], "iVBORw==");
+        assert_eq!(v["data"][0]["revised_prompt"], "a \"q\"");
+        assert_eq!(v["data"][1]["url"], "http://h/v1/files/x.png");
+        assert_eq!(v["output_format"], "png");
+        assert_eq!(v["size"], "8x8");
+    }
+}

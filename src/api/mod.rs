@@ -1,0 +1,5 @@
+//! Wire types of the OpenAI-compatible API: serde shapes and body writers, no logic and no I/O.
+
+pub mod error;
+pub mod images;
+pub mod models;

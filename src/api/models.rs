@@ -1,0 +1,42 @@
+//! `/v1/models` wire shapes: OpenAI's list and model objects, plus easel's `meta`.
+
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelObject>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelObject {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    pub meta: ModelMeta,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelMeta {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub backends: Vec<BackendRef>,
+    pub working_set: Option<String>,
+    pub credits: Option<f64>,
+    /// `ready` (a backend can take it now), `loading` (backends known, none ready yet) or `unavailable`.
+    pub status: &'static str,
+    pub description: Option<String>,
+    pub default_size: String,
+    pub sizes: Option<Vec<String>>,
+    pub max_n: u32,
+    /// True when every backend is easel's procedural `simulated` backend: no model runs.
+    pub simulated: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendRef {
+    pub name: String,
+    pub kind: &'static str,
+    pub healthy: bool,
+}

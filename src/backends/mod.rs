@@ -1,0 +1,118 @@
+//! Backend adapters: each file owns one upstream protocol end to end. The [`Backend`] trait is what the pipeline
+//! calls; [`AnyBackend`] dispatches to the adapter matching the config `kind`. Adapters never touch axum, storage
+//! or the ledger: they turn one [`ImageCall`] into images or a classified [`BackendError`].
+
+pub mod a1111;
+pub mod client;
+pub mod error;
+pub mod huggingface;
+pub mod openai;
+pub mod simulated;
+pub mod template;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+pub use self::error::{BackendError, Failure};
+use crate::config::{BackendConfig, BackendKind, ModelConfig};
+use crate::request::{GenerateImage, ImageFormat, Size};
+
+/// One upstream call for images: part (or all) of a request's `n`.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageCall<'a> {
+    pub request: &'a GenerateImage,
+    pub model: &'a ModelConfig,
+    /// Images this call must produce (at most the backend's `max_images_per_call`).
+    pub count: u32,
+    /// The seed for this call: the request's, offset per call, or `None` to let the backend pick.
+    pub seed: Option<u64>,
+    pub size: Size,
+}
+
+/// One image as the backend produced it.
+#[derive(Debug, Clone)]
+pub struct ImageOutput {
+    pub bytes: Bytes,
+    /// Sniffed from the bytes, never trusted from a header.
+    pub format: ImageFormat,
+    pub revised_prompt: Option<String>,
+}
+
+/// What a health probe learned.
+#[derive(Debug, Clone)]
+pub struct ProbeReport {
+    /// The backend can take a generation now (model loaded, API enabled).
+    pub ready: bool,
+    /// One line for `/health` and `easel doctor`, e.g. "A1111, checkpoint v1-5-pruned".
+    pub detail: String,
+}
+
+/// An upstream protocol. Optional operations have defaults that say "unsupported".
+pub trait Backend {
+    /// Produces `call.count` images (or fewer, which the pipeline reports as a partial result).
+    fn generate_images(&self, call: ImageCall<'_>) -> impl Future<Output = Result<Vec<ImageOutput>, BackendError>> + Send;
+
+    /// A cheap native probe: never a paid generation.
+    fn probe(&self) -> impl Future<Output = Result<ProbeReport, BackendError>> + Send;
+}
+
+/// Every adapter, one variant per config `kind`.
+#[derive(Debug)]
+pub enum AnyBackend {
+    OpenAi(openai::OpenAiBackend),
+    A1111(a1111::A1111Backend),
+    HuggingFace(huggingface::HuggingFaceBackend),
+    Template(template::TemplateBackend),
+    Simulated(simulated::SimulatedBackend),
+}
+
+impl AnyBackend {
+    /// Builds the adapter for a validated backend config (no I/O happens here).
+    pub fn build(cfg: Arc<BackendConfig>) -> Result<Self, String> {
+        Ok(match cfg.kind {
+            BackendKind::OpenAi => Self::OpenAi(openai::OpenAiBackend::new(cfg)?),
+            BackendKind::A1111 => Self::A1111(a1111::A1111Backend::new(cfg)?),
+            BackendKind::HuggingFace => Self::HuggingFace(huggingface::HuggingFaceBackend::new(cfg)?),
+            BackendKind::Template => Self::Template(template::TemplateBackend::new(cfg)?),
+            BackendKind::Simulated => Self::Simulated(simulated::SimulatedBackend::new(cfg)),
+        })
+    }
+
+    pub async fn generate_images(&self, call: ImageCall<'_>) -> Result<Vec<ImageOutput>, BackendError> {
+        match self {
+            Self::OpenAi(b) => b.generate_images(call).await,
+            Self::A1111(b) => b.generate_images(call).await,
+            Self::HuggingFace(b) => b.generate_images(call).await,
+            Self::Template(b) => b.generate_images(call).await,
+            Self::Simulated(b) => b.generate_images(call).await,
+        }
+    }
+
+    pub async fn probe(&self) -> Result<ProbeReport, BackendError> {
+        match self {
+            Self::OpenAi(b) => b.probe().await,
+            Self::A1111(b) => b.probe().await,
+            Self::HuggingFace(b) => b.probe().await,
+            Self::Template(b) => b.probe().await,
+            Self::Simulated(b) => b.probe().await,
+        }
+    }
+}
+
+/// Decodes base64 image data from an upstream, with or without a `data:` prefix, and sniffs its format.
+pub fn decode_image_b64(data: &str) -> Result<ImageOutput, String> {
+    let bytes = crate::media::decode_base64(data)?;
+    let format = crate::media::sniff(&bytes).ok_or("the decoded data is not a PNG, JPEG or WebP image")?;
+    Ok(ImageOutput { bytes, format, revised_prompt: None })
+}
+
+/// Wraps raw bytes as an image output, checking that they are one.
+pub fn image_from_bytes(bytes: Bytes) -> Result<ImageOutput, String> {
+    let format = crate::media::sniff(&bytes).ok_or_else(|| {
+        let head = String::from_utf8_lossy(&bytes[..bytes.len().min(120)]).into_owned();
+        format!("expected image bytes but got: {}", error::excerpt(&head, 120))
+    })?;
+    Ok(ImageOutput { bytes, format, revised_prompt: None })
+}

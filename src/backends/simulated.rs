@@ -1,0 +1,138 @@
+//! `simulated`: easel's built-in backend. No network and no model: it paints a PNG procedurally from the prompt
+//! and seed (the same prompt, seed and size give the same bytes), with configurable latency and injected
+//! failures (an error status or a hang, every Nth call). It is the model behind the built-in default
+//! configuration, and it serves tests and benchmarks. `/v1/models` says it is a simulation.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use image::{ImageEncoder, Rgb, RgbImage};
+
+use super::{Backend, BackendError, Failure, ImageCall, ImageOutput, ProbeReport};
+use crate::config::{BackendConfig, FailureMode};
+use crate::request::ImageFormat;
+
+pub const KIND: &str = "simulated";
+
+#[derive(Debug)]
+pub struct SimulatedBackend {
+    cfg: Arc<BackendConfig>,
+    /// Calls so far, for "fail every Nth call".
+    calls: AtomicU64,
+}
+
+impl SimulatedBackend {
+    pub fn new(cfg: Arc<BackendConfig>) -> Self {
+        Self { cfg, calls: AtomicU64::new(0) }
+    }
+
+    fn url(&self) -> String {
+        format!("simulated://{}", self.cfg.name)
+    }
+}
+
+impl Backend for SimulatedBackend {
+    async fn generate_images(&self, call: ImageCall<'_>) -> Result<Vec<ImageOutput>, BackendError> {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        let sim = self.cfg.simulation.as_ref();
+        if let Some(latency) = sim.map(|s| s.latency).filter(|l| !l.is_zero()) {
+            tokio::time::sleep(latency).await;
+        }
+        if let Some(f) = sim.and_then(|s| s.failure.as_ref())
+            && n % u64::from(f.every) == 0
+        {
+            let failure = match f.mode {
+                FailureMode::Status(status) => {
+                    Failure::Status { status, message: f.message.clone(), hint: None, retry_after: None }
+                }
+                FailureMode::Timeout => {
+                    // Behave like a server that never answers: the caller's timeout decides.
+                    tokio::time::sleep(self.cfg.timeout).await;
+                    Failure::Timeout(self.cfg.timeout)
+                }
+            };
+            return Err(BackendError::new(&self.cfg.name, self.cfg.kind, self.url(), failure));
+        }
+        let base_seed = call.seed.unwrap_or_else(rand::random);
+        let prompt = call.request.prompt.clone();
+        let (w, h) = (call.size.width, call.size.height);
+        let count = call.count;
+        let images = tokio::task::spawn_blocking(move || {
+            (0..u64::from(count)).map(|i| paint(&prompt, base_seed.wrapping_add(i), w, h)).collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| BackendError::new(&self.cfg.name, self.cfg.kind, self.url(), Failure::InvalidResponse(e.to_string())))?
+        .map_err(|e| BackendError::new(&self.cfg.name, self.cfg.kind, self.url(), Failure::InvalidResponse(e)))?;
+        Ok(images.into_iter().map(|bytes| ImageOutput { bytes, format: ImageFormat::Png, revised_prompt: None }).collect())
+    }
+
+    async fn probe(&self) -> Result<ProbeReport, BackendError> {
+        Ok(ProbeReport { ready: true, detail: "simulated backend: procedural images, no model runs".into() })
+    }
+}
+
+/// Paints a deterministic picture: a diagonal gradient between two prompt-derived colours with seed-placed discs.
+pub fn paint(prompt: &str, seed: u64, width: u32, height: u32) -> Result<Bytes, String> {
+    let mut h = DefaultHasher::new();
+    prompt.hash(&mut h);
+    let p = h.finish();
+    let mut state = p ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut next = move || {
+        // xorshift64*: small, fast, deterministic.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    let colour = |v: u64| Rgb([(v & 0xFF) as u8, ((v >> 8) & 0xFF) as u8, ((v >> 16) & 0xFF) as u8]);
+    let (a, b) = (colour(p), colour(p >> 24));
+    let discs: Vec<(f32, f32, f32, Rgb<u8>)> = (0..6)
+        .map(|_| {
+            let r = next();
+            let cx = (r & 0xFFFF) as f32 / 65535.0 * width as f32;
+            let cy = ((r >> 16) & 0xFFFF) as f32 / 65535.0 * height as f32;
+            let rad = (0.05 + ((r >> 32) & 0xFF) as f32 / 255.0 * 0.2) * width.min(height) as f32;
+            (cx, cy, rad * rad, colour(next()))
+        })
+        .collect();
+    let span = (width + height).max(1) as f32;
+    let img = RgbImage::from_fn(width, height, |x, y| {
+        for (cx, cy, r2, c) in &discs {
+            let (dx, dy) = (x as f32 - cx, y as f32 - cy);
+            if dx * dx + dy * dy <= *r2 {
+                return *c;
+            }
+        }
+        let t = (x + y) as f32 / span;
+        let mix = |i: usize| (a.0[i] as f32 * (1.0 - t) + b.0[i] as f32 * t) as u8;
+        Rgb([mix(0), mix(1), mix(2)])
+    });
+    let mut out = Vec::with_capacity((width * height) as usize / 4);
+    image::codecs::png::PngEncoder::new_with_quality(
+        &mut out,
+        image::codecs::png::CompressionType::Fast,
+        image::codecs::png::FilterType::Adaptive,
+    )
+    .write_image(img.as_raw(), width, height, image::ExtendedColorType::Rgb8)
+    .map_err(|e| format!("cannot encode PNG: {e}"))?;
+    Ok(Bytes::from(out))
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_picture_other_seed_other_picture() {
+        let a = paint("a red apple", 42, 64, 48).unwrap();
+        let b = paint("a red apple", 42, 64, 48).unwrap();
+        let c = paint("a red apple", 43, 64, 48).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let img = image::load_from_memory(&a).unwrap();
+        assert_eq!((img.width(), img.height()), (64, 48));
+    }
+}

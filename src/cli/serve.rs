@@ -1,0 +1,76 @@
+//! `easel serve`: load the config, build the gateway, serve until SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use tokio::net::TcpListener;
+
+use crate::config::{self, ProcessEnv};
+use crate::server::Server;
+
+pub fn run(config_path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
+    crate::telemetry::init_logging();
+    let path = config::resolve_path(config_path.as_deref());
+    let mut cfg = match config::load(path.as_deref(), &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(addr) = listen {
+        match std::net::ToSocketAddrs::to_socket_addrs(addr.as_str()).ok().and_then(|mut a| a.next()) {
+            Some(a) => cfg.server.listen = a,
+            None => {
+                eprintln!("--listen: `{addr}` is not a host:port address");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(serve(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn serve(cfg: config::Config) -> Result<(), String> {
+    let addr = cfg.server.listen;
+    let origin = cfg.origin.clone();
+    let listener = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let server = Server::build(cfg).await?;
+    let models: Vec<String> = server.state().registry.all().iter().map(|m| m.id.clone()).collect();
+    tracing::info!(config = %origin, models = %models.join(","), "easel listening on http://{local}");
+    server.run(listener, shutdown_signal()).await.map_err(|e| format!("server error: {e}"))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

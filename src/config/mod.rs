@@ -1,0 +1,544 @@
+//! Configuration: YAML text + environment → a validated [`Config`]. Owns every default and every cross-field
+//! check. Loading is pure (no network, no files written) so `easel config check` and tests run it as is.
+//!
+//! Order of precedence: `EASEL_<SECTION>__<KEY>` environment overrides > the file > built-in defaults. `${VAR}`
+//! and `${VAR:-default}` in the file are replaced before parsing (`$${` writes a literal `${`).
+
+mod locate;
+pub mod raw;
+pub mod source;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{HeaderName, HeaderValue};
+use serde_json_path::JsonPath;
+use url::Url;
+
+pub use self::locate::{Segment, locate, parse_path};
+use self::raw::RawConfig;
+pub use self::source::{Environment, MapEnv, ProcessEnv};
+use crate::request::{ResponseFormat, Size};
+
+/// The configuration used when no file is given and `./easel.yaml` does not exist.
+pub const BUILTIN_DEFAULT: &str = include_str!("builtin.yaml");
+
+/// Environment variables with the `EASEL_` prefix that are not overrides.
+const NOT_OVERRIDES: &[&str] = &["EASEL_CONFIG", "EASEL_LOG", "EASEL_ADMIN_TOKEN"];
+
+/// A validated configuration. Invalid states are not representable past this point.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from: a file path or "built-in default".
+    pub origin: String,
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub auth: AuthMode,
+    pub defaults: Defaults,
+    pub health: HealthConfig,
+    /// Sorted by name.
+    pub backends: Vec<Arc<BackendConfig>>,
+    /// In file order (the order of `/v1/models`).
+    pub models: Vec<Arc<ModelConfig>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Base for output URLs; `None` = derived from the request's `Host` header.
+    pub public_url: Option<Url>,
+    pub max_body_bytes: usize,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub database: String,
+    pub files: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    None,
+    Keys,
+}
+
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub response_format: ResponseFormat,
+    pub size: Size,
+    pub n_max: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successful probes before an unhealthy backend counts as healthy again.
+    pub healthy_threshold: u32,
+    /// Consecutive failed probes before a healthy backend counts as unhealthy.
+    pub unhealthy_threshold: u32,
+}
+
+/// Every backend protocol easel speaks. The string form is the config `kind`, the metric label and the log field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BackendKind {
+    OpenAi,
+    A1111,
+    HuggingFace,
+    Template,
+    Simulated,
+}
+
+impl BackendKind {
+    pub const ALL: [BackendKind; 5] =
+        [BackendKind::OpenAi, BackendKind::A1111, BackendKind::HuggingFace, BackendKind::Template, BackendKind::Simulated];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::OpenAi => "openai",
+            BackendKind::A1111 => "a1111",
+            BackendKind::HuggingFace => "huggingface",
+            BackendKind::Template => "template",
+            BackendKind::Simulated => "simulated",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a backend can be asked to do; admission limits are kept per capability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Capability {
+    Images,
+    Videos,
+    Text,
+}
+
+impl Capability {
+    pub const ALL: [Capability; 3] = [Capability::Images, Capability::Videos, Capability::Text];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capability::Images => "images",
+            Capability::Videos => "videos",
+            Capability::Text => "text",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub name: String,
+    pub kind: BackendKind,
+    /// The server's root; `None` only for `simulated`.
+    pub url: Option<Url>,
+    pub api_key: Option<Secret>,
+    /// Bound on one whole upstream call (connect, send, wait, read).
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Upstream calls in flight at once, per capability.
+    pub concurrency: BTreeMap<Capability, u32>,
+    pub queue: QueueConfig,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub max_response_bytes: usize,
+    pub max_images_per_call: u32,
+    pub template: Option<TemplateConfig>,
+    pub simulation: Option<SimulationConfig>,
+}
+
+impl BackendConfig {
+    /// The URL with `path` appended to the root (which may carry a path prefix).
+    pub fn endpoint(&self, path: &str) -> String {
+        let base = self.url.as_ref().map_or("", |u| u.as_str()).trim_end_matches('/');
+        format!("{base}{path}")
+    }
+
+    /// The configured limit for a capability (0 = this backend does not serve it).
+    pub fn limit(&self, capability: Capability) -> u32 {
+        self.concurrency.get(&capability).copied().unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct QueueConfig {
+    /// Requests allowed to wait for a slot; past it, 429.
+    pub depth: u32,
+    /// Longest a request waits for a slot; past it, 429.
+    pub wait: Duration,
+}
+
+/// A string that never prints itself.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Self {
+        Self(s)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A custom HTTP image server, described by a request template and a response rule.
+#[derive(Debug, Clone)]
+pub struct TemplateConfig {
+    pub method: reqwest::Method,
+    pub path: String,
+    /// The body template source (minijinja), already checked to render valid JSON with sample values.
+    pub body: String,
+    pub content_type: String,
+    /// Where the images are in a JSON response; `None` = the response body is the image.
+    pub images: Option<JsonPath>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimulationConfig {
+    pub latency: Duration,
+    pub failure: Option<SimulatedFailure>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimulatedFailure {
+    pub mode: FailureMode,
+    pub message: String,
+    /// Fail every Nth call (1 = every call).
+    pub every: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    Status(u16),
+    Timeout,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelType {
+    Image,
+    Video,
+    Text,
+}
+
+impl ModelType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelType::Image => "image",
+            ModelType::Video => "video",
+            ModelType::Text => "text",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub id: String,
+    pub kind: ModelType,
+    /// Preference order = fallback order.
+    pub backends: Vec<ModelBackend>,
+    pub upstream_model: String,
+    pub credits: Option<f64>,
+    pub working_set: Option<String>,
+    pub description: Option<String>,
+    pub sizes: Option<Vec<Size>>,
+    pub default_size: Size,
+    pub max_size: Size,
+    pub max_n: u32,
+    pub max_prompt_chars: usize,
+    pub steps: Option<u32>,
+    pub guidance_scale: Option<f64>,
+    pub negative_prompt: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelBackend {
+    pub name: String,
+    pub weight: u32,
+}
+
+/// One thing wrong with a configuration, pointing at where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `file:line:column` or `file` or the environment variable that caused it.
+    pub at: String,
+    /// Key path, e.g. `backends.gpu.url`.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}: {}", self.at, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.at, self.path, self.message)
+        }
+    }
+}
+
+/// Everything wrong with a configuration at once.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(f, "invalid configuration ({n} problem{})", if n == 1 { "" } else { "s" })?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    fn one(at: impl Into<String>, path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { problems: vec![Problem { at: at.into(), path: path.into(), message: message.into() }] }
+    }
+}
+
+/// Which file to read: an explicit path (`--config`, `EASEL_CONFIG`), else `./easel.yaml` when present, else
+/// the built-in default.
+pub fn resolve_path(explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    let local = PathBuf::from("easel.yaml");
+    local.is_file().then_some(local)
+}
+
+/// Reads and validates the configuration at `path` (or the built-in default for `None`).
+pub fn load(path: Option<&Path>, env: &dyn Environment) -> Result<Config, ConfigError> {
+    match path {
+        Some(p) => {
+            let origin = p.display().to_string();
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| ConfigError::one(&origin, "", format!("cannot read the configuration file: {e}")))?;
+            let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
+            from_str(&text, &origin, &base, env)
+        }
+        None => from_str(BUILTIN_DEFAULT, "built-in default", Path::new("."), env),
+    }
+}
+
+/// Validates configuration text. `origin` names it in messages; relative paths in it resolve against `base`.
+pub fn from_str(text: &str, origin: &str, base: &Path, env: &dyn Environment) -> Result<Config, ConfigError> {
+    let text = interpolate(text, origin, env)?;
+    let overrides = overrides(env);
+    let raw = if overrides.is_empty() { parse(&text, origin)? } else { parse_with_overrides(&text, origin, &overrides)? };
+    validate::validate(raw, origin, base).map_err(|problems| {
+        let problems = problems
+            .into_iter()
+            .map(|(path, message)| {
+                let at = match overrides.iter().find(|o| path.starts_with(&o.path)) {
+                    Some(o) => format!("environment {}", o.var),
+                    None => match locate(&text, &parse_path(&path)) {
+                        Some((line, col)) => format!("{origin}:{line}:{col}"),
+                        None => origin.to_owned(),
+                    },
+                };
+                Problem { at, path, message }
+            })
+            .collect();
+        ConfigError { problems }
+    })
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}`; an unset variable without a default is an error at its position.
+fn interpolate(text: &str, origin: &str, env: &dyn Environment) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(text.len());
+    let mut problems = Vec::new();
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let mut rest = line;
+        while let Some(i) = rest.find("${") {
+            if rest[..i].ends_with('$') {
+                out.push_str(&rest[..i - 1]);
+                out.push_str("${");
+                rest = &rest[i + 2..];
+                continue;
+            }
+            out.push_str(&rest[..i]);
+            let Some(close) = rest[i..].find('}') else {
+                problems.push(Problem {
+                    at: format!("{origin}:{}:{}", n + 1, line.len() - rest.len() + i + 1),
+                    path: String::new(),
+                    message: "unterminated `${` (write `$${` for a literal)".into(),
+                });
+                out.push_str(&rest[i..]);
+                rest = "";
+                break;
+            };
+            let expr = &rest[i + 2..i + close];
+            let (name, default) = match expr.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (expr, None),
+            };
+            match (env.get(name), default) {
+                (Some(v), _) => out.push_str(&v),
+                (None, Some(d)) => out.push_str(d),
+                (None, None) => problems.push(Problem {
+                    at: format!("{origin}:{}:{}", n + 1, line.len() - rest.len() + i + 1),
+                    path: String::new(),
+                    message: format!("environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default)"),
+                }),
+            }
+            rest = &rest[i + close + 1..];
+        }
+        out.push_str(rest);
+    }
+    if problems.is_empty() { Ok(out) } else { Err(ConfigError { problems }) }
+}
+
+/// Parses YAML into the raw types, with the key path and position of the first error.
+fn parse(text: &str, origin: &str) -> Result<RawConfig, ConfigError> {
+    let mut path = String::new();
+    let result = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            path = e.path().to_string();
+            e.into_inner()
+        })
+    });
+    result.map_err(|e| {
+        let at = match e.location() {
+            Some(loc) if loc.line() > 0 => format!("{origin}:{}:{}", loc.line(), loc.column()),
+            _ => origin.to_owned(),
+        };
+        let path = if path == "." { String::new() } else { path };
+        ConfigError { problems: vec![Problem { at, path, message: yaml_message(&e.to_string()) }] }
+    })
+}
+
+/// serde-saphyr's message without its `error: line L column C:` prefix and source snippet.
+fn yaml_message(full: &str) -> String {
+    let first = full.lines().next().unwrap_or(full);
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    match first.split_once(": ") {
+        Some((pos, msg)) if pos.starts_with("line ") => msg.to_owned(),
+        _ => first.to_owned(),
+    }
+}
+
+struct Override {
+    var: String,
+    path: String,
+    segments: Vec<String>,
+    value: String,
+}
+
+fn overrides(env: &dyn Environment) -> Vec<Override> {
+    env.with_prefix("EASEL_")
+        .into_iter()
+        .filter(|(k, _)| !NOT_OVERRIDES.contains(&k.as_str()) && k.contains("__"))
+        .map(|(var, value)| {
+            let segments: Vec<String> = var["EASEL_".len()..].split("__").map(str::to_ascii_lowercase).collect();
+            Override { path: segments.join("."), var, segments, value }
+        })
+        .collect()
+}
+
+fn parse_with_overrides(text: &str, origin: &str, overrides: &[Override]) -> Result<RawConfig, ConfigError> {
+    // Check the file alone first, so its own mistakes keep their line and column.
+    parse(text, origin)?;
+    let mut tree: serde_json::Value = serde_saphyr::from_str(text).map_err(|e| ConfigError::one(origin, "", yaml_message(&e.to_string())))?;
+    if tree.is_null() {
+        tree = serde_json::Value::Object(serde_json::Map::new());
+    }
+    // Values go in typed (numbers, booleans) first; a key that wants a string gets the text instead.
+    let mut as_text = vec![false; overrides.len()];
+    loop {
+        let mut candidate = tree.clone();
+        for (o, text_only) in overrides.iter().zip(&as_text) {
+            let value = if *text_only { serde_json::Value::String(o.value.clone()) } else { scalar(&o.value) };
+            set_path(&mut candidate, &o.segments, value)
+                .map_err(|m| ConfigError::one(format!("environment {}", o.var), &o.path, m))?;
+        }
+        match serde_path_to_error::deserialize::<_, RawConfig>(&candidate) {
+            Ok(raw) => return Ok(raw),
+            Err(e) => {
+                let path = e.path().to_string();
+                let hit = overrides.iter().position(|o| path == o.path || path.starts_with(&format!("{}.", o.path)));
+                match hit {
+                    Some(i) if !as_text[i] => as_text[i] = true,
+                    Some(i) => {
+                        return Err(ConfigError::one(
+                            format!("environment {}", overrides[i].var),
+                            path,
+                            e.into_inner().to_string(),
+                        ));
+                    }
+                    None => return Err(ConfigError::one(origin, path, e.into_inner().to_string())),
+                }
+            }
+        }
+    }
+}
+
+fn scalar(s: &str) -> serde_json::Value {
+    if let Ok(i) = s.parse::<i64>() {
+        return i.into();
+    }
+    if let Ok(f) = s.parse::<f64>() {
+        return f.into();
+    }
+    match s {
+        "true" => true.into(),
+        "false" => false.into(),
+        _ => serde_json::Value::String(s.to_owned()),
+    }
+}
+
+fn set_path(tree: &mut serde_json::Value, segments: &[String], value: serde_json::Value) -> Result<(), String> {
+    let Some((last, parents)) = segments.split_last() else { return Err("empty override path".into()) };
+    let mut node = tree;
+    for seg in parents {
+        node = match node {
+            serde_json::Value::Array(items) => {
+                let i: usize = seg.parse().map_err(|_| format!("`{seg}` is not a list index"))?;
+                let len = items.len();
+                items.get_mut(i).ok_or_else(|| format!("index {i} is past the end of a list of {len}"))?
+            }
+            serde_json::Value::Object(map) => {
+                map.entry(seg.clone()).or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()))
+            }
+            _ => return Err(format!("`{seg}` is inside a value that is not a mapping")),
+        };
+    }
+    match node {
+        serde_json::Value::Object(map) => {
+            map.insert(last.clone(), value);
+            Ok(())
+        }
+        serde_json::Value::Array(items) => {
+            let i: usize = last.parse().map_err(|_| format!("`{last}` is not a list index"))?;
+            let len = items.len();
+            let slot = items.get_mut(i).ok_or_else(|| format!("index {i} is past the end of a list of {len}"))?;
+            *slot = value;
+            Ok(())
+        }
+        _ => Err(format!("`{last}` is inside a value that is not a mapping")),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,172 @@
+//! `Raw*` types: the configuration exactly as users write it. Every struct rejects unknown keys; nothing here
+//! is checked beyond its YAML type (that is `validate.rs`'s job).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole file.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub storage: RawStorage,
+    #[serde(default)]
+    pub auth: RawAuth,
+    #[serde(default)]
+    pub defaults: RawDefaults,
+    #[serde(default)]
+    pub health: RawHealth,
+    #[serde(default)]
+    pub backends: BTreeMap<String, RawBackend>,
+    #[serde(default)]
+    pub models: Vec<RawModel>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// `host:port` to listen on.
+    pub listen: Option<String>,
+    /// Base of the URLs easel hands out for stored outputs.
+    pub public_url: Option<String>,
+    /// Largest request body accepted on image routes, e.g. `64MiB`.
+    pub max_body: Option<String>,
+    /// How long in-flight requests get to finish after SIGTERM/SIGINT.
+    pub shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStorage {
+    pub database: Option<String>,
+    pub files: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDefaults {
+    pub response_format: Option<String>,
+    pub size: Option<String>,
+    pub n_max: Option<u32>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub healthy_threshold: Option<u32>,
+    pub unhealthy_threshold: Option<u32>,
+}
+
+/// One backend. The fields are flat: `validate.rs` checks that only the fields that make sense for `kind` are set.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub kind: Option<String>,
+    pub url: Option<String>,
+    pub api_key: Option<String>,
+    pub timeout: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub concurrency: Option<RawConcurrency>,
+    pub queue: Option<RawQueue>,
+    /// Extra headers sent on every upstream call.
+    pub headers: Option<BTreeMap<String, String>>,
+    /// Cap on one upstream response body (and on each downloaded output), e.g. `64MiB`.
+    pub max_response: Option<String>,
+    /// Most images one upstream call may produce (`openai` `n`, `a1111` `batch_size`).
+    pub max_images_per_call: Option<u32>,
+
+    // --- template ---
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub body: Option<String>,
+    pub content_type: Option<String>,
+    pub response: Option<RawTemplateResponse>,
+
+    // --- simulated ---
+    pub latency: Option<String>,
+    pub failure: Option<RawFailure>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConcurrency {
+    pub images: Option<u32>,
+    pub videos: Option<u32>,
+    pub text: Option<u32>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueue {
+    pub depth: Option<u32>,
+    pub wait: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTemplateResponse {
+    /// JSON path (RFC 9535) selecting the images in a JSON response; absent = the body is the image.
+    pub images: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFailure {
+    /// `status` (answer with an error status) or `timeout` (never answer).
+    pub mode: Option<String>,
+    pub status: Option<u16>,
+    pub message: Option<String>,
+    /// Fail every Nth call (1 = every call).
+    pub every: Option<u32>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub backends: Vec<RawModelBackend>,
+    pub upstream_model: Option<String>,
+    pub workflow: Option<String>,
+    pub credits: Option<f64>,
+    pub working_set: Option<String>,
+    pub description: Option<String>,
+    /// Sizes the model accepts (`WxH`); absent = any size within `max_size`.
+    pub sizes: Option<Vec<String>>,
+    pub default_size: Option<String>,
+    pub max_size: Option<String>,
+    pub max_n: Option<u32>,
+    pub max_prompt_chars: Option<u32>,
+    /// Defaults for easel's extension fields when the request leaves them out.
+    pub steps: Option<u32>,
+    pub guidance_scale: Option<f64>,
+    pub negative_prompt: Option<String>,
+}
+
+/// `backends: [a, b]` or `backends: [{name: a, weight: 2}]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum RawModelBackend {
+    Name(String),
+    Weighted(RawWeightedBackend),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWeightedBackend {
+    pub name: String,
+    pub weight: Option<u32>,
+}

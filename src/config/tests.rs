@@ -1,0 +1,76 @@
+//! Configuration loading: defaults, interpolation, overrides, and that every problem points at its place.
+
+use std::path::Path;
+
+use super::*;
+
+fn load(text: &str, env: &MapEnv) -> Result<Config, ConfigError> {
+    from_str(text, "easel.yaml", Path::new("."), env)
+}
+
+const MINIMAL: &str = "backends:\n  sim:\n    kind: simulated\nmodels:\n  - id: m\n    backends: [sim]\n";
+
+#[test]
+fn builtin_default_is_valid() {
+    let cfg = super::load(None, &MapEnv::default()).unwrap();
+    assert_eq!(cfg.models.len(), 1);
+    assert_eq!(cfg.backends[0].kind, BackendKind::Simulated);
+    assert_eq!(cfg.server.listen.to_string(), "127.0.0.1:8080");
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_line_column_and_path() {
+    let text = "backends:\n  sim:\n    kind: simulated\n    latncy: 5ms\nmodels:\n  - id: m\n    backends: [sim]\n";
+    let err = load(text, &MapEnv::default()).unwrap_err();
+    let p = &err.problems[0];
+    assert_eq!(p.at, "easel.yaml:4:5", "{p}");
+    assert_eq!(p.path, "backends.sim.latncy");
+    assert!(p.message.contains("unknown field `latncy`"), "{p}");
+}
+
+#[test]
+fn invalid_values_are_all_reported_with_positions() {
+    let text = "server:\n  listen: nowhere\nbackends:\n  a:\n    kind: a1111\n    url: not a url\n    timeout: soon\nmodels:\n  - id: m\n    backends: [a, ghost]\n";
+    let err = load(text, &MapEnv::default()).unwrap_err();
+    let text_of = |path: &str| err.problems.iter().find(|p| p.path == path).unwrap_or_else(|| panic!("no problem at {path}: {err}")).clone();
+    assert_eq!(text_of("server.listen").at, "easel.yaml:2:3");
+    assert_eq!(text_of("backends.a.url").at, "easel.yaml:6:5");
+    assert_eq!(text_of("backends.a.timeout").at, "easel.yaml:7:5");
+    assert!(text_of("models[0].backends[1]").message.contains("no backend named `ghost`"));
+}
+
+#[test]
+fn fields_of_other_kinds_are_mistakes() {
+    let text = "backends:\n  a:\n    kind: openai\n    url: http://h\n    latency: 1s\nmodels:\n  - id: m\n    backends: [a]\n";
+    let err = load(text, &MapEnv::default()).unwrap_err();
+    assert_eq!(err.problems[0].path, "backends.a.latency");
+    assert!(err.problems[0].message.contains("does not apply to kind `openai`"), "{err}");
+}
+
+#[test]
+fn interpolation_replaces_and_reports_unset_variables() {
+    let text = "backends:\n  a:\n    kind: openai\n    url: ${BASE}\n    api_key: ${KEY:-none}\nmodels:\n  - id: m\n    backends: [a]\n";
+    let cfg = load(text, &MapEnv::new([("BASE", "http://h:1/v1")])).unwrap();
+    assert_eq!(cfg.backends[0].url.as_ref().unwrap().as_str(), "http://h:1/", "a trailing /v1 is not doubled");
+    assert_eq!(cfg.backends[0].api_key.as_ref().unwrap().expose(), "none");
+    let err = load(text, &MapEnv::default()).unwrap_err();
+    assert_eq!(err.problems[0].at, "easel.yaml:4:10");
+    assert!(err.problems[0].message.contains("`BASE` is not set"));
+}
+
+#[test]
+fn environment_overrides_win_and_are_named_in_errors() {
+    let env = MapEnv::new([("EASEL_SERVER__LISTEN", "0.0.0.0:9999"), ("EASEL_BACKENDS__SIM__CONCURRENCY__IMAGES", "3")]);
+    let cfg = load(MINIMAL, &env).unwrap();
+    assert_eq!(cfg.server.listen.port(), 9999);
+    assert_eq!(cfg.backends[0].limit(Capability::Images), 3);
+    let env = MapEnv::new([("EASEL_BACKENDS__SIM__TIMEOUT", "whenever")]);
+    let err = load(MINIMAL, &env).unwrap_err();
+    assert_eq!(err.problems[0].at, "environment EASEL_BACKENDS__SIM__TIMEOUT");
+}
+
+#[test]
+fn secrets_do_not_print() {
+    let s = Secret::new("sk-live-123".into());
+    assert!(!format!("{s:?}").contains("sk-live"));
+}

@@ -1,0 +1,485 @@
+//! `RawConfig` → `Config`: parse, don't validate. Every problem is collected (not just the first) with its key
+//! path; `mod.rs` turns paths into file positions.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{HeaderName, HeaderValue};
+use serde_json_path::JsonPath;
+use url::Url;
+
+use super::raw::{RawBackend, RawConfig, RawModel, RawModelBackend};
+use super::{
+    AuthMode, BackendConfig, BackendKind, Capability, Config, Defaults, FailureMode, HealthConfig, ModelBackend,
+    ModelConfig, ModelType, QueueConfig, Secret, ServerConfig, SimulatedFailure, SimulationConfig, StorageConfig,
+    TemplateConfig,
+};
+use crate::request::{ResponseFormat, Size};
+
+type Problems = Vec<(String, String)>;
+
+/// Converts the raw configuration, or returns every problem as `(key path, message)`.
+pub fn validate(raw: RawConfig, origin: &str, base: &Path) -> Result<Config, Problems> {
+    let mut p: Problems = Vec::new();
+    let _ = base;
+
+    let listen = match raw.server.listen.as_deref() {
+        None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        Some(s) => match s.to_socket_addrs().ok().and_then(|mut a| a.next()) {
+            Some(addr) => addr,
+            None => {
+                p.push(("server.listen".into(), format!("`{s}` is not a `host:port` address (e.g. 127.0.0.1:8080)")));
+                SocketAddr::from(([127, 0, 0, 1], 8080))
+            }
+        },
+    };
+    let public_url = raw.server.public_url.as_deref().and_then(|s| match Url::parse(s) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => Some(u),
+        _ => {
+            p.push(("server.public_url".into(), format!("`{s}` is not an http(s) URL")));
+            None
+        }
+    });
+    let server = ServerConfig {
+        listen,
+        public_url,
+        max_body_bytes: bytes(&mut p, "server.max_body", raw.server.max_body.as_deref(), 64 << 20),
+        shutdown_grace: duration(&mut p, "server.shutdown_grace", raw.server.shutdown_grace.as_deref(), 30),
+    };
+
+    let storage = StorageConfig {
+        database: raw.storage.database.unwrap_or_else(|| "sqlite://data/easel.db".into()),
+        files: raw.storage.files.unwrap_or_else(|| "data/files".into()).into(),
+    };
+    if !storage.database.starts_with("sqlite:") {
+        p.push(("storage.database".into(), "only `sqlite://PATH` is supported by this build".into()));
+    }
+
+    let auth = match raw.auth.mode.as_deref() {
+        None | Some("none") => AuthMode::None,
+        Some("keys") => {
+            p.push(("auth.mode".into(), "`keys` needs the API-key ledger, which this build does not have yet; use `none`".into()));
+            AuthMode::Keys
+        }
+        Some(other) => {
+            p.push(("auth.mode".into(), format!("`{other}` is not one of: none, keys")));
+            AuthMode::None
+        }
+    };
+
+    let response_format = match raw.defaults.response_format.as_deref() {
+        None => ResponseFormat::Url,
+        Some(s) => ResponseFormat::parse(s).unwrap_or_else(|| {
+            p.push(("defaults.response_format".into(), format!("`{s}` is not one of: url, b64_json")));
+            ResponseFormat::Url
+        }),
+    };
+    let default_size = size(&mut p, "defaults.size", raw.defaults.size.as_deref()).unwrap_or(Size::new(1024, 1024));
+    let n_max = raw.defaults.n_max.unwrap_or(10);
+    if !(1..=128).contains(&n_max) {
+        p.push(("defaults.n_max".into(), format!("{n_max} is outside 1..=128")));
+    }
+    let defaults = Defaults { response_format, size: default_size, n_max };
+
+    let health = HealthConfig {
+        interval: duration(&mut p, "health.interval", raw.health.interval.as_deref(), 15),
+        timeout: duration(&mut p, "health.timeout", raw.health.timeout.as_deref(), 5),
+        healthy_threshold: positive(&mut p, "health.healthy_threshold", raw.health.healthy_threshold, 1),
+        unhealthy_threshold: positive(&mut p, "health.unhealthy_threshold", raw.health.unhealthy_threshold, 2),
+    };
+
+    let mut backends = Vec::new();
+    for (name, b) in raw.backends {
+        if let Some(cfg) = backend(&mut p, &name, b) {
+            backends.push(Arc::new(cfg));
+        }
+    }
+    let known: BTreeMap<&str, &BackendConfig> = backends.iter().map(|b| (b.name.as_str(), b.as_ref())).collect();
+
+    let mut models = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (i, m) in raw.models.into_iter().enumerate() {
+        let at = format!("models[{i}]");
+        if let Some(id) = &m.id
+            && !seen.insert(id.clone())
+        {
+            p.push((format!("{at}.id"), format!("model `{id}` is defined twice")));
+        }
+        if let Some(cfg) = model(&mut p, &at, m, &known, &defaults) {
+            models.push(Arc::new(cfg));
+        }
+    }
+    if models.is_empty() && !p.iter().any(|(k, _)| k.starts_with("models")) {
+        p.push(("models".into(), "no models are defined: add at least one under `models:`".into()));
+    }
+
+    if !p.is_empty() {
+        return Err(p);
+    }
+    Ok(Config { origin: origin.to_owned(), server, storage, auth, defaults, health, backends, models })
+}
+
+fn backend(p: &mut Problems, name: &str, b: RawBackend) -> Option<BackendConfig> {
+    let at = format!("backends.{name}");
+    let start = p.len();
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        p.push((at.clone(), "a backend name may only use letters, digits, `_` and `-`".into()));
+    }
+    let kinds = BackendKind::ALL.map(BackendKind::as_str).join(", ");
+    let kind = match b.kind.as_deref() {
+        None => {
+            p.push((at.clone(), format!("`kind` is required (one of: {kinds})")));
+            return None;
+        }
+        Some(k) => match BackendKind::parse(k) {
+            Some(kind) => kind,
+            None => {
+                p.push((format!("{at}.kind"), format!("`{k}` is not one of: {kinds}")));
+                return None;
+            }
+        },
+    };
+
+    // Fields that belong to other kinds are mistakes, not silently ignored.
+    let misplaced: [(&str, bool, &[BackendKind]); 9] = [
+        ("url", b.url.is_some(), &[BackendKind::OpenAi, BackendKind::A1111, BackendKind::HuggingFace, BackendKind::Template]),
+        ("api_key", b.api_key.is_some(), &[BackendKind::OpenAi, BackendKind::A1111, BackendKind::HuggingFace, BackendKind::Template]),
+        ("max_images_per_call", b.max_images_per_call.is_some(), &[BackendKind::OpenAi, BackendKind::A1111, BackendKind::Simulated]),
+        ("method", b.method.is_some(), &[BackendKind::Template]),
+        ("path", b.path.is_some(), &[BackendKind::Template]),
+        ("body", b.body.is_some(), &[BackendKind::Template]),
+        ("content_type", b.content_type.is_some(), &[BackendKind::Template]),
+        ("response", b.response.is_some(), &[BackendKind::Template]),
+        ("latency", b.latency.is_some() || b.failure.is_some(), &[BackendKind::Simulated]),
+    ];
+    for (field, present, kinds) in misplaced {
+        if present && !kinds.contains(&kind) {
+            let field = if field == "latency" && b.latency.is_none() { "failure" } else { field };
+            let valid = kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ");
+            p.push((format!("{at}.{field}"), format!("`{field}` does not apply to kind `{kind}` (only to: {valid})")));
+        }
+    }
+
+    let url = match (kind, b.url.as_deref()) {
+        (BackendKind::Simulated, _) => None,
+        (_, None) => {
+            p.push((at.clone(), format!("`url` is required for kind `{kind}` (the server's root, e.g. http://127.0.0.1:7860)")));
+            None
+        }
+        (_, Some(s)) => match Url::parse(s) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                let mut u = u;
+                // OpenAI SDK users write the base URL with `/v1`; easel appends `/v1/...` itself.
+                if kind == BackendKind::OpenAi {
+                    let trimmed = u.path().trim_end_matches('/').trim_end_matches("/v1").to_owned();
+                    u.set_path(&trimmed);
+                }
+                Some(u)
+            }
+            _ => {
+                p.push((format!("{at}.url"), format!("`{s}` is not an http(s) URL with a host")));
+                None
+            }
+        },
+    };
+
+    let (default_timeout, default_images) = match kind {
+        BackendKind::OpenAi => (120, 8),
+        BackendKind::A1111 => (600, 1),
+        BackendKind::HuggingFace => (120, 4),
+        BackendKind::Template => (300, 2),
+        BackendKind::Simulated => (60, 16),
+    };
+    let timeout = duration(p, &format!("{at}.timeout"), b.timeout.as_deref(), default_timeout);
+    let connect_timeout = duration(p, &format!("{at}.connect_timeout"), b.connect_timeout.as_deref(), 5);
+
+    let mut concurrency = BTreeMap::new();
+    let c = b.concurrency.clone().unwrap_or_default();
+    concurrency.insert(Capability::Images, c.images.unwrap_or(default_images));
+    concurrency.insert(Capability::Videos, c.videos.unwrap_or(0));
+    concurrency.insert(Capability::Text, c.text.unwrap_or(0));
+    for (cap, v) in [(Capability::Videos, c.videos), (Capability::Text, c.text)] {
+        if v.is_some_and(|v| v > 0) {
+            p.push((format!("{at}.concurrency.{}", cap.as_str()), format!("kind `{kind}` does not serve {} in this build", cap.as_str())));
+        }
+    }
+    if concurrency.values().all(|v| *v == 0) {
+        p.push((format!("{at}.concurrency"), "every limit is 0: the backend could serve nothing".into()));
+    }
+
+    let q = b.queue.clone().unwrap_or_default();
+    let queue = QueueConfig { depth: q.depth.unwrap_or(16), wait: duration(p, &format!("{at}.queue.wait"), q.wait.as_deref(), 60) };
+
+    let mut headers = Vec::new();
+    for (k, v) in b.headers.clone().unwrap_or_default() {
+        match (HeaderName::try_from(k.as_str()), HeaderValue::try_from(v.as_str())) {
+            (Ok(name), Ok(mut value)) => {
+                value.set_sensitive(true);
+                headers.push((name, value));
+            }
+            _ => p.push((format!("{at}.headers.{k}"), "not a valid HTTP header name and value".into())),
+        }
+    }
+
+    let max_response_bytes = bytes(p, &format!("{at}.max_response"), b.max_response.as_deref(), 64 << 20);
+    let max_images_per_call = match kind {
+        BackendKind::OpenAi => b.max_images_per_call.unwrap_or(10),
+        BackendKind::A1111 => b.max_images_per_call.unwrap_or(4),
+        BackendKind::Simulated => b.max_images_per_call.unwrap_or(10),
+        BackendKind::HuggingFace | BackendKind::Template => 1,
+    };
+    if max_images_per_call == 0 {
+        p.push((format!("{at}.max_images_per_call"), "must be at least 1".into()));
+    }
+
+    let template = if kind == BackendKind::Template { template(p, &at, &b) } else { None };
+    let simulation = (kind == BackendKind::Simulated).then(|| simulation(p, &at, &b));
+
+    if p.len() > start {
+        return None;
+    }
+    Some(BackendConfig {
+        name: name.to_owned(),
+        kind,
+        url,
+        api_key: b.api_key.map(Secret::new),
+        timeout,
+        connect_timeout,
+        concurrency,
+        queue,
+        headers,
+        max_response_bytes,
+        max_images_per_call,
+        template,
+        simulation,
+    })
+}
+
+fn template(p: &mut Problems, at: &str, b: &RawBackend) -> Option<TemplateConfig> {
+    let method = match b.method.as_deref().unwrap_or("POST").to_ascii_uppercase().as_str() {
+        "GET" => reqwest::Method::GET,
+        "POST" => reqwest::Method::POST,
+        "PUT" => reqwest::Method::PUT,
+        other => {
+            p.push((format!("{at}.method"), format!("`{other}` is not one of: GET, POST, PUT")));
+            return None;
+        }
+    };
+    let Some(path) = b.path.clone() else {
+        p.push((at.to_owned(), "`path` is required for kind `template` (e.g. /generate)".into()));
+        return None;
+    };
+    if !path.starts_with('/') {
+        p.push((format!("{at}.path"), format!("`{path}` must start with `/`")));
+    }
+    let content_type = b.content_type.clone().unwrap_or_else(|| "application/json".into());
+    let body = b.body.clone().unwrap_or_default();
+    if method != reqwest::Method::GET && body.is_empty() {
+        p.push((at.to_owned(), "`body` is required for a POST/PUT template (a minijinja template of the request)".into()));
+    }
+    if let Err(e) = crate::backends::template::check_body(&body, content_type.contains("json")) {
+        p.push((format!("{at}.body"), e));
+    }
+    let images = match b.response.as_ref().and_then(|r| r.images.as_deref()) {
+        None => None,
+        Some(expr) => match JsonPath::parse(expr) {
+            Ok(path) => Some(path),
+            Err(e) => {
+                p.push((format!("{at}.response.images"), format!("`{expr}` is not a JSON path: {e}")));
+                None
+            }
+        },
+    };
+    Some(TemplateConfig { method, path, body, content_type, images })
+}
+
+fn simulation(p: &mut Problems, at: &str, b: &RawBackend) -> SimulationConfig {
+    let latency = duration(p, &format!("{at}.latency"), b.latency.as_deref(), 0);
+    let failure = b.failure.as_ref().and_then(|f| {
+        let every = f.every.unwrap_or(1);
+        if every == 0 {
+            p.push((format!("{at}.failure.every"), "must be at least 1".into()));
+        }
+        let mode = match f.mode.as_deref().unwrap_or("status") {
+            "status" => {
+                let status = f.status.unwrap_or(500);
+                if !(400..=599).contains(&status) {
+                    p.push((format!("{at}.failure.status"), format!("{status} is not an HTTP error status (400-599)")));
+                }
+                FailureMode::Status(status)
+            }
+            "timeout" => FailureMode::Timeout,
+            other => {
+                p.push((format!("{at}.failure.mode"), format!("`{other}` is not one of: status, timeout")));
+                return None;
+            }
+        };
+        let message = f.message.clone().unwrap_or_else(|| "simulated failure".into());
+        Some(SimulatedFailure { mode, message, every: every.max(1) })
+    });
+    SimulationConfig { latency, failure }
+}
+
+fn model(
+    p: &mut Problems,
+    at: &str,
+    m: RawModel,
+    backends: &BTreeMap<&str, &BackendConfig>,
+    defaults: &Defaults,
+) -> Option<ModelConfig> {
+    let start = p.len();
+    let id = match m.id {
+        Some(id) if !id.is_empty() && !id.chars().any(char::is_whitespace) => id,
+        Some(id) => {
+            p.push((format!("{at}.id"), format!("`{id}` is not a valid model id (non-empty, no spaces)")));
+            return None;
+        }
+        None => {
+            p.push((at.to_owned(), "`id` is required".into()));
+            return None;
+        }
+    };
+    let kind = match m.kind.as_deref().unwrap_or("image") {
+        "image" => ModelType::Image,
+        "video" | "text" => {
+            p.push((format!("{at}.type"), "only `image` models are served by this build".into()));
+            return None;
+        }
+        other => {
+            p.push((format!("{at}.type"), format!("`{other}` is not one of: image, video, text")));
+            return None;
+        }
+    };
+    if m.workflow.is_some() {
+        p.push((format!("{at}.workflow"), "`workflow` is for comfyui and invokeai backends, which this build does not have".into()));
+    }
+    if m.backends.is_empty() {
+        p.push((format!("{at}.backends"), "list at least one backend".into()));
+    }
+    let mut list = Vec::new();
+    for (j, b) in m.backends.into_iter().enumerate() {
+        let (name, weight) = match b {
+            RawModelBackend::Name(n) => (n, 1),
+            RawModelBackend::Weighted(w) => (w.name, w.weight.unwrap_or(1)),
+        };
+        match backends.get(name.as_str()) {
+            None => {
+                let names = backends.keys().copied().collect::<Vec<_>>().join(", ");
+                p.push((format!("{at}.backends[{j}]"), format!("no backend named `{name}` (defined: {names})")));
+            }
+            Some(b) if b.limit(Capability::Images) == 0 => {
+                p.push((format!("{at}.backends[{j}]"), format!("backend `{name}` has concurrency.images 0, so it serves no image model")));
+            }
+            Some(_) => {}
+        }
+        if weight == 0 {
+            p.push((format!("{at}.backends[{j}]"), "weight must be at least 1".into()));
+        }
+        list.push(ModelBackend { name, weight });
+    }
+    let sizes = m.sizes.as_ref().map(|list| {
+        list.iter().enumerate().filter_map(|(j, s)| size(p, &format!("{at}.sizes[{j}]"), Some(s))).collect::<Vec<_>>()
+    });
+    let max_size = size(p, &format!("{at}.max_size"), m.max_size.as_deref()).unwrap_or(Size::new(4096, 4096));
+    let default_size = size(p, &format!("{at}.default_size"), m.default_size.as_deref())
+        .or_else(|| sizes.as_ref().and_then(|s| s.first().copied()))
+        .unwrap_or(defaults.size);
+    if let Some(s) = &sizes
+        && !s.contains(&default_size)
+    {
+        p.push((format!("{at}.default_size"), format!("{default_size} is not in `sizes`")));
+    }
+    let max_n = m.max_n.unwrap_or(defaults.n_max);
+    if !(1..=128).contains(&max_n) {
+        p.push((format!("{at}.max_n"), format!("{max_n} is outside 1..=128")));
+    }
+    if let Some(c) = m.credits
+        && (c < 0.0 || !c.is_finite())
+    {
+        p.push((format!("{at}.credits"), "must be a number >= 0".into()));
+    }
+    if p.len() > start {
+        return None;
+    }
+    Some(ModelConfig {
+        upstream_model: m.upstream_model.unwrap_or_else(|| id.clone()),
+        id,
+        kind,
+        backends: list,
+        credits: m.credits,
+        working_set: m.working_set,
+        description: m.description,
+        sizes,
+        default_size,
+        max_size,
+        max_n,
+        max_prompt_chars: m.max_prompt_chars.unwrap_or(32_000) as usize,
+        steps: m.steps,
+        guidance_scale: m.guidance_scale,
+        negative_prompt: m.negative_prompt,
+    })
+}
+
+fn size(p: &mut Problems, at: &str, s: Option<&str>) -> Option<Size> {
+    let s = s?;
+    match Size::parse(s) {
+        Some(size) => Some(size),
+        None => {
+            p.push((at.to_owned(), format!("`{s}` is not a size like 1024x1024")));
+            None
+        }
+    }
+}
+
+fn duration(p: &mut Problems, at: &str, s: Option<&str>, default_secs: u64) -> Duration {
+    match s {
+        None => Duration::from_secs(default_secs),
+        Some(s) => humantime::parse_duration(s).unwrap_or_else(|_| {
+            p.push((at.to_owned(), format!("`{s}` is not a duration (e.g. 500ms, 30s, 5m)")));
+            Duration::from_secs(default_secs)
+        }),
+    }
+}
+
+fn positive(p: &mut Problems, at: &str, v: Option<u32>, default: u32) -> u32 {
+    match v {
+        Some(0) => {
+            p.push((at.to_owned(), "must be at least 1".into()));
+            default
+        }
+        Some(v) => v,
+        None => default,
+    }
+}
+
+/// Parses `1048576`, `512KiB`, `64MiB`, `10MB`, `1GiB`.
+pub fn parse_bytes(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num.parse().ok()?;
+    let mult: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1000,
+        "KiB" => 1 << 10,
+        "MB" => 1000 * 1000,
+        "MiB" => 1 << 20,
+        "GB" => 1000 * 1000 * 1000,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+fn bytes(p: &mut Problems, at: &str, s: Option<&str>, default: usize) -> usize {
+    match s {
+        None => default,
+        Some(s) => parse_bytes(s).unwrap_or_else(|| {
+            p.push((at.to_owned(), format!("`{s}` is not a size in bytes (e.g. 64MiB, 10MB, 1048576)")));
+            default
+        }),
+    }
+}

@@ -1,0 +1,36 @@
+//! The one error type the pipeline returns: each layer's own error, wrapped. `http::error` maps every variant
+//! to a status and an OpenAI error body by exhaustive match.
+
+use crate::admission::AdmissionError;
+use crate::backends::BackendError;
+use crate::request::RequestError;
+use crate::routing::RoutingError;
+use crate::storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    Routing(#[from] RoutingError),
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// A stored file id that does not exist (or was never issued).
+    #[error("no file `{0}`: it was never issued by this gateway or has been deleted")]
+    FileNotFound(String),
+    #[error("no route {method} {path}; the API lives under /v1 (e.g. POST /v1/images/generations)")]
+    RouteNotFound { method: String, path: String },
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("the request body is larger than the {limit}-byte limit (`server.max_body`)")]
+    PayloadTooLarge { limit: usize },
+    #[error("content type `{0}` is not accepted here; send application/json, multipart/form-data or application/x-www-form-urlencoded")]
+    UnsupportedMediaType(String),
+    /// easel's own fault (a bug or the environment), never the client's.
+    #[error("internal error: {0}")]
+    Internal(String),
+}

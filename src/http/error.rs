@@ -1,0 +1,123 @@
+//! The only place an error becomes an HTTP status: [`ApiError`] → status, OpenAI error body and `Retry-After`,
+//! by exhaustive match (a new error variant does not compile until it is mapped here). The response carries the
+//! error text in an extension so the logging middleware can log server-side failures once.
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::admission::AdmissionError;
+use crate::api::error::{ErrorBody, ErrorObject};
+use crate::backends::{BackendError, Failure};
+use crate::error::Error;
+use crate::routing::RoutingError;
+
+/// An error on its way out.
+#[derive(Debug)]
+pub struct ApiError(pub Error);
+
+impl<E: Into<Error>> From<E> for ApiError {
+    fn from(e: E) -> Self {
+        Self(e.into())
+    }
+}
+
+/// The error message of a 5xx response, for the logging middleware.
+#[derive(Debug, Clone)]
+pub struct ServerFault(pub String);
+
+/// How one error leaves.
+struct Shape {
+    status: StatusCode,
+    kind: &'static str,
+    code: Option<&'static str>,
+    param: Option<String>,
+    retry_after: Option<Duration>,
+}
+
+impl Shape {
+    fn new(status: StatusCode, kind: &'static str, code: &'static str) -> Self {
+        Self { status, kind, code: Some(code), param: None, retry_after: None }
+    }
+    fn retry(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+}
+
+const INVALID: &str = "invalid_request_error";
+const SERVER: &str = "server_error";
+
+fn shape(e: &Error) -> Shape {
+    match e {
+        Error::Request(r) => {
+            Shape { status: StatusCode::BAD_REQUEST, kind: INVALID, code: Some(r.code.unwrap_or("invalid_request_error")), param: r.param.clone(), retry_after: None }
+        }
+        Error::Routing(r) => match r {
+            RoutingError::ModelNotFound { .. } => {
+                Shape { param: Some("model".into()), ..Shape::new(StatusCode::NOT_FOUND, INVALID, "model_not_found") }
+            }
+            RoutingError::WrongType { .. } => {
+                Shape { param: Some("model".into()), ..Shape::new(StatusCode::BAD_REQUEST, INVALID, "model_type_mismatch") }
+            }
+            RoutingError::NoHealthyBackend { .. } => {
+                Shape::new(StatusCode::SERVICE_UNAVAILABLE, SERVER, "backend_unavailable").retry(Duration::from_secs(5))
+            }
+        },
+        Error::Admission(a) => match a {
+            AdmissionError::QueueFull { .. } | AdmissionError::QueueTimeout { .. } => {
+                Shape::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "backend_busy").retry(a.retry_after())
+            }
+            AdmissionError::Draining { .. } => {
+                Shape::new(StatusCode::SERVICE_UNAVAILABLE, SERVER, "backend_unavailable").retry(a.retry_after())
+            }
+        },
+        Error::Backend(b) => backend_shape(b),
+        Error::Storage(_) => Shape::new(StatusCode::INTERNAL_SERVER_ERROR, SERVER, "storage_error"),
+        Error::FileNotFound(_) => Shape::new(StatusCode::NOT_FOUND, INVALID, "file_not_found"),
+        Error::RouteNotFound { .. } => Shape::new(StatusCode::NOT_FOUND, INVALID, "not_found"),
+        Error::MethodNotAllowed { .. } => Shape::new(StatusCode::METHOD_NOT_ALLOWED, INVALID, "method_not_allowed"),
+        Error::PayloadTooLarge { .. } => Shape::new(StatusCode::PAYLOAD_TOO_LARGE, INVALID, "request_too_large"),
+        Error::UnsupportedMediaType(_) => Shape::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, INVALID, "unsupported_media_type"),
+        Error::Internal(_) => Shape::new(StatusCode::INTERNAL_SERVER_ERROR, SERVER, "internal_error"),
+    }
+}
+
+fn backend_shape(b: &BackendError) -> Shape {
+    match &b.failure {
+        Failure::Connect(_) => Shape::new(StatusCode::SERVICE_UNAVAILABLE, SERVER, "backend_unavailable").retry(Duration::from_secs(5)),
+        Failure::Timeout(_) => Shape::new(StatusCode::GATEWAY_TIMEOUT, SERVER, "backend_timeout"),
+        Failure::Status { status, retry_after, .. } => match status {
+            // The upstream judged the request's content: pass its verdict on as the client's to fix.
+            400 | 413 | 415 | 422 => Shape::new(StatusCode::BAD_REQUEST, INVALID, "backend_rejected_request"),
+            429 => Shape::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "rate_limited").retry(retry_after.unwrap_or(Duration::from_secs(5))),
+            503 => Shape::new(StatusCode::SERVICE_UNAVAILABLE, SERVER, "backend_unavailable").retry(retry_after.unwrap_or(Duration::from_secs(5))),
+            _ => Shape::new(StatusCode::BAD_GATEWAY, SERVER, "backend_error"),
+        },
+        Failure::Rejected(_) => Shape::new(StatusCode::BAD_REQUEST, INVALID, "backend_rejected_request"),
+        Failure::InvalidResponse(_) => Shape::new(StatusCode::BAD_GATEWAY, SERVER, "backend_error"),
+        Failure::Unsupported(_) => Shape::new(StatusCode::BAD_REQUEST, INVALID, "unsupported_operation"),
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let shape = shape(&self.0);
+        let message = self.0.to_string();
+        let body = ErrorBody { error: ErrorObject { message: &message, kind: shape.kind, param: shape.param.as_deref(), code: shape.code } };
+        let json = serde_json::to_vec(&body).unwrap_or_else(|_| br#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#.to_vec());
+        let mut resp = (shape.status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json).into_response();
+        if let Some(after) = shape.retry_after {
+            // Whole seconds, never 0.
+            let secs = after.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        if shape.status.is_server_error() {
+            resp.extensions_mut().insert(ServerFault(message));
+        }
+        resp
+    }
+}

@@ -1,0 +1,163 @@
+//! Request body extractors whose every rejection is an OpenAI-shaped [`ApiError`]. One body, three encodings:
+//! JSON is parsed as is; multipart and form-urlencoded fields are turned into the same JSON object (typed by
+//! field) and parsed by the same code, so all three mean exactly the same thing.
+
+use axum::extract::{FromRequest, Multipart, Request};
+use axum::http::header::CONTENT_TYPE;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use crate::api::images::{FieldType, field_type};
+use crate::error::Error;
+use crate::request::RequestError;
+
+/// A body for the image routes, from JSON, multipart or form fields.
+#[derive(Debug)]
+pub struct ImageBody<T>(pub T);
+
+/// The largest body the image routes read, set per route group (see `http::router`).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ImageBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let limit = req.extensions().get::<BodyLimit>().map_or(64 << 20, |l| l.0);
+        let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        if let Some(len) = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok())
+            && len > limit
+        {
+            return Err(Error::PayloadTooLarge { limit }.into());
+        }
+        let object = match mime.as_str() {
+            "application/json" | "" => {
+                let bytes = read_body(req, limit).await?;
+                if bytes.is_empty() {
+                    return Err(RequestError::new("the request body is empty; send a JSON object such as {\"prompt\": \"...\"}").into());
+                }
+                return parse_json(&bytes).map(ImageBody);
+            }
+            "application/x-www-form-urlencoded" => {
+                let bytes = read_body(req, limit).await?;
+                let mut fields = Map::new();
+                for (k, v) in url::form_urlencoded::parse(&bytes) {
+                    insert_field(&mut fields, &k, &v)?;
+                }
+                fields
+            }
+            "multipart/form-data" => {
+                let mut multipart = Multipart::from_request(req, state).await.map_err(multipart_rejection)?;
+                let mut fields = Map::new();
+                while let Some(field) = multipart.next_field().await.map_err(|e| multipart_error(e, limit))? {
+                    let name = field.name().unwrap_or("").to_owned();
+                    if field.file_name().is_some() {
+                        return Err(RequestError::param(&name, format!("`{name}` is a file; this endpoint takes only text fields")).into());
+                    }
+                    let text = field.text().await.map_err(|e| multipart_error(e, limit))?;
+                    insert_field(&mut fields, &name, &text)?;
+                }
+                fields
+            }
+            other => return Err(Error::UnsupportedMediaType(other.to_owned()).into()),
+        };
+        from_value(Value::Object(object)).map(ImageBody)
+    }
+}
+
+async fn read_body(req: Request, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
+        let too_large = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+            .any(|e| e.is::<http_body_util::LengthLimitError>());
+        if too_large { Error::PayloadTooLarge { limit }.into() } else { Error::Request(RequestError::new(format!("could not read the request body: {e}"))).into() }
+    })
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
+    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        return Error::PayloadTooLarge { limit }.into();
+    }
+    RequestError::new(format!("malformed multipart body: {}", e.body_text())).into()
+}
+
+fn multipart_rejection(e: axum::extract::multipart::MultipartRejection) -> ApiError {
+    RequestError::new(format!("malformed multipart body: {}", e.body_text())).into()
+}
+
+/// Parses a JSON body into `T`, naming the position of a syntax error and the field of a type error.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize(&mut de) {
+        Ok(v) => {
+            de.end().map_err(|e| RequestError::new(format!("malformed JSON body: {e}")))?;
+            Ok(v)
+        }
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                return Err(RequestError::new(format!("malformed JSON body: {inner}")).into());
+            }
+            Err(field_error(&path, &strip_position(&inner.to_string())).into())
+        }
+    }
+}
+
+fn from_value<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        field_error(&path, &e.into_inner().to_string()).into()
+    })
+}
+
+/// A type or unknown-field error, with `param` set to the field.
+fn field_error(path: &str, message: &str) -> RequestError {
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let name = rest.split('`').next().unwrap_or("");
+        return RequestError::param(name, format!("unknown field `{name}`: this API has no such parameter (to pass a backend-specific option, put it in `extra`)"))
+            .with_code("unknown_parameter");
+    }
+    if path.is_empty() || path == "." {
+        return RequestError::new(format!("invalid request body: {message}"));
+    }
+    RequestError::param(path, format!("invalid `{path}`: {message}"))
+}
+
+fn strip_position(s: &str) -> String {
+    match s.find(" at line ") {
+        Some(i) => s[..i].to_owned(),
+        None => s.to_owned(),
+    }
+}
+
+/// Adds one text field to the object, typed as the JSON body would carry it.
+fn insert_field(fields: &mut Map<String, Value>, name: &str, text: &str) -> Result<(), ApiError> {
+    let Some(kind) = field_type(name) else {
+        return Err(field_error("", &format!("unknown field `{name}`")).into());
+    };
+    if fields.contains_key(name) {
+        return Err(RequestError::param(name, format!("`{name}` is given more than once")).into());
+    }
+    let bad = |what: &str| -> ApiError { RequestError::param(name, format!("invalid `{name}`: `{text}` is not {what}")).into() };
+    let value = match kind {
+        FieldType::Text => Value::String(text.to_owned()),
+        FieldType::Integer => text.trim().parse::<u64>().map(Value::from).map_err(|_| bad("a non-negative integer"))?,
+        FieldType::Number => {
+            let n = text.trim().parse::<f64>().map_err(|_| bad("a number"))?;
+            serde_json::Number::from_f64(n).map(Value::Number).ok_or_else(|| bad("a finite number"))?
+        }
+        FieldType::Boolean => match text.trim() {
+            "true" | "1" => Value::Bool(true),
+            "false" | "0" => Value::Bool(false),
+            _ => return Err(bad("true or false")),
+        },
+        FieldType::Object => match serde_json::from_str::<Value>(text) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => return Err(bad("a JSON object")),
+        },
+    };
+    fields.insert(name.to_owned(), value);
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! `generate_images`: the story of `POST /v1/images/generations`.
+//!
+//! 1. Validate the request (`request`), resolve the model (`routing`), check it against the model's limits.
+//! 2. Split `n` into upstream calls of at most the backends' per-call maximum; run them concurrently.
+//! 3. Each call: order the candidates, take a slot (`admission`), call the adapter under its timeout, fall back
+//!    to the next candidate on a backend fault (never on the client's), feed the circuit breaker.
+//! 4. Transcode only where the format differs, then store (`url`) or inline (`b64_json`) each image.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::api::images::{ImageData, ImageItem, ImagesRequest, ImagesResponse};
+use crate::backends::{BackendError, Failure, ImageCall, ImageOutput};
+use crate::config::{Capability, ModelConfig, ModelType};
+use crate::error::Error;
+use crate::request::{GenerateImage, ImageFormat, ResponseFormat};
+use crate::routing::{self, Candidate};
+use crate::state::AppState;
+use crate::telemetry::metrics as m;
+
+/// Most upstream attempts for one call (first choice plus fallbacks).
+const MAX_ATTEMPTS: usize = 3;
+/// Slack over the backend's own timeout before easel gives up on an adapter call (adapters time out first).
+const TIMEOUT_SLACK: Duration = Duration::from_secs(1);
+
+/// Generates images; `base_url` is where stored outputs are served (`{base_url}/v1/files/{id}`).
+pub async fn generate_images(state: &AppState, wire: ImagesRequest, base_url: &str) -> Result<ImagesResponse, Error> {
+    // 1. Validate and resolve.
+    let mut req = GenerateImage::from_wire(wire, &state.config.defaults)?;
+    let model = state.registry.resolve(req.model.as_deref(), ModelType::Image, "image generation")?;
+    req.check_model(&model)?;
+    let size = req.size_or(model.default_size);
+
+    // 2. Plan the upstream calls.
+    let per_call = model
+        .backends
+        .iter()
+        .filter_map(|b| state.backends.get(&b.name))
+        .map(|h| h.cfg.max_images_per_call)
+        .min()
+        .unwrap_or(1)
+        .max(1);
+    let mut calls = Vec::new();
+    let mut offset = 0u32;
+    while offset < req.n {
+        let count = per_call.min(req.n - offset);
+        let seed = req.seed.map(|s| s.wrapping_add(u64::from(offset)));
+        calls.push(ImageCall { request: &req, model: &model, count, seed, size });
+        offset += count;
+    }
+
+    // 3. Run them.
+    let results = futures_util::future::join_all(calls.into_iter().map(|call| run_call(state, &model, call))).await;
+    let mut outputs = Vec::with_capacity(req.n as usize);
+    let mut first_error = None;
+    for r in results {
+        match r {
+            Ok(mut images) => outputs.append(&mut images),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    outputs.truncate(req.n as usize);
+    if outputs.is_empty() {
+        m::generation(&model.id, "error", 0);
+        return Err(first_error.unwrap_or_else(|| Error::Internal("the backend returned no images".into())));
+    }
+    if let Some(e) = &first_error {
+        tracing::warn!(model = %model.id, produced = outputs.len(), asked = req.n, error = %e, "Returning a partial result.");
+    }
+
+    // 4. Format and deliver.
+    let target = req.output_format.unwrap_or_else(|| common_format(&outputs));
+    let mut data = Vec::with_capacity(outputs.len());
+    for out in outputs {
+        let bytes = if out.format == target {
+            out.bytes
+        } else {
+            crate::media::transcode(out.bytes, target, req.output_compression).await.map_err(|e| Error::Internal(format!("transcoding to {}: {e}", target.as_str())))?
+        };
+        let item = match req.response_format {
+            ResponseFormat::B64Json => ImageData::B64(bytes),
+            ResponseFormat::Url => {
+                let id = state.files.put(&bytes, target).await?;
+                ImageData::Url(format!("{}/v1/files/{id}", base_url.trim_end_matches('/')))
+            }
+        };
+        data.push(ImageItem { data: item, revised_prompt: out.revised_prompt });
+    }
+    m::generation(&model.id, if first_error.is_some() { "partial" } else { "ok" }, data.len() as u64);
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    Ok(ImagesResponse { created, data, output_format: target.as_str(), size: Some(size.to_string()) })
+}
+
+/// The format all outputs share, or PNG when they differ.
+fn common_format(outputs: &[ImageOutput]) -> ImageFormat {
+    match outputs.first() {
+        Some(first) if outputs.iter().all(|o| o.format == first.format) => first.format,
+        _ => ImageFormat::Png,
+    }
+}
+
+/// One upstream call with admission, timeout, fallback and circuit-breaker bookkeeping.
+async fn run_call(state: &AppState, model: &ModelConfig, call: ImageCall<'_>) -> Result<Vec<ImageOutput>, Error> {
+    let candidates = routing::candidates(model, &state.backends, Capability::Images)?;
+    let mut last: Option<Error> = None;
+    for (attempt, Candidate { handle, trial }) in candidates.into_iter().take(MAX_ATTEMPTS).enumerate() {
+        if attempt > 0 {
+            tracing::info!(model = %model.id, backend = %handle.cfg.name, attempt, "Falling back to the next backend.");
+        }
+        let Some(gate) = handle.gate(Capability::Images) else { continue };
+        let permit = match gate.admit().await {
+            Ok(p) => p,
+            Err(e) => {
+                if trial {
+                    handle.health.release_trial();
+                }
+                m::fallback(&handle.cfg.name, "busy");
+                // A busier answer never hides a more useful one.
+                if !matches!(last, Some(Error::Backend(_))) {
+                    last = Some(e.into());
+                }
+                continue;
+            }
+        };
+        let started = Instant::now();
+        let limit = handle.cfg.timeout + TIMEOUT_SLACK;
+        let result = match tokio::time::timeout(limit, handle.adapter.generate_images(call)).await {
+            Ok(r) => r,
+            Err(_) => Err(BackendError::new(&handle.cfg.name, handle.cfg.kind, handle.cfg.endpoint(""), Failure::Timeout(handle.cfg.timeout))),
+        };
+        drop(permit);
+        let took = started.elapsed();
+        match result {
+            Ok(images) if !images.is_empty() => {
+                handle.health.record_call(false);
+                m::upstream_call(&handle.cfg.name, handle.cfg.kind.as_str(), "ok", took);
+                return Ok(images);
+            }
+            Ok(_) => {
+                let e = BackendError::new(&handle.cfg.name, handle.cfg.kind, handle.cfg.endpoint(""), Failure::InvalidResponse("the response held no images".into()));
+                handle.health.record_call(true);
+                m::upstream_call(&handle.cfg.name, handle.cfg.kind.as_str(), e.outcome(), took);
+                last = Some(e.into());
+            }
+            Err(e) => {
+                handle.health.record_call(e.is_backend_fault());
+                m::upstream_call(&handle.cfg.name, handle.cfg.kind.as_str(), e.outcome(), took);
+                tracing::warn!(model = %model.id, backend = %handle.cfg.name, error = %e, "Backend call failed.");
+                let retryable = e.retryable();
+                last = Some(e.into());
+                if !retryable {
+                    break;
+                }
+                m::fallback(&handle.cfg.name, "error");
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::Internal("no backend attempt was made".into())))
+}

@@ -1,0 +1,61 @@
+//! The server: builds the runtime from a config, serves on a listener until shutdown, and runs the background
+//! work (health probes) under a task tracker. Shutdown stops accepting, lets in-flight requests finish (up to
+//! `server.shutdown_grace`), then stops background tasks.
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::state::AppState;
+
+/// A built gateway, ready to serve.
+#[derive(Debug)]
+pub struct Server {
+    state: AppState,
+}
+
+impl Server {
+    /// Builds adapters, gates and storage, then runs one round of health probes (bounded by `health.timeout`) so
+    /// the first requests see real backend state.
+    pub async fn build(config: Config) -> Result<Self, String> {
+        let state = AppState::build(config).await?;
+        crate::health::probe_all(&state.backend_list, state.config.health.timeout).await;
+        Ok(Self { state })
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes, then drains.
+    pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let background = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        tracker.spawn(crate::health::run(self.state.backend_list.clone(), self.state.config.health.clone(), background.clone()));
+
+        let grace = self.state.config.server.shutdown_grace;
+        let app = crate::http::router(self.state.clone());
+        let stop = CancellationToken::new();
+        let stop_signal = stop.clone();
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            shutdown.await;
+            stop_signal.cancel();
+            tracing::info!("Shutting down: finishing in-flight requests.");
+        });
+        let serve = tokio::spawn(async move { serve.await });
+        let result = tokio::select! {
+            r = serve => r.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            () = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(grace_s = grace.as_secs(), "Shutdown grace period over; dropping remaining requests.");
+                Ok(())
+            }
+        };
+        background.cancel();
+        tracker.close();
+        tracker.wait().await;
+        result
+    }
+}

@@ -1,0 +1,76 @@
+//! `AppState`: the cheap-to-clone handle every handler gets, built once from a validated config.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::admission::Gate;
+use crate::backends::AnyBackend;
+use crate::config::{Capability, Config};
+use crate::health::Health;
+use crate::routing::{BackendHandle, Registry};
+use crate::storage::FileStore;
+
+/// Shared state. Construct with [`AppState::build`].
+#[derive(Debug, Clone)]
+pub struct AppState {
+    inner: Arc<Runtime>,
+}
+
+/// Everything a request needs, built together from one config.
+#[derive(Debug)]
+pub struct Runtime {
+    pub config: Config,
+    pub registry: Registry,
+    /// By backend name.
+    pub backends: HashMap<String, Arc<BackendHandle>>,
+    /// Sorted by name (for status pages and probes).
+    pub backend_list: Vec<Arc<BackendHandle>>,
+    pub files: FileStore,
+    pub metrics: PrometheusHandle,
+    pub started: Instant,
+    pub started_at: SystemTime,
+}
+
+impl AppState {
+    /// Builds adapters, gates and storage. Opens the files directory; contacts no backend.
+    pub async fn build(config: Config) -> Result<Self, String> {
+        let files = FileStore::open(&config.storage.files).await.map_err(|e| e.to_string())?;
+        let mut backends = HashMap::new();
+        let mut backend_list = Vec::new();
+        for cfg in &config.backends {
+            let adapter = AnyBackend::build(Arc::clone(cfg))?;
+            let gates = Capability::ALL
+                .into_iter()
+                .filter(|c| cfg.limit(*c) > 0)
+                .map(|c| (c, Gate::new(&cfg.name, c, cfg.limit(c), cfg.queue.depth, cfg.queue.wait)))
+                .collect();
+            let handle = Arc::new(BackendHandle { cfg: Arc::clone(cfg), adapter, gates, health: Health::new(&cfg.name, &config.health) });
+            backends.insert(cfg.name.clone(), Arc::clone(&handle));
+            backend_list.push(handle);
+        }
+        let registry = Registry::new(config.models.clone());
+        let metrics = crate::telemetry::metrics::install();
+        Ok(Self { inner: Arc::new(Runtime { config, registry, backends, backend_list, files, metrics, started: Instant::now(), started_at: SystemTime::now() }) })
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.inner
+    }
+}
+
+impl Runtime {
+    /// Process start in Unix seconds (the `created` of models).
+    pub fn started_unix(&self) -> u64 {
+        self.started_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Runtime;
+    fn deref(&self) -> &Runtime {
+        &self.inner
+    }
+}

@@ -1,0 +1,94 @@
+//! Every metric easel exports, by name, with its labels, in one place. Labels are bounded: route templates,
+//! configured backend and model names, outcome enums. Never API keys or user-supplied strings.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::config::Capability;
+
+pub const HTTP_REQUESTS: &str = "easel_http_requests_total";
+pub const HTTP_DURATION: &str = "easel_http_request_duration_seconds";
+pub const HTTP_BYTES_IN: &str = "easel_http_request_bytes_total";
+pub const HTTP_BYTES_OUT: &str = "easel_http_response_bytes_total";
+pub const GENERATIONS: &str = "easel_generation_requests_total";
+pub const IMAGES: &str = "easel_images_generated_total";
+pub const UPSTREAM_CALLS: &str = "easel_backend_requests_total";
+pub const UPSTREAM_DURATION: &str = "easel_backend_request_duration_seconds";
+pub const FALLBACKS: &str = "easel_backend_fallbacks_total";
+pub const BACKEND_HEALTHY: &str = "easel_backend_healthy";
+pub const BACKEND_CIRCUIT_OPEN: &str = "easel_backend_circuit_open";
+pub const ADMISSION_INFLIGHT: &str = "easel_admission_inflight";
+pub const ADMISSION_QUEUED: &str = "easel_admission_queue_depth";
+pub const ADMISSION_QUEUE_WAIT: &str = "easel_admission_queue_wait_seconds";
+pub const ADMISSION_REJECTED: &str = "easel_admission_rejected_total";
+
+const LATENCY_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once and returns the handle `/metrics` renders.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            match builder.install_recorder() {
+                Ok(handle) => handle,
+                // Another recorder is installed (embedding application): render an empty, private one.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+pub fn http_request(route: &str, method: &str, status: u16, took: Duration, bytes_in: u64, bytes_out: u64) {
+    let status = status.to_string();
+    counter!(HTTP_REQUESTS, "route" => route.to_owned(), "method" => method.to_owned(), "status" => status).increment(1);
+    histogram!(HTTP_DURATION, "route" => route.to_owned()).record(took.as_secs_f64());
+    counter!(HTTP_BYTES_IN, "route" => route.to_owned()).increment(bytes_in);
+    counter!(HTTP_BYTES_OUT, "route" => route.to_owned()).increment(bytes_out);
+}
+
+pub fn generation(model: &str, outcome: &'static str, images: u64) {
+    counter!(GENERATIONS, "model" => model.to_owned(), "outcome" => outcome).increment(1);
+    if images > 0 {
+        counter!(IMAGES, "model" => model.to_owned()).increment(images);
+    }
+}
+
+pub fn upstream_call(backend: &str, kind: &'static str, outcome: &'static str, took: Duration) {
+    counter!(UPSTREAM_CALLS, "backend" => backend.to_owned(), "kind" => kind, "outcome" => outcome).increment(1);
+    histogram!(UPSTREAM_DURATION, "backend" => backend.to_owned()).record(took.as_secs_f64());
+}
+
+pub fn fallback(from: &str, reason: &'static str) {
+    counter!(FALLBACKS, "backend" => from.to_owned(), "reason" => reason).increment(1);
+}
+
+pub fn backend_health(backend: &str, healthy: bool) {
+    gauge!(BACKEND_HEALTHY, "backend" => backend.to_owned()).set(if healthy { 1.0 } else { 0.0 });
+}
+
+pub fn circuit(backend: &str, open: bool) {
+    gauge!(BACKEND_CIRCUIT_OPEN, "backend" => backend.to_owned()).set(if open { 1.0 } else { 0.0 });
+}
+
+pub fn admission_inflight(backend: &str, capability: Capability, n: u32) {
+    gauge!(ADMISSION_INFLIGHT, "backend" => backend.to_owned(), "capability" => capability.as_str()).set(f64::from(n));
+}
+
+pub fn admission_queued(backend: &str, capability: Capability, n: u32) {
+    gauge!(ADMISSION_QUEUED, "backend" => backend.to_owned(), "capability" => capability.as_str()).set(f64::from(n));
+}
+
+pub fn admission_queue_wait(backend: &str, capability: Capability, waited: Duration) {
+    histogram!(ADMISSION_QUEUE_WAIT, "backend" => backend.to_owned(), "capability" => capability.as_str()).record(waited.as_secs_f64());
+}
+
+pub fn admission_rejected(backend: &str, capability: Capability, reason: &'static str) {
+    counter!(ADMISSION_REJECTED, "backend" => backend.to_owned(), "capability" => capability.as_str(), "reason" => reason).increment(1);
+}
