@@ -28,7 +28,9 @@ pub enum Error {
     MethodNotAllowed { method: String, path: String },
     #[error("the request body is larger than the {limit}-byte limit (`server.max_body`)")]
     PayloadTooLarge { limit: usize },
-    #[error("content type `{0}` is not accepted here; send application/json, multipart/form-data or application/x-www-form-urlencoded")]
+    #[error(
+        "content type `{0}` is not accepted here; send application/json, multipart/form-data or application/x-www-form-urlencoded"
+    )]
     UnsupportedMediaType(String),
     /// easel's own fault (a bug or the environment), never the client's.
     #[error("internal error: {0}")]

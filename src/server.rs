@@ -31,10 +31,18 @@ impl Server {
     }
 
     /// Serves until `shutdown` completes, then drains.
-    pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let background = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(crate::health::run(self.state.backend_list.clone(), self.state.config.health.clone(), background.clone()));
+        tracker.spawn(crate::health::run(
+            self.state.backend_list.clone(),
+            self.state.config.health.clone(),
+            background.clone(),
+        ));
 
         let grace = self.state.config.server.shutdown_grace;
         let app = crate::http::router(self.state.clone());

@@ -47,13 +47,29 @@ impl AppState {
                 .filter(|c| cfg.limit(*c) > 0)
                 .map(|c| (c, Gate::new(&cfg.name, c, cfg.limit(c), cfg.queue.depth, cfg.queue.wait)))
                 .collect();
-            let handle = Arc::new(BackendHandle { cfg: Arc::clone(cfg), adapter, gates, health: Health::new(&cfg.name, &config.health) });
+            let handle = Arc::new(BackendHandle {
+                cfg: Arc::clone(cfg),
+                adapter,
+                gates,
+                health: Health::new(&cfg.name, &config.health),
+            });
             backends.insert(cfg.name.clone(), Arc::clone(&handle));
             backend_list.push(handle);
         }
         let registry = Registry::new(config.models.clone());
         let metrics = crate::telemetry::metrics::install();
-        Ok(Self { inner: Arc::new(Runtime { config, registry, backends, backend_list, files, metrics, started: Instant::now(), started_at: SystemTime::now() }) })
+        Ok(Self {
+            inner: Arc::new(Runtime {
+                config,
+                registry,
+                backends,
+                backend_list,
+                files,
+                metrics,
+                started: Instant::now(),
+                started_at: SystemTime::now(),
+            }),
+        })
     }
 
     pub fn runtime(&self) -> &Runtime {

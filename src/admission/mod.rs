@@ -32,7 +32,9 @@ pub enum AdmissionError {
 impl AdmissionError {
     pub fn retry_after(&self) -> Duration {
         match self {
-            Self::QueueFull { retry_after, .. } | Self::QueueTimeout { retry_after, .. } | Self::Draining { retry_after, .. } => *retry_after,
+            Self::QueueFull { retry_after, .. }
+            | Self::QueueTimeout { retry_after, .. }
+            | Self::Draining { retry_after, .. } => *retry_after,
         }
     }
 }
@@ -102,7 +104,11 @@ impl Gate {
     /// Waits for a slot (bounded by the queue depth and wait), or says when to retry.
     pub async fn admit(self: &Arc<Self>) -> Result<Permit, AdmissionError> {
         if self.draining.load(Ordering::Acquire) {
-            return Err(AdmissionError::Draining { backend: self.backend.clone(), capability: self.capability.as_str(), retry_after: self.retry_after(0) });
+            return Err(AdmissionError::Draining {
+                backend: self.backend.clone(),
+                capability: self.capability.as_str(),
+                retry_after: self.retry_after(0),
+            });
         }
         if let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() {
             return Ok(self.permit(permit, Duration::ZERO));
@@ -138,7 +144,11 @@ impl Gate {
             // The semaphore is never closed; treat it like a timeout rather than panic.
             Ok(Err(_)) | Err(_) => {
                 m::admission_rejected(&self.backend, self.capability, "queue_timeout");
-                Err(AdmissionError::QueueTimeout { backend: self.backend.clone(), waited, retry_after: self.retry_after(position) })
+                Err(AdmissionError::QueueTimeout {
+                    backend: self.backend.clone(),
+                    waited,
+                    retry_after: self.retry_after(position),
+                })
             }
         }
     }

@@ -146,7 +146,10 @@ mod tests {
         let r = ImagesResponse {
             created: 7,
             data: vec![
-                ImageItem { data: ImageData::B64(Bytes::from_static(b"\x89PNG")), revised_prompt: Some("a \"q\"".into()) },
+                ImageItem {
+                    data: ImageData::B64(Bytes::from_static(b"\x89PNG")),
+                    revised_prompt: Some("a \"q\"".into()),
+                },
                 ImageItem { data: ImageData::Url("http://h/v1/files/x.png".into()), revised_prompt: None },
             ],
             output_format: "png",

@@ -81,7 +81,9 @@ impl Http {
     /// Reads a JSON success body.
     pub async fn json<T: serde::de::DeserializeOwned>(&self, resp: Response, url: &str) -> Result<T, BackendError> {
         let body = self.body(resp, url).await?;
-        serde_json::from_slice(&body).map_err(|e| self.error(url, Failure::InvalidResponse(format!("the JSON body does not match the protocol: {e}"))))
+        serde_json::from_slice(&body).map_err(|e| {
+            self.error(url, Failure::InvalidResponse(format!("the JSON body does not match the protocol: {e}")))
+        })
     }
 
     /// Downloads an output the backend pointed to, capped and within the backend's timeout.
@@ -96,14 +98,24 @@ impl Http {
         if let Some(len) = resp.content_length()
             && len as usize > cap
         {
-            return Err(self.error(url, Failure::InvalidResponse(format!("the body is {len} bytes, more than the {cap}-byte limit (`max_response`)"))));
+            return Err(self.error(
+                url,
+                Failure::InvalidResponse(format!(
+                    "the body is {len} bytes, more than the {cap}-byte limit (`max_response`)"
+                )),
+            ));
         }
         let mut buf = BytesMut::with_capacity(resp.content_length().map_or(8192, |l| l as usize));
         loop {
             match resp.chunk().await {
                 Ok(Some(chunk)) => {
                     if buf.len() + chunk.len() > cap {
-                        return Err(self.error(url, Failure::InvalidResponse(format!("the body is more than the {cap}-byte limit (`max_response`)"))));
+                        return Err(self.error(
+                            url,
+                            Failure::InvalidResponse(format!(
+                                "the body is more than the {cap}-byte limit (`max_response`)"
+                            )),
+                        ));
                     }
                     if buf.is_empty() && resp.content_length().is_some_and(|l| l as usize == chunk.len()) {
                         // The whole body in one chunk: keep it without copying.

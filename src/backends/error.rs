@@ -87,7 +87,10 @@ impl BackendError {
             404 | 405 => Some(format!(
                 "the server does not serve this path for kind `{kind}`: check that `url` is the server's root and that it really is a `{kind}` server (`easel doctor` probes it)"
             )),
-            401 | 403 => Some(format!("the backend refused easel's credentials: check `api_key` (or `headers`) of backend `{}`", self.backend)),
+            401 | 403 => Some(format!(
+                "the backend refused easel's credentials: check `api_key` (or `headers`) of backend `{}`",
+                self.backend
+            )),
             _ => None,
         }
     }
@@ -98,10 +101,17 @@ impl fmt::Display for BackendError {
         let (name, kind, url) = (&self.backend, self.kind, &self.url);
         match &self.failure {
             Failure::Connect(detail) => {
-                write!(f, "backend `{name}` ({kind}) is unreachable at {url}: {detail}; is the server running and is `url` right?")
+                write!(
+                    f,
+                    "backend `{name}` ({kind}) is unreachable at {url}: {detail}; is the server running and is `url` right?"
+                )
             }
             Failure::Timeout(after) => {
-                write!(f, "backend `{name}` ({kind}) did not answer within {} at {url}; raise `timeout` if generations take longer", humantime::format_duration(*after))
+                write!(
+                    f,
+                    "backend `{name}` ({kind}) did not answer within {} at {url}; raise `timeout` if generations take longer",
+                    humantime::format_duration(*after)
+                )
             }
             Failure::Status { status, message, hint, .. } => {
                 write!(f, "backend `{name}` ({kind}) answered HTTP {status} at {url}")?;
@@ -155,7 +165,10 @@ fn json_message(v: &serde_json::Value) -> Option<String> {
                 .iter()
                 .map(|i| {
                     let loc = i.get("loc").and_then(Value::as_array).map(|l| {
-                        l.iter().map(|p| p.as_str().map_or_else(|| p.to_string(), str::to_owned)).collect::<Vec<_>>().join(".")
+                        l.iter()
+                            .map(|p| p.as_str().map_or_else(|| p.to_string(), str::to_owned))
+                            .collect::<Vec<_>>()
+                            .join(".")
                     });
                     let msg = i.get("msg").and_then(Value::as_str).unwrap_or("invalid");
                     match loc {
@@ -171,7 +184,13 @@ fn json_message(v: &serde_json::Value) -> Option<String> {
     match obj.get("error") {
         Some(Value::String(s)) => return Some(s.clone()),
         Some(Value::Array(items)) => {
-            return Some(items.iter().map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned)).collect::<Vec<_>>().join("; "));
+            return Some(
+                items
+                    .iter()
+                    .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            );
         }
         _ => {}
     }
@@ -200,20 +219,33 @@ mod tests {
     #[test]
     fn reads_every_dialect_of_error_body() {
         assert_eq!(upstream_message(br#"{"error":{"message":"bad size","type":"invalid_request_error"}}"#), "bad size");
-        assert_eq!(upstream_message(br#"{"error":"Model x is currently loading","estimated_time":3.0}"#), "Model x is currently loading");
+        assert_eq!(
+            upstream_message(br#"{"error":"Model x is currently loading","estimated_time":3.0}"#),
+            "Model x is currently loading"
+        );
         assert_eq!(upstream_message(br#"{"error":["a","b"]}"#), "a; b");
         assert_eq!(
             upstream_message(br#"{"detail":[{"loc":["body","steps"],"msg":"value is not a valid integer","type":"type_error.integer"}]}"#),
             "body.steps: value is not a valid integer"
         );
-        assert_eq!(upstream_message(br#"{"error":"RuntimeError","detail":"","body":"","errors":"model 'x' not found"}"#), "RuntimeError: model 'x' not found");
+        assert_eq!(
+            upstream_message(br#"{"error":"RuntimeError","detail":"","body":"","errors":"model 'x' not found"}"#),
+            "RuntimeError: model 'x' not found"
+        );
         assert_eq!(upstream_message(br#"{"detail":"Sampler not found"}"#), "Sampler not found");
         assert_eq!(upstream_message(b"Internal Server Error"), "Internal Server Error");
     }
 
     #[test]
     fn client_faults_are_not_retried_elsewhere() {
-        let e = |status| BackendError::new("b", BackendKind::OpenAi, "u", Failure::Status { status, message: String::new(), hint: None, retry_after: None });
+        let e = |status| {
+            BackendError::new(
+                "b",
+                BackendKind::OpenAi,
+                "u",
+                Failure::Status { status, message: String::new(), hint: None, retry_after: None },
+            )
+        };
         assert!(!e(400).retryable());
         assert!(!e(422).retryable());
         assert!(e(500).retryable());

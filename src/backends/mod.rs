@@ -52,7 +52,10 @@ pub struct ProbeReport {
 /// An upstream protocol. Optional operations have defaults that say "unsupported".
 pub trait Backend {
     /// Produces `call.count` images (or fewer, which the pipeline reports as a partial result).
-    fn generate_images(&self, call: ImageCall<'_>) -> impl Future<Output = Result<Vec<ImageOutput>, BackendError>> + Send;
+    fn generate_images(
+        &self,
+        call: ImageCall<'_>,
+    ) -> impl Future<Output = Result<Vec<ImageOutput>, BackendError>> + Send;
 
     /// A cheap native probe: never a paid generation.
     fn probe(&self) -> impl Future<Output = Result<ProbeReport, BackendError>> + Send;

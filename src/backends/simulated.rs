@@ -41,7 +41,7 @@ impl Backend for SimulatedBackend {
             tokio::time::sleep(latency).await;
         }
         if let Some(f) = sim.and_then(|s| s.failure.as_ref())
-            && n % u64::from(f.every) == 0
+            && n.is_multiple_of(u64::from(f.every))
         {
             let failure = match f.mode {
                 FailureMode::Status(status) => {
@@ -60,12 +60,19 @@ impl Backend for SimulatedBackend {
         let (w, h) = (call.size.width, call.size.height);
         let count = call.count;
         let images = tokio::task::spawn_blocking(move || {
-            (0..u64::from(count)).map(|i| paint(&prompt, base_seed.wrapping_add(i), w, h)).collect::<Result<Vec<_>, _>>()
+            (0..u64::from(count))
+                .map(|i| paint(&prompt, base_seed.wrapping_add(i), w, h))
+                .collect::<Result<Vec<_>, _>>()
         })
         .await
-        .map_err(|e| BackendError::new(&self.cfg.name, self.cfg.kind, self.url(), Failure::InvalidResponse(e.to_string())))?
+        .map_err(|e| {
+            BackendError::new(&self.cfg.name, self.cfg.kind, self.url(), Failure::InvalidResponse(e.to_string()))
+        })?
         .map_err(|e| BackendError::new(&self.cfg.name, self.cfg.kind, self.url(), Failure::InvalidResponse(e)))?;
-        Ok(images.into_iter().map(|bytes| ImageOutput { bytes, format: ImageFormat::Png, revised_prompt: None }).collect())
+        Ok(images
+            .into_iter()
+            .map(|bytes| ImageOutput { bytes, format: ImageFormat::Png, revised_prompt: None })
+            .collect())
     }
 
     async fn probe(&self) -> Result<ProbeReport, BackendError> {
@@ -119,7 +126,6 @@ pub fn paint(prompt: &str, seed: u64, width: u32, height: u32) -> Result<Bytes, 
     .map_err(|e| format!("cannot encode PNG: {e}"))?;
     Ok(Bytes::from(out))
 }
-
 
 #[cfg(test)]
 mod tests {

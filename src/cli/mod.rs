@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, ProcessEnv};
 
 #[derive(Debug, Parser)]
-#[command(name = "easel", version, about = "One OpenAI-compatible gateway for image, video and text generation backends.")]
+#[command(
+    name = "easel",
+    version,
+    about = "One OpenAI-compatible gateway for image, video and text generation backends."
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -64,10 +68,17 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     let path = config::resolve_path(path.as_deref());
     match config::load(path.as_deref(), &ProcessEnv) {
         Ok(cfg) => {
-            let mut out = format!("{}: ok\n  listen: {}\n  backends ({}):\n", cfg.origin, cfg.server.listen, cfg.backends.len());
+            let mut out =
+                format!("{}: ok\n  listen: {}\n  backends ({}):\n", cfg.origin, cfg.server.listen, cfg.backends.len());
             for b in &cfg.backends {
                 let url = b.url.as_ref().map_or_else(|| "(built in)".to_owned(), ToString::to_string);
-                out.push_str(&format!("    {} [{}] {} images={}\n", b.name, b.kind, url, b.limit(config::Capability::Images)));
+                out.push_str(&format!(
+                    "    {} [{}] {} images={}\n",
+                    b.name,
+                    b.kind,
+                    url,
+                    b.limit(config::Capability::Images)
+                ));
             }
             out.push_str(&format!("  models ({}):\n", cfg.models.len()));
             for m in &cfg.models {

@@ -83,12 +83,17 @@ pub fn locate(text: &str, path: &[Segment]) -> Option<(usize, usize)> {
         let scope = &all[start..end];
         match seg {
             Segment::Key(key) => {
-                let child_col = scope.iter().map(|l| l.column).filter(|c| parent.is_none_or(|p| *c > p)).min()?;
+                let Some(child_col) = scope.iter().map(|l| l.column).filter(|c| parent.is_none_or(|p| *c > p)).min()
+                else {
+                    return found;
+                };
                 let pos = scope.iter().position(|l| l.column == child_col && key_of(l.content) == Some(key.as_str()));
                 let Some(pos) = pos else { return found };
                 let line = &scope[pos];
                 found = Some((line.number, line.column + 1));
-                let next = scope[pos + 1..].iter().position(|l| l.column <= child_col && l.dash.is_none_or(|d| d <= child_col));
+                let next = scope[pos + 1..]
+                    .iter()
+                    .position(|l| l.column <= child_col && l.dash.is_none_or(|d| d <= child_col));
                 let (s, e) = (start + pos + 1, next.map_or(end, |n| start + pos + 1 + n));
                 // The value may be on the same line (`key: {a: 1}`); then the scope is empty and search stops.
                 start = s;
@@ -96,7 +101,11 @@ pub fn locate(text: &str, path: &[Segment]) -> Option<(usize, usize)> {
                 parent = Some(child_col);
             }
             Segment::Index(i) => {
-                let dash_col = scope.iter().filter_map(|l| l.dash).filter(|d| parent.is_none_or(|p| *d >= p)).min()?;
+                let Some(dash_col) =
+                    scope.iter().filter_map(|l| l.dash).filter(|d| parent.is_none_or(|p| *d >= p)).min()
+                else {
+                    return found;
+                };
                 let items: Vec<usize> =
                     scope.iter().enumerate().filter(|(_, l)| l.dash == Some(dash_col)).map(|(n, _)| n).collect();
                 let Some(&pos) = items.get(*i) else { return found };
@@ -132,5 +141,6 @@ mod tests {
     fn reports_the_deepest_part_found() {
         assert_eq!(locate(TEXT, &parse_path("backends.gpu.nothing")), Some((4, 3)));
         assert_eq!(locate(TEXT, &parse_path("nothing")), None);
+        assert_eq!(locate(TEXT, &parse_path("models[0].backends[0]")), Some((9, 5)), "flow style: the key");
     }
 }

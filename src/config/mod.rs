@@ -83,6 +83,10 @@ pub struct HealthConfig {
     pub healthy_threshold: u32,
     /// Consecutive failed probes before a healthy backend counts as unhealthy.
     pub unhealthy_threshold: u32,
+    /// Consecutive backend faults on live traffic that open the circuit.
+    pub circuit_failures: u32,
+    /// How long an open circuit keeps traffic away before one trial request.
+    pub circuit_cooldown: Duration,
 }
 
 /// Every backend protocol easel speaks. The string form is the config `kind`, the metric label and the log field.
@@ -96,8 +100,13 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
-    pub const ALL: [BackendKind; 5] =
-        [BackendKind::OpenAi, BackendKind::A1111, BackendKind::HuggingFace, BackendKind::Template, BackendKind::Simulated];
+    pub const ALL: [BackendKind; 5] = [
+        BackendKind::OpenAi,
+        BackendKind::A1111,
+        BackendKind::HuggingFace,
+        BackendKind::Template,
+        BackendKind::Simulated,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -346,7 +355,8 @@ pub fn load(path: Option<&Path>, env: &dyn Environment) -> Result<Config, Config
 pub fn from_str(text: &str, origin: &str, base: &Path, env: &dyn Environment) -> Result<Config, ConfigError> {
     let text = interpolate(text, origin, env)?;
     let overrides = overrides(env);
-    let raw = if overrides.is_empty() { parse(&text, origin)? } else { parse_with_overrides(&text, origin, &overrides)? };
+    let raw =
+        if overrides.is_empty() { parse(&text, origin)? } else { parse_with_overrides(&text, origin, &overrides)? };
     validate::validate(raw, origin, base).map_err(|problems| {
         let problems = problems
             .into_iter()
@@ -369,7 +379,9 @@ pub fn from_str(text: &str, origin: &str, base: &Path, env: &dyn Environment) ->
 fn interpolate(text: &str, origin: &str, env: &dyn Environment) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(text.len());
     let mut problems = Vec::new();
-    for (n, line) in text.split_inclusive('\n').enumerate() {
+    for (n, full) in text.split_inclusive('\n').enumerate() {
+        // Comments are left alone: `${` in a comment is documentation, not a variable.
+        let (line, comment) = full.split_at(comment_start(full));
         let mut rest = line;
         while let Some(i) = rest.find("${") {
             if rest[..i].ends_with('$') {
@@ -400,14 +412,34 @@ fn interpolate(text: &str, origin: &str, env: &dyn Environment) -> Result<String
                 (None, None) => problems.push(Problem {
                     at: format!("{origin}:{}:{}", n + 1, line.len() - rest.len() + i + 1),
                     path: String::new(),
-                    message: format!("environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default)"),
+                    message: format!(
+                        "environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default)"
+                    ),
                 }),
             }
             rest = &rest[i + close + 1..];
         }
         out.push_str(rest);
+        out.push_str(comment);
     }
     if problems.is_empty() { Ok(out) } else { Err(ConfigError { problems }) }
+}
+
+/// Byte offset where a YAML comment starts on this line (`#` at the start or after a space, outside quotes), or
+/// the line's length.
+fn comment_start(line: &str) -> usize {
+    let (mut single, mut double) = (false, false);
+    let mut prev = ' ';
+    for (i, c) in line.char_indices() {
+        match c {
+            '\'' if !double => single = !single,
+            '"' if !single && prev != '\\' => double = !double,
+            '#' if !single && !double && prev.is_whitespace() => return i,
+            _ => {}
+        }
+        prev = c;
+    }
+    line.len()
 }
 
 /// Parses YAML into the raw types, with the key path and position of the first error.
@@ -460,7 +492,8 @@ fn overrides(env: &dyn Environment) -> Vec<Override> {
 fn parse_with_overrides(text: &str, origin: &str, overrides: &[Override]) -> Result<RawConfig, ConfigError> {
     // Check the file alone first, so its own mistakes keep their line and column.
     parse(text, origin)?;
-    let mut tree: serde_json::Value = serde_saphyr::from_str(text).map_err(|e| ConfigError::one(origin, "", yaml_message(&e.to_string())))?;
+    let mut tree: serde_json::Value =
+        serde_saphyr::from_str(text).map_err(|e| ConfigError::one(origin, "", yaml_message(&e.to_string())))?;
     if tree.is_null() {
         tree = serde_json::Value::Object(serde_json::Map::new());
     }

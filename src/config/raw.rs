@@ -66,6 +66,10 @@ pub struct RawHealth {
     pub timeout: Option<String>,
     pub healthy_threshold: Option<u32>,
     pub unhealthy_threshold: Option<u32>,
+    /// Consecutive backend faults on live traffic that open a backend's circuit.
+    pub circuit_failures: Option<u32>,
+    /// How long an open circuit keeps traffic away before one trial request.
+    pub circuit_cooldown: Option<String>,
 }
 
 /// One backend. The fields are flat: `validate.rs` checks that only the fields that make sense for `kind` are set.

@@ -32,7 +32,9 @@ fn unknown_keys_are_rejected_with_line_column_and_path() {
 fn invalid_values_are_all_reported_with_positions() {
     let text = "server:\n  listen: nowhere\nbackends:\n  a:\n    kind: a1111\n    url: not a url\n    timeout: soon\nmodels:\n  - id: m\n    backends: [a, ghost]\n";
     let err = load(text, &MapEnv::default()).unwrap_err();
-    let text_of = |path: &str| err.problems.iter().find(|p| p.path == path).unwrap_or_else(|| panic!("no problem at {path}: {err}")).clone();
+    let text_of = |path: &str| {
+        err.problems.iter().find(|p| p.path == path).unwrap_or_else(|| panic!("no problem at {path}: {err}")).clone()
+    };
     assert_eq!(text_of("server.listen").at, "easel.yaml:2:3");
     assert_eq!(text_of("backends.a.url").at, "easel.yaml:6:5");
     assert_eq!(text_of("backends.a.timeout").at, "easel.yaml:7:5");
@@ -60,7 +62,8 @@ fn interpolation_replaces_and_reports_unset_variables() {
 
 #[test]
 fn environment_overrides_win_and_are_named_in_errors() {
-    let env = MapEnv::new([("EASEL_SERVER__LISTEN", "0.0.0.0:9999"), ("EASEL_BACKENDS__SIM__CONCURRENCY__IMAGES", "3")]);
+    let env =
+        MapEnv::new([("EASEL_SERVER__LISTEN", "0.0.0.0:9999"), ("EASEL_BACKENDS__SIM__CONCURRENCY__IMAGES", "3")]);
     let cfg = load(MINIMAL, &env).unwrap();
     assert_eq!(cfg.server.listen.port(), 9999);
     assert_eq!(cfg.backends[0].limit(Capability::Images), 3);
@@ -73,4 +76,10 @@ fn environment_overrides_win_and_are_named_in_errors() {
 fn secrets_do_not_print() {
     let s = Secret::new("sk-live-123".into());
     assert!(!format!("{s:?}").contains("sk-live"));
+}
+
+#[test]
+fn comments_are_not_interpolated() {
+    let text = "# set ${NOTHING} here\nbackends:\n  sim: {kind: simulated}  # ${ALSO_NOTHING\nmodels:\n  - id: m\n    backends: [sim]\n";
+    load(text, &MapEnv::default()).unwrap();
 }

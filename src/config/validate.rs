@@ -61,7 +61,10 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path) -> Result<Config, Pro
     let auth = match raw.auth.mode.as_deref() {
         None | Some("none") => AuthMode::None,
         Some("keys") => {
-            p.push(("auth.mode".into(), "`keys` needs the API-key ledger, which this build does not have yet; use `none`".into()));
+            p.push((
+                "auth.mode".into(),
+                "`keys` needs the API-key ledger, which this build does not have yet; use `none`".into(),
+            ));
             AuthMode::Keys
         }
         Some(other) => {
@@ -89,8 +92,11 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path) -> Result<Config, Pro
         timeout: duration(&mut p, "health.timeout", raw.health.timeout.as_deref(), 5),
         healthy_threshold: positive(&mut p, "health.healthy_threshold", raw.health.healthy_threshold, 1),
         unhealthy_threshold: positive(&mut p, "health.unhealthy_threshold", raw.health.unhealthy_threshold, 2),
+        circuit_failures: positive(&mut p, "health.circuit_failures", raw.health.circuit_failures, 5),
+        circuit_cooldown: duration(&mut p, "health.circuit_cooldown", raw.health.circuit_cooldown.as_deref(), 30),
     };
 
+    let declared: BTreeSet<String> = raw.backends.keys().cloned().collect();
     let mut backends = Vec::new();
     for (name, b) in raw.backends {
         if let Some(cfg) = backend(&mut p, &name, b) {
@@ -108,7 +114,7 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path) -> Result<Config, Pro
         {
             p.push((format!("{at}.id"), format!("model `{id}` is defined twice")));
         }
-        if let Some(cfg) = model(&mut p, &at, m, &known, &defaults) {
+        if let Some(cfg) = model(&mut p, &at, m, &known, &declared, &defaults) {
             models.push(Arc::new(cfg));
         }
     }
@@ -145,9 +151,21 @@ fn backend(p: &mut Problems, name: &str, b: RawBackend) -> Option<BackendConfig>
 
     // Fields that belong to other kinds are mistakes, not silently ignored.
     let misplaced: [(&str, bool, &[BackendKind]); 9] = [
-        ("url", b.url.is_some(), &[BackendKind::OpenAi, BackendKind::A1111, BackendKind::HuggingFace, BackendKind::Template]),
-        ("api_key", b.api_key.is_some(), &[BackendKind::OpenAi, BackendKind::A1111, BackendKind::HuggingFace, BackendKind::Template]),
-        ("max_images_per_call", b.max_images_per_call.is_some(), &[BackendKind::OpenAi, BackendKind::A1111, BackendKind::Simulated]),
+        (
+            "url",
+            b.url.is_some(),
+            &[BackendKind::OpenAi, BackendKind::A1111, BackendKind::HuggingFace, BackendKind::Template],
+        ),
+        (
+            "api_key",
+            b.api_key.is_some(),
+            &[BackendKind::OpenAi, BackendKind::A1111, BackendKind::HuggingFace, BackendKind::Template],
+        ),
+        (
+            "max_images_per_call",
+            b.max_images_per_call.is_some(),
+            &[BackendKind::OpenAi, BackendKind::A1111, BackendKind::Simulated],
+        ),
         ("method", b.method.is_some(), &[BackendKind::Template]),
         ("path", b.path.is_some(), &[BackendKind::Template]),
         ("body", b.body.is_some(), &[BackendKind::Template]),
@@ -166,7 +184,10 @@ fn backend(p: &mut Problems, name: &str, b: RawBackend) -> Option<BackendConfig>
     let url = match (kind, b.url.as_deref()) {
         (BackendKind::Simulated, _) => None,
         (_, None) => {
-            p.push((at.clone(), format!("`url` is required for kind `{kind}` (the server's root, e.g. http://127.0.0.1:7860)")));
+            p.push((
+                at.clone(),
+                format!("`url` is required for kind `{kind}` (the server's root, e.g. http://127.0.0.1:7860)"),
+            ));
             None
         }
         (_, Some(s)) => match Url::parse(s) {
@@ -203,7 +224,10 @@ fn backend(p: &mut Problems, name: &str, b: RawBackend) -> Option<BackendConfig>
     concurrency.insert(Capability::Text, c.text.unwrap_or(0));
     for (cap, v) in [(Capability::Videos, c.videos), (Capability::Text, c.text)] {
         if v.is_some_and(|v| v > 0) {
-            p.push((format!("{at}.concurrency.{}", cap.as_str()), format!("kind `{kind}` does not serve {} in this build", cap.as_str())));
+            p.push((
+                format!("{at}.concurrency.{}", cap.as_str()),
+                format!("kind `{kind}` does not serve {} in this build", cap.as_str()),
+            ));
         }
     }
     if concurrency.values().all(|v| *v == 0) {
@@ -211,7 +235,10 @@ fn backend(p: &mut Problems, name: &str, b: RawBackend) -> Option<BackendConfig>
     }
 
     let q = b.queue.clone().unwrap_or_default();
-    let queue = QueueConfig { depth: q.depth.unwrap_or(16), wait: duration(p, &format!("{at}.queue.wait"), q.wait.as_deref(), 60) };
+    let queue = QueueConfig {
+        depth: q.depth.unwrap_or(16),
+        wait: duration(p, &format!("{at}.queue.wait"), q.wait.as_deref(), 60),
+    };
 
     let mut headers = Vec::new();
     for (k, v) in b.headers.clone().unwrap_or_default() {
@@ -278,7 +305,10 @@ fn template(p: &mut Problems, at: &str, b: &RawBackend) -> Option<TemplateConfig
     let content_type = b.content_type.clone().unwrap_or_else(|| "application/json".into());
     let body = b.body.clone().unwrap_or_default();
     if method != reqwest::Method::GET && body.is_empty() {
-        p.push((at.to_owned(), "`body` is required for a POST/PUT template (a minijinja template of the request)".into()));
+        p.push((
+            at.to_owned(),
+            "`body` is required for a POST/PUT template (a minijinja template of the request)".into(),
+        ));
     }
     if let Err(e) = crate::backends::template::check_body(&body, content_type.contains("json")) {
         p.push((format!("{at}.body"), e));
@@ -328,6 +358,7 @@ fn model(
     at: &str,
     m: RawModel,
     backends: &BTreeMap<&str, &BackendConfig>,
+    declared: &BTreeSet<String>,
     defaults: &Defaults,
 ) -> Option<ModelConfig> {
     let start = p.len();
@@ -354,7 +385,10 @@ fn model(
         }
     };
     if m.workflow.is_some() {
-        p.push((format!("{at}.workflow"), "`workflow` is for comfyui and invokeai backends, which this build does not have".into()));
+        p.push((
+            format!("{at}.workflow"),
+            "`workflow` is for comfyui and invokeai backends, which this build does not have".into(),
+        ));
     }
     if m.backends.is_empty() {
         p.push((format!("{at}.backends"), "list at least one backend".into()));
@@ -366,12 +400,17 @@ fn model(
             RawModelBackend::Weighted(w) => (w.name, w.weight.unwrap_or(1)),
         };
         match backends.get(name.as_str()) {
+            // Declared but invalid: its own problems are already reported.
+            None if declared.contains(&name) => {}
             None => {
-                let names = backends.keys().copied().collect::<Vec<_>>().join(", ");
+                let names = declared.iter().map(String::as_str).collect::<Vec<_>>().join(", ");
                 p.push((format!("{at}.backends[{j}]"), format!("no backend named `{name}` (defined: {names})")));
             }
             Some(b) if b.limit(Capability::Images) == 0 => {
-                p.push((format!("{at}.backends[{j}]"), format!("backend `{name}` has concurrency.images 0, so it serves no image model")));
+                p.push((
+                    format!("{at}.backends[{j}]"),
+                    format!("backend `{name}` has concurrency.images 0, so it serves no image model"),
+                ));
             }
             Some(_) => {}
         }

@@ -13,17 +13,13 @@ use crate::config::HealthConfig;
 use crate::routing::BackendHandle;
 use crate::telemetry::metrics as m;
 
-/// Consecutive backend faults from live traffic that open the circuit.
-pub const CIRCUIT_FAILURES: u32 = 5;
-/// How long an open circuit keeps traffic away before one trial request.
-pub const CIRCUIT_COOLDOWN: Duration = Duration::from_secs(30);
-
 /// The health of one backend.
 #[derive(Debug)]
 pub struct Health {
     name: String,
     healthy_threshold: u32,
     unhealthy_threshold: u32,
+    circuit_failures: u32,
     cooldown: Duration,
     state: Mutex<State>,
 }
@@ -77,7 +73,8 @@ impl Health {
             name: name.to_owned(),
             healthy_threshold: cfg.healthy_threshold,
             unhealthy_threshold: cfg.unhealthy_threshold,
-            cooldown: CIRCUIT_COOLDOWN,
+            circuit_failures: cfg.circuit_failures,
+            cooldown: cfg.circuit_cooldown,
             state: Mutex::new(State { healthy: true, ..State::default() }),
         }
     }
@@ -135,7 +132,7 @@ impl Health {
                 return Some(false);
             }
             s.call_faults += 1;
-            if was_trial || s.call_faults >= CIRCUIT_FAILURES {
+            if was_trial || s.call_faults >= self.circuit_failures {
                 s.open_until = Some(Instant::now() + self.cooldown);
                 s.open_until_wall = Some(SystemTime::now() + self.cooldown);
                 return Some(true);
@@ -196,8 +193,18 @@ impl Health {
                 latency_ms: s.latency_ms,
                 error: s.error.clone(),
                 detail: s.detail.clone(),
-                circuit: if open { "open" } else if s.open_until.is_some() { "half_open" } else { "closed" },
-                cooldown_until: if open { s.open_until_wall.map(|t| humantime::format_rfc3339_seconds(t).to_string()) } else { None },
+                circuit: if open {
+                    "open"
+                } else if s.open_until.is_some() {
+                    "half_open"
+                } else {
+                    "closed"
+                },
+                cooldown_until: if open {
+                    s.open_until_wall.map(|t| humantime::format_rfc3339_seconds(t).to_string())
+                } else {
+                    None
+                },
             }
         })
     }

@@ -15,11 +15,11 @@ use crate::routing::RoutingError;
 
 /// An error on its way out.
 #[derive(Debug)]
-pub struct ApiError(pub Error);
+pub struct ApiError(pub Box<Error>);
 
 impl<E: Into<Error>> From<E> for ApiError {
     fn from(e: E) -> Self {
-        Self(e.into())
+        Self(Box::new(e.into()))
     }
 }
 
@@ -51,16 +51,21 @@ const SERVER: &str = "server_error";
 
 fn shape(e: &Error) -> Shape {
     match e {
-        Error::Request(r) => {
-            Shape { status: StatusCode::BAD_REQUEST, kind: INVALID, code: Some(r.code.unwrap_or("invalid_request_error")), param: r.param.clone(), retry_after: None }
-        }
+        Error::Request(r) => Shape {
+            status: StatusCode::BAD_REQUEST,
+            kind: INVALID,
+            code: Some(r.code.unwrap_or("invalid_request_error")),
+            param: r.param.clone(),
+            retry_after: None,
+        },
         Error::Routing(r) => match r {
             RoutingError::ModelNotFound { .. } => {
                 Shape { param: Some("model".into()), ..Shape::new(StatusCode::NOT_FOUND, INVALID, "model_not_found") }
             }
-            RoutingError::WrongType { .. } => {
-                Shape { param: Some("model".into()), ..Shape::new(StatusCode::BAD_REQUEST, INVALID, "model_type_mismatch") }
-            }
+            RoutingError::WrongType { .. } => Shape {
+                param: Some("model".into()),
+                ..Shape::new(StatusCode::BAD_REQUEST, INVALID, "model_type_mismatch")
+            },
             RoutingError::NoHealthyBackend { .. } => {
                 Shape::new(StatusCode::SERVICE_UNAVAILABLE, SERVER, "backend_unavailable").retry(Duration::from_secs(5))
             }
@@ -79,20 +84,26 @@ fn shape(e: &Error) -> Shape {
         Error::RouteNotFound { .. } => Shape::new(StatusCode::NOT_FOUND, INVALID, "not_found"),
         Error::MethodNotAllowed { .. } => Shape::new(StatusCode::METHOD_NOT_ALLOWED, INVALID, "method_not_allowed"),
         Error::PayloadTooLarge { .. } => Shape::new(StatusCode::PAYLOAD_TOO_LARGE, INVALID, "request_too_large"),
-        Error::UnsupportedMediaType(_) => Shape::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, INVALID, "unsupported_media_type"),
+        Error::UnsupportedMediaType(_) => {
+            Shape::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, INVALID, "unsupported_media_type")
+        }
         Error::Internal(_) => Shape::new(StatusCode::INTERNAL_SERVER_ERROR, SERVER, "internal_error"),
     }
 }
 
 fn backend_shape(b: &BackendError) -> Shape {
     match &b.failure {
-        Failure::Connect(_) => Shape::new(StatusCode::SERVICE_UNAVAILABLE, SERVER, "backend_unavailable").retry(Duration::from_secs(5)),
+        Failure::Connect(_) => {
+            Shape::new(StatusCode::SERVICE_UNAVAILABLE, SERVER, "backend_unavailable").retry(Duration::from_secs(5))
+        }
         Failure::Timeout(_) => Shape::new(StatusCode::GATEWAY_TIMEOUT, SERVER, "backend_timeout"),
         Failure::Status { status, retry_after, .. } => match status {
             // The upstream judged the request's content: pass its verdict on as the client's to fix.
             400 | 413 | 415 | 422 => Shape::new(StatusCode::BAD_REQUEST, INVALID, "backend_rejected_request"),
-            429 => Shape::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "rate_limited").retry(retry_after.unwrap_or(Duration::from_secs(5))),
-            503 => Shape::new(StatusCode::SERVICE_UNAVAILABLE, SERVER, "backend_unavailable").retry(retry_after.unwrap_or(Duration::from_secs(5))),
+            429 => Shape::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "rate_limited")
+                .retry(retry_after.unwrap_or(Duration::from_secs(5))),
+            503 => Shape::new(StatusCode::SERVICE_UNAVAILABLE, SERVER, "backend_unavailable")
+                .retry(retry_after.unwrap_or(Duration::from_secs(5))),
             _ => Shape::new(StatusCode::BAD_GATEWAY, SERVER, "backend_error"),
         },
         Failure::Rejected(_) => Shape::new(StatusCode::BAD_REQUEST, INVALID, "backend_rejected_request"),
@@ -105,9 +116,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let shape = shape(&self.0);
         let message = self.0.to_string();
-        let body = ErrorBody { error: ErrorObject { message: &message, kind: shape.kind, param: shape.param.as_deref(), code: shape.code } };
-        let json = serde_json::to_vec(&body).unwrap_or_else(|_| br#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#.to_vec());
-        let mut resp = (shape.status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json).into_response();
+        let body = ErrorBody {
+            error: ErrorObject { message: &message, kind: shape.kind, param: shape.param.as_deref(), code: shape.code },
+        };
+        let json = serde_json::to_vec(&body).unwrap_or_else(|_| {
+            br#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#.to_vec()
+        });
+        let mut resp = (shape.status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json)
+            .into_response();
         if let Some(after) = shape.retry_after {
             // Whole seconds, never 0.
             let secs = after.as_secs_f64().ceil().max(1.0) as u64;

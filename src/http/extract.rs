@@ -27,7 +27,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ImageBody<T> {
         let limit = req.extensions().get::<BodyLimit>().map_or(64 << 20, |l| l.0);
         let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        if let Some(len) = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok())
+        if let Some(len) = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
             && len > limit
         {
             return Err(Error::PayloadTooLarge { limit }.into());
@@ -36,7 +40,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ImageBody<T> {
             "application/json" | "" => {
                 let bytes = read_body(req, limit).await?;
                 if bytes.is_empty() {
-                    return Err(RequestError::new("the request body is empty; send a JSON object such as {\"prompt\": \"...\"}").into());
+                    return Err(RequestError::new(
+                        "the request body is empty; send a JSON object such as {\"prompt\": \"...\"}",
+                    )
+                    .into());
                 }
                 return parse_json(&bytes).map(ImageBody);
             }
@@ -54,7 +61,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ImageBody<T> {
                 while let Some(field) = multipart.next_field().await.map_err(|e| multipart_error(e, limit))? {
                     let name = field.name().unwrap_or("").to_owned();
                     if field.file_name().is_some() {
-                        return Err(RequestError::param(&name, format!("`{name}` is a file; this endpoint takes only text fields")).into());
+                        return Err(RequestError::param(
+                            &name,
+                            format!("`{name}` is a file; this endpoint takes only text fields"),
+                        )
+                        .into());
                     }
                     let text = field.text().await.map_err(|e| multipart_error(e, limit))?;
                     insert_field(&mut fields, &name, &text)?;
@@ -71,7 +82,11 @@ async fn read_body(req: Request, limit: usize) -> Result<axum::body::Bytes, ApiE
     axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
         let too_large = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
             .any(|e| e.is::<http_body_util::LengthLimitError>());
-        if too_large { Error::PayloadTooLarge { limit }.into() } else { Error::Request(RequestError::new(format!("could not read the request body: {e}"))).into() }
+        if too_large {
+            Error::PayloadTooLarge { limit }.into()
+        } else {
+            Error::Request(RequestError::new(format!("could not read the request body: {e}"))).into()
+        }
     })
 }
 
@@ -140,7 +155,9 @@ fn insert_field(fields: &mut Map<String, Value>, name: &str, text: &str) -> Resu
     if fields.contains_key(name) {
         return Err(RequestError::param(name, format!("`{name}` is given more than once")).into());
     }
-    let bad = |what: &str| -> ApiError { RequestError::param(name, format!("invalid `{name}`: `{text}` is not {what}")).into() };
+    let bad = |what: &str| -> ApiError {
+        RequestError::param(name, format!("invalid `{name}`: `{text}` is not {what}")).into()
+    };
     let value = match kind {
         FieldType::Text => Value::String(text.to_owned()),
         FieldType::Integer => text.trim().parse::<u64>().map(Value::from).map_err(|_| bad("a non-negative integer"))?,

@@ -11,7 +11,11 @@ use crate::pipeline;
 use crate::state::AppState;
 
 /// `POST /v1/images/generations`.
-pub async fn generations_handler(State(state): State<AppState>, headers: HeaderMap, ImageBody(body): ImageBody<ImagesRequest>) -> Result<Response, ApiError> {
+pub async fn generations_handler(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ImageBody(body): ImageBody<ImagesRequest>,
+) -> Result<Response, ApiError> {
     let base = super::base_url(&state, &headers);
     let resp = pipeline::images::generate_images(&state, body, &base).await?;
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], resp.to_json()).into_response())

@@ -54,17 +54,21 @@ pub fn base_url(state: &AppState, headers: &HeaderMap) -> String {
     if let Some(u) = &state.config.server.public_url {
         return u.as_str().trim_end_matches('/').to_owned();
     }
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).map_or_else(|| state.config.server.listen.to_string(), str::to_owned);
-    let proto = headers.get("x-forwarded-proto").and_then(|h| h.to_str().ok()).filter(|p| *p == "https").unwrap_or("http");
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map_or_else(|| state.config.server.listen.to_string(), str::to_owned);
+    let proto =
+        headers.get("x-forwarded-proto").and_then(|h| h.to_str().ok()).filter(|p| *p == "https").unwrap_or("http");
     format!("{proto}://{host}")
 }
 
 async fn not_found(req: Request) -> ApiError {
-    ApiError(Error::RouteNotFound { method: req.method().to_string(), path: req.uri().path().to_owned() })
+    Error::RouteNotFound { method: req.method().to_string(), path: req.uri().path().to_owned() }.into()
 }
 
 async fn method_not_allowed(req: Request) -> ApiError {
-    ApiError(Error::MethodNotAllowed { method: req.method().to_string(), path: req.uri().path().to_owned() })
+    Error::MethodNotAllowed { method: req.method().to_string(), path: req.uri().path().to_owned() }.into()
 }
 
 /// Records request metrics and logs server-side failures once.
@@ -72,10 +76,20 @@ async fn observe(req: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
     let method = req.method().clone();
-    let bytes_in = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let bytes_in = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let resp = next.run(req).await;
     let status = resp.status();
-    let bytes_out = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let bytes_out = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let route = static_route(&route);
     m::http_request(route, method.as_str(), status.as_u16(), started.elapsed(), bytes_in, bytes_out);
     if let Some(ServerFault(message)) = resp.extensions().get::<ServerFault>() {

@@ -24,7 +24,8 @@ pub async fn readyz_handler(State(state): State<AppState>) -> Response {
     if let Err(e) = state.files.check().await {
         reasons.push(e.to_string());
     }
-    let ready: Vec<&str> = state.backend_list.iter().filter(|b| b.health.is_ready()).map(|b| b.cfg.name.as_str()).collect();
+    let ready: Vec<&str> =
+        state.backend_list.iter().filter(|b| b.health.is_ready()).map(|b| b.cfg.name.as_str()).collect();
     if ready.is_empty() {
         let why: Vec<String> = state
             .backend_list
@@ -53,7 +54,16 @@ pub async fn health_handler(State(state): State<AppState>) -> Response {
     let backends: BTreeMap<&str, BackendHealth> = state
         .backend_list
         .iter()
-        .map(|b| (b.cfg.name.as_str(), BackendHealth { kind: b.cfg.kind.as_str(), url: b.cfg.url.as_ref().map(ToString::to_string), state: b.health.snapshot() }))
+        .map(|b| {
+            (
+                b.cfg.name.as_str(),
+                BackendHealth {
+                    kind: b.cfg.kind.as_str(),
+                    url: b.cfg.url.as_ref().map(ToString::to_string),
+                    state: b.health.snapshot(),
+                },
+            )
+        })
         .collect();
     let healthy = backends.values().filter(|b| b.state.healthy).count();
     let status = match healthy {
@@ -67,7 +77,8 @@ pub async fn health_handler(State(state): State<AppState>) -> Response {
 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics_handler(State(state): State<AppState>) -> Response {
-    ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], state.metrics.render()).into_response()
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], state.metrics.render())
+        .into_response()
 }
 
 #[derive(Serialize)]
@@ -86,7 +97,15 @@ pub async fn status_handler(State(state): State<AppState>) -> Json<serde_json::V
         .iter()
         .map(|b| {
             let admission = b.gates.iter().map(|(c, g)| (c.as_str(), g.status())).collect();
-            (b.cfg.name.as_str(), BackendStatus { kind: b.cfg.kind.as_str(), url: b.cfg.url.as_ref().map(ToString::to_string), admission, health: b.health.snapshot() })
+            (
+                b.cfg.name.as_str(),
+                BackendStatus {
+                    kind: b.cfg.kind.as_str(),
+                    url: b.cfg.url.as_ref().map(ToString::to_string),
+                    admission,
+                    health: b.health.snapshot(),
+                },
+            )
         })
         .collect();
     Json(json!({

@@ -31,11 +31,17 @@ pub fn sniff(bytes: &[u8]) -> Option<ImageFormat> {
 pub fn decode_base64(data: &str) -> Result<Bytes, String> {
     let data = data.trim();
     let payload = match data.strip_prefix("data:") {
-        Some(rest) => rest.split_once(";base64,").map(|(_, p)| p).ok_or("a data URL must be base64 (`data:image/png;base64,...`)")?,
+        Some(rest) => rest
+            .split_once(";base64,")
+            .map(|(_, p)| p)
+            .ok_or("a data URL must be base64 (`data:image/png;base64,...`)")?,
         None => data,
     };
-    let clean: std::borrow::Cow<'_, str> =
-        if payload.contains(['\n', '\r', ' ']) { payload.split_whitespace().collect::<String>().into() } else { payload.into() };
+    let clean: std::borrow::Cow<'_, str> = if payload.contains(['\n', '\r', ' ']) {
+        payload.split_whitespace().collect::<String>().into()
+    } else {
+        payload.into()
+    };
     let trimmed = clean.trim_end_matches('=');
     let engine = if trimmed.contains(['-', '_']) {
         &base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -51,7 +57,8 @@ pub async fn transcode(bytes: Bytes, to: ImageFormat, quality: Option<u8>) -> Re
         return Ok(bytes);
     }
     tokio::task::spawn_blocking(move || {
-        std::panic::catch_unwind(|| transcode_blocking(&bytes, to, quality)).unwrap_or_else(|_| Err("the image decoder failed on this input".into()))
+        std::panic::catch_unwind(|| transcode_blocking(&bytes, to, quality))
+            .unwrap_or_else(|_| Err("the image decoder failed on this input".into()))
     })
     .await
     .map_err(|e| format!("transcoding task failed: {e}"))?

@@ -6,13 +6,14 @@
 //!    to the next candidate on a backend fault (never on the client's), feed the circuit breaker.
 //! 4. Transcode only where the format differs, then store (`url`) or inline (`b64_json`) each image.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::api::images::{ImageData, ImageItem, ImagesRequest, ImagesResponse};
 use crate::backends::{BackendError, Failure, ImageCall, ImageOutput};
 use crate::config::{Capability, ModelConfig, ModelType};
 use crate::error::Error;
-use crate::request::{GenerateImage, ImageFormat, ResponseFormat};
+use crate::request::{GenerateImage, ImageFormat, ResponseFormat, Size};
 use crate::routing::{self, Candidate};
 use crate::state::AppState;
 use crate::telemetry::metrics as m;
@@ -44,12 +45,14 @@ pub async fn generate_images(state: &AppState, wire: ImagesRequest, base_url: &s
     while offset < req.n {
         let count = per_call.min(req.n - offset);
         let seed = req.seed.map(|s| s.wrapping_add(u64::from(offset)));
-        calls.push(ImageCall { request: &req, model: &model, count, seed, size });
+        calls.push(CallPlan { count, seed, size });
         offset += count;
     }
 
     // 3. Run them.
-    let results = futures_util::future::join_all(calls.into_iter().map(|call| run_call(state, &model, call))).await;
+    let req = Arc::new(req);
+    let results =
+        futures_util::future::join_all(calls.into_iter().map(|plan| run_call(state, &model, &req, plan))).await;
     let mut outputs = Vec::with_capacity(req.n as usize);
     let mut first_error = None;
     for r in results {
@@ -76,7 +79,9 @@ pub async fn generate_images(state: &AppState, wire: ImagesRequest, base_url: &s
         let bytes = if out.format == target {
             out.bytes
         } else {
-            crate::media::transcode(out.bytes, target, req.output_compression).await.map_err(|e| Error::Internal(format!("transcoding to {}: {e}", target.as_str())))?
+            crate::media::transcode(out.bytes, target, req.output_compression)
+                .await
+                .map_err(|e| Error::Internal(format!("transcoding to {}: {e}", target.as_str())))?
         };
         let item = match req.response_format {
             ResponseFormat::B64Json => ImageData::B64(bytes),
@@ -92,6 +97,14 @@ pub async fn generate_images(state: &AppState, wire: ImagesRequest, base_url: &s
     Ok(ImagesResponse { created, data, output_format: target.as_str(), size: Some(size.to_string()) })
 }
 
+/// One planned upstream call.
+#[derive(Debug, Clone, Copy)]
+struct CallPlan {
+    count: u32,
+    seed: Option<u64>,
+    size: Size,
+}
+
 /// The format all outputs share, or PNG when they differ.
 fn common_format(outputs: &[ImageOutput]) -> ImageFormat {
     match outputs.first() {
@@ -101,7 +114,12 @@ fn common_format(outputs: &[ImageOutput]) -> ImageFormat {
 }
 
 /// One upstream call with admission, timeout, fallback and circuit-breaker bookkeeping.
-async fn run_call(state: &AppState, model: &ModelConfig, call: ImageCall<'_>) -> Result<Vec<ImageOutput>, Error> {
+async fn run_call(
+    state: &AppState,
+    model: &Arc<ModelConfig>,
+    req: &Arc<GenerateImage>,
+    plan: CallPlan,
+) -> Result<Vec<ImageOutput>, Error> {
     let candidates = routing::candidates(model, &state.backends, Capability::Images)?;
     let mut last: Option<Error> = None;
     for (attempt, Candidate { handle, trial }) in candidates.into_iter().take(MAX_ATTEMPTS).enumerate() {
@@ -123,13 +141,33 @@ async fn run_call(state: &AppState, model: &ModelConfig, call: ImageCall<'_>) ->
                 continue;
             }
         };
+        // The upstream call runs in its own task that owns the permit: if the client goes away, the call still
+        // runs to its end (the GPU is busy either way) and only then is the slot released.
         let started = Instant::now();
-        let limit = handle.cfg.timeout + TIMEOUT_SLACK;
-        let result = match tokio::time::timeout(limit, handle.adapter.generate_images(call)).await {
-            Ok(r) => r,
-            Err(_) => Err(BackendError::new(&handle.cfg.name, handle.cfg.kind, handle.cfg.endpoint(""), Failure::Timeout(handle.cfg.timeout))),
+        let task = {
+            let handle = Arc::clone(&handle);
+            let (req, model) = (Arc::clone(req), Arc::clone(model));
+            tokio::spawn(async move {
+                let call =
+                    ImageCall { request: &req, model: &model, count: plan.count, seed: plan.seed, size: plan.size };
+                let limit = handle.cfg.timeout + TIMEOUT_SLACK;
+                let result = match tokio::time::timeout(limit, handle.adapter.generate_images(call)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(BackendError::new(
+                        &handle.cfg.name,
+                        handle.cfg.kind,
+                        handle.cfg.endpoint(""),
+                        Failure::Timeout(handle.cfg.timeout),
+                    )),
+                };
+                drop(permit);
+                result
+            })
         };
-        drop(permit);
+        let result = match task.await {
+            Ok(r) => r,
+            Err(e) => return Err(Error::Internal(format!("the upstream call task failed: {e}"))),
+        };
         let took = started.elapsed();
         match result {
             Ok(images) if !images.is_empty() => {
@@ -138,7 +176,12 @@ async fn run_call(state: &AppState, model: &ModelConfig, call: ImageCall<'_>) ->
                 return Ok(images);
             }
             Ok(_) => {
-                let e = BackendError::new(&handle.cfg.name, handle.cfg.kind, handle.cfg.endpoint(""), Failure::InvalidResponse("the response held no images".into()));
+                let e = BackendError::new(
+                    &handle.cfg.name,
+                    handle.cfg.kind,
+                    handle.cfg.endpoint(""),
+                    Failure::InvalidResponse("the response held no images".into()),
+                );
                 handle.health.record_call(true);
                 m::upstream_call(&handle.cfg.name, handle.cfg.kind.as_str(), e.outcome(), took);
                 last = Some(e.into());

@@ -149,7 +149,10 @@ impl GenerateImage {
         let response_format = match w.response_format.as_deref() {
             None => defaults.response_format,
             Some(s) => ResponseFormat::parse(s).ok_or_else(|| {
-                RequestError::param("response_format", format!("`response_format` must be `url` or `b64_json`, not `{s}`"))
+                RequestError::param(
+                    "response_format",
+                    format!("`response_format` must be `url` or `b64_json`, not `{s}`"),
+                )
             })?,
         };
         let output_format = match w.output_format.as_deref() {
@@ -171,7 +174,10 @@ impl GenerateImage {
             return Err(RequestError::param("background", "a transparent background needs png or webp, not jpeg"));
         }
         if w.stream == Some(true) {
-            return Err(RequestError::param("stream", "streaming image generation is not supported by this gateway yet; omit `stream`"));
+            return Err(RequestError::param(
+                "stream",
+                "streaming image generation is not supported by this gateway yet; omit `stream`",
+            ));
         }
         if let Some(g) = w.guidance_scale
             && (!g.is_finite() || g < 0.0)
@@ -208,20 +214,32 @@ impl GenerateImage {
         if chars > model.max_prompt_chars {
             return Err(RequestError::param(
                 "prompt",
-                format!("`prompt` has {chars} characters; model `{}` accepts at most {}", model.id, model.max_prompt_chars),
+                format!(
+                    "`prompt` has {chars} characters; model `{}` accepts at most {}",
+                    model.id, model.max_prompt_chars
+                ),
             ));
         }
         if self.n > model.max_n {
-            return Err(RequestError::param("n", format!("`n` is {}; model `{}` makes at most {} images per request", self.n, model.id, model.max_n)));
+            return Err(RequestError::param(
+                "n",
+                format!("`n` is {}; model `{}` makes at most {} images per request", self.n, model.id, model.max_n),
+            ));
         }
         let size = self.size.unwrap_or(model.default_size);
         if let Some(sizes) = &model.sizes {
             if !sizes.contains(&size) {
                 let list = sizes.iter().map(Size::to_string).collect::<Vec<_>>().join(", ");
-                return Err(RequestError::param("size", format!("size {size} is not offered by model `{}`; choose one of: {list}", model.id)));
+                return Err(RequestError::param(
+                    "size",
+                    format!("size {size} is not offered by model `{}`; choose one of: {list}", model.id),
+                ));
             }
         } else if size.width > model.max_size.width || size.height > model.max_size.height {
-            return Err(RequestError::param("size", format!("size {size} is larger than model `{}` allows ({})", model.id, model.max_size)));
+            return Err(RequestError::param(
+                "size",
+                format!("size {size} is larger than model `{}` allows ({})", model.id, model.max_size),
+            ));
         }
         self.size = Some(size);
         if self.steps.is_none() {

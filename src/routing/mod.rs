@@ -67,13 +67,25 @@ impl Registry {
     }
 
     /// The model a request names (or the first of `kind` when it names none), checked against `kind`.
-    pub fn resolve(&self, requested: Option<&str>, kind: ModelType, operation: &'static str) -> Result<Arc<ModelConfig>, RoutingError> {
+    pub fn resolve(
+        &self,
+        requested: Option<&str>,
+        kind: ModelType,
+        operation: &'static str,
+    ) -> Result<Arc<ModelConfig>, RoutingError> {
         let model = match requested {
             Some(id) => self.by_id.get(id).cloned().ok_or_else(|| self.not_found(id))?,
-            None => self.models.iter().find(|m| m.kind == kind).cloned().ok_or_else(|| self.not_found("(none given)"))?,
+            None => {
+                self.models.iter().find(|m| m.kind == kind).cloned().ok_or_else(|| self.not_found("(none given)"))?
+            }
         };
         if model.kind != kind {
-            return Err(RoutingError::WrongType { model: model.id.clone(), actual: model.kind.as_str(), wanted: kind.as_str(), operation });
+            return Err(RoutingError::WrongType {
+                model: model.id.clone(),
+                actual: model.kind.as_str(),
+                wanted: kind.as_str(),
+                operation,
+            });
         }
         Ok(model)
     }
@@ -90,7 +102,11 @@ pub fn nearest(requested: &str, ids: &[String]) -> Option<String> {
     let req = requested.to_ascii_lowercase();
     ids.iter()
         .map(|id| (levenshtein(&req, &id.to_ascii_lowercase()), id))
-        .filter(|(d, id)| *d <= (id.len().max(req.len()) / 2).max(2) || id.to_ascii_lowercase().contains(&req) || req.contains(&id.to_ascii_lowercase()))
+        .filter(|(d, id)| {
+            *d <= (id.len().max(req.len()) / 2).max(2)
+                || id.to_ascii_lowercase().contains(&req)
+                || req.contains(&id.to_ascii_lowercase())
+        })
         .min_by_key(|(d, _)| *d)
         .map(|(_, id)| id.clone())
 }

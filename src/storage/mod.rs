@@ -96,7 +96,14 @@ mod tests {
     #[test]
     fn only_issued_ids_parse() {
         assert_eq!(parse_id("img_0123456789abcdef0123456789abcdef.png"), Some(ImageFormat::Png));
-        for bad in ["../etc/passwd", "img_0123456789abcdef0123456789abcdef.png/..", "img_0123456789ABCDEF0123456789abcdef.png", "img_123.png", "img_0123456789abcdef0123456789abcdef.exe", ".readyz"] {
+        for bad in [
+            "../etc/passwd",
+            "img_0123456789abcdef0123456789abcdef.png/..",
+            "img_0123456789ABCDEF0123456789abcdef.png",
+            "img_123.png",
+            "img_0123456789abcdef0123456789abcdef.exe",
+            ".readyz",
+        ] {
             assert_eq!(parse_id(bad), None, "{bad}");
         }
     }

@@ -25,7 +25,8 @@ pub const ADMISSION_QUEUED: &str = "easel_admission_queue_depth";
 pub const ADMISSION_QUEUE_WAIT: &str = "easel_admission_queue_wait_seconds";
 pub const ADMISSION_REJECTED: &str = "easel_admission_rejected_total";
 
-const LATENCY_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -47,7 +48,8 @@ pub fn install() -> PrometheusHandle {
 
 pub fn http_request(route: &str, method: &str, status: u16, took: Duration, bytes_in: u64, bytes_out: u64) {
     let status = status.to_string();
-    counter!(HTTP_REQUESTS, "route" => route.to_owned(), "method" => method.to_owned(), "status" => status).increment(1);
+    counter!(HTTP_REQUESTS, "route" => route.to_owned(), "method" => method.to_owned(), "status" => status)
+        .increment(1);
     histogram!(HTTP_DURATION, "route" => route.to_owned()).record(took.as_secs_f64());
     counter!(HTTP_BYTES_IN, "route" => route.to_owned()).increment(bytes_in);
     counter!(HTTP_BYTES_OUT, "route" => route.to_owned()).increment(bytes_out);
@@ -86,7 +88,8 @@ pub fn admission_queued(backend: &str, capability: Capability, n: u32) {
 }
 
 pub fn admission_queue_wait(backend: &str, capability: Capability, waited: Duration) {
-    histogram!(ADMISSION_QUEUE_WAIT, "backend" => backend.to_owned(), "capability" => capability.as_str()).record(waited.as_secs_f64());
+    histogram!(ADMISSION_QUEUE_WAIT, "backend" => backend.to_owned(), "capability" => capability.as_str())
+        .record(waited.as_secs_f64());
 }
 
 pub fn admission_rejected(backend: &str, capability: Capability, reason: &'static str) {

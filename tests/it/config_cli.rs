@@ -1,1 +1,150 @@
-//! (being written)
+//! The real binary: `config check` on good and bad files, `--version`, usage errors, and `serve` on port 0 with
+//! a graceful SIGTERM that lets the in-flight request finish.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::support::TEST_TIMEOUT;
+
+const BIN: &str = env!("CARGO_BIN_EXE_easel");
+
+fn easel(args: &[&str], dir: &std::path::Path) -> std::process::Output {
+    Command::new(BIN).args(args).current_dir(dir).env_remove("EASEL_CONFIG").output().expect("run easel")
+}
+
+#[test]
+fn config_check_reports_every_problem_with_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "server:\n  listen: 127.0.0.1:8080\nbackends:\n  gpu:\n    kind: a1111\n    url: http://127.0.0.1:7860\n    timeout: forever\n    queue: {depth: 4, wait: 10s}\nmodels:\n  - id: sdxl\n    backends: [gpu, nowhere]\n",
+    )
+    .unwrap();
+    let out = easel(&["config", "check", "--config", "bad.yaml"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.yaml:7:5: backends.gpu.timeout: `forever` is not a duration"), "{err}");
+    assert!(
+        err.contains("bad.yaml:11:5: models[0].backends[1]: no backend named `nowhere`")
+            || err.contains("models[0].backends[1]"),
+        "{err}"
+    );
+    assert!(err.contains("2 problems"), "{err}");
+
+    std::fs::write(
+        dir.path().join("typo.yaml"),
+        "backends:\n  sim:\n    kind: simulated\n    concurency: {images: 1}\nmodels: [{id: m, backends: [sim]}]\n",
+    )
+    .unwrap();
+    let out = easel(&["config", "check", "--config", "typo.yaml"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("typo.yaml:4:5: backends.sim.concurency: unknown field `concurency`"), "{err}");
+}
+
+#[test]
+fn config_check_summarises_a_good_file_and_the_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = easel(&["config", "check"], dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("built-in default: ok"), "{text}");
+    assert!(text.contains("easel-sim"), "{text}");
+
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/easel.yaml");
+    let out = Command::new(BIN)
+        .args(["config", "check", "--config", example])
+        .env("OPENAI_API_KEY", "sk-test")
+        .env("HF_TOKEN", "hf_test")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "examples/easel.yaml must stay valid: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn version_help_and_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = easel(&["--version"], dir.path());
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let out = easel(&["--help"], dir.path());
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("serve"));
+    let out = easel(&["frobnicate"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    let out = easel(&["serve", "--listen", "not-an-address"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn serve_finishes_in_flight_requests_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("easel.yaml"), "backends:\n  slow:\n    kind: simulated\n    latency: 700ms\nmodels:\n  - id: m\n    backends: [slow]\n    default_size: 16x16\n").unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env("NO_COLOR", "1")
+        .env_remove("EASEL_CONFIG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(i) = line.find("listening on http://") {
+                let url: String = line[i + "listening on ".len()..]
+                    .chars()
+                    .take_while(|c| !c.is_whitespace() && *c != '\u{1b}')
+                    .collect();
+                let _ = tx.send(url);
+            }
+        }
+    });
+    let url = rx.recv_timeout(TEST_TIMEOUT).expect("easel did not start");
+    let client = reqwest::Client::new();
+    let request = tokio::spawn({
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            client
+                .post(format!("{url}/v1/images/generations"))
+                .json(&json!({"prompt": "p", "response_format": "b64_json"}))
+                .send()
+                .await
+        }
+    });
+    let deadline = Instant::now() + TEST_TIMEOUT;
+    loop {
+        let v: serde_json::Value =
+            client.get(format!("{url}/v1/gateway/status")).send().await.unwrap().json().await.unwrap();
+        if v["backends"]["slow"]["admission"]["images"]["inflight"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the request never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let resp =
+        tokio::time::timeout(TEST_TIMEOUT, request).await.unwrap().unwrap().expect("the in-flight request completes");
+    assert_eq!(resp.status(), 200);
+    let deadline = Instant::now() + TEST_TIMEOUT;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "easel did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    assert!(client.get(format!("{url}/healthz")).send().await.is_err(), "no longer listening");
+}

@@ -1,9 +1,13 @@
 //! End-to-end tests: easel on 127.0.0.1:0 in front of fake upstreams that speak each native protocol.
 //! One test binary (faster to build and link than one per file on a small machine).
 
+// Test helpers outside `#[test]` functions fail loudly too.
+#![expect(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests fail loudly")]
+
 mod support;
 
 mod a1111;
+mod admission;
 mod config_cli;
 mod huggingface;
 mod images_api;

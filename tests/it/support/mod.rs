@@ -38,7 +38,11 @@ impl Gateway {
     }
 
     /// POSTs JSON and returns (status, headers, parsed body).
-    pub async fn post_json(&self, path: &str, body: serde_json::Value) -> (u16, reqwest::header::HeaderMap, serde_json::Value) {
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (u16, reqwest::header::HeaderMap, serde_json::Value) {
         let resp = tokio::time::timeout(TEST_TIMEOUT, self.client.post(self.endpoint(path)).json(&body).send())
             .await
             .expect("request timed out")
@@ -46,14 +50,18 @@ impl Gateway {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let bytes = resp.bytes().await.expect("body");
-        let json = serde_json::from_slice(&bytes).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        let json = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         (status, headers, json)
     }
 
     /// GETs and returns (status, headers, body bytes).
     pub async fn get(&self, path_or_url: &str) -> (u16, reqwest::header::HeaderMap, bytes::Bytes) {
         let url = if path_or_url.starts_with("http") { path_or_url.to_owned() } else { self.endpoint(path_or_url) };
-        let resp = tokio::time::timeout(TEST_TIMEOUT, self.client.get(url).send()).await.expect("request timed out").expect("request failed");
+        let resp = tokio::time::timeout(TEST_TIMEOUT, self.client.get(url).send())
+            .await
+            .expect("request timed out")
+            .expect("request failed");
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         (status, headers, resp.bytes().await.expect("body"))
