@@ -4,11 +4,16 @@
 
 pub mod a1111;
 pub mod client;
+pub mod comfyui;
 pub mod error;
+pub mod fal;
 pub mod huggingface;
+pub mod invokeai;
 pub mod openai;
+pub mod replicate;
 pub mod simulated;
 pub mod template;
+pub mod workflow;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -29,6 +34,25 @@ pub struct ImageCall<'a> {
     /// The seed for this call: the request's, offset per call, or `None` to let the backend pick.
     pub seed: Option<u64>,
     pub size: Size,
+    /// The input images of an edit; `None` for a generation.
+    pub edit: Option<&'a EditInputs>,
+}
+
+/// An image sent to the gateway (edit input or mask).
+#[derive(Debug, Clone)]
+pub struct InputImage {
+    pub bytes: Bytes,
+    pub format: ImageFormat,
+    /// The client's file name, or a generated one (`image-0.png`).
+    pub name: String,
+}
+
+/// The inputs of an edit: one or more images and an optional mask (transparent = the area to change, as OpenAI
+/// defines it; applies to the first image).
+#[derive(Debug, Clone)]
+pub struct EditInputs {
+    pub images: Vec<InputImage>,
+    pub mask: Option<InputImage>,
 }
 
 /// One image as the backend produced it.
@@ -59,6 +83,11 @@ pub trait Backend {
 
     /// A cheap native probe: never a paid generation.
     fn probe(&self) -> impl Future<Output = Result<ProbeReport, BackendError>> + Send;
+
+    /// Whether this backend can take edits (`call.edit` set) at all.
+    fn supports_edits(&self) -> bool {
+        false
+    }
 }
 
 /// Every adapter, one variant per config `kind`.
@@ -66,7 +95,11 @@ pub trait Backend {
 pub enum AnyBackend {
     OpenAi(openai::OpenAiBackend),
     A1111(a1111::A1111Backend),
+    ComfyUi(comfyui::ComfyUiBackend),
+    InvokeAi(invokeai::InvokeAiBackend),
     HuggingFace(huggingface::HuggingFaceBackend),
+    Fal(fal::FalBackend),
+    Replicate(replicate::ReplicateBackend),
     Template(template::TemplateBackend),
     Simulated(simulated::SimulatedBackend),
 }
@@ -77,7 +110,11 @@ impl AnyBackend {
         Ok(match cfg.kind {
             BackendKind::OpenAi => Self::OpenAi(openai::OpenAiBackend::new(cfg)?),
             BackendKind::A1111 => Self::A1111(a1111::A1111Backend::new(cfg)?),
+            BackendKind::ComfyUi => Self::ComfyUi(comfyui::ComfyUiBackend::new(cfg)?),
+            BackendKind::InvokeAi => Self::InvokeAi(invokeai::InvokeAiBackend::new(cfg)?),
             BackendKind::HuggingFace => Self::HuggingFace(huggingface::HuggingFaceBackend::new(cfg)?),
+            BackendKind::Fal => Self::Fal(fal::FalBackend::new(cfg)?),
+            BackendKind::Replicate => Self::Replicate(replicate::ReplicateBackend::new(cfg)?),
             BackendKind::Template => Self::Template(template::TemplateBackend::new(cfg)?),
             BackendKind::Simulated => Self::Simulated(simulated::SimulatedBackend::new(cfg)),
         })
@@ -87,9 +124,27 @@ impl AnyBackend {
         match self {
             Self::OpenAi(b) => b.generate_images(call).await,
             Self::A1111(b) => b.generate_images(call).await,
+            Self::ComfyUi(b) => b.generate_images(call).await,
+            Self::InvokeAi(b) => b.generate_images(call).await,
             Self::HuggingFace(b) => b.generate_images(call).await,
+            Self::Fal(b) => b.generate_images(call).await,
+            Self::Replicate(b) => b.generate_images(call).await,
             Self::Template(b) => b.generate_images(call).await,
             Self::Simulated(b) => b.generate_images(call).await,
+        }
+    }
+
+    pub fn supports_edits(&self) -> bool {
+        match self {
+            Self::OpenAi(b) => b.supports_edits(),
+            Self::A1111(b) => b.supports_edits(),
+            Self::ComfyUi(b) => b.supports_edits(),
+            Self::InvokeAi(b) => b.supports_edits(),
+            Self::HuggingFace(b) => b.supports_edits(),
+            Self::Fal(b) => b.supports_edits(),
+            Self::Replicate(b) => b.supports_edits(),
+            Self::Template(b) => b.supports_edits(),
+            Self::Simulated(b) => b.supports_edits(),
         }
     }
 
@@ -97,7 +152,11 @@ impl AnyBackend {
         match self {
             Self::OpenAi(b) => b.probe().await,
             Self::A1111(b) => b.probe().await,
+            Self::ComfyUi(b) => b.probe().await,
+            Self::InvokeAi(b) => b.probe().await,
             Self::HuggingFace(b) => b.probe().await,
+            Self::Fal(b) => b.probe().await,
+            Self::Replicate(b) => b.probe().await,
             Self::Template(b) => b.probe().await,
             Self::Simulated(b) => b.probe().await,
         }

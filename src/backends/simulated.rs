@@ -59,9 +59,15 @@ impl Backend for SimulatedBackend {
         let prompt = call.request.prompt.clone();
         let (w, h) = (call.size.width, call.size.height);
         let count = call.count;
+        let edit = call
+            .edit
+            .and_then(|e| e.images.first().map(|i| (i.bytes.clone(), e.mask.as_ref().map(|m| m.bytes.clone()))));
         let images = tokio::task::spawn_blocking(move || {
             (0..u64::from(count))
-                .map(|i| paint(&prompt, base_seed.wrapping_add(i), w, h))
+                .map(|i| match &edit {
+                    None => paint(&prompt, base_seed.wrapping_add(i), w, h),
+                    Some((image, mask)) => repaint(image, mask.as_deref(), &prompt, base_seed.wrapping_add(i), w, h),
+                })
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
@@ -78,6 +84,47 @@ impl Backend for SimulatedBackend {
     async fn probe(&self) -> Result<ProbeReport, BackendError> {
         Ok(ProbeReport { ready: true, detail: "simulated backend: procedural images, no model runs".into() })
     }
+
+    fn supports_edits(&self) -> bool {
+        true
+    }
+}
+
+/// A simulated edit: the input resized to the output size, with the procedural picture painted where the mask is
+/// transparent (OpenAI's convention), or blended half-and-half over the whole image without a mask.
+pub fn repaint(
+    image: &[u8],
+    mask: Option<&[u8]>,
+    prompt: &str,
+    seed: u64,
+    width: u32,
+    height: u32,
+) -> Result<Bytes, String> {
+    let input = image::load_from_memory(image).map_err(|e| format!("cannot decode the input image: {e}"))?;
+    let input = input.resize_exact(width, height, image::imageops::FilterType::Triangle).to_rgb8();
+    let mask = match mask {
+        Some(m) => Some(
+            image::load_from_memory(m)
+                .map_err(|e| format!("cannot decode the mask: {e}"))?
+                .resize_exact(width, height, image::imageops::FilterType::Nearest)
+                .to_rgba8(),
+        ),
+        None => None,
+    };
+    let painted = image::load_from_memory(&paint(prompt, seed, width, height)?).map_err(|e| e.to_string())?.to_rgb8();
+    let out = RgbImage::from_fn(width, height, |x, y| {
+        let (a, b) = (input.get_pixel(x, y).0, painted.get_pixel(x, y).0);
+        match &mask {
+            Some(m) if m.get_pixel(x, y).0[3] == 0 => Rgb(b),
+            Some(_) => Rgb(a),
+            None => Rgb([
+                ((a[0] as u16 + b[0] as u16) / 2) as u8,
+                ((a[1] as u16 + b[1] as u16) / 2) as u8,
+                ((a[2] as u16 + b[2] as u16) / 2) as u8,
+            ]),
+        }
+    });
+    encode_png(&out)
 }
 
 /// Paints a deterministic picture: a diagonal gradient between two prompt-derived colours with seed-placed discs.
@@ -116,13 +163,17 @@ pub fn paint(prompt: &str, seed: u64, width: u32, height: u32) -> Result<Bytes, 
         let mix = |i: usize| (a.0[i] as f32 * (1.0 - t) + b.0[i] as f32 * t) as u8;
         Rgb([mix(0), mix(1), mix(2)])
     });
-    let mut out = Vec::with_capacity((width * height) as usize / 4);
+    encode_png(&img)
+}
+
+fn encode_png(img: &RgbImage) -> Result<Bytes, String> {
+    let mut out = Vec::with_capacity((img.width() * img.height()) as usize / 4);
     image::codecs::png::PngEncoder::new_with_quality(
         &mut out,
         image::codecs::png::CompressionType::Fast,
         image::codecs::png::FilterType::Adaptive,
     )
-    .write_image(img.as_raw(), width, height, image::ExtendedColorType::Rgb8)
+    .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
     .map_err(|e| format!("cannot encode PNG: {e}"))?;
     Ok(Bytes::from(out))
 }
@@ -140,5 +191,28 @@ mod tests {
         assert_ne!(a, c);
         let img = image::load_from_memory(&a).unwrap();
         assert_eq!((img.width(), img.height()), (64, 48));
+    }
+}
+
+#[cfg(test)]
+mod edit_tests {
+    use super::*;
+
+    fn png(img: image::DynamicImage) -> Vec<u8> {
+        let mut out = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+        out
+    }
+
+    #[test]
+    fn repaints_only_where_the_mask_is_transparent() {
+        let input =
+            png(image::DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(40, 20, image::Rgba([10, 200, 30, 255]))));
+        let mask = png(image::DynamicImage::ImageRgba8(image::RgbaImage::from_fn(40, 20, |x, _| {
+            image::Rgba([0, 0, 0, if x < 20 { 0 } else { 255 }])
+        })));
+        let out = image::load_from_memory(&repaint(&input, Some(&mask), "p", 3, 40, 20).unwrap()).unwrap().to_rgb8();
+        assert_eq!(out.get_pixel(35, 10).0, [10, 200, 30]);
+        assert_ne!(out.get_pixel(2, 10).0, [10, 200, 30]);
     }
 }

@@ -94,7 +94,11 @@ pub struct HealthConfig {
 pub enum BackendKind {
     OpenAi,
     A1111,
+    ComfyUi,
+    InvokeAi,
     HuggingFace,
+    Fal,
+    Replicate,
     Template,
     Simulated,
 }
@@ -112,7 +116,11 @@ impl BackendKind {
         match self {
             BackendKind::OpenAi => "openai",
             BackendKind::A1111 => "a1111",
+            BackendKind::ComfyUi => "comfyui",
+            BackendKind::InvokeAi => "invokeai",
             BackendKind::HuggingFace => "huggingface",
+            BackendKind::Fal => "fal",
+            BackendKind::Replicate => "replicate",
             BackendKind::Template => "template",
             BackendKind::Simulated => "simulated",
         }
@@ -167,6 +175,10 @@ pub struct BackendConfig {
     pub max_images_per_call: u32,
     pub template: Option<TemplateConfig>,
     pub simulation: Option<SimulationConfig>,
+    /// Job status polling period (comfyui history fallback, invokeai, fal, replicate).
+    pub poll_interval: Duration,
+    /// InvokeAI session queue id.
+    pub queue_id: String,
 }
 
 impl BackendConfig {
@@ -276,6 +288,8 @@ pub struct ModelConfig {
     pub steps: Option<u32>,
     pub guidance_scale: Option<f64>,
     pub negative_prompt: Option<String>,
+    /// The workflow template of comfyui/invokeai backends.
+    pub workflow: Option<Arc<crate::backends::workflow::Workflow>>,
 }
 
 #[derive(Debug, Clone)]

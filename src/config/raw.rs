@@ -90,6 +90,12 @@ pub struct RawBackend {
     /// Most images one upstream call may produce (`openai` `n`, `a1111` `batch_size`).
     pub max_images_per_call: Option<u32>,
 
+    // --- comfyui, invokeai, fal, replicate ---
+    /// How often job status is polled when progress events are not available.
+    pub poll_interval: Option<String>,
+    /// InvokeAI session queue id (default `default`).
+    pub queue_id: Option<String>,
+
     // --- template ---
     pub method: Option<String>,
     pub path: Option<String>,

@@ -17,6 +17,7 @@ use super::{
     ModelConfig, ModelType, QueueConfig, Secret, ServerConfig, SimulatedFailure, SimulationConfig, StorageConfig,
     TemplateConfig,
 };
+use crate::backends::workflow::Workflow;
 use crate::request::{ResponseFormat, Size};
 
 type Problems = Vec<(String, String)>;
@@ -24,7 +25,6 @@ type Problems = Vec<(String, String)>;
 /// Converts the raw configuration, or returns every problem as `(key path, message)`.
 pub fn validate(raw: RawConfig, origin: &str, base: &Path) -> Result<Config, Problems> {
     let mut p: Problems = Vec::new();
-    let _ = base;
 
     let listen = match raw.server.listen.as_deref() {
         None => SocketAddr::from(([127, 0, 0, 1], 8080)),
@@ -114,7 +114,7 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path) -> Result<Config, Pro
         {
             p.push((format!("{at}.id"), format!("model `{id}` is defined twice")));
         }
-        if let Some(cfg) = model(&mut p, &at, m, &known, &declared, &defaults) {
+        if let Some(cfg) = model(&mut p, &at, m, &known, &declared, &defaults, base) {
             models.push(Arc::new(cfg));
         }
     }
@@ -181,7 +181,12 @@ fn backend(p: &mut Problems, name: &str, b: RawBackend) -> Option<BackendConfig>
         }
     }
 
-    let url = match (kind, b.url.as_deref()) {
+    let default_url = match kind {
+        BackendKind::Fal => Some("https://queue.fal.run"),
+        BackendKind::Replicate => Some("https://api.replicate.com"),
+        _ => None,
+    };
+    let url = match (kind, b.url.as_deref().or(default_url)) {
         (BackendKind::Simulated, _) => None,
         (_, None) => {
             p.push((
@@ -210,6 +215,9 @@ fn backend(p: &mut Problems, name: &str, b: RawBackend) -> Option<BackendConfig>
     let (default_timeout, default_images) = match kind {
         BackendKind::OpenAi => (120, 8),
         BackendKind::A1111 => (600, 1),
+        BackendKind::ComfyUi => (600, 2),
+        BackendKind::InvokeAi => (600, 1),
+        BackendKind::Fal | BackendKind::Replicate => (300, 8),
         BackendKind::HuggingFace => (120, 4),
         BackendKind::Template => (300, 2),
         BackendKind::Simulated => (60, 16),
@@ -256,6 +264,10 @@ fn backend(p: &mut Problems, name: &str, b: RawBackend) -> Option<BackendConfig>
         BackendKind::OpenAi => b.max_images_per_call.unwrap_or(10),
         BackendKind::A1111 => b.max_images_per_call.unwrap_or(4),
         BackendKind::Simulated => b.max_images_per_call.unwrap_or(10),
+        // One workflow run makes `batch_size` images; providers take `num_images`.
+        BackendKind::ComfyUi | BackendKind::InvokeAi | BackendKind::Fal | BackendKind::Replicate => {
+            b.max_images_per_call.unwrap_or(4)
+        }
         BackendKind::HuggingFace | BackendKind::Template => 1,
     };
     if max_images_per_call == 0 {
@@ -264,6 +276,9 @@ fn backend(p: &mut Problems, name: &str, b: RawBackend) -> Option<BackendConfig>
 
     let template = if kind == BackendKind::Template { template(p, &at, &b) } else { None };
     let simulation = (kind == BackendKind::Simulated).then(|| simulation(p, &at, &b));
+    let poll_interval = duration(p, &format!("{at}.poll_interval"), b.poll_interval.as_deref(), 0);
+    let poll_interval = if poll_interval.is_zero() { Duration::from_millis(500) } else { poll_interval };
+    let queue_id = b.queue_id.clone().unwrap_or_else(|| "default".into());
 
     if p.len() > start {
         return None;
@@ -282,6 +297,8 @@ fn backend(p: &mut Problems, name: &str, b: RawBackend) -> Option<BackendConfig>
         max_images_per_call,
         template,
         simulation,
+        poll_interval,
+        queue_id,
     })
 }
 
@@ -360,6 +377,7 @@ fn model(
     backends: &BTreeMap<&str, &BackendConfig>,
     declared: &BTreeSet<String>,
     defaults: &Defaults,
+    base: &Path,
 ) -> Option<ModelConfig> {
     let start = p.len();
     let id = match m.id {
@@ -419,6 +437,33 @@ fn model(
         }
         list.push(ModelBackend { name, weight });
     }
+    let needs_workflow: Vec<&str> = list
+        .iter()
+        .filter_map(|b| backends.get(b.name.as_str()))
+        .filter(|b| matches!(b.kind, BackendKind::ComfyUi | BackendKind::InvokeAi))
+        .map(|b| b.name.as_str())
+        .collect();
+    let workflow = match (&m.workflow, needs_workflow.is_empty()) {
+        (Some(path), false) => match Workflow::load(path, base) {
+            Ok(w) => Some(Arc::new(w)),
+            Err(e) => {
+                p.push((format!("{at}.workflow"), e));
+                None
+            }
+        },
+        (Some(_), true) => {
+            p.push((
+                format!("{at}.workflow"),
+                "`workflow` is only used by comfyui and invokeai backends, and this model has none".into(),
+            ));
+            None
+        }
+        (None, false) => {
+            p.push((at.to_owned(), format!("`workflow` is required: backend `{}` runs a workflow template (a JSON file with {{{{ prompt }}}}-style placeholders)", needs_workflow.join("`, `"))));
+            None
+        }
+        (None, true) => None,
+    };
     let sizes = m.sizes.as_ref().map(|list| {
         list.iter().enumerate().filter_map(|(j, s)| size(p, &format!("{at}.sizes[{j}]"), Some(s))).collect::<Vec<_>>()
     });
@@ -459,6 +504,7 @@ fn model(
         steps: m.steps,
         guidance_scale: m.guidance_scale,
         negative_prompt: m.negative_prompt,
+        workflow,
     })
 }
 

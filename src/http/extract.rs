@@ -8,8 +8,10 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
-use crate::api::images::{FieldType, field_type};
+use crate::api::images::{FieldType, ImagesRequest, field_type};
+use crate::backends::InputImage;
 use crate::error::Error;
+use crate::pipeline::images::ImageSource;
 use crate::request::RequestError;
 
 /// A body for the image routes, from JSON, multipart or form fields.
@@ -177,4 +179,156 @@ fn insert_field(fields: &mut Map<String, Value>, name: &str, text: &str) -> Resu
     };
     fields.insert(name.to_owned(), value);
     Ok(())
+}
+
+/// A body for `/v1/images/edits`: the generation fields plus input images, from multipart (`image`, `image[]`,
+/// `mask` files) or JSON (`images: [{image_url | file_id}]`, `mask: {...}` with data URLs or easel file ids).
+#[derive(Debug)]
+pub struct EditBody {
+    pub fields: ImagesRequest,
+    pub images: Vec<ImageSource>,
+    pub mask: Option<ImageSource>,
+}
+
+impl<S: Send + Sync> FromRequest<S> for EditBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let limit = req.extensions().get::<BodyLimit>().map_or(64 << 20, |l| l.0);
+        let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        if let Some(len) = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            && len > limit
+        {
+            return Err(Error::PayloadTooLarge { limit }.into());
+        }
+        match mime.as_str() {
+            "multipart/form-data" => {
+                let mut multipart = Multipart::from_request(req, state).await.map_err(multipart_rejection)?;
+                let (mut fields, mut images, mut mask) = (Map::new(), Vec::new(), None);
+                while let Some(mut field) = multipart.next_field().await.map_err(|e| multipart_error(e, limit))? {
+                    let name = field.name().unwrap_or("").to_owned();
+                    match name.as_str() {
+                        "image" | "image[]" | "mask" => {
+                            let file_name = field.file_name().map(str::to_owned);
+                            let mut buf = bytes::BytesMut::new();
+                            while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, limit))? {
+                                buf.extend_from_slice(&chunk);
+                            }
+                            let param = if name == "mask" { "mask" } else { "image" };
+                            let index = if param == "mask" { 0 } else { images.len() };
+                            let img = input_image(buf.freeze(), param, index, file_name)?;
+                            if param == "mask" {
+                                if mask.is_some() {
+                                    return Err(RequestError::param("mask", "`mask` is given more than once").into());
+                                }
+                                mask = Some(ImageSource::Inline(img));
+                            } else {
+                                images.push(ImageSource::Inline(img));
+                            }
+                        }
+                        "input_fidelity" => {
+                            let v = field.text().await.map_err(|e| multipart_error(e, limit))?;
+                            check_fidelity(&v)?;
+                        }
+                        _ => {
+                            if field.file_name().is_some() {
+                                return Err(RequestError::param(
+                                    &name,
+                                    format!("`{name}` is a file; files go in `image`, `image[]` or `mask`"),
+                                )
+                                .into());
+                            }
+                            let text = field.text().await.map_err(|e| multipart_error(e, limit))?;
+                            insert_field(&mut fields, &name, &text)?;
+                        }
+                    }
+                }
+                Ok(Self { fields: from_value(Value::Object(fields))?, images, mask })
+            }
+            "application/json" | "" => {
+                let bytes = read_body(req, limit).await?;
+                let mut object: Map<String, Value> = parse_json(&bytes)?;
+                let mut images = Vec::new();
+                match object.remove("images") {
+                    Some(Value::Array(items)) => {
+                        for (i, item) in items.into_iter().enumerate() {
+                            images.push(image_ref(item, "images", i)?);
+                        }
+                    }
+                    Some(_) => {
+                        return Err(RequestError::param(
+                            "images",
+                            "`images` must be a list of {\"image_url\": ...} or {\"file_id\": ...}",
+                        )
+                        .into());
+                    }
+                    None => {}
+                }
+                if let Some(single) = object.remove("image") {
+                    images.push(image_ref(single, "image", images.len())?);
+                }
+                let mask = object.remove("mask").map(|m| image_ref(m, "mask", 0)).transpose()?;
+                if let Some(v) = object.remove("input_fidelity") {
+                    check_fidelity(v.as_str().unwrap_or(""))?;
+                }
+                Ok(Self { fields: from_value(Value::Object(object))?, images, mask })
+            }
+            other => Err(Error::UnsupportedMediaType(other.to_owned()).into()),
+        }
+    }
+}
+
+fn check_fidelity(v: &str) -> Result<(), ApiError> {
+    match v {
+        "high" | "low" => Ok(()),
+        _ => {
+            Err(RequestError::param("input_fidelity", format!("`input_fidelity` must be high or low, not `{v}`"))
+                .into())
+        }
+    }
+}
+
+fn input_image(
+    bytes: bytes::Bytes,
+    param: &'static str,
+    index: usize,
+    file_name: Option<String>,
+) -> Result<InputImage, ApiError> {
+    if bytes.is_empty() {
+        return Err(RequestError::param(param, format!("`{param}` is empty")).into());
+    }
+    let Some(format) = crate::media::sniff(&bytes) else {
+        return Err(RequestError::param(param, format!("`{param}` is not a PNG, JPEG or WebP image")).into());
+    };
+    let name = file_name
+        .filter(|n| !n.is_empty() && n.len() < 200)
+        .unwrap_or_else(|| format!("{param}-{index}.{}", format.as_str()));
+    Ok(InputImage { bytes, format, name })
+}
+
+/// `{"image_url": "data:..."}`, `{"file_id": "img_..."}` or a bare data-URL string.
+fn image_ref(v: Value, param: &'static str, index: usize) -> Result<ImageSource, ApiError> {
+    let (url, file_id) = match &v {
+        Value::String(s) => (Some(s.as_str()), None),
+        Value::Object(o) => (o.get("image_url").and_then(Value::as_str), o.get("file_id").and_then(Value::as_str)),
+        _ => (None, None),
+    };
+    match (url, file_id) {
+        (Some(u), None) if u.starts_with("data:") => {
+            let bytes = crate::media::decode_base64(u).map_err(|e| ApiError::from(RequestError::param(param, format!("`{param}`: {e}"))))?;
+            Ok(ImageSource::Inline(input_image(bytes, param, index, None)?))
+        }
+        (Some(u), None) if u.starts_with("http://") || u.starts_with("https://") => Err(RequestError::param(
+            param,
+            format!("`{param}`: easel does not fetch image URLs; send a data URL (data:image/png;base64,...) or the `file_id` of an output"),
+        )
+        .into()),
+        (None, Some(id)) => Ok(ImageSource::Stored { id: id.to_owned(), param }),
+        _ => Err(RequestError::param(param, format!("`{param}` must be {{\"image_url\": \"data:...\"}} or {{\"file_id\": \"...\"}}")).into()),
+    }
 }

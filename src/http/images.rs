@@ -5,7 +5,7 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
-use super::extract::ImageBody;
+use super::extract::{EditBody, ImageBody};
 use crate::api::images::ImagesRequest;
 use crate::pipeline;
 use crate::state::AppState;
@@ -18,5 +18,16 @@ pub async fn generations_handler(
 ) -> Result<Response, ApiError> {
     let base = super::base_url(&state, &headers);
     let resp = pipeline::images::generate_images(&state, body, &base).await?;
+    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], resp.to_json()).into_response())
+}
+
+/// `POST /v1/images/edits`.
+pub async fn edits_handler(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: EditBody,
+) -> Result<Response, ApiError> {
+    let base = super::base_url(&state, &headers);
+    let resp = pipeline::images::edit_images(&state, body.fields, body.images, body.mask, &base).await?;
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], resp.to_json()).into_response())
 }

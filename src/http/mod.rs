@@ -29,6 +29,7 @@ pub fn router(state: AppState) -> Router {
     // Image routes take large bodies (edits carry images); the limit is enforced while reading, never buffered past.
     let images = Router::new()
         .route("/v1/images/generations", post(images::generations_handler))
+        .route("/v1/images/edits", post(images::edits_handler))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::Extension(BodyLimit(limit)));
 
@@ -102,6 +103,7 @@ async fn observe(req: Request, next: Next) -> Response {
 fn static_route(route: &str) -> &'static str {
     const ROUTES: &[&str] = &[
         "/v1/images/generations",
+        "/v1/images/edits",
         "/v1/models",
         "/v1/models/{*id}",
         "/v1/files/{id}",

@@ -27,6 +27,11 @@ pub fn sniff(bytes: &[u8]) -> Option<ImageFormat> {
     }
 }
 
+/// Width and height from the image header, without decoding pixels.
+pub fn dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
+    ImageReader::new(Cursor::new(bytes)).with_guessed_format().ok()?.into_dimensions().ok()
+}
+
 /// Decodes base64 (standard or URL-safe, padded or not), accepting a `data:<mime>;base64,` prefix.
 pub fn decode_base64(data: &str) -> Result<Bytes, String> {
     let data = data.trim();

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::api::images::{ImageData, ImageItem, ImagesRequest, ImagesResponse};
-use crate::backends::{BackendError, Failure, ImageCall, ImageOutput};
+use crate::backends::{BackendError, EditInputs, Failure, ImageCall, ImageOutput, InputImage};
 use crate::config::{Capability, ModelConfig, ModelType};
 use crate::error::Error;
-use crate::request::{GenerateImage, ImageFormat, ResponseFormat, Size};
+use crate::request::{GenerateImage, ImageFormat, RequestError, ResponseFormat, Size};
 use crate::routing::{self, Candidate};
 use crate::state::AppState;
 use crate::telemetry::metrics as m;
@@ -25,10 +25,96 @@ const TIMEOUT_SLACK: Duration = Duration::from_secs(1);
 
 /// Generates images; `base_url` is where stored outputs are served (`{base_url}/v1/files/{id}`).
 pub async fn generate_images(state: &AppState, wire: ImagesRequest, base_url: &str) -> Result<ImagesResponse, Error> {
-    // 1. Validate and resolve.
+    let req = GenerateImage::from_wire(wire, &state.config.defaults)?;
+    produce(state, req, None, base_url).await
+}
+
+/// Where an edit input comes from: sent inline, or an output easel stored earlier (`file_id`).
+#[derive(Debug)]
+pub enum ImageSource {
+    Inline(InputImage),
+    Stored { id: String, param: &'static str },
+}
+
+/// Edits images (image-to-image, inpainting) on a backend that can; the same story with inputs.
+pub async fn edit_images(
+    state: &AppState,
+    wire: ImagesRequest,
+    images: Vec<ImageSource>,
+    mask: Option<ImageSource>,
+    base_url: &str,
+) -> Result<ImagesResponse, Error> {
     let mut req = GenerateImage::from_wire(wire, &state.config.defaults)?;
-    let model = state.registry.resolve(req.model.as_deref(), ModelType::Image, "image generation")?;
+    if images.is_empty() {
+        return Err(RequestError::param(
+            "image",
+            "an edit needs at least one `image` (multipart `image` or `image[]`, or JSON `images`)",
+        )
+        .into());
+    }
+    let mut resolved = Vec::with_capacity(images.len());
+    for (i, src) in images.into_iter().enumerate() {
+        resolved.push(resolve_input(state, src, i).await?);
+    }
+    let mask = match mask {
+        Some(m) => Some(resolve_input(state, m, 0).await?),
+        None => None,
+    };
+    // `size` absent or `auto` on an edit: keep the input's size.
+    if req.size.is_none()
+        && let Some((w, h)) = resolved.first().and_then(|i| crate::media::dimensions(&i.bytes))
+    {
+        req.size = Some(Size::new(w, h));
+    }
+    produce(state, req, Some(Arc::new(EditInputs { images: resolved, mask })), base_url).await
+}
+
+async fn resolve_input(state: &AppState, src: ImageSource, index: usize) -> Result<InputImage, Error> {
+    match src {
+        ImageSource::Inline(img) => Ok(img),
+        ImageSource::Stored { id, param } => match state.files.get(&id).await? {
+            Some((bytes, format)) => {
+                Ok(InputImage { bytes, format, name: format!("input-{index}.{}", format.as_str()) })
+            }
+            None => {
+                Err(RequestError::param(param, format!("file `{id}` was not issued by this gateway (or was deleted)"))
+                    .into())
+            }
+        },
+    }
+}
+
+async fn produce(
+    state: &AppState,
+    mut req: GenerateImage,
+    edit: Option<Arc<EditInputs>>,
+    base_url: &str,
+) -> Result<ImagesResponse, Error> {
+    // 1. Validate and resolve.
+    let operation = if edit.is_some() { "image edits" } else { "image generation" };
+    let model = state.registry.resolve(req.model.as_deref(), ModelType::Image, operation)?;
     req.check_model(&model)?;
+    if edit.is_some() {
+        let can = model.backends.iter().filter_map(|b| state.backends.get(&b.name)).any(|h| h.adapter.supports_edits());
+        if !can {
+            let kinds: Vec<String> = model
+                .backends
+                .iter()
+                .filter_map(|b| state.backends.get(&b.name))
+                .map(|h| format!("`{}` ({})", h.cfg.name, h.cfg.kind))
+                .collect();
+            return Err(RequestError::param(
+                "model",
+                format!(
+                    "model `{}` cannot edit images: its backends {} do not support edits",
+                    model.id,
+                    kinds.join(", ")
+                ),
+            )
+            .with_code("unsupported_operation")
+            .into());
+        }
+    }
     let size = req.size_or(model.default_size);
 
     // 2. Plan the upstream calls.
@@ -51,8 +137,10 @@ pub async fn generate_images(state: &AppState, wire: ImagesRequest, base_url: &s
 
     // 3. Run them.
     let req = Arc::new(req);
-    let results =
-        futures_util::future::join_all(calls.into_iter().map(|plan| run_call(state, &model, &req, plan))).await;
+    let results = futures_util::future::join_all(
+        calls.into_iter().map(|plan| run_call(state, &model, &req, edit.as_ref(), plan)),
+    )
+    .await;
     let mut outputs = Vec::with_capacity(req.n as usize);
     let mut first_error = None;
     for r in results {
@@ -118,6 +206,7 @@ async fn run_call(
     state: &AppState,
     model: &Arc<ModelConfig>,
     req: &Arc<GenerateImage>,
+    edit: Option<&Arc<EditInputs>>,
     plan: CallPlan,
 ) -> Result<Vec<ImageOutput>, Error> {
     let candidates = routing::candidates(model, &state.backends, Capability::Images)?;
@@ -127,6 +216,9 @@ async fn run_call(
             tracing::info!(model = %model.id, backend = %handle.cfg.name, attempt, "Falling back to the next backend.");
         }
         let Some(gate) = handle.gate(Capability::Images) else { continue };
+        if edit.is_some() && !handle.adapter.supports_edits() {
+            continue;
+        }
         let permit = match gate.admit().await {
             Ok(p) => p,
             Err(e) => {
@@ -146,10 +238,16 @@ async fn run_call(
         let started = Instant::now();
         let task = {
             let handle = Arc::clone(&handle);
-            let (req, model) = (Arc::clone(req), Arc::clone(model));
+            let (req, model, edit) = (Arc::clone(req), Arc::clone(model), edit.cloned());
             tokio::spawn(async move {
-                let call =
-                    ImageCall { request: &req, model: &model, count: plan.count, seed: plan.seed, size: plan.size };
+                let call = ImageCall {
+                    request: &req,
+                    model: &model,
+                    count: plan.count,
+                    seed: plan.seed,
+                    size: plan.size,
+                    edit: edit.as_deref(),
+                };
                 let limit = handle.cfg.timeout + TIMEOUT_SLACK;
                 let result = match tokio::time::timeout(limit, handle.adapter.generate_images(call)).await {
                     Ok(r) => r,

@@ -9,6 +9,7 @@ mod support;
 mod a1111;
 mod admission;
 mod config_cli;
+mod edits;
 mod huggingface;
 mod images_api;
 mod openai;

@@ -1,0 +1,30 @@
+//! `invokeai` adapter (being written).
+
+use std::sync::Arc;
+
+use super::client::Http;
+use super::{Backend, BackendError, Failure, ImageCall, ImageOutput, ProbeReport};
+use crate::config::BackendConfig;
+
+pub const KIND: &str = "invokeai";
+
+#[derive(Debug)]
+pub struct InvokeAiBackend {
+    http: Http,
+}
+
+impl InvokeAiBackend {
+    pub fn new(cfg: Arc<BackendConfig>) -> Result<Self, String> {
+        Ok(Self { http: Http::new(cfg)? })
+    }
+}
+
+impl Backend for InvokeAiBackend {
+    async fn generate_images(&self, _call: ImageCall<'_>) -> Result<Vec<ImageOutput>, BackendError> {
+        Err(self.http.error("", Failure::Unsupported("generate images yet")))
+    }
+
+    async fn probe(&self) -> Result<ProbeReport, BackendError> {
+        Err(self.http.error("", Failure::Unsupported("probe yet")))
+    }
+}

@@ -1,0 +1,30 @@
+//! `replicate` adapter (being written).
+
+use std::sync::Arc;
+
+use super::client::Http;
+use super::{Backend, BackendError, Failure, ImageCall, ImageOutput, ProbeReport};
+use crate::config::BackendConfig;
+
+pub const KIND: &str = "replicate";
+
+#[derive(Debug)]
+pub struct ReplicateBackend {
+    http: Http,
+}
+
+impl ReplicateBackend {
+    pub fn new(cfg: Arc<BackendConfig>) -> Result<Self, String> {
+        Ok(Self { http: Http::new(cfg)? })
+    }
+}
+
+impl Backend for ReplicateBackend {
+    async fn generate_images(&self, _call: ImageCall<'_>) -> Result<Vec<ImageOutput>, BackendError> {
+        Err(self.http.error("", Failure::Unsupported("generate images yet")))
+    }
+
+    async fn probe(&self) -> Result<ProbeReport, BackendError> {
+        Err(self.http.error("", Failure::Unsupported("probe yet")))
+    }
+}

@@ -1,0 +1,140 @@
+//! Workflow templates for ComfyUI and InvokeAI: a JSON file with minijinja placeholders, loaded and checked at
+//! config load (rendered with sample values under strict undefined, then parsed as JSON), rendered per call.
+//!
+//! Every template can use exactly these variables: `prompt`, `negative_prompt` (empty string when none), `seed`
+//! (always an integer: the request's, else a fresh random one), `width`, `height`, `steps` (the request's or the
+//! model's, else 20), `cfg` (the request's `guidance_scale` or the model's, else 7.0), `batch_size`, and for edits
+//! `image` and `mask` (names of the uploaded inputs; `mask` is the empty string when the edit has none). Write
+//! strings as `{{ prompt | tojson }}` so quotes and newlines stay valid JSON.
+
+use std::path::{Path, PathBuf};
+
+use minijinja::{Environment, UndefinedBehavior};
+use serde::Serialize;
+
+/// A loaded, checked workflow template.
+#[derive(Debug, Clone)]
+pub struct Workflow {
+    /// The file it came from, for messages.
+    pub path: PathBuf,
+    pub source: String,
+}
+
+/// The values a template sees for one call.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkflowVars<'a> {
+    pub prompt: &'a str,
+    pub negative_prompt: &'a str,
+    pub seed: u64,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub cfg: f64,
+    pub batch_size: u32,
+    /// Only set for edits, so a generation through an edit workflow fails with a clear message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask: Option<&'a str>,
+}
+
+/// Default steps when neither the request nor the model sets them.
+pub const DEFAULT_STEPS: u32 = 20;
+/// Default guidance when neither the request nor the model sets it.
+pub const DEFAULT_CFG: f64 = 7.0;
+
+impl Workflow {
+    /// Reads `path` (relative paths resolve against `base`, the config file's folder) and checks it.
+    pub fn load(path: &str, base: &Path) -> Result<Self, String> {
+        let full = if Path::new(path).is_absolute() { PathBuf::from(path) } else { base.join(path) };
+        let source =
+            std::fs::read_to_string(&full).map_err(|e| format!("cannot read workflow {}: {e}", full.display()))?;
+        let wf = Self { path: full, source };
+        wf.check()?;
+        Ok(wf)
+    }
+
+    /// Renders with sample values (as an edit, so `image`/`mask` are defined) and checks the result is a JSON object.
+    pub fn check(&self) -> Result<(), String> {
+        let sample = WorkflowVars {
+            prompt: "a \"quoted\"\nprompt",
+            negative_prompt: "blurry",
+            seed: 1234,
+            width: 512,
+            height: 512,
+            steps: DEFAULT_STEPS,
+            cfg: DEFAULT_CFG,
+            batch_size: 1,
+            image: Some("input.png"),
+            mask: Some("mask.png"),
+        };
+        let v = self.render(&sample)?;
+        if !v.is_object() {
+            return Err(format!("workflow {} does not render to a JSON object", self.path.display()));
+        }
+        Ok(())
+    }
+
+    /// Renders the template for one call and parses the JSON.
+    pub fn render(&self, vars: &WorkflowVars<'_>) -> Result<serde_json::Value, String> {
+        let name = self.path.display().to_string();
+        let text = render_text(&name, &self.source, vars)?;
+        serde_json::from_str(&text).map_err(|e| {
+            format!("workflow {name} rendered invalid JSON at line {} column {}: {e} (write strings as {{{{ prompt | tojson }}}})", e.line(), e.column())
+        })
+    }
+}
+
+/// Renders a minijinja template with strict undefined; errors name the template and line.
+pub fn render_text(name: &str, source: &str, ctx: impl Serialize) -> Result<String, String> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    // Templates are operator-supplied, but a runaway loop should still end.
+    env.set_fuel(Some(1_000_000));
+    env.add_template(name, source).map_err(|e| template_error(name, &e))?;
+    let tmpl = env.get_template(name).map_err(|e| template_error(name, &e))?;
+    tmpl.render(minijinja::value::Serde(&ctx)).map_err(|e| template_error(name, &e))
+}
+
+fn template_error(name: &str, e: &minijinja::Error) -> String {
+    match e.line() {
+        Some(line) => format!("template {name} line {line}: {}", e.detail().unwrap_or(&e.kind().to_string())),
+        None => format!("template {name}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wf(source: &str) -> Workflow {
+        Workflow { path: PathBuf::from("wf.json"), source: source.to_owned() }
+    }
+
+    #[test]
+    fn renders_with_escaping_and_rejects_typos() {
+        let w = wf(r#"{"6": {"inputs": {"text": {{ prompt | tojson }}, "seed": {{ seed }}, "w": {{ width }}}}}"#);
+        w.check().unwrap();
+        let vars = WorkflowVars {
+            prompt: "say \"hi\"",
+            negative_prompt: "",
+            seed: 7,
+            width: 64,
+            height: 64,
+            steps: 1,
+            cfg: 1.0,
+            batch_size: 1,
+            image: None,
+            mask: None,
+        };
+        let v = w.render(&vars).unwrap();
+        assert_eq!(v["6"]["inputs"]["text"], "say \"hi\"");
+        assert_eq!(v["6"]["inputs"]["seed"], 7);
+        let err = wf("{\"a\":\n {{ promt }}}").check().unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
+        let err = wf(r#"{"a": "{{ prompt }}"}"#).check().unwrap_err();
+        assert!(err.contains("invalid JSON"), "{err}");
+        let err = wf(r#"{"image": {{ image | tojson }}}"#).render(&vars).unwrap_err();
+        assert!(err.contains("image"), "generation through an edit workflow: {err}");
+    }
+}
