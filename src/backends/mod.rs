@@ -19,6 +19,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
 
 pub use self::error::{BackendError, Failure};
 use crate::config::{BackendConfig, BackendKind, ModelConfig};
@@ -36,6 +37,10 @@ pub struct ImageCall<'a> {
     pub size: Size,
     /// The input images of an edit; `None` for a generation.
     pub edit: Option<&'a EditInputs>,
+    /// Cancelled when the client went away. Adapters whose protocol can cancel upstream work (ComfyUI queue
+    /// delete/interrupt, A1111 interrupt, InvokeAI cancel) do so and return; others finish the call, because the
+    /// GPU is busy either way and the admission slot must stay held until it is free.
+    pub cancel: &'a CancellationToken,
 }
 
 /// An image sent to the gateway (edit input or mask).

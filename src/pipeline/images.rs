@@ -9,6 +9,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::api::images::{ImageData, ImageItem, ImagesRequest, ImagesResponse};
 use crate::backends::{BackendError, EditInputs, Failure, ImageCall, ImageOutput, InputImage};
 use crate::config::{Capability, ModelConfig, ModelType};
@@ -210,6 +212,9 @@ async fn run_call(
     plan: CallPlan,
 ) -> Result<Vec<ImageOutput>, Error> {
     let candidates = routing::candidates(model, &state.backends, Capability::Images)?;
+    // Fires when this future is dropped, i.e. when the client went away before the call ended.
+    let client_gone = CancellationToken::new();
+    let _cancel_on_drop = client_gone.clone().drop_guard();
     let mut last: Option<Error> = None;
     for (attempt, Candidate { handle, trial }) in candidates.into_iter().take(MAX_ATTEMPTS).enumerate() {
         if attempt > 0 {
@@ -239,6 +244,7 @@ async fn run_call(
         let task = {
             let handle = Arc::clone(&handle);
             let (req, model, edit) = (Arc::clone(req), Arc::clone(model), edit.cloned());
+            let cancel = client_gone.clone();
             tokio::spawn(async move {
                 let call = ImageCall {
                     request: &req,
@@ -247,6 +253,7 @@ async fn run_call(
                     seed: plan.seed,
                     size: plan.size,
                     edit: edit.as_deref(),
+                    cancel: &cancel,
                 };
                 let limit = handle.cfg.timeout + TIMEOUT_SLACK;
                 let result = match tokio::time::timeout(limit, handle.adapter.generate_images(call)).await {

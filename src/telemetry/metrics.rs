@@ -20,6 +20,8 @@ pub const UPSTREAM_DURATION: &str = "easel_backend_request_duration_seconds";
 pub const FALLBACKS: &str = "easel_backend_fallbacks_total";
 pub const BACKEND_HEALTHY: &str = "easel_backend_healthy";
 pub const BACKEND_CIRCUIT_OPEN: &str = "easel_backend_circuit_open";
+pub const JOB_PROGRESS: &str = "easel_backend_job_progress_ratio";
+pub const PROGRESS_EVENTS: &str = "easel_backend_progress_events_total";
 pub const ADMISSION_INFLIGHT: &str = "easel_admission_inflight";
 pub const ADMISSION_QUEUED: &str = "easel_admission_queue_depth";
 pub const ADMISSION_QUEUE_WAIT: &str = "easel_admission_queue_wait_seconds";
@@ -94,4 +96,12 @@ pub fn admission_queue_wait(backend: &str, capability: Capability, waited: Durat
 
 pub fn admission_rejected(backend: &str, capability: Capability, reason: &'static str) {
     counter!(ADMISSION_REJECTED, "backend" => backend.to_owned(), "capability" => capability.as_str(), "reason" => reason).increment(1);
+}
+
+/// Progress reported by a backend for its current job (ComfyUI/InvokeAI steps, fal logs): 0.0–1.0.
+pub fn job_progress(backend: &str, done: f64, total: f64) {
+    if total > 0.0 {
+        gauge!(JOB_PROGRESS, "backend" => backend.to_owned()).set((done / total).clamp(0.0, 1.0));
+    }
+    counter!(PROGRESS_EVENTS, "backend" => backend.to_owned()).increment(1);
 }
