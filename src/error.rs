@@ -3,6 +3,7 @@
 
 use crate::admission::AdmissionError;
 use crate::backends::BackendError;
+use crate::ledger::LedgerError;
 use crate::request::RequestError;
 use crate::routing::RoutingError;
 use crate::storage::StorageError;
@@ -19,6 +20,16 @@ pub enum Error {
     Backend(#[from] BackendError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// No key, an unknown key or a revoked key (or a wrong admin token).
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("API key `{key}` may not use model `{model}`; it may use: {allowed}")]
+    ModelNotAllowed { key: String, model: String, allowed: String },
+    /// The client disconnected before the result was ready (never seen by the client; logged and counted).
+    #[error("the client went away before the result was ready")]
+    ClientGone,
     /// A stored file id that does not exist (or was never issued).
     #[error("no file `{0}`: it was never issued by this gateway or has been deleted")]
     FileNotFound(String),

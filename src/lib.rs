@@ -15,6 +15,7 @@
 //! - [`routing`]: the model registry; model → ordered backend candidates.
 //! - [`admission`]: per-backend concurrency limits, bounded queue, RAII permits, 429 + Retry-After.
 //! - [`backends`]: one adapter per upstream protocol; never touches axum, storage or the ledger.
+//! - [`ledger`]: API keys, credit holds and settlement, idempotency records (SQLite).
 //! - [`health`]: background probes per backend, with thresholds; feeds routing and `/readyz`.
 //! - [`media`]: image format sniffing, transcoding and base64.
 //! - [`storage`]: stored outputs under unguessable ids.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod http;
+pub mod ledger;
 pub mod media;
 pub mod pipeline;
 pub mod request;

@@ -9,7 +9,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::ledger::Store;
 use crate::state::AppState;
+
+/// How often the ledger invariants are re-checked (the `easel_ledger_drift` metric).
+const LEDGER_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A built gateway, ready to serve.
 #[derive(Debug)]
@@ -22,6 +26,7 @@ impl Server {
     /// the first requests see real backend state.
     pub async fn build(config: Config) -> Result<Self, String> {
         let state = AppState::build(config).await?;
+        check_ledger(&state).await;
         crate::health::probe_all(&state.backend_list, state.config.health.timeout).await;
         Ok(Self { state })
     }
@@ -43,6 +48,19 @@ impl Server {
             self.state.config.health.clone(),
             background.clone(),
         ));
+        tracker.spawn({
+            let (state, cancel) = (self.state.clone(), background.clone());
+            async move {
+                let mut every = tokio::time::interval(LEDGER_CHECK_INTERVAL);
+                every.tick().await;
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        _ = every.tick() => check_ledger(&state).await,
+                    }
+                }
+            }
+        });
 
         let grace = self.state.config.server.shutdown_grace;
         let app = crate::http::router(self.state.clone());
@@ -65,5 +83,18 @@ impl Server {
         tracker.close();
         tracker.wait().await;
         result
+    }
+}
+
+/// Checks the ledger invariants; drift is logged and exported, it does not stop serving.
+async fn check_ledger(state: &AppState) {
+    match state.ledger.check().await {
+        Ok(drift) => {
+            crate::telemetry::metrics::ledger_drift(drift.len());
+            for d in &drift {
+                tracing::error!(account = %d.account, problem = %d.problem, "Ledger drift.");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "Ledger check failed."),
     }
 }

@@ -10,6 +10,8 @@ use crate::admission::Gate;
 use crate::backends::AnyBackend;
 use crate::config::{Capability, Config};
 use crate::health::Health;
+use crate::ledger::sqlite::SqliteStore;
+use crate::ledger::{Millicredits, Store, to_mc};
 use crate::routing::{BackendHandle, Registry};
 use crate::storage::FileStore;
 
@@ -29,6 +31,11 @@ pub struct Runtime {
     /// Sorted by name (for status pages and probes).
     pub backend_list: Vec<Arc<BackendHandle>>,
     pub files: FileStore,
+    /// Keys, credits and idempotency records.
+    pub ledger: Arc<SqliteStore>,
+    /// Current price per model: (price row id, millicredits per image). Every model has one (0 = free), so
+    /// usage is recorded for all.
+    pub prices: HashMap<String, (i64, Millicredits)>,
     pub metrics: PrometheusHandle,
     pub started: Instant,
     pub started_at: SystemTime,
@@ -38,6 +45,17 @@ impl AppState {
     /// Builds adapters, gates and storage. Opens the files directory; contacts no backend.
     pub async fn build(config: Config) -> Result<Self, String> {
         let files = FileStore::open(&config.storage.files).await.map_err(|e| e.to_string())?;
+        let ledger = Arc::new(SqliteStore::open(&config.storage.database, true).await.map_err(|e| e.to_string())?);
+        let released = ledger.recover().await.map_err(|e| e.to_string())?;
+        if released > 0 {
+            tracing::warn!(released, "Released credit holds left by a previous process.");
+        }
+        let mut prices = HashMap::new();
+        for m in &config.models {
+            let mc = m.credits.map_or(0, to_mc);
+            let id = ledger.upsert_price(&m.id, "image", mc).await.map_err(|e| e.to_string())?;
+            prices.insert(m.id.clone(), (id, mc));
+        }
         let mut backends = HashMap::new();
         let mut backend_list = Vec::new();
         for cfg in &config.backends {
@@ -65,6 +83,8 @@ impl AppState {
                 backends,
                 backend_list,
                 files,
+                ledger,
+                prices,
                 metrics,
                 started: Instant::now(),
                 started_at: SystemTime::now(),

@@ -3,11 +3,11 @@
 
 use base64::Engine;
 use bytes::{BufMut, Bytes, BytesMut};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `POST /v1/images/generations`, whatever the content type: JSON is read as is; multipart and form fields are
 /// first turned into the same JSON object (see `http::extract`), so all three mean exactly the same.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImagesRequest {
     pub model: Option<String>,

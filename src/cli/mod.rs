@@ -1,6 +1,7 @@
 //! The command line: clap types and one function per subcommand, translating flags into library calls.
 //! Exit codes: 0 ok, 1 a problem was found, 2 usage error.
 
+mod keys;
 mod serve;
 
 use std::path::PathBuf;
@@ -37,6 +38,66 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Manage API keys (works while `easel serve` runs on the same database).
+    Keys {
+        #[arg(long, env = "EASEL_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Manage credits.
+    Credits {
+        #[arg(long, env = "EASEL_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: CreditsCommand,
+    },
+    /// Create or upgrade the database schema.
+    Migrate {
+        #[arg(long, env = "EASEL_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Check the credit ledger.
+    Ledger {
+        #[arg(long, env = "EASEL_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create a key; its secret is printed once, alone on the last line.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 0.0)]
+        credits: f64,
+        /// Comma-separated model ids this key may use (default: all).
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+    },
+    /// List keys with their balances.
+    List,
+    /// Revoke a key (by name, id or prefix).
+    Revoke { key: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum CreditsCommand {
+    /// Add credits to a key (negative to take back).
+    Grant {
+        key: String,
+        #[arg(allow_negative_numbers = true)]
+        credits: f64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LedgerCommand {
+    /// Verify the ledger invariants; exit 1 on drift.
+    Check,
 }
 
 #[derive(Debug, Subcommand)]
@@ -61,6 +122,19 @@ pub fn run() -> ExitCode {
     match cli.command {
         Command::Serve { config, listen } => serve::run(config, listen),
         Command::Config { command: ConfigCommand::Check { config } } => check(config),
+        Command::Keys { config, command } => keys::run(
+            config,
+            match command {
+                KeysCommand::Create { name, credits, models } => keys::Action::Create { name, credits, models },
+                KeysCommand::List => keys::Action::List,
+                KeysCommand::Revoke { key } => keys::Action::Revoke { key },
+            },
+        ),
+        Command::Credits { config, command: CreditsCommand::Grant { key, credits } } => {
+            keys::run(config, keys::Action::Grant { key, credits })
+        }
+        Command::Migrate { config } => keys::run(config, keys::Action::Migrate),
+        Command::Ledger { config, command: LedgerCommand::Check } => keys::run(config, keys::Action::Check),
     }
 }
 

@@ -38,7 +38,7 @@ pub struct Config {
     pub origin: String,
     pub server: ServerConfig,
     pub storage: StorageConfig,
-    pub auth: AuthMode,
+    pub auth: AuthConfig,
     pub defaults: Defaults,
     pub health: HealthConfig,
     /// Sorted by name.
@@ -60,6 +60,14 @@ pub struct ServerConfig {
 pub struct StorageConfig {
     pub database: String,
     pub files: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    pub public_metrics: bool,
+    /// From `EASEL_ADMIN_TOKEN`: guards `/v1/admin/*` (and `/v1/gateway/status` when keys are on).
+    pub admin_token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -371,7 +379,8 @@ pub fn from_str(text: &str, origin: &str, base: &Path, env: &dyn Environment) ->
     let overrides = overrides(env);
     let raw =
         if overrides.is_empty() { parse(&text, origin)? } else { parse_with_overrides(&text, origin, &overrides)? };
-    validate::validate(raw, origin, base).map_err(|problems| {
+    let admin_token = env.get("EASEL_ADMIN_TOKEN").filter(|t| !t.is_empty()).map(Secret::new);
+    validate::validate(raw, origin, base, admin_token).map_err(|problems| {
         let problems = problems
             .into_iter()
             .map(|(path, message)| {

@@ -49,6 +49,8 @@ pub struct RawStorage {
 #[serde(deny_unknown_fields)]
 pub struct RawAuth {
     pub mode: Option<String>,
+    /// Serve `/metrics` without a key (default true: scrapers rarely carry keys).
+    pub public_metrics: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

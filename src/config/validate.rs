@@ -13,9 +13,9 @@ use url::Url;
 
 use super::raw::{RawBackend, RawConfig, RawModel, RawModelBackend};
 use super::{
-    AuthMode, BackendConfig, BackendKind, Capability, Config, Defaults, FailureMode, HealthConfig, ModelBackend,
-    ModelConfig, ModelType, QueueConfig, Secret, ServerConfig, SimulatedFailure, SimulationConfig, StorageConfig,
-    TemplateConfig,
+    AuthConfig, AuthMode, BackendConfig, BackendKind, Capability, Config, Defaults, FailureMode, HealthConfig,
+    ModelBackend, ModelConfig, ModelType, QueueConfig, Secret, ServerConfig, SimulatedFailure, SimulationConfig,
+    StorageConfig, TemplateConfig,
 };
 use crate::backends::workflow::Workflow;
 use crate::request::{ResponseFormat, Size};
@@ -23,7 +23,7 @@ use crate::request::{ResponseFormat, Size};
 type Problems = Vec<(String, String)>;
 
 /// Converts the raw configuration, or returns every problem as `(key path, message)`.
-pub fn validate(raw: RawConfig, origin: &str, base: &Path) -> Result<Config, Problems> {
+pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<Secret>) -> Result<Config, Problems> {
     let mut p: Problems = Vec::new();
 
     let listen = match raw.server.listen.as_deref() {
@@ -58,20 +58,15 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path) -> Result<Config, Pro
         p.push(("storage.database".into(), "only `sqlite://PATH` is supported by this build".into()));
     }
 
-    let auth = match raw.auth.mode.as_deref() {
+    let mode = match raw.auth.mode.as_deref() {
         None | Some("none") => AuthMode::None,
-        Some("keys") => {
-            p.push((
-                "auth.mode".into(),
-                "`keys` needs the API-key ledger, which this build does not have yet; use `none`".into(),
-            ));
-            AuthMode::Keys
-        }
+        Some("keys") => AuthMode::Keys,
         Some(other) => {
             p.push(("auth.mode".into(), format!("`{other}` is not one of: none, keys")));
             AuthMode::None
         }
     };
+    let auth = AuthConfig { mode, public_metrics: raw.auth.public_metrics.unwrap_or(true), admin_token };
 
     let response_format = match raw.defaults.response_format.as_deref() {
         None => ResponseFormat::Url,

@@ -11,6 +11,7 @@ use crate::admission::AdmissionError;
 use crate::api::error::{ErrorBody, ErrorObject};
 use crate::backends::{BackendError, Failure};
 use crate::error::Error;
+use crate::ledger::LedgerError;
 use crate::routing::RoutingError;
 
 /// An error on its way out.
@@ -34,11 +35,13 @@ struct Shape {
     code: Option<&'static str>,
     param: Option<String>,
     retry_after: Option<Duration>,
+    /// Adds `WWW-Authenticate: Bearer` (401s).
+    bearer_challenge: bool,
 }
 
 impl Shape {
     fn new(status: StatusCode, kind: &'static str, code: &'static str) -> Self {
-        Self { status, kind, code: Some(code), param: None, retry_after: None }
+        Self { status, kind, code: Some(code), param: None, retry_after: None, bearer_challenge: false }
     }
     fn retry(mut self, after: Duration) -> Self {
         self.retry_after = Some(after);
@@ -52,11 +55,8 @@ const SERVER: &str = "server_error";
 fn shape(e: &Error) -> Shape {
     match e {
         Error::Request(r) => Shape {
-            status: StatusCode::BAD_REQUEST,
-            kind: INVALID,
-            code: Some(r.code.unwrap_or("invalid_request_error")),
             param: r.param.clone(),
-            retry_after: None,
+            ..Shape::new(StatusCode::BAD_REQUEST, INVALID, r.code.unwrap_or("invalid_request_error"))
         },
         Error::Routing(r) => match r {
             RoutingError::ModelNotFound { .. } => {
@@ -88,6 +88,31 @@ fn shape(e: &Error) -> Shape {
             Shape::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, INVALID, "unsupported_media_type")
         }
         Error::Internal(_) => Shape::new(StatusCode::INTERNAL_SERVER_ERROR, SERVER, "internal_error"),
+        Error::Ledger(l) => match l {
+            LedgerError::Insufficient { .. } => {
+                Shape::new(StatusCode::PAYMENT_REQUIRED, "insufficient_quota", "insufficient_credits")
+            }
+            LedgerError::IdempotencyMismatch => {
+                Shape::new(StatusCode::UNPROCESSABLE_ENTITY, INVALID, "idempotency_key_mismatch")
+            }
+            LedgerError::IdempotencyInProgress => {
+                Shape::new(StatusCode::CONFLICT, INVALID, "idempotency_in_progress").retry(Duration::from_secs(1))
+            }
+            LedgerError::UnknownKey(_) => Shape::new(StatusCode::NOT_FOUND, INVALID, "key_not_found"),
+            LedgerError::KeyExists(_) => Shape::new(StatusCode::CONFLICT, INVALID, "key_exists"),
+            LedgerError::Db(_) => Shape::new(StatusCode::INTERNAL_SERVER_ERROR, SERVER, "ledger_error"),
+        },
+        Error::Unauthorized(_) => {
+            Shape { bearer_challenge: true, ..Shape::new(StatusCode::UNAUTHORIZED, INVALID, "invalid_api_key") }
+        }
+        Error::ModelNotAllowed { .. } => Shape {
+            param: Some("model".into()),
+            ..Shape::new(StatusCode::FORBIDDEN, "permission_error", "model_not_allowed")
+        },
+        // nginx's "client closed request": only logs and metrics ever see it.
+        Error::ClientGone => {
+            Shape::new(StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST), INVALID, "client_closed_request")
+        }
     }
 }
 
@@ -130,6 +155,9 @@ impl IntoResponse for ApiError {
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
             }
+        }
+        if shape.bearer_challenge {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if shape.status.is_server_error() {
             resp.extensions_mut().insert(ServerFault(message));

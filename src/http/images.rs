@@ -1,33 +1,90 @@
-//! `/v1/images/*` handlers: extract, call the pipeline, write the body. Nothing else.
+//! `/v1/images/*` handlers: extract, call the pipeline, write the body. The pipeline runs in its own task so a
+//! client that disconnects cannot interrupt settlement: the hold is always captured or released.
 
+use axum::Extension;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
 use super::extract::{EditBody, ImageBody};
 use crate::api::images::ImagesRequest;
-use crate::pipeline;
+use crate::error::Error;
+use crate::ledger::{Principal, valid_idempotency_key};
+use crate::pipeline::images::{Caller, Delivered};
+use crate::request::RequestError;
 use crate::state::AppState;
 
 /// `POST /v1/images/generations`.
 pub async fn generations_handler(
     State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
     headers: HeaderMap,
     ImageBody(body): ImageBody<ImagesRequest>,
 ) -> Result<Response, ApiError> {
     let base = super::base_url(&state, &headers);
-    let resp = pipeline::images::generate_images(&state, body, &base).await?;
-    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], resp.to_json()).into_response())
+    let caller = caller(&headers, principal, "/v1/images/generations")?;
+    let _gone_on_drop = caller.gone.clone().drop_guard();
+    let task =
+        tokio::spawn(async move { crate::pipeline::images::generate_images(&state, &caller, body, &base).await });
+    respond(task.await)
 }
 
 /// `POST /v1/images/edits`.
 pub async fn edits_handler(
     State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
     headers: HeaderMap,
     body: EditBody,
 ) -> Result<Response, ApiError> {
     let base = super::base_url(&state, &headers);
-    let resp = pipeline::images::edit_images(&state, body.fields, body.images, body.mask, &base).await?;
-    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], resp.to_json()).into_response())
+    let caller = caller(&headers, principal, "/v1/images/edits")?;
+    let _gone_on_drop = caller.gone.clone().drop_guard();
+    let task = tokio::spawn(async move {
+        crate::pipeline::images::edit_images(&state, &caller, body.fields, body.images, body.mask, &base).await
+    });
+    respond(task.await)
+}
+
+fn caller(
+    headers: &HeaderMap,
+    principal: Option<Extension<Principal>>,
+    path: &'static str,
+) -> Result<Caller, ApiError> {
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(k) if valid_idempotency_key(k) => Some(k.to_owned()),
+            _ => {
+                return Err(RequestError::new(
+                    "the Idempotency-Key header must be 1 to 255 printable ASCII characters",
+                )
+                .with_code("invalid_idempotency_key")
+                .into());
+            }
+        },
+    };
+    Ok(Caller { principal: principal.map(|Extension(p)| p), idempotency_key, path, gone: CancellationToken::new() })
+}
+
+fn respond(joined: Result<Result<Delivered, Error>, tokio::task::JoinError>) -> Result<Response, ApiError> {
+    let delivered = joined.map_err(|e| Error::Internal(format!("the request task failed: {e}")))??;
+    let json = HeaderValue::from_static("application/json");
+    Ok(match delivered {
+        Delivered::Fresh(body) => ([(header::CONTENT_TYPE, json)], body).into_response(),
+        Delivered::Replayed(stored) => {
+            let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+            let ct = HeaderValue::from_str(&stored.content_type).unwrap_or(json);
+            (
+                status,
+                [
+                    (header::CONTENT_TYPE, ct),
+                    (header::HeaderName::from_static("idempotent-replayed"), HeaderValue::from_static("true")),
+                ],
+                stored.body,
+            )
+                .into_response()
+        }
+    })
 }

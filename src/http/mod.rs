@@ -1,6 +1,8 @@
 //! The HTTP surface, and the only module that knows axum: routes, layers (in commented order), extractors with
 //! OpenAI-shaped rejections, and the single error → status mapping in [`error`].
 
+mod account;
+mod auth;
 pub mod error;
 pub mod extract;
 mod files;
@@ -43,8 +45,16 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz_handler))
         .route("/health", get(ops::health_handler))
         .route("/metrics", get(ops::metrics_handler))
+        .route("/v1/me", get(account::me_handler))
+        .route("/v1/usage", get(account::usage_handler))
+        .route("/v1/admin/keys", post(account::create_key_handler).get(account::list_keys_handler))
+        .route("/v1/admin/keys/{key}", axum::routing::delete(account::revoke_key_handler))
+        .route("/v1/admin/keys/{key}/credits", post(account::grant_handler))
+        .route("/v1/admin/ledger/check", get(account::ledger_check_handler))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Inside `observe`: authentication answers are measured and logged like any other.
+        .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate))
         // Outermost: sees every request and the final response (including extractor rejections).
         .layer(middleware::from_fn(observe))
         .with_state(state)
@@ -112,6 +122,12 @@ fn static_route(route: &str) -> &'static str {
         "/readyz",
         "/health",
         "/metrics",
+        "/v1/me",
+        "/v1/usage",
+        "/v1/admin/keys",
+        "/v1/admin/keys/{key}",
+        "/v1/admin/keys/{key}/credits",
+        "/v1/admin/ledger/check",
     ];
     ROUTES.iter().find(|r| **r == route).copied().unwrap_or("unmatched")
 }

@@ -9,12 +9,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::images::{ImageData, ImageItem, ImagesRequest, ImagesResponse};
 use crate::backends::{BackendError, EditInputs, Failure, ImageCall, ImageOutput, InputImage};
 use crate::config::{Capability, ModelConfig, ModelType};
 use crate::error::Error;
+use crate::ledger::{HoldOutcome, IdemClaim, Principal, Store, StoredResponse};
 use crate::request::{GenerateImage, ImageFormat, RequestError, ResponseFormat, Size};
 use crate::routing::{self, Candidate};
 use crate::state::AppState;
@@ -25,10 +28,36 @@ const MAX_ATTEMPTS: usize = 3;
 /// Slack over the backend's own timeout before easel gives up on an adapter call (adapters time out first).
 const TIMEOUT_SLACK: Duration = Duration::from_secs(1);
 
+/// Who is asking, as the HTTP layer saw it.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// `None` when `auth.mode` is `none`.
+    pub principal: Option<Principal>,
+    /// The `Idempotency-Key` header, already checked for shape.
+    pub idempotency_key: Option<String>,
+    pub path: &'static str,
+    /// Fires when the client disconnects: queued work is abandoned, cancellable upstream work is cancelled, and
+    /// the hold is released instead of captured.
+    pub gone: CancellationToken,
+}
+
+/// A response body: made now, or replayed for a repeated Idempotency-Key.
+#[derive(Debug)]
+pub enum Delivered {
+    Fresh(Bytes),
+    Replayed(StoredResponse),
+}
+
 /// Generates images; `base_url` is where stored outputs are served (`{base_url}/v1/files/{id}`).
-pub async fn generate_images(state: &AppState, wire: ImagesRequest, base_url: &str) -> Result<ImagesResponse, Error> {
+pub async fn generate_images(
+    state: &AppState,
+    caller: &Caller,
+    wire: ImagesRequest,
+    base_url: &str,
+) -> Result<Delivered, Error> {
+    let fingerprint = fingerprint(caller, &wire, &[]);
     let req = GenerateImage::from_wire(wire, &state.config.defaults)?;
-    produce(state, req, None, base_url).await
+    charged(state, caller, req, None, fingerprint, base_url).await
 }
 
 /// Where an edit input comes from: sent inline, or an output easel stored earlier (`file_id`).
@@ -41,11 +70,14 @@ pub enum ImageSource {
 /// Edits images (image-to-image, inpainting) on a backend that can; the same story with inputs.
 pub async fn edit_images(
     state: &AppState,
+    caller: &Caller,
     wire: ImagesRequest,
     images: Vec<ImageSource>,
     mask: Option<ImageSource>,
     base_url: &str,
-) -> Result<ImagesResponse, Error> {
+) -> Result<Delivered, Error> {
+    let sources: Vec<&ImageSource> = images.iter().chain(mask.as_ref()).collect();
+    let fingerprint = fingerprint(caller, &wire, &sources);
     let mut req = GenerateImage::from_wire(wire, &state.config.defaults)?;
     if images.is_empty() {
         return Err(RequestError::param(
@@ -68,7 +100,110 @@ pub async fn edit_images(
     {
         req.size = Some(Size::new(w, h));
     }
-    produce(state, req, Some(Arc::new(EditInputs { images: resolved, mask })), base_url).await
+    charged(state, caller, req, Some(Arc::new(EditInputs { images: resolved, mask })), fingerprint, base_url).await
+}
+
+/// SHA-256 over the path and the normalized request (the parsed fields, so JSON, multipart and form bodies hash
+/// the same; each input image by its own SHA-256).
+fn fingerprint(caller: &Caller, wire: &ImagesRequest, inputs: &[&ImageSource]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"POST ");
+    h.update(caller.path.as_bytes());
+    h.update(b"\n");
+    h.update(serde_json::to_vec(wire).unwrap_or_default());
+    for src in inputs {
+        match src {
+            ImageSource::Inline(img) => h.update(Sha256::digest(&img.bytes)),
+            ImageSource::Stored { id, .. } => h.update(id.as_bytes()),
+        }
+        h.update(b"\n");
+    }
+    h.finalize().into()
+}
+
+/// The ledger around [`produce`]: hold the price before any backend is called, capture what was produced, release
+/// on every failure (and when the client went away), replay a completed Idempotency-Key.
+async fn charged(
+    state: &AppState,
+    caller: &Caller,
+    mut req: GenerateImage,
+    edit: Option<Arc<EditInputs>>,
+    fingerprint: [u8; 32],
+    base_url: &str,
+) -> Result<Delivered, Error> {
+    let operation = if edit.is_some() { "image edits" } else { "image generation" };
+    let model = state.registry.resolve(req.model.as_deref(), ModelType::Image, operation)?;
+    req.check_model(&model)?;
+    let Some(who) = &caller.principal else {
+        return produce(state, req, &model, edit, base_url, &caller.gone)
+            .await
+            .map(|(r, _)| Delivered::Fresh(r.to_json()));
+    };
+    if !who.may_use(&model.id) {
+        let allowed = who.allowed_models.as_ref().map(|m| m.join(", ")).unwrap_or_default();
+        return Err(Error::ModelNotAllowed { key: who.name.clone(), model: model.id.clone(), allowed });
+    }
+    let (price_id, unit_mc) = state.prices.get(&model.id).copied().unwrap_or((0, 0));
+    let claim = caller.idempotency_key.as_ref().map(|key| IdemClaim {
+        key: key.clone(),
+        method: "POST".into(),
+        path: caller.path.into(),
+        fingerprint,
+    });
+    let hold_id = match state
+        .ledger
+        .hold(who, price_id, i64::from(req.n), unit_mc, hold_lease(state, &model), claim.as_ref())
+        .await?
+    {
+        HoldOutcome::Replay { status, content_type, body } => {
+            return Ok(Delivered::Replayed(StoredResponse { status, content_type, body }));
+        }
+        HoldOutcome::Held { hold_id } => hold_id,
+    };
+    match produce(state, req, &model, edit, base_url, &caller.gone).await {
+        Ok((resp, produced)) => {
+            let body = resp.to_json();
+            if caller.gone.is_cancelled() {
+                release(state, &hold_id, "client went away").await;
+                return Err(Error::ClientGone);
+            }
+            let stored = StoredResponse { status: 200, content_type: "application/json".into(), body: body.to_vec() };
+            let record = claim.as_ref().map(|c| (who, c.key.as_str(), &stored));
+            if let Err(e) = state.ledger.capture(&hold_id, produced as i64, record).await {
+                // The hold stays open and is released at the next start: the customer is not charged.
+                tracing::error!(hold = %hold_id, error = %e, "Capturing a hold failed.");
+            }
+            Ok(Delivered::Fresh(body))
+        }
+        Err(e) => {
+            let reason = match &e {
+                Error::Backend(b) => b.outcome(),
+                Error::Admission(_) => "busy",
+                Error::ClientGone => "client went away",
+                _ => "failed",
+            };
+            release(state, &hold_id, reason).await;
+            Err(e)
+        }
+    }
+}
+
+async fn release(state: &AppState, hold_id: &str, reason: &str) {
+    if let Err(e) = state.ledger.release(hold_id, reason).await {
+        tracing::error!(hold = %hold_id, error = %e, "Releasing a hold failed; it is released at the next start.");
+    }
+}
+
+/// How long a hold may stay open: the longest the request could take, plus a minute.
+fn hold_lease(state: &AppState, model: &ModelConfig) -> Duration {
+    let slowest = model
+        .backends
+        .iter()
+        .filter_map(|b| state.backends.get(&b.name))
+        .map(|h| h.cfg.timeout + h.cfg.queue.wait)
+        .max()
+        .unwrap_or(Duration::from_secs(600));
+    slowest * MAX_ATTEMPTS as u32 + Duration::from_secs(60)
 }
 
 async fn resolve_input(state: &AppState, src: ImageSource, index: usize) -> Result<InputImage, Error> {
@@ -86,16 +221,16 @@ async fn resolve_input(state: &AppState, src: ImageSource, index: usize) -> Resu
     }
 }
 
+/// Runs the upstream calls and delivers the images; returns the response and how many images it holds.
 async fn produce(
     state: &AppState,
-    mut req: GenerateImage,
+    req: GenerateImage,
+    model: &Arc<ModelConfig>,
     edit: Option<Arc<EditInputs>>,
     base_url: &str,
-) -> Result<ImagesResponse, Error> {
-    // 1. Validate and resolve.
-    let operation = if edit.is_some() { "image edits" } else { "image generation" };
-    let model = state.registry.resolve(req.model.as_deref(), ModelType::Image, operation)?;
-    req.check_model(&model)?;
+    gone: &CancellationToken,
+) -> Result<(ImagesResponse, usize), Error> {
+    // 1. The model must be able to do it.
     if edit.is_some() {
         let can = model.backends.iter().filter_map(|b| state.backends.get(&b.name)).any(|h| h.adapter.supports_edits());
         if !can {
@@ -140,7 +275,7 @@ async fn produce(
     // 3. Run them.
     let req = Arc::new(req);
     let results = futures_util::future::join_all(
-        calls.into_iter().map(|plan| run_call(state, &model, &req, edit.as_ref(), plan)),
+        calls.into_iter().map(|plan| run_call(state, model, &req, edit.as_ref(), plan, gone)),
     )
     .await;
     let mut outputs = Vec::with_capacity(req.n as usize);
@@ -184,7 +319,8 @@ async fn produce(
     }
     m::generation(&model.id, if first_error.is_some() { "partial" } else { "ok" }, data.len() as u64);
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    Ok(ImagesResponse { created, data, output_format: target.as_str(), size: Some(size.to_string()) })
+    let produced = data.len();
+    Ok((ImagesResponse { created, data, output_format: target.as_str(), size: Some(size.to_string()) }, produced))
 }
 
 /// One planned upstream call.
@@ -210,11 +346,9 @@ async fn run_call(
     req: &Arc<GenerateImage>,
     edit: Option<&Arc<EditInputs>>,
     plan: CallPlan,
+    gone: &CancellationToken,
 ) -> Result<Vec<ImageOutput>, Error> {
     let candidates = routing::candidates(model, &state.backends, Capability::Images)?;
-    // Fires when this future is dropped, i.e. when the client went away before the call ended.
-    let client_gone = CancellationToken::new();
-    let _cancel_on_drop = client_gone.clone().drop_guard();
     let mut last: Option<Error> = None;
     for (attempt, Candidate { handle, trial }) in candidates.into_iter().take(MAX_ATTEMPTS).enumerate() {
         if attempt > 0 {
@@ -224,7 +358,16 @@ async fn run_call(
         if edit.is_some() && !handle.adapter.supports_edits() {
             continue;
         }
-        let permit = match gate.admit().await {
+        let admitted = tokio::select! {
+            r = gate.admit() => r,
+            () = gone.cancelled() => {
+                if trial {
+                    handle.health.release_trial();
+                }
+                return Err(Error::ClientGone);
+            }
+        };
+        let permit = match admitted {
             Ok(p) => p,
             Err(e) => {
                 if trial {
@@ -238,41 +381,29 @@ async fn run_call(
                 continue;
             }
         };
-        // The upstream call runs in its own task that owns the permit: if the client goes away, the call still
-        // runs to its end (the GPU is busy either way) and only then is the slot released.
+        // The permit is held until the upstream call ends. If the client goes away meanwhile, adapters that can
+        // cancel upstream work do so; the others finish, because the GPU is busy either way.
         let started = Instant::now();
-        let task = {
-            let handle = Arc::clone(&handle);
-            let (req, model, edit) = (Arc::clone(req), Arc::clone(model), edit.cloned());
-            let cancel = client_gone.clone();
-            tokio::spawn(async move {
-                let call = ImageCall {
-                    request: &req,
-                    model: &model,
-                    count: plan.count,
-                    seed: plan.seed,
-                    size: plan.size,
-                    edit: edit.as_deref(),
-                    cancel: &cancel,
-                };
-                let limit = handle.cfg.timeout + TIMEOUT_SLACK;
-                let result = match tokio::time::timeout(limit, handle.adapter.generate_images(call)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(BackendError::new(
-                        &handle.cfg.name,
-                        handle.cfg.kind,
-                        handle.cfg.endpoint(""),
-                        Failure::Timeout(handle.cfg.timeout),
-                    )),
-                };
-                drop(permit);
-                result
-            })
+        let call = ImageCall {
+            request: req,
+            model,
+            count: plan.count,
+            seed: plan.seed,
+            size: plan.size,
+            edit: edit.map(|e| e.as_ref()),
+            cancel: gone,
         };
-        let result = match task.await {
+        let limit = handle.cfg.timeout + TIMEOUT_SLACK;
+        let result = match tokio::time::timeout(limit, handle.adapter.generate_images(call)).await {
             Ok(r) => r,
-            Err(e) => return Err(Error::Internal(format!("the upstream call task failed: {e}"))),
+            Err(_) => Err(BackendError::new(
+                &handle.cfg.name,
+                handle.cfg.kind,
+                handle.cfg.endpoint(""),
+                Failure::Timeout(handle.cfg.timeout),
+            )),
         };
+        drop(permit);
         let took = started.elapsed();
         match result {
             Ok(images) if !images.is_empty() => {

@@ -22,6 +22,7 @@ pub const BACKEND_HEALTHY: &str = "easel_backend_healthy";
 pub const BACKEND_CIRCUIT_OPEN: &str = "easel_backend_circuit_open";
 pub const JOB_PROGRESS: &str = "easel_backend_job_progress_ratio";
 pub const PROGRESS_EVENTS: &str = "easel_backend_progress_events_total";
+pub const LEDGER_DRIFT: &str = "easel_ledger_drift";
 pub const ADMISSION_INFLIGHT: &str = "easel_admission_inflight";
 pub const ADMISSION_QUEUED: &str = "easel_admission_queue_depth";
 pub const ADMISSION_QUEUE_WAIT: &str = "easel_admission_queue_wait_seconds";
@@ -104,4 +105,9 @@ pub fn job_progress(backend: &str, done: f64, total: f64) {
         gauge!(JOB_PROGRESS, "backend" => backend.to_owned()).set((done / total).clamp(0.0, 1.0));
     }
     counter!(PROGRESS_EVENTS, "backend" => backend.to_owned()).increment(1);
+}
+
+/// Broken ledger invariants found by the last check; must be 0.
+pub fn ledger_drift(problems: usize) {
+    gauge!(LEDGER_DRIFT).set(problems as f64);
 }

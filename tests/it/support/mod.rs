@@ -71,7 +71,12 @@ impl Gateway {
 /// Starts easel with `yaml` (a whole config file; `storage.files` is pointed at a temporary directory).
 pub async fn spawn_gateway(yaml: &str) -> Gateway {
     let dir = tempfile::tempdir().expect("tempdir");
-    let env = MapEnv::new([("EASEL_STORAGE__FILES", dir.path().join("files").to_str().expect("utf-8 path"))]);
+    let files = dir.path().join("files");
+    let database = format!("sqlite://{}", dir.path().join("easel.db").display());
+    let env = MapEnv::new([
+        ("EASEL_STORAGE__FILES", files.to_str().expect("utf-8 path")),
+        ("EASEL_STORAGE__DATABASE", database.as_str()),
+    ]);
     let config = config::from_str(yaml, "test.yaml", Path::new("."), &env).unwrap_or_else(|e| panic!("{e}"));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");

@@ -1,0 +1,95 @@
+//! `easel keys …`, `easel credits grant`, `easel migrate`, `easel ledger check`: the ledger from the command line.
+//! They open the configured database beside a running server (SQLite's own locking keeps them consistent).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::config::{self, ProcessEnv};
+use crate::ledger::sqlite::SqliteStore;
+use crate::ledger::{KeyInfo, LedgerError, Store, fmt_credits, to_mc};
+
+/// What to do with the ledger.
+#[derive(Debug)]
+pub enum Action {
+    Create { name: String, credits: f64, models: Option<Vec<String>> },
+    List,
+    Revoke { key: String },
+    Grant { key: String, credits: f64 },
+    Migrate,
+    Check,
+}
+
+pub fn run(config_path: Option<PathBuf>, action: Action) -> ExitCode {
+    let path = config::resolve_path(config_path.as_deref());
+    let cfg = match config::load(path.as_deref(), &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(act(&cfg.storage.database, action)) {
+        Ok((out, code)) => {
+            super::write_stdout(&out);
+            code
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn line(k: &KeyInfo) -> String {
+    let models = k.allowed_models.as_ref().map_or_else(|| "all models".to_owned(), |m| m.join(","));
+    let state = if k.revoked { "revoked" } else { "active" };
+    format!(
+        "{:>4}  {:<20} {:<16} {:<8} available {:>10}  held {:>8}  {models}\n",
+        k.id,
+        k.name,
+        k.prefix,
+        state,
+        fmt_credits(k.available_mc),
+        fmt_credits(k.held_mc)
+    )
+}
+
+async fn act(database: &str, action: Action) -> Result<(String, ExitCode), LedgerError> {
+    let store = SqliteStore::open(database, false).await?;
+    Ok(match action {
+        Action::Create { name, credits, models } => {
+            let new = store.create_key(&name, to_mc(credits), models.as_deref()).await?;
+            // The secret is alone on the last line, for scripts: `easel keys create --name x | tail -1`.
+            (
+                format!(
+                    "created key {} ({}) with {} credits; the secret is shown once:\n{}\n",
+                    new.info.name,
+                    new.info.prefix,
+                    fmt_credits(new.info.available_mc),
+                    new.secret
+                ),
+                ExitCode::SUCCESS,
+            )
+        }
+        Action::List => (store.list_keys().await?.iter().map(line).collect(), ExitCode::SUCCESS),
+        Action::Revoke { key } => (format!("revoked: {}", line(&store.revoke_key(&key).await?)), ExitCode::SUCCESS),
+        Action::Grant { key, credits } => (line(&store.grant(&key, to_mc(credits), "cli").await?), ExitCode::SUCCESS),
+        Action::Migrate => (format!("{}: migrations applied\n", store.path.display()), ExitCode::SUCCESS),
+        Action::Check => {
+            let drift = store.check().await?;
+            if drift.is_empty() {
+                (format!("{}: ledger clean\n", store.path.display()), ExitCode::SUCCESS)
+            } else {
+                let text: String = drift.iter().map(|d| format!("drift: {}: {}\n", d.account, d.problem)).collect();
+                (text, ExitCode::from(1))
+            }
+        }
+    })
+}

@@ -1,0 +1,64 @@
+//! Authentication at the router: with `auth.mode: keys` every route needs `Authorization: Bearer <key>` except
+//! the named [`PUBLIC_ROUTES`]; the admin API (and the gateway status page) needs `EASEL_ADMIN_TOKEN` in every
+//! mode. A valid key becomes a [`Principal`] request extension.
+
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+use crate::config::AuthMode;
+use crate::error::Error;
+use crate::ledger::Store;
+use crate::state::AppState;
+
+/// Routes anyone may call, in every mode. `/metrics` joins them when `auth.public_metrics` is true.
+pub const PUBLIC_ROUTES: &[&str] = &["/healthz", "/readyz", "/health"];
+
+/// Routes that need the admin token (prefix match).
+const ADMIN_PREFIX: &str = "/v1/admin/";
+
+pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let token = bearer(&req);
+    let auth = &state.config.auth;
+    if path.starts_with(ADMIN_PREFIX) || (path == "/v1/gateway/status" && auth.mode == AuthMode::Keys) {
+        return match (&auth.admin_token, token) {
+            (None, _) => unauthorized("the admin API is disabled: start easel with EASEL_ADMIN_TOKEN set"),
+            (Some(expected), Some(given)) if constant_time_eq(expected.expose().as_bytes(), given.as_bytes()) => {
+                next.run(req).await
+            }
+            _ => unauthorized("this route needs the admin token (Authorization: Bearer $EASEL_ADMIN_TOKEN)"),
+        };
+    }
+    if auth.mode == AuthMode::None || PUBLIC_ROUTES.contains(&path) || (path == "/metrics" && auth.public_metrics) {
+        return next.run(req).await;
+    }
+    let Some(secret) = token else {
+        return unauthorized("no API key: send `Authorization: Bearer <key>` (create one with `easel keys create`)");
+    };
+    match state.ledger.authenticate(secret).await {
+        Ok(Some(principal)) => {
+            req.extensions_mut().insert(principal);
+            next.run(req).await
+        }
+        Ok(None) => unauthorized("invalid API key: it is unknown or revoked"),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+fn bearer(req: &Request) -> Option<&str> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+fn unauthorized(message: &str) -> Response {
+    ApiError::from(Error::Unauthorized(message.to_owned())).into_response()
+}
+
+/// Compares without stopping at the first difference.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,235 @@
+//! API keys and per-model credits: keys stored as SHA-256 hashes, balances in integer millicredits, a hold placed
+//! before a request reaches a backend, captured for what was produced or released on any failure, an append-only
+//! journal, idempotency records, crash recovery and invariant checks. [`Store`] is the seam for a PostgreSQL
+//! implementation; [`sqlite::SqliteStore`] is the embedded default.
+
+pub mod sqlite;
+
+use std::future::Future;
+use std::time::Duration;
+
+use rand::Rng;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// Integer millicredits (1 credit = 1000).
+pub type Millicredits = i64;
+
+/// Credits (as configured, possibly fractional) → millicredits, rounded to the nearest.
+pub fn to_mc(credits: f64) -> Millicredits {
+    (credits * 1000.0).round() as Millicredits
+}
+
+/// Millicredits as a credits string without trailing zeros (`12.5`, `100`).
+pub fn fmt_credits(mc: Millicredits) -> String {
+    let whole = mc / 1000;
+    let frac = (mc % 1000).abs();
+    if frac == 0 {
+        return whole.to_string();
+    }
+    let s = format!("{whole}.{frac:03}");
+    s.trim_end_matches('0').to_owned()
+}
+
+/// The caller of an authenticated request.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub key_id: i64,
+    pub account_id: i64,
+    pub name: String,
+    /// `None` = every model.
+    pub allowed_models: Option<Vec<String>>,
+}
+
+impl Principal {
+    pub fn may_use(&self, model: &str) -> bool {
+        self.allowed_models.as_ref().is_none_or(|list| list.iter().any(|m| m == model))
+    }
+}
+
+/// A key as listed (never with its secret).
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyInfo {
+    pub id: i64,
+    pub name: String,
+    /// The first characters of the secret, to recognise it.
+    pub prefix: String,
+    pub allowed_models: Option<Vec<String>>,
+    pub created_at: i64,
+    pub revoked: bool,
+    pub available_mc: Millicredits,
+    pub held_mc: Millicredits,
+}
+
+/// A new key and its secret, shown once.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub info: KeyInfo,
+    pub secret: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Balance {
+    pub available_mc: Millicredits,
+    pub held_mc: Millicredits,
+    pub granted_mc: Millicredits,
+    pub captured_mc: Millicredits,
+}
+
+/// An Idempotency-Key claim for one request.
+#[derive(Debug, Clone)]
+pub struct IdemClaim {
+    pub key: String,
+    pub method: String,
+    pub path: String,
+    pub fingerprint: [u8; 32],
+}
+
+/// What placing a hold did.
+#[derive(Debug, Clone)]
+pub enum HoldOutcome {
+    Held {
+        hold_id: String,
+    },
+    /// The same Idempotency-Key completed before: replay this response, charge nothing.
+    Replay {
+        status: u16,
+        content_type: String,
+        body: Vec<u8>,
+    },
+}
+
+/// A stored response for an idempotent request.
+#[derive(Debug, Clone)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Vec<u8>,
+}
+
+/// One usage row: requests, images and credits by model and UTC day.
+#[derive(Debug, Clone, Serialize)]
+pub struct UsageRow {
+    pub day: String,
+    pub model: String,
+    pub requests: i64,
+    pub images: i64,
+    pub credits: String,
+    pub credits_mc: Millicredits,
+}
+
+/// A broken invariant.
+#[derive(Debug, Clone, Serialize)]
+pub struct Drift {
+    pub account: String,
+    pub problem: String,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LedgerError {
+    #[error("insufficient credits: the balance is {} credits and this request costs {} ({units} × {} credits)", fmt_credits(*available_mc), fmt_credits(*amount_mc), fmt_credits(*unit_mc))]
+    Insufficient { available_mc: Millicredits, amount_mc: Millicredits, units: i64, unit_mc: Millicredits },
+    #[error(
+        "this Idempotency-Key was used with a different request (method, path or body); use a new key for a new request"
+    )]
+    IdempotencyMismatch,
+    #[error("a request with this Idempotency-Key is still in progress; retry shortly to get its result")]
+    IdempotencyInProgress,
+    #[error("no API key named or numbered `{0}`")]
+    UnknownKey(String),
+    #[error("an API key named `{0}` already exists")]
+    KeyExists(String),
+    #[error("ledger database: {0}")]
+    Db(String),
+}
+
+impl From<sqlx::Error> for LedgerError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Db(e.to_string())
+    }
+}
+
+/// The ledger's operations; each mutation is one transaction.
+pub trait Store: Send + Sync {
+    fn create_key(
+        &self,
+        name: &str,
+        credits_mc: Millicredits,
+        models: Option<&[String]>,
+    ) -> impl Future<Output = Result<NewKey, LedgerError>> + Send;
+    fn list_keys(&self) -> impl Future<Output = Result<Vec<KeyInfo>, LedgerError>> + Send;
+    fn revoke_key(&self, key: &str) -> impl Future<Output = Result<KeyInfo, LedgerError>> + Send;
+    fn grant(
+        &self,
+        key: &str,
+        credits_mc: Millicredits,
+        actor: &str,
+    ) -> impl Future<Output = Result<KeyInfo, LedgerError>> + Send;
+    fn authenticate(&self, secret: &str) -> impl Future<Output = Result<Option<Principal>, LedgerError>> + Send;
+    fn balance(&self, account_id: i64) -> impl Future<Output = Result<Balance, LedgerError>> + Send;
+    /// Records the price of a model; returns the price row id (a new row when the price changed).
+    fn upsert_price(
+        &self,
+        model: &str,
+        unit: &str,
+        price_mc: Millicredits,
+    ) -> impl Future<Output = Result<i64, LedgerError>> + Send;
+    /// Claims the Idempotency-Key (if any) and holds `units × unit_mc`, in one transaction.
+    fn hold(
+        &self,
+        who: &Principal,
+        price_id: i64,
+        units: i64,
+        unit_mc: Millicredits,
+        lease: Duration,
+        idem: Option<&IdemClaim>,
+    ) -> impl Future<Output = Result<HoldOutcome, LedgerError>> + Send;
+    /// Captures `units` (≤ held) and stores the response for the Idempotency-Key, in one transaction.
+    fn capture(
+        &self,
+        hold_id: &str,
+        units: i64,
+        response: Option<(&Principal, &str, &StoredResponse)>,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send;
+    /// Returns the whole hold and forgets the Idempotency-Key, in one transaction.
+    fn release(&self, hold_id: &str, reason: &str) -> impl Future<Output = Result<(), LedgerError>> + Send;
+    /// Releases every open sync hold (their process is gone) and in-progress idempotency records; returns how many.
+    fn recover(&self) -> impl Future<Output = Result<u64, LedgerError>> + Send;
+    fn check(&self) -> impl Future<Output = Result<Vec<Drift>, LedgerError>> + Send;
+    fn usage(&self, key_id: i64) -> impl Future<Output = Result<Vec<UsageRow>, LedgerError>> + Send;
+}
+
+/// A new secret: `sk-easel-` + 43 base62 characters (about 256 random bits).
+pub fn new_secret() -> String {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::rng();
+    let body: String = (0..43).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect();
+    format!("sk-easel-{body}")
+}
+
+pub fn hash_secret(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// Checks an Idempotency-Key value: 1–255 printable ASCII characters.
+pub fn valid_idempotency_key(key: &str) -> bool {
+    (1..=255).contains(&key.len()) && key.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credits_format_and_convert() {
+        assert_eq!(to_mc(12.5), 12_500);
+        assert_eq!(fmt_credits(12_500), "12.5");
+        assert_eq!(fmt_credits(100_000), "100");
+        assert_eq!(fmt_credits(1), "0.001");
+        assert!(new_secret().starts_with("sk-easel-"));
+        assert_ne!(new_secret(), new_secret());
+        assert!(valid_idempotency_key("abc-123"));
+        assert!(!valid_idempotency_key(""));
+        assert!(!valid_idempotency_key("é"));
+    }
+}

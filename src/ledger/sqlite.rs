@@ -1,0 +1,677 @@
+//! The SQLite ledger: WAL, `synchronous=FULL`, `BEGIN IMMEDIATE` write transactions serialized in-process (other
+//! processes, such as `easel keys` beside a running server, wait on SQLite's `busy_timeout`). The serving process
+//! holds an exclusive lock file so two servers never recover each other's holds.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use tokio::sync::Mutex;
+
+use super::{
+    Balance, Drift, HoldOutcome, IdemClaim, KeyInfo, LedgerError, Millicredits, NewKey, Principal, Store,
+    StoredResponse, UsageRow, hash_secret, new_secret,
+};
+
+/// How long a completed idempotency record is kept.
+const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    /// Write transactions in this process go one at a time (SQLite has one writer anyway).
+    write: Mutex<()>,
+    /// Held for the server's lifetime: the exclusive lock on `<db>.lock`.
+    _lock: Option<File>,
+    pub path: PathBuf,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The file path of a `sqlite://PATH` (or `sqlite:PATH`) URL.
+pub fn path_of(url: &str) -> Result<PathBuf, LedgerError> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .ok_or_else(|| LedgerError::Db(format!("`{url}` is not a sqlite:// URL")))?;
+    let rest = rest.split('?').next().unwrap_or(rest);
+    if rest.is_empty() {
+        return Err(LedgerError::Db("the sqlite URL names no file".into()));
+    }
+    Ok(PathBuf::from(rest))
+}
+
+impl SqliteStore {
+    /// Opens (creating) the database and runs migrations. `exclusive` takes the server lock.
+    pub async fn open(url: &str, exclusive: bool) -> Result<Self, LedgerError> {
+        let path = path_of(url)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| LedgerError::Db(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let lock = if exclusive { Some(take_lock(&path)?) } else { None };
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
+        sqlx::migrate!("migrations/sqlite")
+            .run(&pool)
+            .await
+            .map_err(|e| LedgerError::Db(format!("migration failed: {e}")))?;
+        Ok(Self { pool, write: Mutex::new(()), _lock: lock, path })
+    }
+
+    async fn find_key(&self, conn: &mut sqlx::SqliteConnection, key: &str) -> Result<KeyInfo, LedgerError> {
+        let row = sqlx::query(
+            "SELECT k.id, k.name, k.prefix, k.allowed_models, k.created_at, k.revoked_at, a.available_mc, a.held_mc
+             FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.name = ?1 OR CAST(k.id AS TEXT) = ?1 OR k.prefix = ?1",
+        )
+        .bind(key)
+        .fetch_optional(&mut *conn)
+        .await?;
+        row.map(|r| key_info(&r)).transpose()?.ok_or_else(|| LedgerError::UnknownKey(key.to_owned()))
+    }
+
+    async fn resolve(
+        &self,
+        tx: &mut sqlx::SqliteConnection,
+        hold_id: &str,
+        units: Option<i64>,
+        reason: &str,
+    ) -> Result<bool, LedgerError> {
+        let now = now_ms();
+        let Some(h) =
+            sqlx::query("SELECT account_id, key_id, units, amount_mc FROM holds WHERE id = ?1 AND state = 'held'")
+                .bind(hold_id)
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
+            return Ok(false);
+        };
+        let (account, key_id, held_units, amount): (i64, i64, i64, i64) =
+            (h.try_get(0)?, h.try_get(1)?, h.try_get(2)?, h.try_get(3)?);
+        let (state, cap_units) = match units {
+            Some(u) => ("captured", u.clamp(0, held_units)),
+            None => ("released", 0),
+        };
+        let cap = if held_units > 0 { amount / held_units * cap_units } else { 0 };
+        sqlx::query("UPDATE holds SET state = ?2, captured_units = ?3, captured_mc = ?4, resolved_at = ?5, reason = ?6 WHERE id = ?1")
+            .bind(hold_id)
+            .bind(state)
+            .bind(cap_units)
+            .bind(cap)
+            .bind(now)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query(
+            "UPDATE accounts SET held_mc = held_mc - ?2, available_mc = available_mc + ?3, captured_mc = captured_mc + ?4, updated_at = ?5
+             WHERE id = ?1 RETURNING available_mc, held_mc",
+        )
+        .bind(account)
+        .bind(amount)
+        .bind(amount - cap)
+        .bind(cap)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let kind = if units.is_some() { "capture" } else { "release" };
+        sqlx::query(
+            "INSERT INTO ledger_entries (account_id, hold_id, kind, available_delta_mc, held_delta_mc, available_after_mc, held_after_mc, actor, memo, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )
+        .bind(account)
+        .bind(hold_id)
+        .bind(kind)
+        .bind(amount - cap)
+        .bind(-amount)
+        .bind(row.try_get::<i64, _>(0)?)
+        .bind(row.try_get::<i64, _>(1)?)
+        .bind(format!("key:{key_id}"))
+        .bind(reason)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        Ok(true)
+    }
+}
+
+fn take_lock(db: &Path) -> Result<File, LedgerError> {
+    let lock_path = PathBuf::from(format!("{}.lock", db.display()));
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| LedgerError::Db(format!("cannot open {}: {e}", lock_path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(_) => Err(LedgerError::Db(format!(
+            "another `easel serve` is using {} (lock {} is held); one server per SQLite database",
+            db.display(),
+            lock_path.display()
+        ))),
+    }
+}
+
+fn key_info(r: &sqlx::sqlite::SqliteRow) -> Result<KeyInfo, LedgerError> {
+    let models: Option<String> = r.try_get(3)?;
+    let revoked: Option<i64> = r.try_get(5)?;
+    Ok(KeyInfo {
+        id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        prefix: r.try_get(2)?,
+        allowed_models: models.map(|m| m.split(',').map(str::to_owned).collect()),
+        created_at: r.try_get(4)?,
+        revoked: revoked.is_some(),
+        available_mc: r.try_get(6)?,
+        held_mc: r.try_get(7)?,
+    })
+}
+
+async fn add_credits(
+    tx: &mut sqlx::SqliteConnection,
+    account: i64,
+    mc: Millicredits,
+    actor: &str,
+    memo: &str,
+) -> Result<(), LedgerError> {
+    let now = now_ms();
+    let row = sqlx::query(
+        "UPDATE accounts SET available_mc = available_mc + ?2, granted_mc = granted_mc + ?2, updated_at = ?3
+         WHERE id = ?1 AND available_mc + ?2 >= 0 RETURNING available_mc, held_mc",
+    )
+    .bind(account)
+    .bind(mc)
+    .bind(now)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        return Err(LedgerError::Db("the adjustment would make the balance negative".into()));
+    };
+    sqlx::query(
+        "INSERT INTO ledger_entries (account_id, kind, available_delta_mc, held_delta_mc, available_after_mc, held_after_mc, actor, memo, created_at)
+         VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, ?7, ?8)",
+    )
+    .bind(account)
+    .bind(if mc >= 0 { "grant" } else { "adjust" })
+    .bind(mc)
+    .bind(row.try_get::<i64, _>(0)?)
+    .bind(row.try_get::<i64, _>(1)?)
+    .bind(actor)
+    .bind(memo)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+impl Store for SqliteStore {
+    async fn create_key(
+        &self,
+        name: &str,
+        credits_mc: Millicredits,
+        models: Option<&[String]>,
+    ) -> Result<NewKey, LedgerError> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let now = now_ms();
+        let exists = sqlx::query("SELECT 1 FROM api_keys WHERE name = ?1").bind(name).fetch_optional(&mut *tx).await?;
+        if exists.is_some() {
+            return Err(LedgerError::KeyExists(name.to_owned()));
+        }
+        let account: i64 = sqlx::query("INSERT INTO accounts (name, updated_at) VALUES (?1, ?2) RETURNING id")
+            .bind(format!("key:{name}"))
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        let secret = new_secret();
+        let prefix: String = secret.chars().take(14).collect();
+        let models_text = models.map(|m| m.join(","));
+        sqlx::query("INSERT INTO api_keys (account_id, name, prefix, secret_sha256, allowed_models, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+            .bind(account)
+            .bind(name)
+            .bind(&prefix)
+            .bind(hash_secret(&secret).to_vec())
+            .bind(&models_text)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        if credits_mc != 0 {
+            add_credits(&mut tx, account, credits_mc, "admin", "initial grant").await?;
+        }
+        let info = self.find_key(&mut tx, name).await?;
+        tx.commit().await?;
+        Ok(NewKey { info, secret })
+    }
+
+    async fn list_keys(&self) -> Result<Vec<KeyInfo>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT k.id, k.name, k.prefix, k.allowed_models, k.created_at, k.revoked_at, a.available_mc, a.held_mc
+             FROM api_keys k JOIN accounts a ON a.id = k.account_id ORDER BY k.id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(key_info).collect()
+    }
+
+    async fn revoke_key(&self, key: &str) -> Result<KeyInfo, LedgerError> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let info = self.find_key(&mut tx, key).await?;
+        sqlx::query("UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL")
+            .bind(info.id)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        let info = self.find_key(&mut tx, key).await?;
+        tx.commit().await?;
+        Ok(info)
+    }
+
+    async fn grant(&self, key: &str, credits_mc: Millicredits, actor: &str) -> Result<KeyInfo, LedgerError> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let info = self.find_key(&mut tx, key).await?;
+        let account: i64 = sqlx::query("SELECT account_id FROM api_keys WHERE id = ?1")
+            .bind(info.id)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        add_credits(&mut tx, account, credits_mc, actor, "grant").await?;
+        let info = self.find_key(&mut tx, key).await?;
+        tx.commit().await?;
+        Ok(info)
+    }
+
+    async fn authenticate(&self, secret: &str) -> Result<Option<Principal>, LedgerError> {
+        let row = sqlx::query(
+            "SELECT id, account_id, name, allowed_models FROM api_keys WHERE secret_sha256 = ?1 AND revoked_at IS NULL",
+        )
+        .bind(hash_secret(secret).to_vec())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        let models: Option<String> = r.try_get(3)?;
+        Ok(Some(Principal {
+            key_id: r.try_get(0)?,
+            account_id: r.try_get(1)?,
+            name: r.try_get(2)?,
+            allowed_models: models.map(|m| m.split(',').map(str::to_owned).collect()),
+        }))
+    }
+
+    async fn balance(&self, account_id: i64) -> Result<Balance, LedgerError> {
+        let r = sqlx::query("SELECT available_mc, held_mc, granted_mc, captured_mc FROM accounts WHERE id = ?1")
+            .bind(account_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Balance {
+            available_mc: r.try_get(0)?,
+            held_mc: r.try_get(1)?,
+            granted_mc: r.try_get(2)?,
+            captured_mc: r.try_get(3)?,
+        })
+    }
+
+    async fn upsert_price(&self, model: &str, unit: &str, price_mc: Millicredits) -> Result<i64, LedgerError> {
+        let _w = self.write.lock().await;
+        let existing = sqlx::query("SELECT id FROM model_prices WHERE model = ?1 AND unit = ?2 AND price_mc = ?3")
+            .bind(model)
+            .bind(unit)
+            .bind(price_mc)
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(r) = existing {
+            return Ok(r.try_get(0)?);
+        }
+        let id: i64 = sqlx::query(
+            "INSERT INTO model_prices (model, unit, price_mc, effective_from) VALUES (?1, ?2, ?3, ?4) RETURNING id",
+        )
+        .bind(model)
+        .bind(unit)
+        .bind(price_mc)
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?
+        .try_get(0)?;
+        Ok(id)
+    }
+
+    async fn hold(
+        &self,
+        who: &Principal,
+        price_id: i64,
+        units: i64,
+        unit_mc: Millicredits,
+        lease: Duration,
+        idem: Option<&IdemClaim>,
+    ) -> Result<HoldOutcome, LedgerError> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let now = now_ms();
+        let lease_until = now + lease.as_millis() as i64;
+        if let Some(c) = idem {
+            let claimed = sqlx::query(
+                "INSERT INTO idempotency_records (key_id, idem_key, method, path, fingerprint, state, lease_until, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'in_progress', ?6, ?7, ?8) ON CONFLICT DO NOTHING RETURNING key_id",
+            )
+            .bind(who.key_id)
+            .bind(&c.key)
+            .bind(&c.method)
+            .bind(&c.path)
+            .bind(c.fingerprint.to_vec())
+            .bind(lease_until)
+            .bind(now)
+            .bind(now + IDEMPOTENCY_TTL.as_millis() as i64)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if claimed.is_none() {
+                let r = sqlx::query(
+                    "SELECT method, path, fingerprint, state, lease_until, hold_id, status_code, content_type, response_body, expires_at
+                     FROM idempotency_records WHERE key_id = ?1 AND idem_key = ?2",
+                )
+                .bind(who.key_id)
+                .bind(&c.key)
+                .fetch_one(&mut *tx)
+                .await?;
+                let (method, path, fp): (String, String, Vec<u8>) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+                let (state, lease, old_hold): (String, Option<i64>, Option<String>) =
+                    (r.try_get(3)?, r.try_get(4)?, r.try_get(5)?);
+                let expires: i64 = r.try_get(9)?;
+                let expired = expires < now;
+                if !expired && (method != c.method || path != c.path || fp != c.fingerprint) {
+                    return Err(LedgerError::IdempotencyMismatch);
+                }
+                if !expired && state == "completed" {
+                    let status: i64 = r.try_get(6)?;
+                    return Ok(HoldOutcome::Replay {
+                        status: status as u16,
+                        content_type: r.try_get::<Option<String>, _>(7)?.unwrap_or_default(),
+                        body: r.try_get::<Option<Vec<u8>>, _>(8)?.unwrap_or_default(),
+                    });
+                }
+                if !expired && lease.is_some_and(|l| l > now) {
+                    return Err(LedgerError::IdempotencyInProgress);
+                }
+                // An expired record, or an in-progress one whose owner is gone: take it over.
+                if let Some(h) = old_hold {
+                    self.resolve(&mut tx, &h, None, "idempotency record taken over").await?;
+                }
+                sqlx::query(
+                    "UPDATE idempotency_records SET method = ?3, path = ?4, fingerprint = ?5, state = 'in_progress', lease_until = ?6, hold_id = NULL,
+                     status_code = NULL, content_type = NULL, response_body = NULL, created_at = ?7, expires_at = ?8 WHERE key_id = ?1 AND idem_key = ?2",
+                )
+                .bind(who.key_id)
+                .bind(&c.key)
+                .bind(&c.method)
+                .bind(&c.path)
+                .bind(c.fingerprint.to_vec())
+                .bind(lease_until)
+                .bind(now)
+                .bind(now + IDEMPOTENCY_TTL.as_millis() as i64)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let amount = units * unit_mc;
+        let row = sqlx::query(
+            "UPDATE accounts SET available_mc = available_mc - ?2, held_mc = held_mc + ?2, updated_at = ?3
+             WHERE id = ?1 AND available_mc >= ?2 RETURNING available_mc, held_mc",
+        )
+        .bind(who.account_id)
+        .bind(amount)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            let available: i64 = sqlx::query("SELECT available_mc FROM accounts WHERE id = ?1")
+                .bind(who.account_id)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
+            // Rolling back drops the idempotency claim too: a retry after a top-up runs again.
+            return Err(LedgerError::Insufficient { available_mc: available, amount_mc: amount, units, unit_mc });
+        };
+        let hold_id = format!("hold_{}", uuid::Uuid::now_v7().simple());
+        sqlx::query(
+            "INSERT INTO holds (id, account_id, key_id, price_id, units, amount_mc, state, kind, lease_until, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'held', 'sync', ?7, ?8)",
+        )
+        .bind(&hold_id)
+        .bind(who.account_id)
+        .bind(who.key_id)
+        .bind(price_id)
+        .bind(units)
+        .bind(amount)
+        .bind(lease_until)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO ledger_entries (account_id, hold_id, kind, available_delta_mc, held_delta_mc, available_after_mc, held_after_mc, actor, created_at)
+             VALUES (?1, ?2, 'hold', ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .bind(who.account_id)
+        .bind(&hold_id)
+        .bind(-amount)
+        .bind(amount)
+        .bind(row.try_get::<i64, _>(0)?)
+        .bind(row.try_get::<i64, _>(1)?)
+        .bind(format!("key:{}", who.key_id))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if let Some(c) = idem {
+            sqlx::query("UPDATE idempotency_records SET hold_id = ?3 WHERE key_id = ?1 AND idem_key = ?2")
+                .bind(who.key_id)
+                .bind(&c.key)
+                .bind(&hold_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(HoldOutcome::Held { hold_id })
+    }
+
+    async fn capture(
+        &self,
+        hold_id: &str,
+        units: i64,
+        response: Option<(&Principal, &str, &StoredResponse)>,
+    ) -> Result<(), LedgerError> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        self.resolve(&mut tx, hold_id, Some(units), "completed").await?;
+        if let Some((who, key, resp)) = response {
+            sqlx::query(
+                "UPDATE idempotency_records SET state = 'completed', lease_until = NULL, status_code = ?4, content_type = ?5, response_body = ?6
+                 WHERE key_id = ?1 AND idem_key = ?2 AND hold_id = ?3",
+            )
+            .bind(who.key_id)
+            .bind(key)
+            .bind(hold_id)
+            .bind(i64::from(resp.status))
+            .bind(&resp.content_type)
+            .bind(&resp.body)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn release(&self, hold_id: &str, reason: &str) -> Result<(), LedgerError> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        self.resolve(&mut tx, hold_id, None, reason).await?;
+        sqlx::query("DELETE FROM idempotency_records WHERE hold_id = ?1 AND state = 'in_progress'")
+            .bind(hold_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn recover(&self) -> Result<u64, LedgerError> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let open: Vec<String> = sqlx::query("SELECT id FROM holds WHERE state = 'held' AND kind = 'sync'")
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
+        for id in &open {
+            self.resolve(&mut tx, id, None, "released at startup: the process holding it ended").await?;
+        }
+        sqlx::query("DELETE FROM idempotency_records WHERE state = 'in_progress'").execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM idempotency_records WHERE expires_at < ?1").bind(now_ms()).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(open.len() as u64)
+    }
+
+    async fn check(&self) -> Result<Vec<Drift>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT a.name, a.available_mc, a.held_mc, a.granted_mc, a.captured_mc,
+                    COALESCE((SELECT SUM(available_delta_mc) FROM ledger_entries e WHERE e.account_id = a.id), 0),
+                    COALESCE((SELECT SUM(held_delta_mc) FROM ledger_entries e WHERE e.account_id = a.id), 0),
+                    COALESCE((SELECT SUM(amount_mc) FROM holds h WHERE h.account_id = a.id AND h.state = 'held'), 0),
+                    COALESCE((SELECT SUM(captured_mc) FROM holds h WHERE h.account_id = a.id AND h.state = 'captured'), 0)
+             FROM accounts a ORDER BY a.id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut drift = Vec::new();
+        for r in rows {
+            let name: String = r.try_get(0)?;
+            let v: Vec<i64> = (1..9).map(|i| r.try_get(i)).collect::<Result<_, _>>()?;
+            let (available, held, granted, captured, sum_avail, sum_held, open_holds, captured_holds) =
+                (v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]);
+            let mut problem = |p: String| drift.push(Drift { account: name.clone(), problem: p });
+            if available != sum_avail {
+                problem(format!("available {available} ≠ journal sum {sum_avail}"));
+            }
+            if held != sum_held {
+                problem(format!("held {held} ≠ journal sum {sum_held}"));
+            }
+            if held != open_holds {
+                problem(format!("held {held} ≠ open holds {open_holds}"));
+            }
+            if captured != captured_holds {
+                problem(format!("captured {captured} ≠ captured holds {captured_holds}"));
+            }
+            if granted != available + held + captured {
+                problem(format!("granted {granted} ≠ available {available} + held {held} + captured {captured}"));
+            }
+        }
+        let dangling = sqlx::query(
+            "SELECT h.id FROM holds h WHERE (SELECT COUNT(*) FROM ledger_entries e WHERE e.hold_id = h.id AND e.kind = 'hold') <> 1
+             OR (h.state <> 'held' AND (SELECT COUNT(*) FROM ledger_entries e WHERE e.hold_id = h.id AND e.kind IN ('capture', 'release')) <> 1)",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for r in dangling {
+            drift.push(Drift {
+                account: String::new(),
+                problem: format!(
+                    "hold {} does not have exactly one opening and one closing entry",
+                    r.try_get::<String, _>(0)?
+                ),
+            });
+        }
+        Ok(drift)
+    }
+
+    async fn usage(&self, key_id: i64) -> Result<Vec<UsageRow>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT strftime('%Y-%m-%d', h.created_at / 1000, 'unixepoch') AS day, p.model, COUNT(*),
+                    COALESCE(SUM(h.captured_units), 0), COALESCE(SUM(h.captured_mc), 0)
+             FROM holds h JOIN model_prices p ON p.id = h.price_id
+             WHERE h.key_id = ?1 AND h.state <> 'held' GROUP BY day, p.model ORDER BY day, p.model",
+        )
+        .bind(key_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let mc: i64 = r.try_get(4)?;
+                Ok(UsageRow {
+                    day: r.try_get(0)?,
+                    model: r.try_get(1)?,
+                    requests: r.try_get(2)?,
+                    images: r.try_get(3)?,
+                    credits: super::fmt_credits(mc),
+                    credits_mc: mc,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("l.db").display());
+        (dir, SqliteStore::open(&url, true).await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn hold_capture_release_keep_the_books_balanced() {
+        let (_d, s) = store().await;
+        let key = s.create_key("alice", 100_000, None).await.unwrap();
+        let who = s.authenticate(&key.secret).await.unwrap().unwrap();
+        assert!(s.authenticate("sk-easel-wrong").await.unwrap().is_none());
+        let price = s.upsert_price("m", "image", 10_000).await.unwrap();
+        assert_eq!(s.upsert_price("m", "image", 10_000).await.unwrap(), price, "same price, same row");
+        let HoldOutcome::Held { hold_id } =
+            s.hold(&who, price, 4, 10_000, Duration::from_secs(60), None).await.unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(s.balance(who.account_id).await.unwrap().held_mc, 40_000);
+        s.capture(&hold_id, 2, None).await.unwrap();
+        s.capture(&hold_id, 2, None).await.unwrap(); // second settle is a no-op
+        let b = s.balance(who.account_id).await.unwrap();
+        assert_eq!((b.available_mc, b.held_mc, b.captured_mc), (80_000, 0, 20_000), "2 of 4 produced: 2 charged");
+        let HoldOutcome::Held { hold_id } =
+            s.hold(&who, price, 1, 10_000, Duration::from_secs(60), None).await.unwrap()
+        else {
+            panic!()
+        };
+        s.release(&hold_id, "backend error").await.unwrap();
+        assert_eq!(s.balance(who.account_id).await.unwrap().available_mc, 80_000);
+        let err = s.hold(&who, price, 9, 10_000, Duration::from_secs(60), None).await.unwrap_err();
+        assert!(err.to_string().contains("balance is 80 credits and this request costs 90"), "{err}");
+        assert!(s.check().await.unwrap().is_empty());
+        let usage = s.usage(who.key_id).await.unwrap();
+        assert_eq!((usage[0].requests, usage[0].images, usage[0].credits_mc), (2, 2, 20_000));
+    }
+
+    #[tokio::test]
+    async fn recovery_releases_orphaned_holds_and_a_second_server_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("l.db").display());
+        let s = SqliteStore::open(&url, true).await.unwrap();
+        assert!(SqliteStore::open(&url, true).await.unwrap_err().to_string().contains("another `easel serve`"));
+        let key = s.create_key("bob", 5_000, None).await.unwrap();
+        let who = s.authenticate(&key.secret).await.unwrap().unwrap();
+        let price = s.upsert_price("m", "image", 1_000).await.unwrap();
+        s.hold(&who, price, 3, 1_000, Duration::from_secs(60), None).await.unwrap();
+        assert_eq!(s.recover().await.unwrap(), 1);
+        assert_eq!(s.balance(who.account_id).await.unwrap().available_mc, 5_000);
+        assert!(s.check().await.unwrap().is_empty());
+    }
+}
