@@ -12,5 +12,6 @@ mod config_cli;
 mod edits;
 mod huggingface;
 mod images_api;
+mod ledger;
 mod openai;
 mod template;

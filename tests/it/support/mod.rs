@@ -70,13 +70,21 @@ impl Gateway {
 
 /// Starts easel with `yaml` (a whole config file; `storage.files` is pointed at a temporary directory).
 pub async fn spawn_gateway(yaml: &str) -> Gateway {
+    spawn_gateway_env(yaml, &[]).await
+}
+
+/// Like [`spawn_gateway`], with extra environment (e.g. `EASEL_ADMIN_TOKEN`) as configuration sees it.
+pub async fn spawn_gateway_env(yaml: &str, extra: &[(&str, &str)]) -> Gateway {
     let dir = tempfile::tempdir().expect("tempdir");
     let files = dir.path().join("files");
     let database = format!("sqlite://{}", dir.path().join("easel.db").display());
-    let env = MapEnv::new([
+    let mut env = MapEnv::new([
         ("EASEL_STORAGE__FILES", files.to_str().expect("utf-8 path")),
         ("EASEL_STORAGE__DATABASE", database.as_str()),
     ]);
+    for (k, v) in extra {
+        env.0.insert((*k).to_owned(), (*v).to_owned());
+    }
     let config = config::from_str(yaml, "test.yaml", Path::new("."), &env).unwrap_or_else(|e| panic!("{e}"));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
