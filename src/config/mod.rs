@@ -112,10 +112,14 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
-    pub const ALL: [BackendKind; 5] = [
+    pub const ALL: [BackendKind; 9] = [
         BackendKind::OpenAi,
         BackendKind::A1111,
+        BackendKind::ComfyUi,
+        BackendKind::InvokeAi,
         BackendKind::HuggingFace,
+        BackendKind::Fal,
+        BackendKind::Replicate,
         BackendKind::Template,
         BackendKind::Simulated,
     ];

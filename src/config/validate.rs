@@ -145,28 +145,24 @@ fn backend(p: &mut Problems, name: &str, b: RawBackend) -> Option<BackendConfig>
     };
 
     // Fields that belong to other kinds are mistakes, not silently ignored.
-    let misplaced: [(&str, bool, &[BackendKind]); 9] = [
-        (
-            "url",
-            b.url.is_some(),
-            &[BackendKind::OpenAi, BackendKind::A1111, BackendKind::HuggingFace, BackendKind::Template],
-        ),
-        (
-            "api_key",
-            b.api_key.is_some(),
-            &[BackendKind::OpenAi, BackendKind::A1111, BackendKind::HuggingFace, BackendKind::Template],
-        ),
+    use BackendKind::{A1111, ComfyUi, Fal, HuggingFace, InvokeAi, OpenAi, Replicate, Simulated, Template};
+    const REMOTE: &[BackendKind] = &[OpenAi, A1111, ComfyUi, InvokeAi, HuggingFace, Fal, Replicate, Template];
+    let misplaced: [(&str, bool, &[BackendKind]); 11] = [
+        ("url", b.url.is_some(), REMOTE),
+        ("api_key", b.api_key.is_some(), REMOTE),
         (
             "max_images_per_call",
             b.max_images_per_call.is_some(),
-            &[BackendKind::OpenAi, BackendKind::A1111, BackendKind::Simulated],
+            &[OpenAi, A1111, ComfyUi, InvokeAi, Fal, Replicate, Simulated],
         ),
-        ("method", b.method.is_some(), &[BackendKind::Template]),
-        ("path", b.path.is_some(), &[BackendKind::Template]),
-        ("body", b.body.is_some(), &[BackendKind::Template]),
-        ("content_type", b.content_type.is_some(), &[BackendKind::Template]),
-        ("response", b.response.is_some(), &[BackendKind::Template]),
-        ("latency", b.latency.is_some() || b.failure.is_some(), &[BackendKind::Simulated]),
+        ("poll_interval", b.poll_interval.is_some(), &[ComfyUi, InvokeAi, Fal, Replicate]),
+        ("queue_id", b.queue_id.is_some(), &[InvokeAi]),
+        ("method", b.method.is_some(), &[Template]),
+        ("path", b.path.is_some(), &[Template]),
+        ("body", b.body.is_some(), &[Template]),
+        ("content_type", b.content_type.is_some(), &[Template]),
+        ("response", b.response.is_some(), &[Template]),
+        ("latency", b.latency.is_some() || b.failure.is_some(), &[Simulated]),
     ];
     for (field, present, kinds) in misplaced {
         if present && !kinds.contains(&kind) {

@@ -14,4 +14,5 @@ mod huggingface;
 mod images_api;
 mod ledger;
 mod openai;
+mod queue_providers;
 mod template;

@@ -2,8 +2,10 @@
 //! per protocol lives in its own file, each a real HTTP server on port 0 with knobs for latency and failures.
 
 pub mod a1111;
+pub mod fal;
 pub mod huggingface;
 pub mod openai;
+pub mod replicate;
 pub mod template_server;
 
 use std::path::Path;
