@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use reqwest::{Method, RequestBuilder, Response};
 
-use super::error::{BackendError, Failure, upstream_message};
+use super::error::{BackendError, Failure, estimated_time, upstream_message};
 use crate::config::BackendConfig;
 
 /// Largest error body read to find the upstream's message.
@@ -70,6 +70,8 @@ impl Http {
             .filter(|s| s.is_finite() && *s >= 0.0)
             .map(Duration::from_secs_f64);
         let body = self.read_capped(resp, url, MAX_ERROR_BODY).await.unwrap_or_default();
+        // Hugging Face says how long a cold model needs in the body instead of a header.
+        let retry_after = retry_after.or_else(|| estimated_time(&body));
         Err(self.error(url, Failure::Status { status, message: upstream_message(&body), hint: None, retry_after }))
     }
 

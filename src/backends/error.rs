@@ -202,6 +202,13 @@ fn json_message(v: &serde_json::Value) -> Option<String> {
     None
 }
 
+/// `estimated_time` (seconds) from a JSON error body, as Hugging Face sends while a model loads.
+pub fn estimated_time(body: &[u8]) -> Option<Duration> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let secs = v.get("estimated_time")?.as_f64()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
 /// At most `max` characters of `s`, marked when cut.
 pub fn excerpt(s: &str, max: usize) -> String {
     let s = s.trim();

@@ -1,10 +1,26 @@
-//! `huggingface` adapter (being written).
+//! `huggingface`: Hugging Face Inference text-to-image, through the router
+//! (`url: https://router.huggingface.co/hf-inference`), the legacy serverless API, or a dedicated Inference
+//! Endpoint. Body `{"inputs", "parameters"}`; `Accept: image/png` (or `image/jpeg` when JPEG is asked) so the
+//! answer is raw image bytes; one image per call.
+//!
+//! Where the request goes: when `upstream_model` is a repo id (`owner/name`), `POST {url}/models/{owner}/{name}`
+//! (router and serverless); otherwise the url is a dedicated endpoint and easel posts to it as is.
+//! A 503 "currently loading" answer carries `estimated_time`, which becomes the `Retry-After` of easel's 503.
+//!
+//! Health: a dedicated endpoint answers `GET {url}/health`; for the router (which has no health route and must
+//! not be sent a paid call) the probe is reachability: any HTTP answer but 401/403.
 
 use std::sync::Arc;
 
+use reqwest::Method;
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use serde_json::{Map, Value, json};
+
 use super::client::Http;
-use super::{Backend, BackendError, Failure, ImageCall, ImageOutput, ProbeReport};
+use super::error::upstream_message;
+use super::{Backend, BackendError, Failure, ImageCall, ImageOutput, ProbeReport, decode_image_b64, image_from_bytes};
 use crate::config::BackendConfig;
+use crate::request::ImageFormat;
 
 pub const KIND: &str = "huggingface";
 
@@ -17,14 +33,99 @@ impl HuggingFaceBackend {
     pub fn new(cfg: Arc<BackendConfig>) -> Result<Self, String> {
         Ok(Self { http: Http::new(cfg)? })
     }
+
+    fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.http.cfg.api_key {
+            Some(k) => rb.header(AUTHORIZATION, format!("Bearer {}", k.expose())),
+            None => rb,
+        }
+    }
+
+    /// True for the router and the serverless API (models addressed by repo id), false for dedicated endpoints.
+    fn routed(model: &str) -> bool {
+        model.contains('/')
+    }
 }
 
 impl Backend for HuggingFaceBackend {
-    async fn generate_images(&self, _call: ImageCall<'_>) -> Result<Vec<ImageOutput>, BackendError> {
-        Err(self.http.error("", Failure::Unsupported("generate images yet")))
+    async fn generate_images(&self, call: ImageCall<'_>) -> Result<Vec<ImageOutput>, BackendError> {
+        let req = call.request;
+        let model = call.model.upstream_model.as_str();
+        let mut parameters = Map::new();
+        if let Some(n) = &req.negative_prompt {
+            parameters.insert("negative_prompt".into(), json!(n));
+        }
+        parameters.insert("width".into(), json!(call.size.width));
+        parameters.insert("height".into(), json!(call.size.height));
+        if let Some(s) = req.steps {
+            parameters.insert("num_inference_steps".into(), json!(s));
+        }
+        if let Some(g) = req.guidance_scale {
+            parameters.insert("guidance_scale".into(), json!(g));
+        }
+        if let Some(seed) = call.seed {
+            parameters.insert("seed".into(), json!(seed));
+        }
+        if let Some(extra) = &req.extra {
+            parameters.extend(extra.clone());
+        }
+        let body = json!({"inputs": req.prompt, "parameters": parameters});
+        let accept = if req.output_format == Some(ImageFormat::Jpeg) { "image/jpeg" } else { "image/png" };
+        let path = if Self::routed(model) { format!("/models/{}", model.trim_matches('/')) } else { String::new() };
+        let (rb, url) = self.http.request(Method::POST, &path);
+        let rb = self.authed(rb).header(ACCEPT, accept).json(&body);
+        let resp = self.http.send(rb, &url).await?;
+        let json_answer =
+            resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.contains("json"));
+        let bytes = self.http.body(resp, &url).await?;
+        let image = if json_answer {
+            // A dedicated endpoint may answer a JSON string of base64, or an error object with status 200.
+            match serde_json::from_slice::<Value>(&bytes) {
+                Ok(Value::String(b64)) => {
+                    decode_image_b64(&b64).map_err(|e| self.http.error(&url, Failure::InvalidResponse(e)))?
+                }
+                _ => {
+                    return Err(self.http.error(
+                        &url,
+                        Failure::InvalidResponse(format!(
+                            "expected an image but got JSON: {}",
+                            upstream_message(&bytes)
+                        )),
+                    ));
+                }
+            }
+        } else {
+            image_from_bytes(bytes).map_err(|e| self.http.error(&url, Failure::InvalidResponse(e)))?
+        };
+        Ok(vec![image])
     }
 
     async fn probe(&self) -> Result<ProbeReport, BackendError> {
-        Err(self.http.error("", Failure::Unsupported("probe yet")))
+        let (rb, url) = self.http.request(Method::GET, "/health");
+        match self.http.send(self.authed(rb), &url).await {
+            Ok(_) => Ok(ProbeReport { ready: true, detail: "Hugging Face endpoint healthy".into() }),
+            Err(e) => match &e.failure {
+                Failure::Status { status: 401 | 403, .. } => Err(e),
+                Failure::Status { status: 503, message, .. } => {
+                    Ok(ProbeReport { ready: false, detail: format!("Hugging Face endpoint starting: {message}") })
+                }
+                Failure::Status { status, .. } => Ok(ProbeReport {
+                    ready: true,
+                    detail: format!("Hugging Face reachable (HTTP {status} on /health)"),
+                }),
+                _ => Err(e),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_repo_ids_to_models_paths() {
+        assert!(HuggingFaceBackend::routed("black-forest-labs/FLUX.1-schnell"));
+        assert!(!HuggingFaceBackend::routed("my-endpoint"));
     }
 }

@@ -40,7 +40,9 @@ impl OpenAiBackend {
         let mut images = Vec::with_capacity(body.data.len());
         for item in body.data {
             let mut out = match (item.b64_json, item.url) {
-                (Some(b64), _) => decode_image_b64(&b64).map_err(|e| self.http.error(url, Failure::InvalidResponse(e)))?,
+                (Some(b64), _) => {
+                    decode_image_b64(&b64).map_err(|e| self.http.error(url, Failure::InvalidResponse(e)))?
+                }
                 (None, Some(u)) if u.starts_with("data:") => {
                     decode_image_b64(&u).map_err(|e| self.http.error(url, Failure::InvalidResponse(e)))?
                 }
@@ -49,7 +51,10 @@ impl OpenAiBackend {
                     image_from_bytes(bytes).map_err(|e| self.http.error(&u, Failure::InvalidResponse(e)))?
                 }
                 (None, None) => {
-                    return Err(self.http.error(url, Failure::InvalidResponse("a `data` item has neither `b64_json` nor `url`".into())));
+                    return Err(self.http.error(
+                        url,
+                        Failure::InvalidResponse("a `data` item has neither `b64_json` nor `url`".into()),
+                    ));
                 }
             };
             out.revised_prompt = item.revised_prompt;
@@ -143,7 +148,9 @@ impl Backend for OpenAiBackend {
         let resp = self.http.send(self.authed(rb), &url).await?;
         let list: Value = self.http.json(resp, &url).await?;
         if list.get("object").and_then(Value::as_str) != Some("list") {
-            return Err(self.http.error(&url, Failure::InvalidResponse("`/v1/models` did not answer an OpenAI model list".into())));
+            return Err(self
+                .http
+                .error(&url, Failure::InvalidResponse("`/v1/models` did not answer an OpenAI model list".into())));
         }
         let n = list.get("data").and_then(Value::as_array).map_or(0, Vec::len);
         Ok(ProbeReport { ready: true, detail: format!("OpenAI-compatible server, {n} models listed") })

@@ -31,7 +31,7 @@ pub struct WorkflowVars<'a> {
     pub steps: u32,
     pub cfg: f64,
     pub batch_size: u32,
-    /// Only set for edits, so a generation through an edit workflow fails with a clear message.
+    /// Only set for edits: printing it in a generation is an undefined-variable error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub image: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -134,7 +134,7 @@ mod tests {
         assert!(err.contains("line 2"), "{err}");
         let err = wf(r#"{"a": "{{ prompt }}"}"#).check().unwrap_err();
         assert!(err.contains("invalid JSON"), "{err}");
-        let err = wf(r#"{"image": {{ image | tojson }}}"#).render(&vars).unwrap_err();
-        assert!(err.contains("image"), "generation through an edit workflow: {err}");
+        let err = wf(r#"{"image": "{{ image }}"}"#).render(&vars).unwrap_err();
+        assert!(err.contains("undefined"), "a generation through an edit workflow: {err}");
     }
 }
