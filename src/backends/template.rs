@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::client::Http;
-use super::workflow::render_text;
+use super::workflow::{check_variables, render_text};
 use super::{Backend, BackendError, Failure, ImageCall, ImageOutput, ProbeReport, decode_image_b64, image_from_bytes};
 use crate::config::{BackendConfig, TemplateConfig};
 
@@ -135,6 +135,11 @@ impl Backend for TemplateBackend {
 /// Checks a body template at config load: it must compile and render with sample values (and be JSON when the
 /// content type is JSON).
 pub fn check_body(body: &str, json: bool) -> Result<(), String> {
+    check_variables(
+        "body",
+        body,
+        &["prompt", "negative_prompt", "seed", "width", "height", "n", "steps", "guidance_scale", "model", "extra"],
+    )?;
     let extra = Map::new();
     let sample = Vars {
         prompt: "a \"quoted\"\nprompt",

@@ -56,6 +56,7 @@ impl Workflow {
 
     /// Renders with sample values (as an edit, so `image`/`mask` are defined) and checks the result is a JSON object.
     pub fn check(&self) -> Result<(), String> {
+        check_variables(&self.path.display().to_string(), &self.source, WORKFLOW_VARIABLES)?;
         let sample = WorkflowVars {
             prompt: "a \"quoted\"\nprompt",
             negative_prompt: "blurry",
@@ -95,6 +96,33 @@ pub fn render_text(name: &str, source: &str, ctx: impl Serialize) -> Result<Stri
     let tmpl = env.get_template(name).map_err(|e| template_error(name, &e))?;
     tmpl.render(minijinja::value::Serde(&ctx)).map_err(|e| template_error(name, &e))
 }
+
+/// Fails when the template uses a variable outside `allowed` (a typo renders as nothing in a filter chain, so
+/// strict undefined alone does not catch it).
+pub fn check_variables(name: &str, source: &str, allowed: &[&str]) -> Result<(), String> {
+    let mut env = Environment::new();
+    env.add_template(name, source).map_err(|e| template_error(name, &e))?;
+    let tmpl = env.get_template(name).map_err(|e| template_error(name, &e))?;
+    let mut unknown: Vec<String> =
+        tmpl.undeclared_variables(false).into_iter().filter(|v| !allowed.contains(&v.as_str())).collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    unknown.sort();
+    let line = source
+        .lines()
+        .position(|l| l.contains(unknown[0].as_str()))
+        .map_or(String::new(), |n| format!(" line {}", n + 1));
+    Err(format!(
+        "template {name}{line} uses unknown variable(s) `{}`; available: {}",
+        unknown.join("`, `"),
+        allowed.join(", ")
+    ))
+}
+
+/// The variables a workflow template may use.
+pub const WORKFLOW_VARIABLES: &[&str] =
+    &["prompt", "negative_prompt", "seed", "width", "height", "steps", "cfg", "batch_size", "image", "mask"];
 
 fn template_error(name: &str, e: &minijinja::Error) -> String {
     match e.line() {
