@@ -1,30 +1,445 @@
-//! `comfyui` adapter (being written).
+//! `comfyui`: a ComfyUI server running an API-format workflow template per model. One call renders the
+//! template (a fresh seed every time unless the request fixed one, so ComfyUI's cache never answers a stale
+//! image), opens the progress socket `/ws?clientId=…`, submits `POST /prompt` with that `client_id`, follows the
+//! job's events to `executing {node: null}`, then reads `/history/{prompt_id}` and downloads every output with
+//! `/view`. If the socket cannot be opened or drops (or the server is behind `https`), `/history` is polled
+//! every `poll_interval` instead. Validation failures (`node_errors`) are the request's fault (400, naming the
+//! node, class and message); a run-time `execution_error` is the backend's (502, naming node and exception).
+//! When the client goes away the queued prompt is deleted, or the running one interrupted. No `Origin` header is
+//! ever sent (ComfyUI answers 403 when Origin and Host differ). Edits upload their inputs with `/upload/image`.
+//!
+//! Health: `GET /system_stats`, with the queue depth from `GET /queue` in the probe's detail.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reqwest::Method;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
 
 use super::client::Http;
-use super::{Backend, BackendError, Failure, ImageCall, ImageOutput, ProbeReport};
+use super::error::excerpt;
+use super::workflow::{DEFAULT_CFG, DEFAULT_STEPS, WorkflowVars};
+use super::{Backend, BackendError, Failure, ImageCall, ImageOutput, InputImage, ProbeReport, image_from_bytes};
 use crate::config::BackendConfig;
+use crate::telemetry::metrics as m;
 
 pub const KIND: &str = "comfyui";
+
+/// How long the progress socket may take to open before easel polls instead.
+const WS_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug)]
 pub struct ComfyUiBackend {
     http: Http,
 }
 
+/// How a job ended, as the socket or the history told.
+enum Ended {
+    Done,
+    Failed(Failure),
+}
+
 impl ComfyUiBackend {
     pub fn new(cfg: Arc<BackendConfig>) -> Result<Self, String> {
         Ok(Self { http: Http::new(cfg)? })
     }
+
+    fn ws_url(&self, client_id: &str) -> Option<String> {
+        let base = self.http.cfg.endpoint("/ws");
+        base.strip_prefix("http://").map(|rest| format!("ws://{rest}?clientId={client_id}"))
+    }
+
+    async fn upload(&self, img: &InputImage) -> Result<String, BackendError> {
+        let (rb, url) = self.http.request(Method::POST, "/upload/image");
+        let part = reqwest::multipart::Part::stream(reqwest::Body::from(img.bytes.clone()))
+            .file_name(img.name.clone())
+            .mime_str(img.format.mime())
+            .map_err(|e| self.http.error(&url, Failure::InvalidResponse(e.to_string())))?;
+        let form = reqwest::multipart::Form::new().part("image", part).text("type", "input").text("overwrite", "true");
+        let resp = self.http.send(rb.multipart(form), &url).await?;
+        let up: Uploaded = self.http.json(resp, &url).await?;
+        Ok(if up.subfolder.is_empty() { up.name } else { format!("{}/{}", up.subfolder, up.name) })
+    }
+
+    /// Submits the prompt; a 400 becomes a `Rejected` naming each failing node.
+    async fn submit(&self, workflow: &Value, client_id: &str) -> Result<String, BackendError> {
+        let (rb, url) = self.http.request(Method::POST, "/prompt");
+        let resp = rb
+            .json(&json!({"prompt": workflow, "client_id": client_id}))
+            .send()
+            .await
+            .map_err(|e| self.http.error(&url, super::client::transport_failure(&e, self.http.cfg.timeout)))?;
+        let status = resp.status();
+        let body = self.http.body(resp, &url).await.unwrap_or_default();
+        if status.as_u16() == 400 {
+            return Err(self.http.error(&url, Failure::Rejected(describe_prompt_error(&body))));
+        }
+        if !status.is_success() {
+            let message = super::error::upstream_message(&body);
+            return Err(self
+                .http
+                .error(&url, Failure::Status { status: status.as_u16(), message, hint: None, retry_after: None }));
+        }
+        let accepted: Accepted = serde_json::from_slice(&body).map_err(|e| {
+            self.http.error(&url, Failure::InvalidResponse(format!("`/prompt` answered without a prompt_id: {e}")))
+        })?;
+        Ok(accepted.prompt_id)
+    }
+
+    /// Follows the job on the socket; `None` when the socket went away and polling must take over.
+    async fn follow_socket<S>(&self, socket: &mut S, prompt_id: &str) -> Option<Ended>
+    where
+        S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+    {
+        while let Some(msg) = socket.next().await {
+            let Ok(Message::Text(text)) = msg else {
+                if msg.is_err() {
+                    return None;
+                }
+                continue; // binary previews, pings
+            };
+            let Ok(event) = serde_json::from_str::<Event>(&text) else { continue };
+            if event.data.get("prompt_id").and_then(Value::as_str).is_some_and(|p| p != prompt_id) {
+                continue;
+            }
+            match event.kind.as_str() {
+                "progress" => {
+                    let (v, max) =
+                        (event.data["value"].as_f64().unwrap_or(0.0), event.data["max"].as_f64().unwrap_or(0.0));
+                    m::job_progress(&self.http.cfg.name, v, max);
+                    tracing::debug!(backend = %self.http.cfg.name, prompt_id, step = v, of = max, "ComfyUI progress.");
+                }
+                "executing"
+                    if event.data.get("node").is_some_and(Value::is_null) && event.data.get("prompt_id").is_some() =>
+                {
+                    return Some(Ended::Done);
+                }
+                "execution_error" => return Some(Ended::Failed(execution_error(&event.data))),
+                "execution_interrupted" => {
+                    return Some(Ended::Failed(Failure::InvalidResponse("ComfyUI interrupted the prompt".into())));
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Polls `/history/{id}` until the prompt has an entry.
+    async fn poll_history(&self, prompt_id: &str) -> Result<HistoryEntry, BackendError> {
+        loop {
+            if let Some(entry) = self.history(prompt_id).await? {
+                return Ok(entry);
+            }
+            tokio::time::sleep(self.http.cfg.poll_interval).await;
+        }
+    }
+
+    async fn history(&self, prompt_id: &str) -> Result<Option<HistoryEntry>, BackendError> {
+        let (rb, url) = self.http.request(Method::GET, &format!("/history/{prompt_id}"));
+        let resp = self.http.send(rb, &url).await?;
+        let mut all: std::collections::HashMap<String, HistoryEntry> = self.http.json(resp, &url).await?;
+        Ok(all.remove(prompt_id))
+    }
+
+    /// Deletes the prompt if it is still queued, else interrupts it.
+    async fn cancel(&self, prompt_id: &str) {
+        let queued = async {
+            let (rb, url) = self.http.request(Method::GET, "/queue");
+            let q: Value = self.http.json(self.http.send(rb, &url).await?, &url).await?;
+            Ok::<bool, BackendError>(
+                q["queue_pending"]
+                    .as_array()
+                    .is_some_and(|items| items.iter().any(|i| i.get(1).and_then(Value::as_str) == Some(prompt_id))),
+            )
+        }
+        .await
+        .unwrap_or(false);
+        let (path, body) = if queued {
+            ("/queue", json!({"delete": [prompt_id]}))
+        } else {
+            ("/interrupt", json!({"prompt_id": prompt_id}))
+        };
+        let (rb, url) = self.http.request(Method::POST, path);
+        if let Err(e) = self.http.send(rb.json(&body), &url).await {
+            tracing::warn!(backend = %self.http.cfg.name, prompt_id, error = %e, "Cancelling a ComfyUI prompt failed.");
+        }
+    }
+
+    async fn download(&self, image: &OutputImage) -> Result<ImageOutput, BackendError> {
+        let (rb, url) = self.http.request(Method::GET, "/view");
+        let rb = rb.query(&[
+            ("filename", image.filename.as_str()),
+            ("subfolder", image.subfolder.as_str()),
+            ("type", image.kind.as_str()),
+        ]);
+        let resp = self.http.send(rb, &url).await?;
+        let bytes = self.http.body(resp, &url).await?;
+        image_from_bytes(bytes).map_err(|e| self.http.error(&url, Failure::InvalidResponse(e)))
+    }
 }
 
 impl Backend for ComfyUiBackend {
-    async fn generate_images(&self, _call: ImageCall<'_>) -> Result<Vec<ImageOutput>, BackendError> {
-        Err(self.http.error("", Failure::Unsupported("generate images yet")))
+    async fn generate_images(&self, call: ImageCall<'_>) -> Result<Vec<ImageOutput>, BackendError> {
+        let Some(workflow) = call.model.workflow.as_ref() else {
+            return Err(self.http.error("", Failure::Unsupported("run a model without a `workflow`")));
+        };
+        let req = call.request;
+        let (mut image, mut mask) = (None, None);
+        if let Some(edit) = call.edit {
+            if let Some(first) = edit.images.first() {
+                image = Some(self.upload(first).await?);
+            }
+            if let Some(m) = &edit.mask {
+                mask = Some(self.upload(m).await?);
+            }
+        }
+        let vars = WorkflowVars {
+            prompt: &req.prompt,
+            negative_prompt: req.negative_prompt.as_deref().unwrap_or(""),
+            seed: call.seed.unwrap_or_else(|| u64::from(rand::random::<u32>())),
+            width: call.size.width,
+            height: call.size.height,
+            steps: req.steps.unwrap_or(DEFAULT_STEPS),
+            cfg: req.guidance_scale.unwrap_or(DEFAULT_CFG),
+            batch_size: call.count,
+            image: image.as_deref(),
+            mask: if call.edit.is_some() { Some(mask.as_deref().unwrap_or("")) } else { None },
+        };
+        let graph = workflow
+            .render(&vars)
+            .map_err(|e| self.http.error("", Failure::InvalidResponse(format!("rendering the workflow: {e}"))))?;
+
+        let client_id = uuid::Uuid::now_v7().to_string();
+        // Open the socket before submitting so no event is missed.
+        let mut socket = match self.ws_url(&client_id) {
+            Some(ws) => {
+                match tokio::time::timeout(WS_CONNECT_TIMEOUT, tokio_tungstenite::connect_async(ws.as_str())).await {
+                    Ok(Ok((stream, _))) => Some(stream),
+                    Ok(Err(e)) => {
+                        tracing::info!(backend = %self.http.cfg.name, error = %e, "ComfyUI progress socket refused; polling history.");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            }
+            None => None,
+        };
+        let prompt_id = self.submit(&graph, &client_id).await?;
+
+        let followed = async {
+            let ended = match socket.as_mut() {
+                Some(s) => self.follow_socket(s, &prompt_id).await,
+                None => None,
+            };
+            match ended {
+                Some(Ended::Failed(f)) => Err(f),
+                Some(Ended::Done) => Ok(()),
+                None => {
+                    if socket.is_some() {
+                        tracing::info!(backend = %self.http.cfg.name, prompt_id = %prompt_id, "ComfyUI progress socket dropped; polling history.");
+                    }
+                    Ok(())
+                }
+            }
+        };
+        let url = self.http.cfg.endpoint("/prompt");
+        tokio::select! {
+            r = followed => r.map_err(|f| self.http.error(&url, f))?,
+            () = call.cancel.cancelled() => {
+                self.cancel(&prompt_id).await;
+                return Err(self.http.error(&url, Failure::InvalidResponse(format!("cancelled: the client went away (prompt {prompt_id} deleted or interrupted)"))));
+            }
+        }
+        drop(socket);
+        let entry = tokio::select! {
+            r = self.poll_history(&prompt_id) => r?,
+            () = call.cancel.cancelled() => {
+                self.cancel(&prompt_id).await;
+                return Err(self.http.error(&url, Failure::InvalidResponse("cancelled: the client went away".into())));
+            }
+        };
+        if entry.status.as_ref().is_some_and(|s| s.status_str == "error") {
+            let failure = entry
+                .status
+                .as_ref()
+                .and_then(|s| s.messages.iter().find(|(k, _)| k == "execution_error").map(|(_, d)| execution_error(d)))
+                .unwrap_or_else(|| Failure::InvalidResponse("the prompt ended in error (interrupted?)".into()));
+            return Err(self.http.error(&url, failure));
+        }
+        let mut nodes: Vec<(&String, &NodeOutput)> = entry.outputs.iter().collect();
+        nodes.sort_by_key(|(id, _)| (id.parse::<u64>().unwrap_or(u64::MAX), (*id).clone()));
+        let mut images = Vec::new();
+        for (_, out) in nodes {
+            for img in &out.images {
+                images.push(self.download(img).await?);
+            }
+        }
+        if images.is_empty() {
+            return Err(self.http.error(
+                &url,
+                Failure::InvalidResponse("the workflow produced no images (does it end in SaveImage?)".into()),
+            ));
+        }
+        Ok(images)
     }
 
     async fn probe(&self) -> Result<ProbeReport, BackendError> {
-        Err(self.http.error("", Failure::Unsupported("probe yet")))
+        let (rb, url) = self.http.request(Method::GET, "/system_stats");
+        let stats: Value = self.http.json(self.http.send(rb, &url).await?, &url).await?;
+        let Some(system) = stats.get("system") else {
+            return Err(self
+                .http
+                .error(&url, Failure::InvalidResponse("`/system_stats` has no `system`: is this ComfyUI?".into())));
+        };
+        let version = system.get("comfyui_version").and_then(Value::as_str).unwrap_or("unknown version");
+        let (rb, url) = self.http.request(Method::GET, "/queue");
+        let queue = match self.http.send(rb, &url).await {
+            Ok(resp) => self.http.json::<Value>(resp, &url).await.ok(),
+            Err(_) => None,
+        };
+        let count = |k: &str| queue.as_ref().and_then(|q| q[k].as_array().map(Vec::len)).unwrap_or(0);
+        Ok(ProbeReport {
+            ready: true,
+            detail: format!(
+                "ComfyUI {version}, queue {} running / {} pending",
+                count("queue_running"),
+                count("queue_pending")
+            ),
+        })
+    }
+
+    fn supports_edits(&self) -> bool {
+        true
+    }
+}
+
+/// `node 4 (CheckpointLoaderSimple): Value not in list: ckpt_name: 'x' not in []` for each node error.
+fn describe_prompt_error(body: &[u8]) -> String {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return excerpt(&String::from_utf8_lossy(body), 300);
+    };
+    let mut parts = Vec::new();
+    if let Some(nodes) = v.get("node_errors").and_then(Value::as_object) {
+        for (id, node) in nodes {
+            let class = node.get("class_type").and_then(Value::as_str).unwrap_or("?");
+            let errors: Vec<String> = node
+                .get("errors")
+                .and_then(Value::as_array)
+                .map(|errs| {
+                    errs.iter()
+                        .map(|e| {
+                            let msg = e.get("message").and_then(Value::as_str).unwrap_or("invalid");
+                            match e.get("details").and_then(Value::as_str) {
+                                Some(d) if !d.is_empty() => format!("{msg}: {d}"),
+                                _ => msg.to_owned(),
+                            }
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            parts.push(format!("node {id} ({class}): {}", errors.join("; ")));
+        }
+    }
+    if parts.is_empty() {
+        let e = &v["error"];
+        let msg = e.get("message").and_then(Value::as_str).unwrap_or("the workflow was rejected");
+        match e.get("details").and_then(Value::as_str) {
+            Some(d) if !d.is_empty() => parts.push(format!("{msg} ({d})")),
+            _ => parts.push(msg.to_owned()),
+        }
+    }
+    format!("ComfyUI rejected the workflow: {}", parts.join("; "))
+}
+
+fn execution_error(d: &Value) -> Failure {
+    let s = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
+    Failure::InvalidResponse(format!(
+        "ComfyUI failed at node {} ({}): {}: {}",
+        s("node_id"),
+        s("node_type"),
+        s("exception_type"),
+        excerpt(&s("exception_message"), 300)
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct Uploaded {
+    name: String,
+    #[serde(default)]
+    subfolder: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Accepted {
+    prompt_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Event {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    data: Value,
+}
+
+#[derive(Debug, Deserialize)]
+struct HistoryEntry {
+    #[serde(default)]
+    outputs: std::collections::HashMap<String, NodeOutput>,
+    status: Option<HistoryStatus>,
+}
+
+#[derive(Debug, Deserialize)]
+struct HistoryStatus {
+    #[serde(default)]
+    status_str: String,
+    #[serde(default)]
+    messages: Vec<(String, Value)>,
+}
+
+#[derive(Debug, Deserialize)]
+struct NodeOutput {
+    #[serde(default)]
+    images: Vec<OutputImage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct OutputImage {
+    filename: String,
+    #[serde(default)]
+    subfolder: String,
+    #[serde(rename = "type", default = "output_type")]
+    kind: String,
+}
+
+fn output_type() -> String {
+    "output".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describes_validation_and_runtime_failures() {
+        let body = br#"{"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation", "details": "", "extra_info": {}},
+            "node_errors": {"1": {"errors": [{"type": "value_smaller_than_min", "message": "Value 0 smaller than min of 1", "details": "width", "extra_info": {}}], "dependent_outputs": ["3"], "class_type": "EmptyImage"}}}"#;
+        assert_eq!(
+            describe_prompt_error(body),
+            "ComfyUI rejected the workflow: node 1 (EmptyImage): Value 0 smaller than min of 1: width"
+        );
+        let body = br#"{"error": {"type": "invalid_prompt", "message": "Cannot execute because node NoSuchNode does not exist.", "details": "Node ID '#2'", "extra_info": {}}, "node_errors": {}}"#;
+        assert!(describe_prompt_error(body).contains("NoSuchNode does not exist. (Node ID '#2')"));
+        let f = execution_error(
+            &json!({"node_id": "2", "node_type": "ImageToMask", "exception_type": "IndexError", "exception_message": "index 3 is out of bounds"}),
+        );
+        let Failure::InvalidResponse(m) = f else { panic!() };
+        assert_eq!(m, "ComfyUI failed at node 2 (ImageToMask): IndexError: index 3 is out of bounds");
+        let h: HistoryEntry = serde_json::from_value(json!({"prompt": [0, "p", {}, {}, ["3"]], "outputs": {"3": {"images": [{"filename": "a.png", "subfolder": "", "type": "output"}]}},
+            "status": {"status_str": "success", "completed": true, "messages": [["execution_start", {"prompt_id": "p"}]]}})).unwrap();
+        assert_eq!(h.outputs["3"].images[0].filename, "a.png");
     }
 }

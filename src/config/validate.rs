@@ -393,12 +393,6 @@ fn model(
             return None;
         }
     };
-    if m.workflow.is_some() {
-        p.push((
-            format!("{at}.workflow"),
-            "`workflow` is for comfyui and invokeai backends, which this build does not have".into(),
-        ));
-    }
     if m.backends.is_empty() {
         p.push((format!("{at}.backends"), "list at least one backend".into()));
     }

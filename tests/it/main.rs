@@ -8,6 +8,7 @@ mod support;
 
 mod a1111;
 mod admission;
+mod comfyui;
 mod config_cli;
 mod edits;
 mod huggingface;

@@ -1,0 +1,80 @@
+//! A closed-loop HTTP load generator for the benchmarks: C workers each send the same POST back to back for a
+//! fixed time and record latencies. Usage: `loadgen URL BODY_JSON CONCURRENCY SECONDS [WARMUP_SECONDS]`.
+//! Prints one JSON line: requests, errors, req/s, p50/p99 in ms.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1000.0
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let url = args.get(1).context("URL")?.clone();
+    let body = args.get(2).context("BODY")?.clone();
+    let concurrency: usize = args.get(3).context("CONCURRENCY")?.parse()?;
+    let seconds: f64 = args.get(4).context("SECONDS")?.parse()?;
+    let warmup: f64 = args.get(5).map_or(Ok(1.0), |s| s.parse())?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let (lat, errors, elapsed) = rt.block_on(async move {
+        let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
+        let warm_end = Instant::now() + Duration::from_secs_f64(warmup);
+        let end = warm_end + Duration::from_secs_f64(seconds);
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0u64;
+                while Instant::now() < end {
+                    let started = Instant::now();
+                    let ok = match client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await
+                    {
+                        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                        Err(_) => false,
+                    };
+                    if started >= warm_end {
+                        if ok {
+                            lat.push(started.elapsed());
+                        } else {
+                            errors += 1;
+                        }
+                    }
+                }
+                (lat, errors)
+            }));
+        }
+        let mut all = Vec::new();
+        let mut errors = 0;
+        for t in tasks {
+            let (l, e) = t.await?;
+            all.extend(l);
+            errors += e;
+        }
+        anyhow::Ok((all, errors, seconds))
+    })?;
+    let mut lat = lat;
+    lat.sort_unstable();
+    let line = format!(
+        "{{\"requests\":{},\"errors\":{},\"rps\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3}}}",
+        lat.len(),
+        errors,
+        lat.len() as f64 / elapsed,
+        percentile(&lat, 0.50),
+        percentile(&lat, 0.99)
+    );
+    writeln!(std::io::stdout(), "{line}")?;
+    Ok(())
+}

@@ -1,0 +1,298 @@
+//! A fake ComfyUI (HTTP + WebSocket) on 127.0.0.1:0, faithful to the protocol notes: `/prompt` with validation
+//! (`node_errors` 400s), a one-at-a-time queue worker that emits `execution_start`, `progress`, `executed`,
+//! `execution_success` and `executing {node: null}` to the submitting client's socket, `/history` (`{}` until
+//! done), `/view`, `/upload/image`, `/queue` (list and delete), `/interrupt`, `/system_stats`, and 403 when an
+//! `Origin` differs from `Host`. Knobs: run time, a run-time `execution_error`, dropping or refusing the socket.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Multipart, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, broadcast};
+
+#[derive(Default)]
+pub struct Knobs {
+    /// Time a job runs, in 5 progress steps.
+    pub run_ms: AtomicU32,
+    pub fail_exec: AtomicBool,
+    /// Close every socket when a job starts.
+    pub drop_ws: AtomicBool,
+    /// Answer 404 to `/ws`.
+    pub refuse_ws: AtomicBool,
+}
+
+#[derive(Default)]
+pub struct Inner {
+    pub pending: VecDeque<(String, String, Value)>,
+    pub running: Option<String>,
+    pub history: HashMap<String, Value>,
+    pub files: HashMap<String, Vec<u8>>,
+    /// Every workflow received.
+    pub prompts: Vec<Value>,
+    pub deleted: Vec<String>,
+    pub interrupts: u32,
+    pub uploads: Vec<String>,
+    pub origins_refused: u32,
+}
+
+pub struct ComfyState {
+    pub knobs: Knobs,
+    pub inner: Mutex<Inner>,
+    events: broadcast::Sender<(String, String)>,
+    work: Notify,
+    interrupt: AtomicBool,
+    counter: AtomicU64,
+}
+
+pub struct FakeComfy {
+    pub url: String,
+    pub state: Arc<ComfyState>,
+}
+
+pub async fn start() -> FakeComfy {
+    let (events, _) = broadcast::channel(1024);
+    let state = Arc::new(ComfyState {
+        knobs: Knobs::default(),
+        inner: Mutex::default(),
+        events,
+        work: Notify::new(),
+        interrupt: AtomicBool::new(false),
+        counter: AtomicU64::new(0),
+    });
+    let app = axum::Router::new()
+        .route("/prompt", post(submit))
+        .route("/ws", get(ws))
+        .route("/history/{id}", get(history))
+        .route("/view", get(view))
+        .route("/upload/image", post(upload))
+        .route("/queue", get(queue).post(queue_delete))
+        .route("/interrupt", post(interrupt))
+        .route("/system_stats", get(|| async { Json(json!({"system": {"os": "posix", "comfyui_version": "0.3.64", "python_version": "3.11", "pytorch_version": "2.15.0+cu132", "embedded_python": false, "argv": ["main.py", "--cpu"]}, "devices": [{"name": "cpu", "type": "cpu", "index": null}]})) }))
+        .with_state(Arc::clone(&state));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    tokio::spawn(worker(Arc::clone(&state)));
+    FakeComfy { url, state }
+}
+
+fn emit(s: &ComfyState, client: &str, kind: &str, data: Value) {
+    let _ = s.events.send((client.to_owned(), json!({"type": kind, "data": data}).to_string()));
+}
+
+fn origin_refused(s: &ComfyState, headers: &HeaderMap) -> bool {
+    let host = headers.get("host").and_then(|v| v.to_str().ok()).unwrap_or("");
+    match headers.get("origin").and_then(|v| v.to_str().ok()) {
+        Some(origin) if !origin.ends_with(host) => {
+            s.inner.lock().unwrap().origins_refused += 1;
+            true
+        }
+        _ => false,
+    }
+}
+
+async fn submit(State(s): State<Arc<ComfyState>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    if origin_refused(&s, &headers) {
+        return StatusCode::FORBIDDEN.into_response();
+    }
+    let Some(prompt) = body.get("prompt").and_then(Value::as_object) else {
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": {"type": "no_prompt", "message": "No prompt provided", "details": "", "extra_info": {}}, "node_errors": {}}))).into_response();
+    };
+    s.inner.lock().unwrap().prompts.push(body["prompt"].clone());
+    for (id, node) in prompt {
+        let class = node.get("class_type").and_then(Value::as_str).unwrap_or("");
+        if class == "NoSuchNode" || class.is_empty() {
+            return (StatusCode::BAD_REQUEST, Json(json!({"error": {"type": "invalid_prompt", "message": format!("Cannot execute because node {class} does not exist."), "details": format!("Node ID '#{id}'"), "extra_info": {}}, "node_errors": {}}))).into_response();
+        }
+        if node["inputs"].get("width").and_then(Value::as_u64) == Some(0) {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation", "details": "", "extra_info": {}},
+                    "node_errors": {id: {"errors": [{"type": "value_smaller_than_min", "message": "Value 0 smaller than min of 16", "details": "width", "extra_info": {"input_name": "width"}}], "dependent_outputs": ["9"], "class_type": class}}})),
+            )
+                .into_response();
+        }
+    }
+    let id = uuid::Uuid::now_v7().to_string();
+    let client = body.get("client_id").and_then(Value::as_str).unwrap_or("").to_owned();
+    let number = s.counter.fetch_add(1, Ordering::SeqCst);
+    s.inner.lock().unwrap().pending.push_back((id.clone(), client, body["prompt"].clone()));
+    s.work.notify_one();
+    Json(json!({"prompt_id": id, "number": number, "node_errors": {}})).into_response()
+}
+
+fn png(seed: u64, w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(w.clamp(1, 256), h.clamp(1, 256), image::Rgb([(seed % 256) as u8, 128, 64]));
+    let mut out = Vec::new();
+    image::DynamicImage::ImageRgb8(img).write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    out
+}
+
+/// Finds an input anywhere in the workflow.
+fn input(wf: &Value, name: &str) -> Option<u64> {
+    wf.as_object()?.values().find_map(|n| n["inputs"].get(name).and_then(Value::as_u64))
+}
+
+async fn worker(s: Arc<ComfyState>) {
+    loop {
+        let next = s.inner.lock().unwrap().pending.pop_front();
+        let Some((id, client, wf)) = next else {
+            s.work.notified().await;
+            continue;
+        };
+        s.inner.lock().unwrap().running = Some(id.clone());
+        s.interrupt.store(false, Ordering::SeqCst);
+        emit(&s, &client, "execution_start", json!({"prompt_id": id, "timestamp": 1}));
+        emit(&s, &client, "execution_cached", json!({"nodes": [], "prompt_id": id, "timestamp": 1}));
+        if s.knobs.drop_ws.load(Ordering::SeqCst) {
+            let _ = s.events.send((client.clone(), "__close__".into()));
+        }
+        let run = u64::from(s.knobs.run_ms.load(Ordering::SeqCst));
+        let mut interrupted = false;
+        for step in 1..=5u64 {
+            tokio::time::sleep(Duration::from_millis(run / 5)).await;
+            if s.interrupt.load(Ordering::SeqCst) {
+                interrupted = true;
+                break;
+            }
+            emit(&s, &client, "progress", json!({"value": step, "max": 5, "prompt_id": id, "node": "3"}));
+        }
+        let mut messages = vec![json!(["execution_start", {"prompt_id": id}])];
+        let entry = if interrupted {
+            let d = json!({"prompt_id": id, "node_id": "9", "node_type": "SaveImage", "executed": []});
+            emit(&s, &client, "execution_interrupted", d.clone());
+            messages.push(json!(["execution_interrupted", d]));
+            json!({"prompt": [0, id, wf, {"client_id": client}, ["9"]], "outputs": {}, "status": {"status_str": "error", "completed": false, "messages": messages}})
+        } else if s.knobs.fail_exec.load(Ordering::SeqCst) {
+            let d = json!({"prompt_id": id, "node_id": "3", "node_type": "KSampler", "executed": ["1"], "exception_message": "Allocation on device 0 would exceed allowed memory. (out of memory)", "exception_type": "torch.OutOfMemoryError", "traceback": ["..."], "current_inputs": {}, "current_outputs": []});
+            emit(&s, &client, "execution_error", d.clone());
+            messages.push(json!(["execution_error", d]));
+            json!({"prompt": [0, id, wf, {"client_id": client}, ["9"]], "outputs": {}, "status": {"status_str": "error", "completed": false, "messages": messages}})
+        } else {
+            let seed = input(&wf, "seed").unwrap_or(0);
+            let (w, h) = (input(&wf, "width").unwrap_or(64) as u32, input(&wf, "height").unwrap_or(64) as u32);
+            let batch = input(&wf, "batch_size").unwrap_or(1);
+            let mut images = Vec::new();
+            for i in 0..batch {
+                let name = format!("easel_{:05}_.png", s.counter.fetch_add(1, Ordering::SeqCst));
+                s.inner.lock().unwrap().files.insert(name.clone(), png(seed + i, w, h));
+                images.push(json!({"filename": name, "subfolder": "", "type": "output"}));
+            }
+            emit(
+                &s,
+                &client,
+                "executed",
+                json!({"node": "9", "display_node": "9", "output": {"images": images}, "prompt_id": id}),
+            );
+            emit(&s, &client, "execution_success", json!({"prompt_id": id, "timestamp": 2}));
+            messages.push(json!(["execution_success", {"prompt_id": id}]));
+            json!({"prompt": [0, id, wf, {"client_id": client}, ["9"]], "outputs": {"9": {"images": images}}, "status": {"status_str": "success", "completed": true, "messages": messages}})
+        };
+        {
+            let mut inner = s.inner.lock().unwrap();
+            inner.history.insert(id.clone(), entry);
+            inner.running = None;
+        }
+        emit(&s, &client, "executing", json!({"node": null, "display_node": null, "prompt_id": id}));
+    }
+}
+
+async fn ws(
+    State(s): State<Arc<ComfyState>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if s.knobs.refuse_ws.load(Ordering::SeqCst) || origin_refused(&s, &headers) {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let client = q.get("clientId").cloned().unwrap_or_default();
+    let rx = s.events.subscribe();
+    upgrade.on_upgrade(move |socket| serve_socket(socket, client, rx))
+}
+
+async fn serve_socket(mut socket: WebSocket, client: String, mut rx: broadcast::Receiver<(String, String)>) {
+    let hello =
+        json!({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": client}}).to_string();
+    if socket.send(Message::Text(hello.into())).await.is_err() {
+        return;
+    }
+    while let Ok((to, text)) = rx.recv().await {
+        if to != client {
+            continue;
+        }
+        if text == "__close__" {
+            let _ = socket.send(Message::Close(None)).await;
+            return;
+        }
+        if socket.send(Message::Text(text.into())).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn history(State(s): State<Arc<ComfyState>>, Path(id): Path<String>) -> Json<Value> {
+    let inner = s.inner.lock().unwrap();
+    Json(match inner.history.get(&id) {
+        Some(entry) => json!({ id: entry }),
+        None => json!({}),
+    })
+}
+
+async fn view(State(s): State<Arc<ComfyState>>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let name = q.get("filename").cloned().unwrap_or_default();
+    match s.inner.lock().unwrap().files.get(&name) {
+        Some(bytes) if q.get("type").map(String::as_str) == Some("output") => {
+            ([("content-type", "image/png")], bytes.clone()).into_response()
+        }
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn upload(State(s): State<Arc<ComfyState>>, mut form: Multipart) -> Response {
+    let mut name = None;
+    while let Some(field) = form.next_field().await.unwrap() {
+        if field.name() == Some("image") {
+            name = field.file_name().map(str::to_owned);
+            let _ = field.bytes().await.unwrap();
+        }
+    }
+    let Some(name) = name else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    s.inner.lock().unwrap().uploads.push(name.clone());
+    Json(json!({"name": name, "subfolder": "", "type": "input"})).into_response()
+}
+
+async fn queue(State(s): State<Arc<ComfyState>>) -> Json<Value> {
+    let inner = s.inner.lock().unwrap();
+    let running: Vec<Value> = inner.running.iter().map(|id| json!([0, id, {}, {}, ["9"]])).collect();
+    let pending: Vec<Value> =
+        inner.pending.iter().enumerate().map(|(i, (id, _, _))| json!([i + 1, id, {}, {}, ["9"]])).collect();
+    Json(json!({"queue_running": running, "queue_pending": pending}))
+}
+
+async fn queue_delete(State(s): State<Arc<ComfyState>>, Json(body): Json<Value>) -> StatusCode {
+    let ids: Vec<String> = body["delete"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    let mut inner = s.inner.lock().unwrap();
+    inner.pending.retain(|(id, _, _)| !ids.contains(id));
+    inner.deleted.extend(ids);
+    StatusCode::OK
+}
+
+async fn interrupt(State(s): State<Arc<ComfyState>>) -> StatusCode {
+    s.inner.lock().unwrap().interrupts += 1;
+    s.interrupt.store(true, Ordering::SeqCst);
+    StatusCode::OK
+}
