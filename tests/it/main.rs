@@ -13,6 +13,7 @@ mod config_cli;
 mod edits;
 mod huggingface;
 mod images_api;
+mod invokeai;
 mod ledger;
 mod openai;
 mod queue_providers;

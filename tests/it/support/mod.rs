@@ -5,6 +5,7 @@ pub mod a1111;
 pub mod comfyui;
 pub mod fal;
 pub mod huggingface;
+pub mod invokeai;
 pub mod openai;
 pub mod replicate;
 pub mod template_server;
