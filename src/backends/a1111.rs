@@ -102,7 +102,7 @@ impl Backend for A1111Backend {
             r = self.http.send(rb, &url) => r.map_err(|e| self.explain(e))?,
             () = call.cancel.cancelled() => {
                 self.interrupt().await;
-                return Err(self.http.error(&url, Failure::InvalidResponse("cancelled: the client went away (A1111 interrupted)".into())));
+                return Err(self.http.error(&url, Failure::JobFailed("cancelled: the client went away (A1111 interrupted)".into())));
             }
         };
         let parsed: Txt2ImgResponse = self.http.json(resp, &url).await?;

@@ -119,7 +119,7 @@ impl ComfyUiBackend {
                 }
                 "execution_error" => return Some(Ended::Failed(execution_error(&event.data))),
                 "execution_interrupted" => {
-                    return Some(Ended::Failed(Failure::InvalidResponse("ComfyUI interrupted the prompt".into())));
+                    return Some(Ended::Failed(Failure::JobFailed("ComfyUI interrupted the prompt".into())));
                 }
                 _ => {}
             }
@@ -144,7 +144,9 @@ impl ComfyUiBackend {
         Ok(all.remove(prompt_id))
     }
 
-    /// Deletes the prompt if it is still queued, else interrupts it.
+    /// Deletes the prompt if it is still queued, else interrupts it and waits (within the backend timeout) until
+    /// ComfyUI has really stopped: its interrupt is cooperative, and the admission slot must stay held until the
+    /// GPU is free.
     async fn cancel(&self, prompt_id: &str) {
         let queued = async {
             let (rb, url) = self.http.request(Method::GET, "/queue");
@@ -165,6 +167,10 @@ impl ComfyUiBackend {
         let (rb, url) = self.http.request(Method::POST, path);
         if let Err(e) = self.http.send(rb.json(&body), &url).await {
             tracing::warn!(backend = %self.http.cfg.name, prompt_id, error = %e, "Cancelling a ComfyUI prompt failed.");
+            return;
+        }
+        if !queued {
+            let _ = tokio::time::timeout(self.http.cfg.timeout, self.poll_history(prompt_id)).await;
         }
     }
 
@@ -250,7 +256,7 @@ impl Backend for ComfyUiBackend {
             r = followed => r.map_err(|f| self.http.error(&url, f))?,
             () = call.cancel.cancelled() => {
                 self.cancel(&prompt_id).await;
-                return Err(self.http.error(&url, Failure::InvalidResponse(format!("cancelled: the client went away (prompt {prompt_id} deleted or interrupted)"))));
+                return Err(self.http.error(&url, Failure::JobFailed(format!("cancelled: the client went away (prompt {prompt_id} deleted or interrupted)"))));
             }
         }
         drop(socket);
@@ -258,7 +264,7 @@ impl Backend for ComfyUiBackend {
             r = self.poll_history(&prompt_id) => r?,
             () = call.cancel.cancelled() => {
                 self.cancel(&prompt_id).await;
-                return Err(self.http.error(&url, Failure::InvalidResponse("cancelled: the client went away".into())));
+                return Err(self.http.error(&url, Failure::JobFailed("cancelled: the client went away".into())));
             }
         };
         if entry.status.as_ref().is_some_and(|s| s.status_str == "error") {
@@ -266,7 +272,7 @@ impl Backend for ComfyUiBackend {
                 .status
                 .as_ref()
                 .and_then(|s| s.messages.iter().find(|(k, _)| k == "execution_error").map(|(_, d)| execution_error(d)))
-                .unwrap_or_else(|| Failure::InvalidResponse("the prompt ended in error (interrupted?)".into()));
+                .unwrap_or_else(|| Failure::JobFailed("the prompt ended in error (interrupted?)".into()));
             return Err(self.http.error(&url, failure));
         }
         let mut nodes: Vec<(&String, &NodeOutput)> = entry.outputs.iter().collect();
@@ -356,7 +362,7 @@ fn describe_prompt_error(body: &[u8]) -> String {
 
 fn execution_error(d: &Value) -> Failure {
     let s = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
-    Failure::InvalidResponse(format!(
+    Failure::JobFailed(format!(
         "ComfyUI failed at node {} ({}): {}: {}",
         s("node_id"),
         s("node_type"),
@@ -436,7 +442,7 @@ mod tests {
         let f = execution_error(
             &json!({"node_id": "2", "node_type": "ImageToMask", "exception_type": "IndexError", "exception_message": "index 3 is out of bounds"}),
         );
-        let Failure::InvalidResponse(m) = f else { panic!() };
+        let Failure::JobFailed(m) = f else { panic!() };
         assert_eq!(m, "ComfyUI failed at node 2 (ImageToMask): IndexError: index 3 is out of bounds");
         let h: HistoryEntry = serde_json::from_value(json!({"prompt": [0, "p", {}, {}, ["3"]], "outputs": {"3": {"images": [{"filename": "a.png", "subfolder": "", "type": "output"}]}},
             "status": {"status_str": "success", "completed": true, "messages": [["execution_start", {"prompt_id": "p"}]]}})).unwrap();

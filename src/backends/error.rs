@@ -39,6 +39,9 @@ pub enum Failure {
     Rejected(String),
     /// The backend answered success, but not in the shape its protocol defines.
     InvalidResponse(String),
+    /// The backend accepted the job and then failed it (ComfyUI `execution_error`, an InvokeAI item `failed`, a
+    /// Replicate prediction `failed`), or the job was cancelled.
+    JobFailed(String),
     /// The backend kind cannot do this operation.
     Unsupported(&'static str),
 }
@@ -52,7 +55,7 @@ impl BackendError {
     /// request (a 4xx the client caused would fail everywhere).
     pub fn retryable(&self) -> bool {
         match &self.failure {
-            Failure::Connect(_) | Failure::Timeout(_) | Failure::InvalidResponse(_) => true,
+            Failure::Connect(_) | Failure::Timeout(_) | Failure::InvalidResponse(_) | Failure::JobFailed(_) => true,
             Failure::Status { status, .. } => !matches!(status, 400 | 413 | 415 | 422),
             Failure::Rejected(_) | Failure::Unsupported(_) => false,
         }
@@ -63,7 +66,8 @@ impl BackendError {
         match &self.failure {
             Failure::Connect(_) | Failure::Timeout(_) | Failure::InvalidResponse(_) => true,
             Failure::Status { status, .. } => *status >= 500,
-            Failure::Rejected(_) | Failure::Unsupported(_) => false,
+            // The server is alive and answering; the job (or its workflow) failed.
+            Failure::Rejected(_) | Failure::Unsupported(_) | Failure::JobFailed(_) => false,
         }
     }
 
@@ -76,6 +80,7 @@ impl BackendError {
             Failure::Status { .. } => "upstream_4xx",
             Failure::Rejected(_) => "rejected",
             Failure::InvalidResponse(_) => "invalid_response",
+            Failure::JobFailed(_) => "job_failed",
             Failure::Unsupported(_) => "unsupported",
         }
     }
@@ -127,6 +132,7 @@ impl fmt::Display for BackendError {
             Failure::InvalidResponse(detail) => {
                 write!(f, "backend `{name}` ({kind}) sent a response easel cannot use from {url}: {detail}")
             }
+            Failure::JobFailed(detail) => write!(f, "backend `{name}` ({kind}) failed the job: {detail}"),
             Failure::Unsupported(op) => write!(f, "backend `{name}` ({kind}) cannot {op}"),
         }
     }

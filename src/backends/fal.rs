@@ -100,7 +100,7 @@ impl Backend for FalBackend {
                 r = async { let resp = self.http.send(rb, &status_url).await?; self.http.json::<Status>(resp, &status_url).await } => r?,
                 () = call.cancel.cancelled() => {
                     self.cancel(&submitted.cancel_url).await;
-                    return Err(self.http.error(&url, Failure::InvalidResponse("cancelled: the client went away".into())));
+                    return Err(self.http.error(&url, Failure::JobFailed("cancelled: the client went away".into())));
                 }
             };
             for log in status.logs.iter().skip(seen_logs) {
@@ -112,10 +112,9 @@ impl Backend for FalBackend {
                 "COMPLETED" => break,
                 "IN_QUEUE" | "IN_PROGRESS" => {}
                 "FAILED" | "CANCELED" | "CANCELLED" | "ERROR" => {
-                    return Err(self.http.error(
-                        &status_url,
-                        Failure::InvalidResponse(format!("the fal request ended {}", status.status)),
-                    ));
+                    return Err(self
+                        .http
+                        .error(&status_url, Failure::JobFailed(format!("the fal request ended {}", status.status))));
                 }
                 other => {
                     tracing::debug!(backend = %self.http.cfg.name, status = %other, "Unknown fal status; still waiting.")
@@ -125,7 +124,7 @@ impl Backend for FalBackend {
                 () = tokio::time::sleep(self.http.cfg.poll_interval) => {}
                 () = call.cancel.cancelled() => {
                     self.cancel(&submitted.cancel_url).await;
-                    return Err(self.http.error(&url, Failure::InvalidResponse("cancelled: the client went away".into())));
+                    return Err(self.http.error(&url, Failure::JobFailed("cancelled: the client went away".into())));
                 }
             }
         }

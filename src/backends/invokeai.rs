@@ -117,12 +117,10 @@ impl InvokeAiBackend {
                     let msg = item["error_message"].as_str().unwrap_or("no message");
                     return Err(self
                         .http
-                        .error(&url, Failure::InvalidResponse(format!("InvokeAI item {id} failed: {kind}: {msg}"))));
+                        .error(&url, Failure::JobFailed(format!("InvokeAI item {id} failed: {kind}: {msg}"))));
                 }
                 "canceled" => {
-                    return Err(self
-                        .http
-                        .error(&url, Failure::InvalidResponse(format!("InvokeAI item {id} was canceled"))));
+                    return Err(self.http.error(&url, Failure::JobFailed(format!("InvokeAI item {id} was canceled"))));
                 }
                 _ => tokio::time::sleep(self.http.cfg.poll_interval).await,
             }
@@ -228,7 +226,7 @@ impl Backend for InvokeAiBackend {
             () = call.cancel.cancelled() => {
                 self.cancel(&ids).await;
                 let url = self.http.cfg.endpoint(&self.queue_path("/enqueue_batch"));
-                return Err(self.http.error(&url, Failure::InvalidResponse(format!("cancelled: the client went away (items {ids:?} canceled)"))));
+                return Err(self.http.error(&url, Failure::JobFailed(format!("cancelled: the client went away (items {ids:?} canceled)"))));
             }
         };
         if names.is_empty() {

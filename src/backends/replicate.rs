@@ -49,7 +49,7 @@ impl ReplicateBackend {
     }
 
     fn cancelled(&self, url: &str) -> BackendError {
-        self.http.error(url, Failure::InvalidResponse("cancelled: the client went away".into()))
+        self.http.error(url, Failure::JobFailed("cancelled: the client went away".into()))
     }
 }
 
@@ -126,14 +126,14 @@ impl Backend for ReplicateBackend {
                 let failure = if error.to_ascii_lowercase().contains("nsfw") {
                     Failure::Rejected(format!("prediction {} failed: {error}", prediction.id))
                 } else {
-                    Failure::InvalidResponse(format!("prediction {} failed: {error}", prediction.id))
+                    Failure::JobFailed(format!("prediction {} failed: {error}", prediction.id))
                 };
                 return Err(self.http.error(&url, failure));
             }
             "canceled" | "aborted" => {
                 return Err(self.http.error(
                     &url,
-                    Failure::InvalidResponse(format!("prediction {} was {}", prediction.id, prediction.status)),
+                    Failure::JobFailed(format!("prediction {} was {}", prediction.id, prediction.status)),
                 ));
             }
             _ => {}

@@ -132,7 +132,9 @@ fn backend_shape(b: &BackendError) -> Shape {
             _ => Shape::new(StatusCode::BAD_GATEWAY, SERVER, "backend_error"),
         },
         Failure::Rejected(_) => Shape::new(StatusCode::BAD_REQUEST, INVALID, "backend_rejected_request"),
-        Failure::InvalidResponse(_) => Shape::new(StatusCode::BAD_GATEWAY, SERVER, "backend_error"),
+        Failure::InvalidResponse(_) | Failure::JobFailed(_) => {
+            Shape::new(StatusCode::BAD_GATEWAY, SERVER, "backend_error")
+        }
         Failure::Unsupported(_) => Shape::new(StatusCode::BAD_REQUEST, INVALID, "unsupported_operation"),
     }
 }
