@@ -80,7 +80,7 @@ pub struct ImagesResponse {
 impl ImagesResponse {
     /// Writes the JSON body. Image bytes are base64-encoded directly into the output buffer.
     pub fn to_json(&self) -> Bytes {
-        let engine = &base64::engine::general_purpose::STANDARD;
+        let engine = crate::media::base64_encoder();
         let estimate: usize = self
             .data
             .iter()

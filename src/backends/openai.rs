@@ -5,6 +5,7 @@
 //!
 //! Health: `GET {url}/v1/models` with the key (an OpenAI-compatible server answers `{"object": "list"}`).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use reqwest::Method;
@@ -35,8 +36,12 @@ impl OpenAiBackend {
         }
     }
 
-    /// Turns the upstream's `data[]` into images, downloading URL items.
-    async fn collect(&self, url: &str, body: ImagesBody) -> Result<Vec<ImageOutput>, BackendError> {
+    /// Turns the upstream's `data[]` into images, downloading URL items. Base64 is decoded straight from the
+    /// response buffer (borrowed, not copied into a `String`).
+    async fn collect(&self, url: &str, raw: bytes::Bytes) -> Result<Vec<ImageOutput>, BackendError> {
+        let body: ImagesBody<'_> = serde_json::from_slice(&raw).map_err(|e| {
+            self.http.error(url, Failure::InvalidResponse(format!("the JSON body does not match the protocol: {e}")))
+        })?;
         let mut images = Vec::with_capacity(body.data.len());
         for item in body.data {
             let mut out = match (item.b64_json, item.url) {
@@ -57,7 +62,7 @@ impl OpenAiBackend {
                     ));
                 }
             };
-            out.revised_prompt = item.revised_prompt;
+            out.revised_prompt = item.revised_prompt.map(|t| t.0.into_owned());
             images.push(out);
         }
         Ok(images)
@@ -139,8 +144,8 @@ impl Backend for OpenAiBackend {
             }
         };
         let resp = self.http.send(self.authed(rb), &path).await?;
-        let parsed: ImagesBody = self.http.json(resp, &path).await?;
-        self.collect(&path, parsed).await
+        let raw = self.http.body(resp, &path).await?;
+        self.collect(&path, raw).await
     }
 
     async fn probe(&self) -> Result<ProbeReport, BackendError> {
@@ -161,18 +166,34 @@ impl Backend for OpenAiBackend {
     }
 }
 
-/// The part of `ImagesResponse` easel reads; base64 is borrowed as owned strings only once.
+/// The part of `ImagesResponse` easel reads, borrowing from the response buffer (owned only when the JSON
+/// string has escapes).
 #[derive(Debug, Deserialize)]
-struct ImagesBody {
-    #[serde(default)]
-    data: Vec<ImageItem>,
+struct ImagesBody<'a> {
+    #[serde(default, borrow)]
+    data: Vec<ImageItem<'a>>,
 }
 
 #[derive(Debug, Deserialize)]
-struct ImageItem {
-    b64_json: Option<String>,
-    url: Option<String>,
-    revised_prompt: Option<String>,
+struct ImageItem<'a> {
+    #[serde(borrow)]
+    b64_json: Option<Text<'a>>,
+    #[serde(borrow)]
+    url: Option<Text<'a>>,
+    #[serde(borrow)]
+    revised_prompt: Option<Text<'a>>,
+}
+
+/// A JSON string borrowed from the buffer when it has no escapes (serde borrows a `Cow` only when it is a field
+/// of its own, not inside an `Option`).
+#[derive(Debug, Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
 }
 
 #[cfg(test)]
@@ -181,9 +202,11 @@ mod tests {
 
     #[test]
     fn parses_both_answer_shapes() {
-        let b: ImagesBody = serde_json::from_value(json!({"created": 1, "data": [{"b64_json": "iVBORw0KGgo=", "revised_prompt": "r"}, {"url": "https://x/y.png"}], "usage": {"total_tokens": 3}})).unwrap();
+        let raw = r#"{"created": 1, "data": [{"b64_json": "iVBORw0KGgo=", "revised_prompt": "r"}, {"url": "https:\/\/x/y.png"}], "usage": {"total_tokens": 3}}"#;
+        let b: ImagesBody<'_> = serde_json::from_str(raw).unwrap();
+        assert!(matches!(b.data[0].b64_json, Some(Text(Cow::Borrowed(_)))), "base64 is borrowed, not copied");
         assert_eq!(b.data.len(), 2);
-        assert_eq!(b.data[1].url.as_deref(), Some("https://x/y.png"));
+        assert_eq!(b.data[1].url.as_deref(), Some("https://x/y.png"), "escapes still work (owned)");
         assert!(takes_response_format("dall-e-3"));
         assert!(takes_response_format("sd-turbo"));
         assert!(!takes_response_format("gpt-image-1"));
