@@ -24,6 +24,9 @@ pub async fn readyz_handler(State(state): State<AppState>) -> Response {
     if let Err(e) = state.files.check().await {
         reasons.push(e.to_string());
     }
+    if let Err(e) = state.ledger.ping().await {
+        reasons.push(e.to_string());
+    }
     let ready: Vec<&str> =
         state.backend_list.iter().filter(|b| b.health.is_ready()).map(|b| b.cfg.name.as_str()).collect();
     if ready.is_empty() {

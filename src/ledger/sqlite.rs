@@ -69,6 +69,12 @@ impl SqliteStore {
         Ok(Self { pool, write: Mutex::new(()), _lock: lock, path })
     }
 
+    /// A trivial query, for `/readyz`.
+    pub async fn ping(&self) -> Result<(), LedgerError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     async fn find_key(&self, conn: &mut sqlx::SqliteConnection, key: &str) -> Result<KeyInfo, LedgerError> {
         let row = sqlx::query(
             "SELECT k.id, k.name, k.prefix, k.allowed_models, k.created_at, k.revoked_at, a.available_mc, a.held_mc

@@ -190,3 +190,19 @@ async fn replicate_failures_and_cancellation() {
     );
     wait_for("the cancel to reach Replicate", || rep.state.cancelled.load(Ordering::SeqCst)).await;
 }
+
+#[tokio::test]
+async fn slow_queue_jobs_time_out_and_are_cancelled() {
+    let fal = support::fal::start().await;
+    fal.state.never_done.store(true, Ordering::SeqCst);
+    let gw = spawn_gateway(&fal_config(&fal.url).replace("timeout: 10s", "timeout: 400ms")).await;
+    let (s, _, body) = gw.post_json("/v1/images/generations", json!({"model": "flux", "prompt": "p"})).await;
+    assert_eq!(s, 504, "{body}");
+    assert_eq!(body["error"]["code"], "backend_timeout");
+
+    let rep = support::replicate::start().await;
+    rep.state.never_done.store(true, Ordering::SeqCst);
+    let gw = spawn_gateway(&replicate_config(&rep.url, "o/n").replace("timeout: 10s", "timeout: 400ms")).await;
+    let (s, _, body) = gw.post_json("/v1/images/generations", json!({"model": "sdxl", "prompt": "p"})).await;
+    assert_eq!(s, 504, "{body}");
+}
