@@ -49,6 +49,14 @@ impl Http {
         self.client.request(method, url)
     }
 
+    /// Adds `Authorization: Bearer <api_key>` when the backend has a key.
+    pub fn bearer(&self, rb: RequestBuilder) -> RequestBuilder {
+        match &self.cfg.api_key {
+            Some(k) => rb.bearer_auth(k.expose()),
+            None => rb,
+        }
+    }
+
     /// An error for this backend.
     pub fn error(&self, url: &str, failure: Failure) -> BackendError {
         BackendError::new(&self.cfg.name, self.cfg.kind, url, failure)

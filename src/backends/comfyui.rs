@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::client::Http;
 use super::error::excerpt;
-use super::workflow::{DEFAULT_CFG, DEFAULT_STEPS, WorkflowVars};
+use super::workflow::{WorkflowVars, fresh_seed};
 use super::{Backend, BackendError, Failure, ImageCall, ImageOutput, InputImage, ProbeReport, image_from_bytes};
 use crate::config::BackendConfig;
 use crate::telemetry::metrics as m;
@@ -50,6 +50,20 @@ impl ComfyUiBackend {
     fn ws_url(&self, client_id: &str) -> Option<String> {
         let base = self.http.cfg.endpoint("/ws");
         base.strip_prefix("http://").map(|rest| format!("ws://{rest}?clientId={client_id}"))
+    }
+
+    /// Uploads an edit's first image and mask; their names for the template.
+    async fn upload_inputs(&self, call: &ImageCall<'_>) -> Result<(Option<String>, Option<String>), BackendError> {
+        let Some(edit) = call.edit else { return Ok((None, None)) };
+        let image = match edit.images.first() {
+            Some(i) => Some(self.upload(i).await?),
+            None => None,
+        };
+        let mask = match &edit.mask {
+            Some(m) => Some(self.upload(m).await?),
+            None => None,
+        };
+        Ok((image, mask))
     }
 
     async fn upload(&self, img: &InputImage) -> Result<String, BackendError> {
@@ -192,28 +206,9 @@ impl Backend for ComfyUiBackend {
         let Some(workflow) = call.model.workflow.as_ref() else {
             return Err(self.http.error("", Failure::Unsupported("run a model without a `workflow`")));
         };
-        let req = call.request;
-        let (mut image, mut mask) = (None, None);
-        if let Some(edit) = call.edit {
-            if let Some(first) = edit.images.first() {
-                image = Some(self.upload(first).await?);
-            }
-            if let Some(m) = &edit.mask {
-                mask = Some(self.upload(m).await?);
-            }
-        }
-        let vars = WorkflowVars {
-            prompt: &req.prompt,
-            negative_prompt: req.negative_prompt.as_deref().unwrap_or(""),
-            seed: call.seed.unwrap_or_else(|| u64::from(rand::random::<u32>())),
-            width: call.size.width,
-            height: call.size.height,
-            steps: req.steps.unwrap_or(DEFAULT_STEPS),
-            cfg: req.guidance_scale.unwrap_or(DEFAULT_CFG),
-            batch_size: call.count,
-            image: image.as_deref(),
-            mask: if call.edit.is_some() { Some(mask.as_deref().unwrap_or("")) } else { None },
-        };
+        let (image, mask) = self.upload_inputs(&call).await?;
+        let seed = call.seed.unwrap_or_else(fresh_seed);
+        let vars = WorkflowVars::for_call(&call, seed, call.count, image.as_deref(), mask.as_deref());
         let graph = workflow
             .render(&vars)
             .map_err(|e| self.http.error("", Failure::InvalidResponse(format!("rendering the workflow: {e}"))))?;

@@ -7,7 +7,6 @@
 
 use std::sync::Arc;
 
-use base64::Engine;
 use reqwest::Method;
 use reqwest::header::{ACCEPT, AUTHORIZATION};
 use serde::Deserialize;
@@ -71,10 +70,10 @@ impl Backend for FalBackend {
         input.insert("output_format".into(), json!(format));
         if let Some(edit) = call.edit {
             if let Some(first) = edit.images.first() {
-                input.insert("image_url".into(), json!(data_url(&first.bytes, first.format)));
+                input.insert("image_url".into(), json!(crate::media::data_url(&first.bytes, first.format)));
             }
             if let Some(mask) = &edit.mask {
-                input.insert("mask_url".into(), json!(data_url(&mask.bytes, mask.format)));
+                input.insert("mask_url".into(), json!(crate::media::data_url(&mask.bytes, mask.format)));
             }
         }
         if let Some(extra) = &req.extra {
@@ -172,10 +171,6 @@ impl Backend for FalBackend {
     fn supports_edits(&self) -> bool {
         true
     }
-}
-
-fn data_url(bytes: &[u8], format: ImageFormat) -> String {
-    format!("data:{};base64,{}", format.mime(), base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
 #[derive(Debug, Deserialize)]

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use reqwest::Method;
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::header::{ACCEPT, CONTENT_TYPE};
 use serde_json::{Map, Value, json};
 
 use super::client::Http;
@@ -32,13 +32,6 @@ pub struct HuggingFaceBackend {
 impl HuggingFaceBackend {
     pub fn new(cfg: Arc<BackendConfig>) -> Result<Self, String> {
         Ok(Self { http: Http::new(cfg)? })
-    }
-
-    fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match &self.http.cfg.api_key {
-            Some(k) => rb.header(AUTHORIZATION, format!("Bearer {}", k.expose())),
-            None => rb,
-        }
     }
 
     /// True for the router and the serverless API (models addressed by repo id), false for dedicated endpoints.
@@ -73,7 +66,7 @@ impl Backend for HuggingFaceBackend {
         let accept = if req.output_format == Some(ImageFormat::Jpeg) { "image/jpeg" } else { "image/png" };
         let path = if Self::routed(model) { format!("/models/{}", model.trim_matches('/')) } else { String::new() };
         let (rb, url) = self.http.request(Method::POST, &path);
-        let rb = self.authed(rb).header(ACCEPT, accept).json(&body);
+        let rb = self.http.bearer(rb).header(ACCEPT, accept).json(&body);
         let resp = self.http.send(rb, &url).await?;
         let json_answer =
             resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.contains("json"));
@@ -102,7 +95,7 @@ impl Backend for HuggingFaceBackend {
 
     async fn probe(&self) -> Result<ProbeReport, BackendError> {
         let (rb, url) = self.http.request(Method::GET, "/health");
-        match self.http.send(self.authed(rb), &url).await {
+        match self.http.send(self.http.bearer(rb), &url).await {
             Ok(_) => Ok(ProbeReport { ready: true, detail: "Hugging Face endpoint healthy".into() }),
             Err(e) => match &e.failure {
                 Failure::Status { status: 401 | 403, .. } => Err(e),

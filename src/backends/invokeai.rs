@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::client::Http;
-use super::workflow::{DEFAULT_CFG, DEFAULT_STEPS, WorkflowVars};
+use super::workflow::{WorkflowVars, fresh_seed};
 use super::{Backend, BackendError, Failure, ImageCall, ImageOutput, InputImage, ProbeReport, image_from_bytes};
 use crate::config::BackendConfig;
 use crate::telemetry::metrics as m;
@@ -36,6 +36,20 @@ impl InvokeAiBackend {
 
     fn queue_path(&self, rest: &str) -> String {
         format!("/api/v1/queue/{}{rest}", self.http.cfg.queue_id)
+    }
+
+    /// Uploads an edit's first image and mask; their image names for the template.
+    async fn upload_inputs(&self, call: &ImageCall<'_>) -> Result<(Option<String>, Option<String>), BackendError> {
+        let Some(edit) = call.edit else { return Ok((None, None)) };
+        let image = match edit.images.first() {
+            Some(i) => Some(self.upload(i).await?),
+            None => None,
+        };
+        let mask = match &edit.mask {
+            Some(m) => Some(self.upload(m).await?),
+            None => None,
+        };
+        Ok((image, mask))
     }
 
     async fn upload(&self, img: &InputImage) -> Result<String, BackendError> {
@@ -169,32 +183,13 @@ impl Backend for InvokeAiBackend {
         let Some(workflow) = call.model.workflow.as_ref() else {
             return Err(self.http.error("", Failure::Unsupported("run a model without a `workflow`")));
         };
-        let req = call.request;
-        let (mut image, mut mask) = (None, None);
-        if let Some(edit) = call.edit {
-            if let Some(first) = edit.images.first() {
-                image = Some(self.upload(first).await?);
-            }
-            if let Some(m) = &edit.mask {
-                mask = Some(self.upload(m).await?);
-            }
-        }
-        let base_seed = call.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
+        let (image, mask) = self.upload_inputs(&call).await?;
+        let base_seed = call.seed.unwrap_or_else(fresh_seed);
         let destination = format!("easel:{}", uuid::Uuid::now_v7());
         let mut graphs = Vec::with_capacity(call.count as usize);
         for i in 0..u64::from(call.count) {
-            let vars = WorkflowVars {
-                prompt: &req.prompt,
-                negative_prompt: req.negative_prompt.as_deref().unwrap_or(""),
-                seed: base_seed.wrapping_add(i) & u64::from(u32::MAX),
-                width: call.size.width,
-                height: call.size.height,
-                steps: req.steps.unwrap_or(DEFAULT_STEPS),
-                cfg: req.guidance_scale.unwrap_or(DEFAULT_CFG),
-                batch_size: 1,
-                image: image.as_deref(),
-                mask: if call.edit.is_some() { Some(mask.as_deref().unwrap_or("")) } else { None },
-            };
+            let seed = base_seed.wrapping_add(i) & u64::from(u32::MAX);
+            let vars = WorkflowVars::for_call(&call, seed, 1, image.as_deref(), mask.as_deref());
             graphs.push(
                 workflow
                     .render(&vars)

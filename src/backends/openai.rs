@@ -9,7 +9,6 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use reqwest::Method;
-use reqwest::header::AUTHORIZATION;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -27,13 +26,6 @@ pub struct OpenAiBackend {
 impl OpenAiBackend {
     pub fn new(cfg: Arc<BackendConfig>) -> Result<Self, String> {
         Ok(Self { http: Http::new(cfg)? })
-    }
-
-    fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match &self.http.cfg.api_key {
-            Some(k) => rb.header(AUTHORIZATION, format!("Bearer {}", k.expose())),
-            None => rb,
-        }
     }
 
     /// Turns the upstream's `data[]` into images, downloading URL items. Base64 is decoded straight from the
@@ -143,14 +135,14 @@ impl Backend for OpenAiBackend {
                 (url, rb.multipart(form))
             }
         };
-        let resp = self.http.send(self.authed(rb), &path).await?;
+        let resp = self.http.send(self.http.bearer(rb), &path).await?;
         let raw = self.http.body(resp, &path).await?;
         self.collect(&path, raw).await
     }
 
     async fn probe(&self) -> Result<ProbeReport, BackendError> {
         let (rb, url) = self.http.request(Method::GET, "/v1/models");
-        let resp = self.http.send(self.authed(rb), &url).await?;
+        let resp = self.http.send(self.http.bearer(rb), &url).await?;
         let list: Value = self.http.json(resp, &url).await?;
         if list.get("object").and_then(Value::as_str) != Some("list") {
             return Err(self

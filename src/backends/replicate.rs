@@ -7,9 +7,7 @@
 
 use std::sync::Arc;
 
-use base64::Engine;
 use reqwest::Method;
-use reqwest::header::AUTHORIZATION;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -33,16 +31,9 @@ impl ReplicateBackend {
         Ok(Self { http: Http::new(cfg)? })
     }
 
-    fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match &self.http.cfg.api_key {
-            Some(k) => rb.header(AUTHORIZATION, format!("Bearer {}", k.expose())),
-            None => rb,
-        }
-    }
-
     async fn cancel(&self, p: &Prediction) {
         let Some(url) = p.urls.cancel.as_deref() else { return };
-        let rb = self.authed(self.http.request_url(Method::POST, url));
+        let rb = self.http.bearer(self.http.request_url(Method::POST, url));
         if let Err(e) = self.http.send(rb, url).await {
             tracing::warn!(backend = %self.http.cfg.name, error = %e, "Cancelling a Replicate prediction failed.");
         }
@@ -78,10 +69,10 @@ impl Backend for ReplicateBackend {
         }
         if let Some(edit) = call.edit {
             if let Some(first) = edit.images.first() {
-                input.insert("image".into(), json!(data_url(&first.bytes, first.format)));
+                input.insert("image".into(), json!(crate::media::data_url(&first.bytes, first.format)));
             }
             if let Some(mask) = &edit.mask {
-                input.insert("mask".into(), json!(data_url(&mask.bytes, mask.format)));
+                input.insert("mask".into(), json!(crate::media::data_url(&mask.bytes, mask.format)));
             }
         }
         if let Some(extra) = &req.extra {
@@ -95,7 +86,7 @@ impl Backend for ReplicateBackend {
         };
         let wait = self.http.cfg.timeout.as_secs().clamp(1, MAX_WAIT_SECS);
         let (rb, url) = self.http.request(Method::POST, &path);
-        let rb = self.authed(rb).header("Prefer", format!("wait={wait}")).json(&body);
+        let rb = self.http.bearer(rb).header("Prefer", format!("wait={wait}")).json(&body);
         let resp = tokio::select! {
             r = self.http.send(rb, &url) => r?,
             () = call.cancel.cancelled() => return Err(self.cancelled(&url)),
@@ -115,7 +106,7 @@ impl Backend for ReplicateBackend {
                     return Err(self.cancelled(&get));
                 }
             }
-            let rb = self.authed(self.http.request_url(Method::GET, &get));
+            let rb = self.http.bearer(self.http.request_url(Method::GET, &get));
             let resp = self.http.send(rb, &get).await?;
             prediction = self.http.json(resp, &get).await?;
         }
@@ -163,7 +154,7 @@ impl Backend for ReplicateBackend {
 
     async fn probe(&self) -> Result<ProbeReport, BackendError> {
         let (rb, url) = self.http.request(Method::GET, "/v1/account");
-        let resp = self.http.send(self.authed(rb), &url).await?;
+        let resp = self.http.send(self.http.bearer(rb), &url).await?;
         let account: Value = self.http.json(resp, &url).await?;
         let who = account.get("username").and_then(Value::as_str).unwrap_or("unknown");
         Ok(ProbeReport { ready: true, detail: format!("Replicate account {who}") })
@@ -172,10 +163,6 @@ impl Backend for ReplicateBackend {
     fn supports_edits(&self) -> bool {
         true
     }
-}
-
-fn data_url(bytes: &[u8], format: ImageFormat) -> String {
-    format!("data:{};base64,{}", format.mime(), base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
 #[derive(Debug, Deserialize)]

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use reqwest::Method;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
+use reqwest::header::CONTENT_TYPE;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -86,10 +86,7 @@ impl Backend for TemplateBackend {
             })?;
             rb.header(CONTENT_TYPE, &t.content_type).body(body)
         };
-        let rb = match &self.http.cfg.api_key {
-            Some(k) => rb.header(AUTHORIZATION, format!("Bearer {}", k.expose())),
-            None => rb,
-        };
+        let rb = self.http.bearer(rb);
         let resp = self.http.send(rb, &url).await?;
         let bytes = self.http.body(resp, &url).await?;
         let Some(path) = &t.images else {

@@ -38,6 +38,37 @@ pub struct WorkflowVars<'a> {
     pub mask: Option<&'a str>,
 }
 
+impl<'a> WorkflowVars<'a> {
+    /// The variables of one render: the request's fields with the documented defaults, this render's seed and
+    /// batch, and for edits the uploaded input names (`mask` is the empty string when the edit has none).
+    pub fn for_call(
+        call: &'a super::ImageCall<'a>,
+        seed: u64,
+        batch_size: u32,
+        image: Option<&'a str>,
+        mask: Option<&'a str>,
+    ) -> Self {
+        let req = call.request;
+        Self {
+            prompt: &req.prompt,
+            negative_prompt: req.negative_prompt.as_deref().unwrap_or(""),
+            seed,
+            width: call.size.width,
+            height: call.size.height,
+            steps: req.steps.unwrap_or(DEFAULT_STEPS),
+            cfg: req.guidance_scale.unwrap_or(DEFAULT_CFG),
+            batch_size,
+            image,
+            mask: if call.edit.is_some() { Some(mask.unwrap_or("")) } else { None },
+        }
+    }
+}
+
+/// A fresh seed when the request fixed none (a 32-bit value, which every node type accepts).
+pub fn fresh_seed() -> u64 {
+    u64::from(rand::random::<u32>())
+}
+
 /// Default steps when neither the request nor the model sets them.
 pub const DEFAULT_STEPS: u32 = 20;
 /// Default guidance when neither the request nor the model sets it.

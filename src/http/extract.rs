@@ -26,18 +26,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ImageBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let limit = req.extensions().get::<BodyLimit>().map_or(64 << 20, |l| l.0);
-        let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-        let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        if let Some(len) = req
-            .headers()
-            .get(axum::http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok())
-            && len > limit
-        {
-            return Err(Error::PayloadTooLarge { limit }.into());
-        }
+        let (limit, mime) = limits(&req)?;
         let object = match mime.as_str() {
             "application/json" | "" => {
                 let bytes = read_body(req, limit).await?;
@@ -78,6 +67,22 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ImageBody<T> {
         };
         from_value(Value::Object(object)).map(ImageBody)
     }
+}
+
+/// The route's body limit and the request's media type; refuses a declared length over the limit at once.
+fn limits(req: &Request) -> Result<(usize, String), ApiError> {
+    let limit = req.extensions().get::<BodyLimit>().map_or(64 << 20, |l| l.0);
+    let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(Error::PayloadTooLarge { limit }.into());
+    }
+    Ok((limit, mime))
 }
 
 async fn read_body(req: Request, limit: usize) -> Result<axum::body::Bytes, ApiError> {
@@ -194,18 +199,7 @@ impl<S: Send + Sync> FromRequest<S> for EditBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let limit = req.extensions().get::<BodyLimit>().map_or(64 << 20, |l| l.0);
-        let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-        let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        if let Some(len) = req
-            .headers()
-            .get(axum::http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok())
-            && len > limit
-        {
-            return Err(Error::PayloadTooLarge { limit }.into());
-        }
+        let (limit, mime) = limits(&req)?;
         match mime.as_str() {
             "multipart/form-data" => {
                 let mut multipart = Multipart::from_request(req, state).await.map_err(multipart_rejection)?;

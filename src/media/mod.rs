@@ -44,6 +44,11 @@ pub fn base64_encoder() -> &'static Simd {
     &ENCODE
 }
 
+/// `data:<mime>;base64,<data>` for image bytes (how fal and Replicate take inputs).
+pub fn data_url(bytes: &[u8], format: ImageFormat) -> String {
+    format!("data:{};base64,{}", format.mime(), ENCODE.encode(bytes))
+}
+
 /// Decodes base64 (standard or URL-safe, padded or not, line-wrapped or not), accepting a
 /// `data:<mime>;base64,` prefix. The common case (standard alphabet, no whitespace) is one SIMD pass.
 pub fn decode_base64(data: &str) -> Result<Bytes, String> {

@@ -1,8 +1,7 @@
 //! The real binary: `config check` on good and bad files, `--version`, usage errors, and `serve` on port 0 with
 //! a graceful SIGTERM that lets the in-flight request finish.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -88,28 +87,7 @@ fn version_help_and_usage_errors() {
 async fn serve_finishes_in_flight_requests_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("easel.yaml"), "backends:\n  slow:\n    kind: simulated\n    latency: 700ms\nmodels:\n  - id: m\n    backends: [slow]\n    default_size: 16x16\n").unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .current_dir(dir.path())
-        .env("NO_COLOR", "1")
-        .env_remove("EASEL_CONFIG")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("listening on http://") {
-                let url: String = line[i + "listening on ".len()..]
-                    .chars()
-                    .take_while(|c| !c.is_whitespace() && *c != '\u{1b}')
-                    .collect();
-                let _ = tx.send(url);
-            }
-        }
-    });
-    let url = rx.recv_timeout(TEST_TIMEOUT).expect("easel did not start");
+    let (mut child, url) = crate::support::start_binary(dir.path(), &[]);
     let client = reqwest::Client::new();
     let request = tokio::spawn({
         let client = client.clone();

@@ -2,13 +2,12 @@
 //! partial capture, a refund on every failure path, Idempotency-Key replay and mismatch, 401/403/402, and a real
 //! binary killed with SIGKILL while holding credits.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{Gateway, TEST_TIMEOUT, spawn_gateway_env};
+use crate::support::{Gateway, TEST_TIMEOUT, spawn_gateway_env, start_binary};
 
 const ADMIN: &str = "admin-secret";
 
@@ -278,33 +277,6 @@ async fn keys_are_required_and_scoped() {
 
 const BIN: &str = env!("CARGO_BIN_EXE_easel");
 
-fn start(dir: &std::path::Path) -> (std::process::Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .current_dir(dir)
-        .env("NO_COLOR", "1")
-        .env("EASEL_ADMIN_TOKEN", ADMIN)
-        .env_remove("EASEL_CONFIG")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("listening on http://") {
-                let url: String = line[i + "listening on ".len()..]
-                    .chars()
-                    .take_while(|c| !c.is_whitespace() && *c != '\u{1b}')
-                    .collect();
-                let _ = tx.send(url);
-            }
-        }
-    });
-    let url = rx.recv_timeout(TEST_TIMEOUT).expect("easel did not start");
-    (child, url)
-}
-
 #[tokio::test]
 async fn sigkill_while_holding_credits_costs_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -324,7 +296,7 @@ async fn sigkill_while_holding_credits_costs_nothing() {
     let secret = String::from_utf8(out.stdout).unwrap().lines().last().unwrap().to_owned();
     assert!(secret.starts_with("sk-easel-"));
 
-    let (mut child, url) = start(dir.path());
+    let (mut child, url) = start_binary(dir.path(), &[("EASEL_ADMIN_TOKEN", ADMIN)]);
     let client = reqwest::Client::new();
     let pending = tokio::spawn({
         let (client, url, secret) = (client.clone(), url.clone(), secret.clone());
@@ -362,7 +334,7 @@ async fn sigkill_while_holding_credits_costs_nothing() {
         "the connection died with the server"
     );
 
-    let (mut child, url) = start(dir.path());
+    let (mut child, url) = start_binary(dir.path(), &[("EASEL_ADMIN_TOKEN", ADMIN)]);
     let m: serde_json::Value =
         client.get(format!("{url}/v1/me")).bearer_auth(&secret).send().await.unwrap().json().await.unwrap();
     assert_eq!(m["credits"]["held_mc"], 0, "{m}");

@@ -98,3 +98,34 @@ pub async fn spawn_gateway_env(yaml: &str, extra: &[(&str, &str)]) -> Gateway {
     tokio::spawn(async move { server.run(listener, token.cancelled_owned()).await });
     Gateway { url: format!("http://{addr}"), client: reqwest::Client::new(), dir, shutdown }
 }
+
+/// Starts the real `easel serve` binary on 127.0.0.1:0 in `dir` (where its `easel.yaml` is) and returns it with its
+/// base URL, read from the "listening on" log line.
+pub fn start_binary(dir: &Path, env: &[(&str, &str)]) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_easel"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .env_remove("EASEL_CONFIG")
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn easel");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(i) = line.find("listening on http://") {
+                let url: String = line[i + "listening on ".len()..]
+                    .chars()
+                    .take_while(|c| !c.is_whitespace() && *c != '\u{1b}')
+                    .collect();
+                let _ = tx.send(url);
+            }
+        }
+    });
+    let url = rx.recv_timeout(TEST_TIMEOUT).expect("easel did not start");
+    (child, url)
+}
