@@ -22,7 +22,10 @@ use tokio_tungstenite::tungstenite::Message;
 use super::client::Http;
 use super::error::excerpt;
 use super::workflow::{WorkflowVars, fresh_seed};
-use super::{Backend, BackendError, Failure, ImageCall, ImageOutput, InputImage, ProbeReport, image_from_bytes};
+use super::{
+    Backend, BackendError, Failure, ImageCall, ImageOutput, InputImage, ProbeReport, image_from_bytes,
+    upload_edit_inputs,
+};
 use crate::config::BackendConfig;
 use crate::telemetry::metrics as m;
 
@@ -50,20 +53,6 @@ impl ComfyUiBackend {
     fn ws_url(&self, client_id: &str) -> Option<String> {
         let base = self.http.cfg.endpoint("/ws");
         base.strip_prefix("http://").map(|rest| format!("ws://{rest}?clientId={client_id}"))
-    }
-
-    /// Uploads an edit's first image and mask; their names for the template.
-    async fn upload_inputs(&self, call: &ImageCall<'_>) -> Result<(Option<String>, Option<String>), BackendError> {
-        let Some(edit) = call.edit else { return Ok((None, None)) };
-        let image = match edit.images.first() {
-            Some(i) => Some(self.upload(i).await?),
-            None => None,
-        };
-        let mask = match &edit.mask {
-            Some(m) => Some(self.upload(m).await?),
-            None => None,
-        };
-        Ok((image, mask))
     }
 
     async fn upload(&self, img: &InputImage) -> Result<String, BackendError> {
@@ -206,7 +195,7 @@ impl Backend for ComfyUiBackend {
         let Some(workflow) = call.model.workflow.as_ref() else {
             return Err(self.http.error("", Failure::Unsupported("run a model without a `workflow`")));
         };
-        let (image, mask) = self.upload_inputs(&call).await?;
+        let (image, mask) = upload_edit_inputs(call.edit, |img| self.upload(img)).await?;
         let seed = call.seed.unwrap_or_else(fresh_seed);
         let vars = WorkflowVars::for_call(&call, seed, call.count, image.as_deref(), mask.as_deref());
         let graph = workflow

@@ -18,7 +18,10 @@ use serde_json::{Value, json};
 
 use super::client::Http;
 use super::workflow::{WorkflowVars, fresh_seed};
-use super::{Backend, BackendError, Failure, ImageCall, ImageOutput, InputImage, ProbeReport, image_from_bytes};
+use super::{
+    Backend, BackendError, Failure, ImageCall, ImageOutput, InputImage, ProbeReport, image_from_bytes,
+    upload_edit_inputs,
+};
 use crate::config::BackendConfig;
 use crate::telemetry::metrics as m;
 
@@ -36,20 +39,6 @@ impl InvokeAiBackend {
 
     fn queue_path(&self, rest: &str) -> String {
         format!("/api/v1/queue/{}{rest}", self.http.cfg.queue_id)
-    }
-
-    /// Uploads an edit's first image and mask; their image names for the template.
-    async fn upload_inputs(&self, call: &ImageCall<'_>) -> Result<(Option<String>, Option<String>), BackendError> {
-        let Some(edit) = call.edit else { return Ok((None, None)) };
-        let image = match edit.images.first() {
-            Some(i) => Some(self.upload(i).await?),
-            None => None,
-        };
-        let mask = match &edit.mask {
-            Some(m) => Some(self.upload(m).await?),
-            None => None,
-        };
-        Ok((image, mask))
     }
 
     async fn upload(&self, img: &InputImage) -> Result<String, BackendError> {
@@ -183,7 +172,7 @@ impl Backend for InvokeAiBackend {
         let Some(workflow) = call.model.workflow.as_ref() else {
             return Err(self.http.error("", Failure::Unsupported("run a model without a `workflow`")));
         };
-        let (image, mask) = self.upload_inputs(&call).await?;
+        let (image, mask) = upload_edit_inputs(call.edit, |img| self.upload(img)).await?;
         let base_seed = call.seed.unwrap_or_else(fresh_seed);
         let destination = format!("easel:{}", uuid::Uuid::now_v7());
         let mut graphs = Vec::with_capacity(call.count as usize);

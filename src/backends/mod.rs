@@ -168,6 +168,28 @@ impl AnyBackend {
     }
 }
 
+/// Uploads an edit's first image and its mask with the backend's own `upload`, returning their names on the
+/// server (for workflow templates); `(None, None)` for a generation.
+pub async fn upload_edit_inputs<'a, F, Fut>(
+    edit: Option<&'a EditInputs>,
+    upload: F,
+) -> Result<(Option<String>, Option<String>), BackendError>
+where
+    F: Fn(&'a InputImage) -> Fut,
+    Fut: Future<Output = Result<String, BackendError>>,
+{
+    let Some(edit) = edit else { return Ok((None, None)) };
+    let image = match edit.images.first() {
+        Some(i) => Some(upload(i).await?),
+        None => None,
+    };
+    let mask = match &edit.mask {
+        Some(m) => Some(upload(m).await?),
+        None => None,
+    };
+    Ok((image, mask))
+}
+
 /// Decodes base64 image data from an upstream, with or without a `data:` prefix, and sniffs its format.
 pub fn decode_image_b64(data: &str) -> Result<ImageOutput, String> {
     let bytes = crate::media::decode_base64(data)?;
