@@ -1,6 +1,7 @@
 //! The command line: clap types and one function per subcommand, translating flags into library calls.
 //! Exit codes: 0 ok, 1 a problem was found, 2 usage error.
 
+mod doctor;
 mod keys;
 mod serve;
 
@@ -37,6 +38,11 @@ enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Probe every backend, tell what each server really is, and compare with the configuration.
+    Doctor {
+        #[arg(long, env = "EASEL_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Manage API keys (works while `easel serve` runs on the same database).
     Keys {
@@ -133,6 +139,7 @@ pub fn run() -> ExitCode {
         Command::Credits { config, command: CreditsCommand::Grant { key, credits } } => {
             keys::run(config, keys::Action::Grant { key, credits })
         }
+        Command::Doctor { config } => doctor::run(config),
         Command::Migrate { config } => keys::run(config, keys::Action::Migrate),
         Command::Ledger { config, command: LedgerCommand::Check } => keys::run(config, keys::Action::Check),
     }

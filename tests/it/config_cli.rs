@@ -126,3 +126,32 @@ async fn serve_finishes_in_flight_requests_on_sigterm() {
     assert_eq!(status.code(), Some(0));
     assert!(client.get(format!("{url}/healthz")).send().await.is_err(), "no longer listening");
 }
+
+#[tokio::test]
+async fn doctor_tells_what_a_server_really_is() {
+    let sd = crate::support::a1111::start().await;
+    let oa = crate::support::openai::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("easel.yaml"),
+        format!(
+            "backends:\n  wrong: {{kind: openai, url: \"{}\"}}\n  right: {{kind: openai, url: \"{}/v1\", api_key: {}}}\nmodels:\n  - {{id: m, backends: [wrong, right]}}\n",
+            sd.url,
+            oa.url,
+            crate::support::openai::KEY
+        ),
+    )
+    .unwrap();
+    let path = dir.path().to_path_buf();
+    let out = tokio::task::spawn_blocking(move || easel(&["doctor"], &path)).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("backend wrong [openai]"), "{text}");
+    assert!(text.contains("openai probe: FAILED") && text.contains("HTTP 404"), "{text}");
+    assert!(text.contains("identified: AUTOMATIC1111") && text.contains("set `kind: a1111`"), "{text}");
+    assert!(
+        text.contains("identified: an OpenAI-compatible server") && text.contains("matches kind `openai`"),
+        "{text}"
+    );
+    assert!(text.contains("database sqlite://data/easel.db: ok"), "{text}");
+}
