@@ -85,7 +85,7 @@ async fn method_not_allowed(req: Request) -> ApiError {
 /// Records request metrics and logs server-side failures once.
 async fn observe(req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
+    let route = static_route(req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()));
     let method = req.method().clone();
     let bytes_in = req
         .headers()
@@ -101,8 +101,7 @@ async fn observe(req: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let route = static_route(&route);
-    m::http_request(route, method.as_str(), status.as_u16(), started.elapsed(), bytes_in, bytes_out);
+    m::http_request(route, m::method_label(method.as_str()), status.as_u16(), started.elapsed(), bytes_in, bytes_out);
     if let Some(ServerFault(message)) = resp.extensions().get::<ServerFault>() {
         tracing::warn!(%method, route, status = status.as_u16(), error = %message, "Request failed.");
     }
