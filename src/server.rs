@@ -86,8 +86,14 @@ impl Server {
     }
 }
 
-/// Checks the ledger invariants; drift is logged and exported, it does not stop serving.
+/// Reaps expired holds and old idempotency records, then checks the ledger invariants; drift is logged and
+/// exported, it does not stop serving.
 async fn check_ledger(state: &AppState) {
+    match state.ledger.reap_expired().await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(released = n, "Released credit holds whose lease ran out."),
+        Err(e) => tracing::error!(error = %e, "Reaping expired holds failed."),
+    }
     match state.ledger.check().await {
         Ok(drift) => {
             crate::telemetry::metrics::ledger_drift(drift.len());

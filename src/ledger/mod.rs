@@ -195,6 +195,8 @@ pub trait Store: Send + Sync {
     fn release(&self, hold_id: &str, reason: &str) -> impl Future<Output = Result<(), LedgerError>> + Send;
     /// Releases every open sync hold (their process is gone) and in-progress idempotency records; returns how many.
     fn recover(&self) -> impl Future<Output = Result<u64, LedgerError>> + Send;
+    /// Releases sync holds whose lease ran out while this process lives (a settle that failed); returns how many.
+    fn reap_expired(&self) -> impl Future<Output = Result<u64, LedgerError>> + Send;
     fn check(&self) -> impl Future<Output = Result<Vec<Drift>, LedgerError>> + Send;
     fn usage(&self, key_id: i64) -> impl Future<Output = Result<Vec<UsageRow>, LedgerError>> + Send;
 }

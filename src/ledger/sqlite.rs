@@ -546,6 +546,32 @@ impl Store for SqliteStore {
         Ok(open.len() as u64)
     }
 
+    async fn reap_expired(&self) -> Result<u64, LedgerError> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let expired: Vec<String> =
+            sqlx::query("SELECT id FROM holds WHERE state = 'held' AND kind = 'sync' AND lease_until <= ?1")
+                .bind(now_ms())
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
+        for id in &expired {
+            self.resolve(&mut tx, id, None, "released by the reaper: its lease ran out").await?;
+            sqlx::query("DELETE FROM idempotency_records WHERE hold_id = ?1 AND state = 'in_progress'")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("DELETE FROM idempotency_records WHERE state = 'completed' AND expires_at < ?1")
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(expired.len() as u64)
+    }
+
     async fn check(&self) -> Result<Vec<Drift>, LedgerError> {
         let rows = sqlx::query(
             "SELECT a.name, a.available_mc, a.held_mc, a.granted_mc, a.captured_mc,
@@ -676,6 +702,9 @@ mod tests {
         let who = s.authenticate(&key.secret).await.unwrap().unwrap();
         let price = s.upsert_price("m", "image", 1_000).await.unwrap();
         s.hold(&who, price, 3, 1_000, Duration::from_secs(60), None).await.unwrap();
+        assert_eq!(s.reap_expired().await.unwrap(), 0, "a live lease is not reaped");
+        s.hold(&who, price, 1, 1_000, Duration::ZERO, None).await.unwrap();
+        assert_eq!(s.reap_expired().await.unwrap(), 1, "an expired lease is");
         assert_eq!(s.recover().await.unwrap(), 1);
         assert_eq!(s.balance(who.account_id).await.unwrap().available_mc, 5_000);
         assert!(s.check().await.unwrap().is_empty());
