@@ -167,10 +167,13 @@ async fn charged(
                 release(state, &hold_id, "client went away").await;
                 return Err(Error::ClientGone);
             }
-            let stored = StoredResponse { status: 200, content_type: "application/json".into(), body: body.to_vec() };
-            let record = claim.as_ref().map(|c| (who, c.key.as_str(), &stored));
+            // Only an Idempotency-Key needs the body stored (a copy); without one nothing is copied.
+            let stored = claim.as_ref().map(|c| {
+                (c, StoredResponse { status: 200, content_type: "application/json".into(), body: body.to_vec() })
+            });
+            let record = stored.as_ref().map(|(c, r)| (who, c.key.as_str(), r));
             if let Err(e) = state.ledger.capture(&hold_id, produced as i64, record).await {
-                // The hold stays open and is released at the next start: the customer is not charged.
+                // The hold stays open until the reaper (or the next start) releases it: the customer is not charged.
                 tracing::error!(hold = %hold_id, error = %e, "Capturing a hold failed.");
             }
             Ok(Delivered::Fresh(body))
@@ -190,7 +193,7 @@ async fn charged(
 
 async fn release(state: &AppState, hold_id: &str, reason: &str) {
     if let Err(e) = state.ledger.release(hold_id, reason).await {
-        tracing::error!(hold = %hold_id, error = %e, "Releasing a hold failed; it is released at the next start.");
+        tracing::error!(hold = %hold_id, error = %e, "Releasing a hold failed; the reaper releases it when its lease ends.");
     }
 }
 
