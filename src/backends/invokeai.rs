@@ -1,23 +1,44 @@
-//! `invokeai`: an InvokeAI server (5.x and 6.x) running a graph template per model. Each image of a call renders
-//! the graph with its own seed and is enqueued with `POST /api/v1/queue/{queue_id}/enqueue_batch`; easel follows
-//! each queue item (`GET …/i/{item_id}` every `poll_interval`) to a terminal state, reads the output image names
-//! from the session results of the graph's final nodes (those no edge leaves), and downloads them from
-//! `/api/v1/images/i/{name}/full`. 6.x answers the enqueue with `item_ids`; for 5.x the items are found through
-//! `GET …/list` by batch id. A failed item is a 502 with InvokeAI's error type and message; an invalid graph (422)
-//! is the request's fault. When the client goes away the items are cancelled (`PUT …/i/{id}/cancel`). Edits
-//! upload their inputs through `POST /api/v1/images/upload` and pass the `image_name`s to the template.
+//! `invokeai`: an InvokeAI server (5.x and 6.x, `/api/v1` queue API; see `shared/protocols/invokeai.md`) running
+//! the model's graph template. Each image of a call renders the graph with its own seed (the call's seed plus the
+//! image's index, modulo 2³², since InvokeAI's seed fields are 32-bit; a fresh random one when the request fixed
+//! none) and is enqueued as its own batch with `POST /api/v1/queue/{queue_id}/enqueue_batch` (origin `easel`, a
+//! destination unique to the call). 6.x answers with the `item_ids`; 5.x does not, so its items are found in the
+//! `GET …/list` pages by batch id. Each item is polled (`GET …/i/{item_id}` every `poll_interval`) to a terminal
+//! status; meanwhile the progress socket (`/ws/socket.io`, see [`events`]) reports denoising steps through
+//! `job_progress` and wakes the poller as soon as the item's status changes (without the socket, polling alone
+//! decides). The output image names are read from the item's session results of the graph's final nodes (those
+//! no edge leaves) and downloaded from `/api/v1/images/i/{name}/full`.
 //!
-//! Health: `GET /api/v1/app/version` (public); ready when `GET …/status` says the processor is started.
+//! Failures: an invalid graph (422 from the enqueue) is the request's to fix (400 with pydantic's message); a
+//! failed item is a 502 naming InvokeAI's `error_type` and `error_message`. When the client goes away, or the
+//! backend `timeout` runs out, every item of the call that has not finished is cancelled
+//! (`PUT …/i/{item_id}/cancel`) before the call returns. An enqueue is never abandoned because the client left
+//! (the real server can take a second to answer one while it starts another item, and the answer names the items
+//! to cancel); one cut short by the timeout is covered by `PUT …/cancel_by_destination`.
+//!
+//! Edits upload their inputs with `POST /api/v1/images/upload?image_category=user&is_intermediate=true` and pass
+//! the returned `image_name`s to the template as `image` and `mask`. With `api_key` set, every request carries it
+//! as a bearer token (6.12+ multi-user mode).
+//!
+//! Health: `GET /api/v1/app/version` (ready when it names a version, which the probe detail shows), plus the
+//! queue counts from `GET …/status`; a stopped queue processor is reported as not ready.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+mod events;
+mod wire;
 
-use reqwest::Method;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use futures_util::future::join_all;
+use reqwest::{Method, RequestBuilder};
+use serde_json::Value;
+use tokio::time::Instant;
+
+use self::events::{Events, ItemUpdate};
+use self::wire::{Batch, EnqueueBody, Enqueued, ListPage, QueueItem, QueueStatus, Status, Uploaded};
 use super::client::Http;
-use super::workflow::{WorkflowVars, fresh_seed};
+use super::workflow::{Workflow, WorkflowVars, fresh_seed};
 use super::{
     Backend, BackendError, Failure, ImageCall, ImageOutput, InputImage, ProbeReport, image_from_bytes,
     upload_edit_inputs,
@@ -27,9 +48,59 @@ use crate::telemetry::metrics as m;
 
 pub const KIND: &str = "invokeai";
 
+/// The `origin` of every batch easel enqueues, shown in InvokeAI's queue list and events.
+const ORIGIN: &str = "easel";
+/// Items per page when looking for a 5.x batch's items in the queue list.
+const LIST_PAGE: u32 = 100;
+/// The 5.x item search reads at most this many pages (the list also holds finished items until pruned).
+const MAX_LIST_PAGES: u32 = 50;
+/// Cancelling runs after the call already failed, timed out or lost its client; after a timeout the pipeline
+/// allows one more second before it drops the call, and the cancels (sent together) must fit in it.
+const CANCEL_TIMEOUT: Duration = Duration::from_millis(900);
+
 #[derive(Debug)]
 pub struct InvokeAiBackend {
     http: Http,
+}
+
+/// The items a call enqueued and has not yet seen finish: what must be cancelled if the call ends early. Shared
+/// between the call's work and the branches that end it, behind a lock never held across an await.
+#[derive(Debug, Default)]
+struct OpenItems(Mutex<Open>);
+
+#[derive(Debug, Default)]
+struct Open {
+    ids: Vec<i64>,
+    /// Items may exist that easel has no id for (an enqueue cut short, or one that failed after creating items):
+    /// only the destination can find them.
+    unknown_items: bool,
+}
+
+impl OpenItems {
+    fn with<T>(&self, f: impl FnOnce(&mut Open) -> T) -> T {
+        f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// What the submit phase hands to the finish phase.
+struct Submitted {
+    ids: Vec<i64>,
+    /// The graph's final nodes, whose images are the call's.
+    outputs: BTreeSet<String>,
+    events: Option<Events>,
+}
+
+/// Why a call ended without images.
+enum Stopped {
+    Failed(BackendError),
+    TimedOut,
+    ClientGone,
+}
+
+impl From<BackendError> for Stopped {
+    fn from(e: BackendError) -> Self {
+        Self::Failed(e)
+    }
 }
 
 impl InvokeAiBackend {
@@ -41,241 +112,352 @@ impl InvokeAiBackend {
         format!("/api/v1/queue/{}{rest}", self.http.cfg.queue_id)
     }
 
+    /// A request to `path` with the backend's bearer token, if any.
+    fn request(&self, method: Method, path: &str) -> (RequestBuilder, String) {
+        let (rb, url) = self.http.request(method, path);
+        (self.http.bearer(rb), url)
+    }
+
+    /// Uploads the edit inputs, renders one graph per image and enqueues each. The client going away is checked
+    /// between requests but never interrupts an enqueue: its answer holds the item ids that must be cancelled.
+    async fn submit(
+        &self,
+        call: &ImageCall<'_>,
+        workflow: &Workflow,
+        destination: &str,
+        open: &OpenItems,
+    ) -> Result<Submitted, Stopped> {
+        let (image, mask) = tokio::select! {
+            r = upload_edit_inputs(call.edit, |img| self.upload(img)) => r?,
+            () = call.cancel.cancelled() => return Err(Stopped::ClientGone),
+        };
+        let base_seed = call.seed.unwrap_or_else(fresh_seed);
+        let mut graphs = Vec::with_capacity(call.count as usize);
+        for i in 0..call.count {
+            let seed = base_seed.wrapping_add(u64::from(i)) & u64::from(u32::MAX);
+            let vars = WorkflowVars::for_call(call, seed, 1, image.as_deref(), mask.as_deref());
+            let graph = workflow.render(&vars).map_err(|e| {
+                self.http.error("", Failure::InvalidResponse(format!("rendering the graph template: {e}")))
+            })?;
+            graphs.push(graph);
+        }
+        let outputs = graphs.first().map(wire::output_nodes).unwrap_or_default();
+        // Listen before enqueueing, so no status change of the call's items is missed.
+        let events = tokio::select! {
+            ev = Events::connect(&self.http, destination) => ev,
+            () = call.cancel.cancelled() => return Err(Stopped::ClientGone),
+        };
+        let mut ids = Vec::with_capacity(graphs.len());
+        for graph in &graphs {
+            if call.cancel.is_cancelled() {
+                return Err(Stopped::ClientGone);
+            }
+            open.with(|o| o.unknown_items = true);
+            let new = self.enqueue(graph, destination, workflow).await;
+            open.with(|o| {
+                // A 4xx created nothing; a 5xx, or a 5.x batch missing from the list, may have.
+                o.unknown_items =
+                    new.as_ref().is_err_and(|e| !matches!(e.failure, Failure::Status { status: 400..=499, .. }));
+                o.ids.extend(new.iter().flatten());
+            });
+            ids.extend(new?);
+        }
+        // The lowest id runs first; the seeds were enqueued in order.
+        ids.sort_unstable();
+        Ok(Submitted { ids, outputs, events })
+    }
+
+    /// Follows the items to their end and downloads their output images.
+    async fn finish(&self, job: Submitted, open: &OpenItems) -> Result<Vec<ImageOutput>, BackendError> {
+        let names = self.follow(&job.ids, &job.outputs, open, job.events).await?;
+        let mut images = Vec::with_capacity(names.len());
+        for name in &names {
+            images.push(self.download(name).await?);
+        }
+        Ok(images)
+    }
+
     async fn upload(&self, img: &InputImage) -> Result<String, BackendError> {
-        let (rb, url) =
-            self.http.request(Method::POST, "/api/v1/images/upload?image_category=user&is_intermediate=true");
+        let (rb, url) = self.request(Method::POST, "/api/v1/images/upload?image_category=user&is_intermediate=true");
+        // InvokeAI answers 415 unless the part's content type starts with `image`.
         let part = reqwest::multipart::Part::stream(reqwest::Body::from(img.bytes.clone()))
             .file_name(img.name.clone())
             .mime_str(img.format.mime())
             .map_err(|e| self.http.error(&url, Failure::InvalidResponse(e.to_string())))?;
         let resp = self.http.send(rb.multipart(reqwest::multipart::Form::new().part("file", part)), &url).await?;
-        let dto: Value = self.http.json(resp, &url).await?;
-        dto.get("image_name").and_then(Value::as_str).map(str::to_owned).ok_or_else(|| {
-            self.http.error(&url, Failure::InvalidResponse("the upload answer has no `image_name`".into()))
-        })
+        let uploaded: Uploaded = self.http.json(resp, &url).await?;
+        Ok(uploaded.image_name)
     }
 
-    /// Enqueues one graph; returns the batch id and the item ids (found by listing on 5.x).
-    async fn enqueue(&self, graph: Value, destination: &str) -> Result<Vec<i64>, BackendError> {
-        let (rb, url) = self.http.request(Method::POST, &self.queue_path("/enqueue_batch"));
-        let body = json!({"prepend": false, "batch": {"graph": graph, "runs": 1, "origin": "easel", "destination": destination}});
-        let resp = self.http.send(rb.json(&body), &url).await?;
-        let result: Enqueued = self.http.json(resp, &url).await?;
-        if let Some(ids) = result.item_ids.filter(|ids| !ids.is_empty()) {
-            return Ok(ids);
-        }
-        // 5.x: no item_ids in the answer; find the batch's items in the queue list.
-        let batch_id = result.batch.get("batch_id").and_then(Value::as_str).unwrap_or_default().to_owned();
-        let (rb, url) = self.http.request(Method::GET, &self.queue_path("/list?limit=500"));
-        let list: Value = self.http.json(self.http.send(rb, &url).await?, &url).await?;
-        let ids: Vec<i64> = list["items"]
-            .as_array()
-            .map(|items| {
-                items
-                    .iter()
-                    .filter(|i| i["batch_id"] == batch_id.as_str())
-                    .filter_map(|i| i["item_id"].as_i64())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if ids.is_empty() {
+    /// Enqueues one graph as a batch of one run; returns its item ids.
+    async fn enqueue(&self, graph: &Value, destination: &str, workflow: &Workflow) -> Result<Vec<i64>, BackendError> {
+        let (rb, url) = self.request(Method::POST, &self.queue_path("/enqueue_batch"));
+        let body = EnqueueBody { prepend: false, batch: Batch { graph, runs: 1, origin: ORIGIN, destination } };
+        let resp = self.http.send(rb.json(&body), &url).await.map_err(|mut e| {
+            if let Failure::Status { status: 422, hint, .. } = &mut e.failure {
+                *hint = Some(format!(
+                    "InvokeAI did not accept the graph rendered from {}: its node types and field names must match this InvokeAI version",
+                    workflow.path.display()
+                ));
+            }
+            e
+        })?;
+        let answer: Enqueued = self.http.json(resp, &url).await?;
+        if answer.enqueued == Some(0) {
             return Err(self.http.error(
                 &url,
-                Failure::InvalidResponse(format!("batch {batch_id} was enqueued but none of its items is listed")),
+                Failure::JobFailed("InvokeAI enqueued none of the batch's items (is its queue full?)".into()),
             ));
         }
-        Ok(ids)
-    }
-
-    async fn item(&self, id: i64) -> Result<Value, BackendError> {
-        let (rb, url) = self.http.request(Method::GET, &self.queue_path(&format!("/i/{id}")));
-        self.http.json(self.http.send(rb, &url).await?, &url).await
-    }
-
-    async fn cancel(&self, ids: &[i64]) {
-        for id in ids {
-            let (rb, url) = self.http.request(Method::PUT, &self.queue_path(&format!("/i/{id}/cancel")));
-            if let Err(e) = self.http.send(rb, &url).await {
-                tracing::warn!(backend = %self.http.cfg.name, item = id, error = %e, "Cancelling an InvokeAI item failed.");
-            }
+        match answer.item_ids {
+            Some(ids) if !ids.is_empty() => Ok(ids),
+            _ => self.find_batch_items(&answer.batch.batch_id, answer.enqueued.unwrap_or(1)).await,
         }
     }
 
-    /// Waits for one item to end; returns its output image names.
-    async fn wait(&self, id: i64, sinks: &HashSet<String>) -> Result<Vec<String>, BackendError> {
-        let url = self.http.cfg.endpoint(&self.queue_path(&format!("/i/{id}")));
-        let mut last_status = String::new();
-        loop {
-            let item = self.item(id).await?;
-            let status = item["status"].as_str().unwrap_or("").to_owned();
-            if status != last_status {
-                tracing::debug!(backend = %self.http.cfg.name, item = id, status = %status, "InvokeAI item status.");
-                m::job_progress(&self.http.cfg.name, if status == "completed" { 1.0 } else { 0.0 }, 1.0);
-                last_status.clone_from(&status);
+    /// 5.x: the enqueue answer has no item ids, so read the queue list (ordered by priority, then id) and keep
+    /// the batch's items. The list starts at the item in progress (the batch's items are usually at or after
+    /// it); if they are not there (a prepended item runs, or the batch already finished), the whole list is read.
+    async fn find_batch_items(&self, batch_id: &str, expected: u32) -> Result<Vec<i64>, BackendError> {
+        let current = self.queue_status().await.ok().and_then(|s| s.queue.item_id);
+        let mut found = Vec::new();
+        if let Some(current) = current {
+            found = self.list_batch_items(batch_id, expected, Some((current - 1, 0))).await?;
+        }
+        if found.is_empty() {
+            found = self.list_batch_items(batch_id, expected, None).await?;
+        }
+        if found.is_empty() {
+            let url = self.http.cfg.endpoint(&self.queue_path("/list"));
+            return Err(self.http.error(
+                &url,
+                Failure::InvalidResponse(format!(
+                    "batch {batch_id} was enqueued, but none of its items is in the queue list"
+                )),
+            ));
+        }
+        Ok(found)
+    }
+
+    /// Reads list pages after `cursor` (item id, priority) until `expected` items of the batch are found.
+    async fn list_batch_items(
+        &self,
+        batch_id: &str,
+        expected: u32,
+        mut cursor: Option<(i64, i64)>,
+    ) -> Result<Vec<i64>, BackendError> {
+        let list = self.queue_path("/list");
+        let mut found = Vec::new();
+        for _ in 0..MAX_LIST_PAGES {
+            let (rb, url) = self.request(Method::GET, &list);
+            let mut query = vec![("limit", LIST_PAGE.to_string())];
+            if let Some((item_id, priority)) = cursor {
+                query.push(("cursor", item_id.to_string()));
+                query.push(("priority", priority.to_string()));
             }
-            match status.as_str() {
-                "completed" => return Ok(outputs(&item, sinks)),
-                "failed" => {
-                    let kind = item["error_type"].as_str().unwrap_or("error");
-                    let msg = item["error_message"].as_str().unwrap_or("no message");
-                    return Err(self
-                        .http
-                        .error(&url, Failure::JobFailed(format!("InvokeAI item {id} failed: {kind}: {msg}"))));
-                }
-                "canceled" => {
-                    return Err(self.http.error(&url, Failure::JobFailed(format!("InvokeAI item {id} was canceled"))));
-                }
-                _ => tokio::time::sleep(self.http.cfg.poll_interval).await,
+            let resp = self.http.send(rb.query(&query), &url).await?;
+            let page: ListPage = self.http.json(resp, &url).await?;
+            found.extend(page.items.iter().filter(|i| i.batch_id == batch_id).map(|i| i.item_id));
+            let last = page.items.last().map(|i| (i.item_id, i.priority));
+            if found.len() >= expected as usize || !page.has_more || last.is_none() {
+                break;
             }
+            cursor = last;
+        }
+        Ok(found)
+    }
+
+    async fn queue_status(&self) -> Result<QueueStatus, BackendError> {
+        let (rb, url) = self.request(Method::GET, &self.queue_path("/status"));
+        let resp = self.http.send(rb, &url).await?;
+        self.http.json(resp, &url).await
+    }
+
+    async fn item(&self, id: i64) -> Result<QueueItem, BackendError> {
+        let (rb, url) = self.request(Method::GET, &self.queue_path(&format!("/i/{id}")));
+        let resp = self.http.send(rb, &url).await.map_err(|mut e| {
+            if let Failure::Status { status: 404, hint, .. } = &mut e.failure {
+                *hint = Some("the item left InvokeAI's queue (cleared, pruned or deleted) while easel waited".into());
+            }
+            e
+        })?;
+        self.http.json(resp, &url).await
+    }
+
+    /// Waits for every item in turn and returns the output image names, in item order.
+    async fn follow(
+        &self,
+        ids: &[i64],
+        outputs: &BTreeSet<String>,
+        open: &OpenItems,
+        mut events: Option<Events>,
+    ) -> Result<Vec<String>, BackendError> {
+        let name = &self.http.cfg.name;
+        let total = ids.len() as f64;
+        let mut names = Vec::new();
+        for (done, &id) in ids.iter().enumerate() {
+            let url = self.http.cfg.endpoint(&self.queue_path(&format!("/i/{id}")));
+            let item = loop {
+                let item = self.item(id).await?;
+                if item.status.is_terminal() {
+                    break item;
+                }
+                // Sleep until the next poll, or until the socket says this item's status changed.
+                let next_poll = tokio::time::sleep(self.http.cfg.poll_interval);
+                tokio::pin!(next_poll);
+                loop {
+                    let update = match events.as_mut() {
+                        Some(ev) => tokio::select! {
+                            () = &mut next_poll => break,
+                            u = ev.next(id) => u,
+                        },
+                        None => {
+                            next_poll.as_mut().await;
+                            break;
+                        }
+                    };
+                    match update {
+                        Some(ItemUpdate::Progress(fraction)) => m::job_progress(name, done as f64 + fraction, total),
+                        Some(ItemUpdate::StatusChanged) => break,
+                        None => {
+                            tracing::debug!(backend = %name, item = id, "InvokeAI progress socket closed; polling only.");
+                            events = None;
+                        }
+                    }
+                }
+            };
+            open.with(|o| o.ids.retain(|open| *open != id));
+            match item.status {
+                Status::Completed => {
+                    let session = item.session.unwrap_or_default();
+                    let found = wire::output_images(&session, outputs);
+                    if found.is_empty() {
+                        let nodes: Vec<&str> = outputs.iter().map(String::as_str).collect();
+                        return Err(self.http.error(
+                            &url,
+                            Failure::InvalidResponse(format!(
+                                "item {id} completed, but the graph's final node(s) `{}` produced no image; the template's last node must output an image",
+                                nodes.join("`, `")
+                            )),
+                        ));
+                    }
+                    names.extend(found);
+                    m::job_progress(name, (done + 1) as f64, total);
+                }
+                Status::Failed => {
+                    let kind = item.error_type.as_deref().unwrap_or("error");
+                    let message = item.error_message.as_deref().unwrap_or("no message");
+                    return Err(self.http.error(
+                        &url,
+                        Failure::JobFailed(format!("InvokeAI queue item {} failed: {kind}: {message}", item.item_id)),
+                    ));
+                }
+                _ => {
+                    return Err(self.http.error(
+                        &url,
+                        Failure::JobFailed(format!("InvokeAI queue item {id} was canceled on the server")),
+                    ));
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    /// Cancels the items, all at once and each within [`CANCEL_TIMEOUT`]; failures are logged.
+    async fn cancel(&self, ids: &[i64]) {
+        let cancels = ids.iter().map(|&id| async move {
+            let (rb, url) = self.request(Method::PUT, &self.queue_path(&format!("/i/{id}/cancel")));
+            if let Err(e) = self.http.send(rb.timeout(CANCEL_TIMEOUT), &url).await {
+                tracing::warn!(backend = %self.http.cfg.name, item = id, error = %e, "Cancelling an InvokeAI queue item failed.");
+            }
+        });
+        join_all(cancels).await;
+    }
+
+    /// Cancels every item of the call, found by its destination: for items easel has no id for.
+    async fn cancel_destination(&self, destination: &str) {
+        let (rb, url) = self.request(Method::PUT, &self.queue_path("/cancel_by_destination"));
+        let rb = rb.query(&[("destination", destination)]).timeout(CANCEL_TIMEOUT);
+        if let Err(e) = self.http.send(rb, &url).await {
+            tracing::warn!(backend = %self.http.cfg.name, destination, error = %e, "Cancelling InvokeAI queue items by destination failed.");
         }
     }
 
     async fn download(&self, name: &str) -> Result<ImageOutput, BackendError> {
-        let (rb, url) = self.http.request(Method::GET, &format!("/api/v1/images/i/{name}/full"));
+        let path = format!("/api/v1/images/i/{}/full", wire::path_segment(name));
+        let (rb, url) = self.request(Method::GET, &path);
         let bytes = self.http.body(self.http.send(rb, &url).await?, &url).await?;
         image_from_bytes(bytes).map_err(|e| self.http.error(&url, Failure::InvalidResponse(e)))
     }
 }
 
-/// Image names produced by the graph's final nodes, via `source_prepared_mapping`.
-fn outputs(item: &Value, sinks: &HashSet<String>) -> Vec<String> {
-    let session = &item["session"];
-    let mut names = Vec::new();
-    let Some(mapping) = session["source_prepared_mapping"].as_object() else { return names };
-    let mut sources: Vec<&String> = mapping.keys().filter(|k| sinks.contains(*k)).collect();
-    sources.sort();
-    for source in sources {
-        for pid in mapping[source].as_array().into_iter().flatten().filter_map(Value::as_str) {
-            let result = &session["results"][pid];
-            if result["type"] == "image_output"
-                && let Some(name) = result["image"]["image_name"].as_str()
-            {
-                names.push(name.to_owned());
-            }
-        }
-    }
-    names
-}
-
-/// Nodes no edge leaves: the graph's outputs.
-fn sink_nodes(graph: &Value) -> HashSet<String> {
-    let sources: HashSet<&str> =
-        graph["edges"].as_array().into_iter().flatten().filter_map(|e| e["source"]["node_id"].as_str()).collect();
-    graph["nodes"]
-        .as_object()
-        .map(|nodes| nodes.keys().filter(|k| !sources.contains(k.as_str())).cloned().collect())
-        .unwrap_or_default()
-}
-
 impl Backend for InvokeAiBackend {
     async fn generate_images(&self, call: ImageCall<'_>) -> Result<Vec<ImageOutput>, BackendError> {
-        let Some(workflow) = call.model.workflow.as_ref() else {
+        let Some(workflow) = call.model.workflow.as_deref() else {
             return Err(self.http.error("", Failure::Unsupported("run a model without a `workflow`")));
         };
-        let (image, mask) = upload_edit_inputs(call.edit, |img| self.upload(img)).await?;
-        let base_seed = call.seed.unwrap_or_else(fresh_seed);
+        // The pipeline drops the call a little after `timeout`; end it first, so that its items get cancelled.
+        let deadline = Instant::now() + self.http.cfg.timeout;
         let destination = format!("easel:{}", uuid::Uuid::now_v7());
-        let mut graphs = Vec::with_capacity(call.count as usize);
-        for i in 0..u64::from(call.count) {
-            let seed = base_seed.wrapping_add(i) & u64::from(u32::MAX);
-            let vars = WorkflowVars::for_call(&call, seed, 1, image.as_deref(), mask.as_deref());
-            graphs.push(
-                workflow
-                    .render(&vars)
-                    .map_err(|e| self.http.error("", Failure::InvalidResponse(format!("rendering the graph: {e}"))))?,
-            );
-        }
-        let sinks = graphs.first().map(sink_nodes).unwrap_or_default();
-        let mut ids = Vec::new();
-        for graph in graphs {
-            match self.enqueue(graph, &destination).await {
-                Ok(mut new) => ids.append(&mut new),
-                Err(e) => {
-                    self.cancel(&ids).await;
-                    return Err(e);
+        let open = OpenItems::default();
+        let stopped = match tokio::time::timeout_at(deadline, self.submit(&call, workflow, &destination, &open)).await {
+            Err(_) => Stopped::TimedOut,
+            Ok(Err(stopped)) => stopped,
+            Ok(Ok(job)) => tokio::select! {
+                r = tokio::time::timeout_at(deadline, self.finish(job, &open)) => match r {
+                    Ok(Ok(images)) => return Ok(images),
+                    Ok(Err(e)) => Stopped::Failed(e),
+                    Err(_) => Stopped::TimedOut,
+                },
+                () = call.cancel.cancelled() => Stopped::ClientGone,
+            },
+        };
+        let Open { ids, unknown_items } = open.with(std::mem::take);
+        if !ids.is_empty() || unknown_items {
+            tracing::info!(backend = %self.http.cfg.name, items = ?ids, unknown_items, "Cancelling unfinished InvokeAI queue items.");
+            let by_destination = async {
+                if unknown_items {
+                    self.cancel_destination(&destination).await;
                 }
-            }
+            };
+            tokio::join!(self.cancel(&ids), by_destination);
         }
-        // Lowest ids run first.
-        ids.sort_unstable();
-        let waited = async {
-            let mut names = Vec::new();
-            for id in &ids {
-                names.extend(self.wait(*id, &sinks).await?);
-            }
-            Ok::<_, BackendError>(names)
-        };
-        let names = tokio::select! {
-            r = waited => r?,
-            () = call.cancel.cancelled() => {
-                self.cancel(&ids).await;
-                let url = self.http.cfg.endpoint(&self.queue_path("/enqueue_batch"));
-                return Err(self.http.error(&url, Failure::JobFailed(format!("cancelled: the client went away (items {ids:?} canceled)"))));
-            }
-        };
-        if names.is_empty() {
-            let url = self.http.cfg.endpoint(&self.queue_path("/enqueue_batch"));
-            return Err(self
-                .http
-                .error(&url, Failure::InvalidResponse("the graph's final nodes produced no image".into())));
-        }
-        let mut images = Vec::with_capacity(names.len());
-        for name in names {
-            images.push(self.download(&name).await?);
-        }
-        Ok(images)
+        let url = self.http.cfg.endpoint(&self.queue_path("/enqueue_batch"));
+        Err(match stopped {
+            Stopped::Failed(e) => e,
+            Stopped::TimedOut => self.http.error(&url, Failure::Timeout(self.http.cfg.timeout)),
+            Stopped::ClientGone => self.http.error(&url, Failure::JobFailed("cancelled: the client went away".into())),
+        })
     }
 
     async fn probe(&self) -> Result<ProbeReport, BackendError> {
-        let (rb, url) = self.http.request(Method::GET, "/api/v1/app/version");
+        let (rb, url) = self.request(Method::GET, "/api/v1/app/version");
         let v: Value = self.http.json(self.http.send(rb, &url).await?, &url).await?;
         let Some(version) = v.get("version").and_then(Value::as_str).map(str::to_owned) else {
             return Err(self.http.error(
                 &url,
-                Failure::InvalidResponse("`/api/v1/app/version` has no `version`: is this InvokeAI?".into()),
+                Failure::InvalidResponse("`/api/v1/app/version` names no `version`: is this InvokeAI?".into()),
             ));
         };
-        let (rb, url) = self.http.request(Method::GET, &self.queue_path("/status"));
-        let started = match self.http.send(rb, &url).await {
-            Ok(resp) => self
-                .http
-                .json::<Value>(resp, &url)
-                .await
-                .ok()
-                .and_then(|s| s["processor"]["is_started"].as_bool())
-                .unwrap_or(true),
-            Err(_) => true,
-        };
-        Ok(ProbeReport {
-            ready: started,
-            detail: format!("InvokeAI {version}{}", if started { "" } else { ", queue processor stopped" }),
+        let queue = &self.http.cfg.queue_id;
+        Ok(match self.queue_status().await {
+            Ok(s) if !s.processor.is_started => ProbeReport {
+                ready: false,
+                detail: format!("InvokeAI {version}, queue `{queue}`: the queue processor is not started"),
+            },
+            Ok(s) => ProbeReport {
+                ready: true,
+                detail: format!(
+                    "InvokeAI {version}, queue `{queue}`: {} pending, {} in progress",
+                    s.queue.pending, s.queue.in_progress
+                ),
+            },
+            // The version answered, so the server serves; the queue status is a detail.
+            Err(e) => ProbeReport { ready: true, detail: format!("InvokeAI {version} (queue status unknown: {e})") },
         })
     }
 
     fn supports_edits(&self) -> bool {
         true
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct Enqueued {
-    #[serde(default)]
-    item_ids: Option<Vec<i64>>,
-    #[serde(default)]
-    batch: Value,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_outputs_of_final_nodes_through_the_prepared_mapping() {
-        let graph = json!({"nodes": {"blank": {}, "blur": {}}, "edges": [{"source": {"node_id": "blank", "field": "image"}, "destination": {"node_id": "blur", "field": "image"}}]});
-        let sinks = sink_nodes(&graph);
-        assert_eq!(sinks, HashSet::from(["blur".to_owned()]));
-        let item = json!({"session": {"results": {"p1": {"type": "image_output", "image": {"image_name": "a.png"}}, "p2": {"type": "image_output", "image": {"image_name": "b.png"}}},
-            "source_prepared_mapping": {"blank": ["p1"], "blur": ["p2"]}}});
-        assert_eq!(outputs(&item, &sinks), ["b.png"]);
     }
 }
