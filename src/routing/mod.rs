@@ -38,8 +38,9 @@ pub enum RoutingError {
 
 fn not_found_message(requested: &str, available: &[String], nearest: Option<&str>) -> String {
     let mut msg = format!("model `{requested}` does not exist");
-    if let Some(n) = nearest {
-        msg.push_str(&format!("; did you mean `{n}`?"));
+    match nearest {
+        Some(n) => msg.push_str(&format!("; did you mean `{n}`?")),
+        None => msg.push('.'),
     }
     msg.push_str(&format!(" Available models: {}", available.join(", ")));
     msg
