@@ -346,7 +346,7 @@ impl Serialize for GenerationBody<'_> {
             f.put("override_settings_restore_afterwards", &false)?;
         }
         for (key, value) in self.extra.into_iter().flatten() {
-            if !(merged && key == "override_settings") {
+            if !(merged && key == "override_settings") && !crate::request::extra::is_protected(key) {
                 map.serialize_entry(key, value)?;
             }
         }
@@ -362,7 +362,8 @@ struct Fields<'m, M> {
 
 impl<M: SerializeMap> Fields<'_, M> {
     fn put<V: Serialize + ?Sized>(&mut self, key: &str, value: &V) -> Result<(), M::Error> {
-        if self.extra.is_some_and(|e| e.contains_key(key)) {
+        // `extra` wins for tuning fields, never for the protected ones (count, model, size: see request::extra).
+        if self.extra.is_some_and(|e| e.contains_key(key)) && !crate::request::extra::is_protected(key) {
             return Ok(());
         }
         self.map.serialize_entry(key, value)
@@ -380,6 +381,9 @@ impl Serialize for OverrideSettings<'_> {
         let mut map = serializer.serialize_map(None)?;
         Fields { map: &mut map, extra: self.more }.put("sd_model_checkpoint", self.checkpoint)?;
         for (key, value) in self.more.into_iter().flatten() {
+            if crate::request::extra::is_protected(key) {
+                continue;
+            }
             map.serialize_entry(key, value)?;
         }
         map.end()

@@ -76,9 +76,7 @@ impl Backend for FalBackend {
                 input.insert("mask_url".into(), json!(crate::media::data_url(&mask.bytes, mask.format)));
             }
         }
-        if let Some(extra) = &req.extra {
-            input.extend(extra.clone());
-        }
+        crate::request::extra::merge(&mut input, req.extra.as_ref());
 
         let endpoint = call.model.upstream_model.trim_matches('/');
         let (rb, url) = self.http.request(Method::POST, &format!("/{endpoint}"));

@@ -59,9 +59,7 @@ impl Backend for HuggingFaceBackend {
         if let Some(seed) = call.seed {
             parameters.insert("seed".into(), json!(seed));
         }
-        if let Some(extra) = &req.extra {
-            parameters.extend(extra.clone());
-        }
+        crate::request::extra::merge(&mut parameters, req.extra.as_ref());
         let body = json!({"inputs": req.prompt, "parameters": parameters});
         let accept = if req.output_format == Some(ImageFormat::Jpeg) { "image/jpeg" } else { "image/png" };
         let path = if Self::routed(model) { format!("/models/{}", model.trim_matches('/')) } else { String::new() };

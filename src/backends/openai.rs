@@ -93,9 +93,7 @@ fn common_fields(call: &ImageCall<'_>) -> Map<String, Value> {
     if let Some(c) = req.output_compression {
         body.insert("output_compression".into(), json!(c));
     }
-    if let Some(extra) = &req.extra {
-        body.extend(extra.clone());
-    }
+    crate::request::extra::merge(&mut body, req.extra.as_ref());
     body
 }
 

@@ -75,9 +75,7 @@ impl Backend for ReplicateBackend {
                 input.insert("mask".into(), json!(crate::media::data_url(&mask.bytes, mask.format)));
             }
         }
-        if let Some(extra) = &req.extra {
-            input.extend(extra.clone());
-        }
+        crate::request::extra::merge(&mut input, req.extra.as_ref());
 
         let model = call.model.upstream_model.as_str();
         let (path, body) = match model.split_once(':') {

@@ -191,6 +191,64 @@ pub struct BackendConfig {
     pub poll_interval: Duration,
     /// InvokeAI session queue id.
     pub queue_id: String,
+    /// Hosts besides the backend's own origin that its output URLs may point to (see [`HostPattern`]).
+    pub allow_output_hosts: Vec<HostPattern>,
+    /// A configured probe that replaces the kind's own.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// `health: { path, expect_status }` on a backend.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    /// Starts with `/`; appended to the backend's root.
+    pub path: String,
+    pub expect_status: u16,
+}
+
+/// One `allow_output_hosts` entry: an exact host, or `*.suffix` for any subdomain of `suffix`; with an optional
+/// port (absent = any port).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPattern {
+    /// Lowercase host without brackets; for a wildcard, the suffix after `*.`.
+    pub host: String,
+    pub wildcard: bool,
+    pub port: Option<u16>,
+}
+
+impl HostPattern {
+    /// Parses `host`, `host:port`, `*.suffix`, `[v6]:port`; `None` when it is none of those.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        let (wildcard, rest) = match s.strip_prefix("*.") {
+            Some(r) => (true, r),
+            None => (false, s),
+        };
+        let url = Url::parse(&format!("http://{rest}/")).ok()?;
+        if url.path() != "/" || url.username() != "" || url.password().is_some() || url.query().is_some() {
+            return None;
+        }
+        let host = url.host_str()?.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        if host.is_empty() {
+            return None;
+        }
+        // `Url` drops the default port 80; keep it when it was written.
+        let port = url.port().or_else(|| rest.ends_with(":80").then_some(80));
+        Some(Self { host, wildcard, port })
+    }
+
+    /// Whether `host` (lowercase, no brackets) and `port` match.
+    pub fn matches(&self, host: &str, port: u16) -> bool {
+        if self.port.is_some_and(|p| p != port) {
+            return false;
+        }
+        if self.wildcard {
+            host.len() > self.host.len() + 1
+                && host.ends_with(&self.host)
+                && host.as_bytes()[host.len() - self.host.len() - 1] == b'.'
+        } else {
+            host == self.host
+        }
+    }
 }
 
 impl BackendConfig {

@@ -91,6 +91,11 @@ pub struct RawBackend {
     pub max_response: Option<String>,
     /// Most images one upstream call may produce (`openai` `n`, `a1111` `batch_size`).
     pub max_images_per_call: Option<u32>,
+    /// Hosts (`host` or `host:port`, `*.suffix` for subdomains) besides the backend's own origin that output URLs
+    /// it returns may be downloaded from.
+    pub allow_output_hosts: Option<Vec<String>>,
+    /// Overrides the kind's own health probe: `GET {url}{path}` must answer `expect_status`.
+    pub health: Option<RawHealthCheck>,
 
     // --- comfyui, invokeai, fal, replicate ---
     /// How often job status is polled when progress events are not available.
@@ -108,6 +113,15 @@ pub struct RawBackend {
     // --- simulated ---
     pub latency: Option<String>,
     pub failure: Option<RawFailure>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    /// Path under the backend's root, e.g. `/healthz`.
+    pub path: Option<String>,
+    /// The status a healthy server answers (default 200).
+    pub expect_status: Option<u16>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

@@ -13,9 +13,9 @@ use url::Url;
 
 use super::raw::{RawBackend, RawConfig, RawModel, RawModelBackend};
 use super::{
-    AuthConfig, AuthMode, BackendConfig, BackendKind, Capability, Config, Defaults, FailureMode, HealthConfig,
-    ModelBackend, ModelConfig, ModelType, QueueConfig, Secret, ServerConfig, SimulatedFailure, SimulationConfig,
-    StorageConfig, TemplateConfig,
+    AuthConfig, AuthMode, BackendConfig, BackendKind, Capability, Config, Defaults, FailureMode, HealthCheck,
+    HealthConfig, HostPattern, ModelBackend, ModelConfig, ModelType, QueueConfig, Secret, ServerConfig,
+    SimulatedFailure, SimulationConfig, StorageConfig, TemplateConfig,
 };
 use crate::backends::workflow::Workflow;
 use crate::request::{ResponseFormat, Size};
@@ -271,6 +271,34 @@ fn backend(p: &mut Problems, name: &str, b: RawBackend) -> Option<BackendConfig>
     let poll_interval = if poll_interval.is_zero() { Duration::from_millis(500) } else { poll_interval };
     let queue_id = b.queue_id.clone().unwrap_or_else(|| "default".into());
 
+    let mut allow_output_hosts = Vec::new();
+    for (i, h) in b.allow_output_hosts.clone().unwrap_or_default().iter().enumerate() {
+        match HostPattern::parse(h) {
+            Some(pat) => allow_output_hosts.push(pat),
+            None => p.push((
+                format!("{at}.allow_output_hosts[{i}]"),
+                format!("`{h}` is not a host, `host:port` or `*.domain`"),
+            )),
+        }
+    }
+    let health_check = match &b.health {
+        None => None,
+        Some(h) => {
+            let path = h.path.clone().unwrap_or_default();
+            let expect_status = h.expect_status.unwrap_or(200);
+            if !path.starts_with('/') || path.contains(char::is_whitespace) {
+                p.push((format!("{at}.health.path"), "must be a path starting with `/`, e.g. /healthz".into()));
+            }
+            if !(100..=599).contains(&expect_status) {
+                p.push((format!("{at}.health.expect_status"), format!("{expect_status} is not an HTTP status")));
+            }
+            if kind == BackendKind::Simulated {
+                p.push((format!("{at}.health"), "a `simulated` backend has no server to probe".into()));
+            }
+            Some(HealthCheck { path, expect_status })
+        }
+    };
+
     if p.len() > start {
         return None;
     }
@@ -290,6 +318,8 @@ fn backend(p: &mut Problems, name: &str, b: RawBackend) -> Option<BackendConfig>
         simulation,
         poll_interval,
         queue_id,
+        allow_output_hosts,
+        health_check,
     })
 }
 

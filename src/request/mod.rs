@@ -1,6 +1,8 @@
 //! Validation: wire requests → normalized domain requests. Every field is checked here, with the OpenAI error
 //! `param` set; nothing here does I/O. Checks that need the model's limits are in [`GenerateImage::check_model`].
 
+pub mod extra;
+
 use std::fmt;
 
 use crate::api::images::ImagesRequest;
@@ -183,6 +185,9 @@ impl GenerateImage {
             && (!g.is_finite() || g < 0.0)
         {
             return Err(RequestError::param("guidance_scale", "`guidance_scale` must be a number >= 0"));
+        }
+        if let Some(e) = &w.extra {
+            extra::check(e)?;
         }
         if w.steps == Some(0) {
             return Err(RequestError::param("steps", "`steps` must be at least 1"));
