@@ -30,6 +30,9 @@ pub enum Error {
     /// The client disconnected before the result was ready (never seen by the client; logged and counted).
     #[error("the client went away before the result was ready")]
     ClientGone,
+    /// A signed output URL that is not valid (wrong signature) or no longer valid (expired): 403 with `code`.
+    #[error("{message}")]
+    LinkRefused { message: String, code: &'static str },
     /// A stored file id that does not exist (or was never issued).
     #[error("no file `{0}`: it was never issued by this gateway or has been deleted")]
     FileNotFound(String),

@@ -6,7 +6,6 @@ use std::future::Future;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::ledger::Store;
@@ -42,7 +41,7 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let background = CancellationToken::new();
-        let tracker = TaskTracker::new();
+        let tracker = self.state.tasks.clone();
         tracker.spawn(crate::health::run(
             self.state.backend_list.clone(),
             self.state.config.health.clone(),

@@ -5,15 +5,17 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::task::TaskTracker;
 
 use crate::admission::Gate;
 use crate::backends::AnyBackend;
 use crate::config::{Capability, Config};
 use crate::health::Health;
 use crate::ledger::sqlite::SqliteStore;
-use crate::ledger::{Millicredits, Store, to_mc};
+use crate::ledger::{Millicredits, Settling, Store, to_mc};
 use crate::routing::{BackendHandle, Registry};
 use crate::storage::FileStore;
+use crate::storage::signing::UrlSigner;
 
 /// Shared state. Construct with [`AppState::build`].
 #[derive(Debug, Clone)]
@@ -31,6 +33,8 @@ pub struct Runtime {
     /// Sorted by name (for status pages and probes).
     pub backend_list: Vec<Arc<BackendHandle>>,
     pub files: FileStore,
+    /// Signs output URLs (`?exp=…&sig=…`).
+    pub signer: UrlSigner,
     /// Keys, credits and idempotency records.
     pub ledger: Arc<SqliteStore>,
     /// Current price per model: (price row id, millicredits per image). Every model has one (0 = free), so
@@ -39,12 +43,18 @@ pub struct Runtime {
     pub metrics: PrometheusHandle,
     pub started: Instant,
     pub started_at: SystemTime,
+    /// Background work that must finish before the process exits (probes, settlements); shutdown waits on it.
+    pub tasks: TaskTracker,
+    /// Holds being settled right now (read-your-writes for balances).
+    pub settling: Arc<Settling>,
 }
 
 impl AppState {
     /// Builds adapters, gates and storage. Opens the files directory; contacts no backend.
     pub async fn build(config: Config) -> Result<Self, String> {
         let files = FileStore::open(&config.storage.files).await.map_err(|e| e.to_string())?;
+        let secret = config.storage.signing_secret.as_ref().map(|s| s.expose());
+        let signer = UrlSigner::load(secret, files.root(), config.storage.url_ttl).await.map_err(|e| e.to_string())?;
         let ledger = Arc::new(SqliteStore::open(&config.storage.database, true).await.map_err(|e| e.to_string())?);
         let released = ledger.recover().await.map_err(|e| e.to_string())?;
         if released > 0 {
@@ -83,11 +93,14 @@ impl AppState {
                 backends,
                 backend_list,
                 files,
+                signer,
                 ledger,
                 prices,
                 metrics,
                 started: Instant::now(),
                 started_at: SystemTime::now(),
+                tasks: TaskTracker::new(),
+                settling: Arc::default(),
             }),
         })
     }

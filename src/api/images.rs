@@ -75,6 +75,17 @@ pub struct ImagesResponse {
     pub data: Vec<ImageItem>,
     pub output_format: &'static str,
     pub size: Option<String>,
+    /// Set when fewer images were made than asked for (an easel extension field, `partial`).
+    pub partial: Option<Partial>,
+}
+
+/// What a partial answer lacks, and why.
+#[derive(Debug, Clone)]
+pub struct Partial {
+    pub requested: u32,
+    pub produced: u32,
+    /// The first failure's message (what went wrong with the missing images).
+    pub error: String,
 }
 
 impl ImagesResponse {
@@ -126,6 +137,15 @@ impl ImagesResponse {
             out.put_slice(b",\"size\":");
             put_json_string(&mut out, size);
         }
+        if let Some(p) = &self.partial {
+            out.put_slice(b",\"partial\":{\"requested\":");
+            out.put_slice(p.requested.to_string().as_bytes());
+            out.put_slice(b",\"produced\":");
+            out.put_slice(p.produced.to_string().as_bytes());
+            out.put_slice(b",\"error\":");
+            put_json_string(&mut out, &p.error);
+            out.put_u8(b'}');
+        }
         out.put_u8(b'}');
         out.freeze()
     }
@@ -154,6 +174,7 @@ mod tests {
             ],
             output_format: "png",
             size: Some("8x8".into()),
+            partial: Some(Partial { requested: 4, produced: 2, error: "backend `a` timed out".into() }),
         };
         let v: serde_json::Value = serde_json::from_slice(&r.to_json()).unwrap();
         assert_eq!(v["created"], 7);
@@ -162,5 +183,6 @@ mod tests {
         assert_eq!(v["data"][1]["url"], "http://h/v1/files/x.png");
         assert_eq!(v["output_format"], "png");
         assert_eq!(v["size"], "8x8");
+        assert_eq!(v["partial"], serde_json::json!({"requested": 4, "produced": 2, "error": "backend `a` timed out"}));
     }
 }

@@ -60,6 +60,10 @@ pub struct ServerConfig {
 pub struct StorageConfig {
     pub database: String,
     pub files: PathBuf,
+    /// Signs output URLs; `None` = a key generated into the files directory on first start.
+    pub signing_secret: Option<Secret>,
+    /// Lifetime of a signed output URL.
+    pub url_ttl: Duration,
 }
 
 #[derive(Debug, Clone)]

@@ -43,6 +43,10 @@ pub struct RawServer {
 pub struct RawStorage {
     pub database: Option<String>,
     pub files: Option<String>,
+    /// Key for signing output URLs (HMAC-SHA256); absent = generated once into `<files>/.url-signing-key`.
+    pub signing_secret: Option<String>,
+    /// How long a signed output URL works, e.g. `24h`.
+    pub url_ttl: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

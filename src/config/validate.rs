@@ -52,8 +52,19 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
 
     let storage = StorageConfig {
         database: raw.storage.database.unwrap_or_else(|| "sqlite://data/easel.db".into()),
-        files: raw.storage.files.unwrap_or_else(|| "data/files".into()).into(),
+        files: raw.storage.files.clone().unwrap_or_else(|| "data/files".into()).into(),
+        signing_secret: raw.storage.signing_secret.clone().map(Secret::new),
+        url_ttl: duration(&mut p, "storage.url_ttl", raw.storage.url_ttl.as_deref(), 24 * 3600),
     };
+    if storage.signing_secret.as_ref().is_some_and(|s| s.expose().len() < 32) {
+        p.push((
+            "storage.signing_secret".into(),
+            "must be at least 32 characters (e.g. `openssl rand -hex 32`)".into(),
+        ));
+    }
+    if storage.url_ttl.is_zero() {
+        p.push(("storage.url_ttl".into(), "must be longer than 0s".into()));
+    }
     if !storage.database.starts_with("sqlite:") {
         p.push(("storage.database".into(), "only `sqlite://PATH` is supported by this build".into()));
     }

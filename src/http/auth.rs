@@ -16,6 +16,9 @@ use crate::state::AppState;
 /// Routes anyone may call, in every mode. `/metrics` joins them when `auth.public_metrics` is true.
 pub const PUBLIC_ROUTES: &[&str] = &["/healthz", "/readyz", "/health"];
 
+/// Stored outputs; with a signature in the query they need no key.
+const FILES_PREFIX: &str = "/v1/files/";
+
 /// Routes that need the admin token (prefix match).
 const ADMIN_PREFIX: &str = "/v1/admin/";
 
@@ -33,6 +36,10 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
         };
     }
     if auth.mode == AuthMode::None || PUBLIC_ROUTES.contains(&path) || (path == "/metrics" && auth.public_metrics) {
+        return next.run(req).await;
+    }
+    // A signed output URL carries its own authorization (checked by the files handler): `<img src>` sends no key.
+    if path.starts_with(FILES_PREFIX) && req.uri().query().is_some_and(|q| q.contains("sig=")) {
         return next.run(req).await;
     }
     let Some(secret) = token else {

@@ -5,8 +5,12 @@
 
 pub mod sqlite;
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{Arc, Mutex as StdMutex, PoisonError};
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use rand::Rng;
 use serde::Serialize;
@@ -165,6 +169,9 @@ pub trait Store: Send + Sync {
         credits_mc: Millicredits,
         actor: &str,
     ) -> impl Future<Output = Result<KeyInfo, LedgerError>> + Send;
+    /// The principal of requests made without a key (`auth.mode: none`), so that an Idempotency-Key means the
+    /// same there: one reserved account and key (revoked, so no secret can ever authenticate as it), made once.
+    fn anonymous(&self) -> impl Future<Output = Result<Principal, LedgerError>> + Send;
     fn authenticate(&self, secret: &str) -> impl Future<Output = Result<Option<Principal>, LedgerError>> + Send;
     fn balance(&self, account_id: i64) -> impl Future<Output = Result<Balance, LedgerError>> + Send;
     /// Records the price of a model; returns the price row id (a new row when the price changed).
@@ -184,13 +191,17 @@ pub trait Store: Send + Sync {
         lease: Duration,
         idem: Option<&IdemClaim>,
     ) -> impl Future<Output = Result<HoldOutcome, LedgerError>> + Send;
-    /// Captures `units` (≤ held) and stores the response for the Idempotency-Key, in one transaction.
+    /// Captures `units` (≤ held), stores the response for the Idempotency-Key and records the hold's key as the
+    /// owner of the stored `outputs`, in one transaction.
     fn capture(
         &self,
         hold_id: &str,
         units: i64,
         response: Option<(&Principal, &str, &StoredResponse)>,
+        outputs: &[String],
     ) -> impl Future<Output = Result<(), LedgerError>> + Send;
+    /// The key that made a stored output, if one did.
+    fn output_owner(&self, id: &str) -> impl Future<Output = Result<Option<i64>, LedgerError>> + Send;
     /// Returns the whole hold and forgets the Idempotency-Key, in one transaction.
     fn release(&self, hold_id: &str, reason: &str) -> impl Future<Output = Result<(), LedgerError>> + Send;
     /// Releases every open sync hold (their process is gone) and in-progress idempotency records; returns how many.
@@ -200,6 +211,70 @@ pub trait Store: Send + Sync {
     fn check(&self) -> impl Future<Output = Result<Vec<Drift>, LedgerError>> + Send;
     fn usage(&self, key_id: i64) -> impl Future<Output = Result<Vec<UsageRow>, LedgerError>> + Send;
 }
+
+/// Settlements in flight, per account. An answer's hold is settled just after its body is handed to the client, so
+/// a balance read right after could see it still held; readers wait (bounded) for their account's settlements.
+#[derive(Debug, Default)]
+pub struct Settling {
+    counts: StdMutex<HashMap<i64, usize>>,
+    changed: Notify,
+}
+
+/// One settlement in flight; dropping it marks it done.
+#[derive(Debug)]
+pub struct SettlingGuard {
+    of: Arc<Settling>,
+    account: i64,
+}
+
+impl Settling {
+    /// Marks a settlement for `account` as started.
+    pub fn begin(self: &Arc<Self>, account: i64) -> SettlingGuard {
+        *self.counts.lock().unwrap_or_else(PoisonError::into_inner).entry(account).or_default() += 1;
+        SettlingGuard { of: Arc::clone(self), account }
+    }
+
+    fn pending(&self, account: Option<i64>) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        match account {
+            Some(a) => counts.get(&a).copied().unwrap_or(0),
+            None => counts.values().sum(),
+        }
+    }
+
+    /// Waits until `account` (every account for `None`) has no settlement in flight, at most `within`.
+    pub async fn wait(&self, account: Option<i64>, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.pending(account) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for SettlingGuard {
+    fn drop(&mut self) {
+        let mut counts = self.of.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.account) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.account);
+            }
+        }
+        drop(counts);
+        self.of.changed.notify_waiters();
+    }
+}
+
+/// The reserved key name of [`Store::anonymous`]; hidden from key listings.
+pub const ANONYMOUS_KEY: &str = "(anonymous)";
 
 /// A new secret: `sk-easel-` + 43 base62 characters (about 256 random bits).
 pub fn new_secret() -> String {

@@ -12,8 +12,8 @@ use sqlx::{Row, SqlitePool};
 use tokio::sync::Mutex;
 
 use super::{
-    Balance, Drift, HoldOutcome, IdemClaim, KeyInfo, LedgerError, Millicredits, NewKey, Principal, Store,
-    StoredResponse, UsageRow, hash_secret, new_secret,
+    ANONYMOUS_KEY, Balance, Drift, HoldOutcome, IdemClaim, KeyInfo, LedgerError, Millicredits, NewKey, Principal,
+    Store, StoredResponse, UsageRow, hash_secret, new_secret,
 };
 
 /// How long a completed idempotency record is kept.
@@ -263,8 +263,9 @@ impl Store for SqliteStore {
     async fn list_keys(&self) -> Result<Vec<KeyInfo>, LedgerError> {
         let rows = sqlx::query(
             "SELECT k.id, k.name, k.prefix, k.allowed_models, k.created_at, k.revoked_at, a.available_mc, a.held_mc
-             FROM api_keys k JOIN accounts a ON a.id = k.account_id ORDER BY k.id",
+             FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.name != ?1 ORDER BY k.id",
         )
+        .bind(ANONYMOUS_KEY)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(key_info).collect()
@@ -297,6 +298,53 @@ impl Store for SqliteStore {
         let info = self.find_key(&mut tx, key).await?;
         tx.commit().await?;
         Ok(info)
+    }
+
+    async fn anonymous(&self) -> Result<Principal, LedgerError> {
+        let find = || {
+            sqlx::query("SELECT id, account_id FROM api_keys WHERE name = ?1")
+                .bind(ANONYMOUS_KEY)
+                .fetch_optional(&self.pool)
+        };
+        let principal = |r: &sqlx::sqlite::SqliteRow| -> Result<Principal, LedgerError> {
+            Ok(Principal {
+                key_id: r.try_get(0)?,
+                account_id: r.try_get(1)?,
+                name: ANONYMOUS_KEY.to_owned(),
+                allowed_models: None,
+            })
+        };
+        if let Some(r) = find().await? {
+            return principal(&r);
+        }
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let now = now_ms();
+        let exists =
+            sqlx::query("SELECT 1 FROM api_keys WHERE name = ?1").bind(ANONYMOUS_KEY).fetch_optional(&mut *tx).await?;
+        if exists.is_none() {
+            let account: i64 =
+                sqlx::query("INSERT INTO accounts (name, updated_at) VALUES ('anonymous', ?1) RETURNING id")
+                    .bind(now)
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get(0)?;
+            // A random hash no secret maps to, and revoked: nobody can authenticate as this key.
+            let unguessable = hash_secret(&new_secret()).to_vec();
+            sqlx::query("INSERT INTO api_keys (account_id, name, prefix, secret_sha256, created_at, revoked_at) VALUES (?1, ?2, '', ?3, ?4, ?4)")
+                .bind(account)
+                .bind(ANONYMOUS_KEY)
+                .bind(unguessable)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        drop(_w);
+        match find().await? {
+            Some(r) => principal(&r),
+            None => Err(LedgerError::Db("the anonymous key could not be created".into())),
+        }
     }
 
     async fn authenticate(&self, secret: &str) -> Result<Option<Principal>, LedgerError> {
@@ -494,10 +542,22 @@ impl Store for SqliteStore {
         hold_id: &str,
         units: i64,
         response: Option<(&Principal, &str, &StoredResponse)>,
+        outputs: &[String],
     ) -> Result<(), LedgerError> {
         let _w = self.write.lock().await;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         self.resolve(&mut tx, hold_id, Some(units), "completed").await?;
+        let now = now_ms();
+        for id in outputs {
+            sqlx::query(
+                "INSERT OR IGNORE INTO outputs (id, key_id, hold_id, created_at) SELECT ?1, key_id, id, ?3 FROM holds WHERE id = ?2",
+            )
+            .bind(id)
+            .bind(hold_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
         if let Some((who, key, resp)) = response {
             sqlx::query(
                 "UPDATE idempotency_records SET state = 'completed', lease_until = NULL, status_code = ?4, content_type = ?5, response_body = ?6
@@ -514,6 +574,11 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn output_owner(&self, id: &str) -> Result<Option<i64>, LedgerError> {
+        let row = sqlx::query("SELECT key_id FROM outputs WHERE id = ?1").bind(id).fetch_optional(&self.pool).await?;
+        row.map(|r| r.try_get(0)).transpose().map_err(Into::into)
     }
 
     async fn release(&self, hold_id: &str, reason: &str) -> Result<(), LedgerError> {
@@ -674,8 +739,8 @@ mod tests {
             panic!()
         };
         assert_eq!(s.balance(who.account_id).await.unwrap().held_mc, 40_000);
-        s.capture(&hold_id, 2, None).await.unwrap();
-        s.capture(&hold_id, 2, None).await.unwrap(); // second settle is a no-op
+        s.capture(&hold_id, 2, None, &[]).await.unwrap();
+        s.capture(&hold_id, 2, None, &[]).await.unwrap(); // second settle is a no-op
         let b = s.balance(who.account_id).await.unwrap();
         assert_eq!((b.available_mc, b.held_mc, b.captured_mc), (80_000, 0, 20_000), "2 of 4 produced: 2 charged");
         let HoldOutcome::Held { hold_id } =

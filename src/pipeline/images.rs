@@ -13,11 +13,11 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::images::{ImageData, ImageItem, ImagesRequest, ImagesResponse};
+use crate::api::images::{ImageData, ImageItem, ImagesRequest, ImagesResponse, Partial};
 use crate::backends::{BackendError, EditInputs, Failure, ImageCall, ImageOutput, InputImage};
 use crate::config::{Capability, ModelConfig, ModelType};
 use crate::error::Error;
-use crate::ledger::{HoldOutcome, IdemClaim, Principal, Store, StoredResponse};
+use crate::ledger::{HoldOutcome, IdemClaim, Principal, SettlingGuard, Store, StoredResponse};
 use crate::request::{GenerateImage, ImageFormat, RequestError, ResponseFormat, Size};
 use crate::routing::{self, Candidate};
 use crate::state::AppState;
@@ -25,6 +25,8 @@ use crate::telemetry::metrics as m;
 
 /// Most upstream attempts for one call (first choice plus fallbacks).
 const MAX_ATTEMPTS: usize = 3;
+/// Longest a key's read of its own output waits for the answer that made it to settle.
+const SETTLE_WAIT: Duration = Duration::from_secs(5);
 /// Slack over the backend's own timeout before easel gives up on an adapter call (adapters time out first).
 const TIMEOUT_SLACK: Duration = Duration::from_secs(1);
 
@@ -44,8 +46,82 @@ pub struct Caller {
 /// A response body: made now, or replayed for a repeated Idempotency-Key.
 #[derive(Debug)]
 pub enum Delivered {
-    Fresh(Bytes),
+    Fresh(Answer),
     Replayed(StoredResponse),
+}
+
+/// An answer made now.
+#[derive(Debug)]
+pub struct Answer {
+    pub body: Bytes,
+    /// Set when fewer images were made than asked for (also in the body's `partial` field).
+    pub partial: Option<Partial>,
+    /// The hold to settle once the body is delivered; `None` when nothing was held.
+    pub settlement: Option<Settlement>,
+}
+
+/// The last step of [`charged`] for an answer, run exactly once. An answer counts as delivered when the HTTP layer
+/// hands its whole body to the client's connection: then [`Settlement::delivered`] captures what was produced (and
+/// stores the Idempotency-Key's response). Dropped before that (the client left, the connection broke, the response
+/// was never written) it releases the hold instead. Either runs as tracked background work, so a disconnect cannot
+/// interrupt it; a process that dies first leaves the hold to the lease reaper and startup recovery.
+#[derive(Debug)]
+pub struct Settlement {
+    state: AppState,
+    hold_id: String,
+    produced: i64,
+    /// The Idempotency-Key's record: who, which key, and the response to replay.
+    record: Option<(Principal, String, StoredResponse)>,
+    /// Ids of the outputs stored for this answer: the hold's key becomes their owner.
+    outputs: Vec<String>,
+    settled: bool,
+    /// Balance reads of this account wait until this settlement is done.
+    guard: Option<SettlingGuard>,
+}
+
+impl Settlement {
+    /// The whole body was handed to the client's connection: capture.
+    pub fn delivered(mut self) {
+        self.settled = true;
+        let state = self.state.clone();
+        let hold_id = std::mem::take(&mut self.hold_id);
+        let (produced, record, guard) = (self.produced, self.record.take(), self.guard.take());
+        let outputs = std::mem::take(&mut self.outputs);
+        spawn_settlement(&self.state, async move {
+            let _guard = guard;
+            let record = record.as_ref().map(|(who, key, resp)| (who, key.as_str(), resp));
+            if let Err(e) = state.ledger.capture(&hold_id, produced, record, &outputs).await {
+                // The hold stays open until the reaper (or the next start) releases it: the customer is not charged.
+                tracing::error!(hold = %hold_id, error = %e, "Capturing a hold failed.");
+            }
+        });
+    }
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let state = self.state.clone();
+        let hold_id = std::mem::take(&mut self.hold_id);
+        let guard = self.guard.take();
+        spawn_settlement(&self.state, async move {
+            let _guard = guard;
+            release(&state, &hold_id, "client went away before the answer was delivered").await;
+        });
+    }
+}
+
+/// Runs a settlement on the runtime, tracked so shutdown waits for it. Outside a runtime (only while the process
+/// is being torn down) it cannot run; startup recovery releases that hold.
+fn spawn_settlement(state: &AppState, work: impl Future<Output = ()> + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            state.tasks.spawn_on(work, &rt);
+        }
+        Err(_) => tracing::warn!("No runtime to settle a hold on; the next start releases it."),
+    }
 }
 
 /// Generates images; `base_url` is where stored outputs are served (`{base_url}/v1/files/{id}`).
@@ -88,10 +164,10 @@ pub async fn edit_images(
     }
     let mut resolved = Vec::with_capacity(images.len());
     for (i, src) in images.into_iter().enumerate() {
-        resolved.push(resolve_input(state, src, i).await?);
+        resolved.push(resolve_input(state, caller, src, i).await?);
     }
     let mask = match mask {
-        Some(m) => Some(resolve_input(state, m, 0).await?),
+        Some(m) => Some(resolve_input(state, caller, m, 0).await?),
         None => None,
     };
     // `size` absent or `auto` on an edit: keep the input's size.
@@ -134,16 +210,23 @@ async fn charged(
     let operation = if edit.is_some() { "image edits" } else { "image generation" };
     let model = state.registry.resolve(req.model.as_deref(), ModelType::Image, operation)?;
     req.check_model(&model)?;
-    let Some(who) = &caller.principal else {
-        return produce(state, req, &model, edit, base_url, &caller.gone)
-            .await
-            .map(|(r, _)| Delivered::Fresh(r.to_json()));
+    // Without keys (`auth.mode: none`) nothing is charged; an Idempotency-Key still means the same, through the
+    // ledger's anonymous principal and a free hold.
+    let who = match &caller.principal {
+        Some(p) => p.clone(),
+        None if caller.idempotency_key.is_some() => state.ledger.anonymous().await?,
+        None => {
+            let (resp, _, _) = produce(state, req, &model, edit, base_url, &caller.gone).await?;
+            let partial = resp.partial.clone();
+            return Ok(Delivered::Fresh(Answer { body: resp.to_json(), partial, settlement: None }));
+        }
     };
     if !who.may_use(&model.id) {
         let allowed = who.allowed_models.as_ref().map(|m| m.join(", ")).unwrap_or_default();
         return Err(Error::ModelNotAllowed { key: who.name.clone(), model: model.id.clone(), allowed });
     }
     let (price_id, unit_mc) = state.prices.get(&model.id).copied().unwrap_or((0, 0));
+    let unit_mc = if caller.principal.is_some() { unit_mc } else { 0 };
     let claim = caller.idempotency_key.as_ref().map(|key| IdemClaim {
         key: key.clone(),
         method: "POST".into(),
@@ -152,7 +235,7 @@ async fn charged(
     });
     let hold_id = match state
         .ledger
-        .hold(who, price_id, i64::from(req.n), unit_mc, hold_lease(state, &model), claim.as_ref())
+        .hold(&who, price_id, i64::from(req.n), unit_mc, hold_lease(state, &model), claim.as_ref())
         .await?
     {
         HoldOutcome::Replay { status, content_type, body } => {
@@ -161,22 +244,29 @@ async fn charged(
         HoldOutcome::Held { hold_id } => hold_id,
     };
     match produce(state, req, &model, edit, base_url, &caller.gone).await {
-        Ok((resp, produced)) => {
+        Ok((resp, produced, outputs)) => {
             let body = resp.to_json();
             if caller.gone.is_cancelled() {
                 release(state, &hold_id, "client went away").await;
                 return Err(Error::ClientGone);
             }
             // Only an Idempotency-Key needs the body stored (a copy); without one nothing is copied.
-            let stored = claim.as_ref().map(|c| {
-                (c, StoredResponse { status: 200, content_type: "application/json".into(), body: body.to_vec() })
+            let record = claim.map(|c| {
+                let stored =
+                    StoredResponse { status: 200, content_type: "application/json".into(), body: body.to_vec() };
+                (who.clone(), c.key, stored)
             });
-            let record = stored.as_ref().map(|(c, r)| (who, c.key.as_str(), r));
-            if let Err(e) = state.ledger.capture(&hold_id, produced as i64, record).await {
-                // The hold stays open until the reaper (or the next start) releases it: the customer is not charged.
-                tracing::error!(hold = %hold_id, error = %e, "Capturing a hold failed.");
-            }
-            Ok(Delivered::Fresh(body))
+            let guard = Some(state.settling.begin(who.account_id));
+            let settlement = Settlement {
+                state: state.clone(),
+                hold_id,
+                produced: produced as i64,
+                record,
+                outputs,
+                settled: false,
+                guard,
+            };
+            Ok(Delivered::Fresh(Answer { body, partial: resp.partial.clone(), settlement: Some(settlement) }))
         }
         Err(e) => {
             let reason = match &e {
@@ -209,22 +299,31 @@ fn hold_lease(state: &AppState, model: &ModelConfig) -> Duration {
     slowest * MAX_ATTEMPTS as u32 + Duration::from_secs(60)
 }
 
-async fn resolve_input(state: &AppState, src: ImageSource, index: usize) -> Result<InputImage, Error> {
+async fn resolve_input(state: &AppState, caller: &Caller, src: ImageSource, index: usize) -> Result<InputImage, Error> {
     match src {
         ImageSource::Inline(img) => Ok(img),
-        ImageSource::Stored { id, param } => match state.files.get(&id).await? {
-            Some((bytes, format)) => {
-                Ok(InputImage { bytes, format, name: format!("input-{index}.{}", format.as_str()) })
+        ImageSource::Stored { id, param } => {
+            let missing =
+                || RequestError::param(param, format!("file `{id}` was not issued by this gateway (or was deleted)"));
+            // With keys, only the key that made an output may use it; another key is told it does not exist.
+            if let Some(who) = &caller.principal {
+                state.settling.wait(Some(who.account_id), SETTLE_WAIT).await;
+                if state.ledger.output_owner(&id).await? != Some(who.key_id) {
+                    return Err(missing().into());
+                }
             }
-            None => {
-                Err(RequestError::param(param, format!("file `{id}` was not issued by this gateway (or was deleted)"))
-                    .into())
+            match state.files.get(&id).await? {
+                Some((bytes, format)) => {
+                    Ok(InputImage { bytes, format, name: format!("input-{index}.{}", format.as_str()) })
+                }
+                None => Err(missing().into()),
             }
-        },
+        }
     }
 }
 
-/// Runs the upstream calls and delivers the images; returns the response and how many images it holds.
+/// Runs the upstream calls and delivers the images; returns the response, how many images it holds and the ids
+/// of those it stored.
 async fn produce(
     state: &AppState,
     req: GenerateImage,
@@ -232,7 +331,7 @@ async fn produce(
     edit: Option<Arc<EditInputs>>,
     base_url: &str,
     gone: &CancellationToken,
-) -> Result<(ImagesResponse, usize), Error> {
+) -> Result<(ImagesResponse, usize, Vec<String>), Error> {
     // 1. The model must be able to do it.
     if edit.is_some() {
         let can = model.backends.iter().filter_map(|b| state.backends.get(&b.name)).any(|h| h.adapter.supports_edits());
@@ -296,13 +395,22 @@ async fn produce(
         m::generation(&model.id, "error", 0);
         return Err(first_error.unwrap_or_else(|| Error::Internal("the backend returned no images".into())));
     }
-    if let Some(e) = &first_error {
-        tracing::warn!(model = %model.id, produced = outputs.len(), asked = req.n, error = %e, "Returning a partial result.");
+    if gone.is_cancelled() {
+        // Nobody is waiting for the answer: store nothing.
+        return Err(Error::ClientGone);
     }
+    let partial = first_error.as_ref().map(|e| {
+        tracing::warn!(model = %model.id, produced = outputs.len(), asked = req.n, error = %e, "Returning a partial result.");
+        m::images_missing(&model.id, u64::from(req.n) - outputs.len() as u64);
+        Partial { requested: req.n, produced: outputs.len() as u32, error: e.to_string() }
+    });
+    // Report the size that was made, not the one asked for (backends round, clamp or ignore sizes).
+    let made = outputs.first().and_then(|o| crate::media::dimensions(&o.bytes)).map(|(w, h)| Size::new(w, h));
 
     // 4. Format and deliver.
     let target = req.output_format.unwrap_or_else(|| common_format(&outputs));
     let mut data = Vec::with_capacity(outputs.len());
+    let mut stored = Vec::new();
     for out in outputs {
         let bytes = if out.format == target {
             out.bytes
@@ -315,15 +423,18 @@ async fn produce(
             ResponseFormat::B64Json => ImageData::B64(bytes),
             ResponseFormat::Url => {
                 let id = state.files.put(&bytes, target).await?;
-                ImageData::Url(format!("{}/v1/files/{id}", base_url.trim_end_matches('/')))
+                let url = format!("{}/v1/files/{id}?{}", base_url.trim_end_matches('/'), state.signer.query(&id));
+                stored.push(id);
+                ImageData::Url(url)
             }
         };
         data.push(ImageItem { data: item, revised_prompt: out.revised_prompt });
     }
-    m::generation(&model.id, if first_error.is_some() { "partial" } else { "ok" }, data.len() as u64);
+    m::generation(&model.id, if partial.is_some() { "partial" } else { "ok" }, data.len() as u64);
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let produced = data.len();
-    Ok((ImagesResponse { created, data, output_format: target.as_str(), size: Some(size.to_string()) }, produced))
+    let size = made.unwrap_or(size).to_string();
+    Ok((ImagesResponse { created, data, output_format: target.as_str(), size: Some(size), partial }, produced, stored))
 }
 
 /// One planned upstream call.
@@ -354,6 +465,13 @@ async fn run_call(
     let candidates = routing::candidates(model, &state.backends, Capability::Images)?;
     let mut last: Option<Error> = None;
     for (attempt, Candidate { handle, trial }) in candidates.into_iter().take(MAX_ATTEMPTS).enumerate() {
+        // Never a new attempt for a client that left: its answer would go nowhere and the GPU time is wasted.
+        if gone.is_cancelled() {
+            if trial {
+                handle.health.release_trial();
+            }
+            return Err(Error::ClientGone);
+        }
         if attempt > 0 {
             tracing::info!(model = %model.id, backend = %handle.cfg.name, attempt, "Falling back to the next backend.");
         }
@@ -362,15 +480,24 @@ async fn run_call(
             continue;
         }
         let admitted = tokio::select! {
-            r = gate.admit() => r,
+            // A slot that frees at the moment the client leaves goes to the next request, not to this one.
+            biased;
             () = gone.cancelled() => {
                 if trial {
                     handle.health.release_trial();
                 }
                 return Err(Error::ClientGone);
             }
+            r = gate.admit() => r,
         };
         let permit = match admitted {
+            Ok(p) if gone.is_cancelled() => {
+                drop(p);
+                if trial {
+                    handle.health.release_trial();
+                }
+                return Err(Error::ClientGone);
+            }
             Ok(p) => p,
             Err(e) => {
                 if trial {

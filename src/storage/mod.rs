@@ -2,6 +2,8 @@
 //! back by id only. Nothing but ids this module issued can be reached: ids are checked character by character
 //! before any path is built.
 
+pub mod signing;
+
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;

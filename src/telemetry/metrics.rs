@@ -15,6 +15,7 @@ pub const HTTP_BYTES_IN: &str = "easel_http_request_bytes_total";
 pub const HTTP_BYTES_OUT: &str = "easel_http_response_bytes_total";
 pub const GENERATIONS: &str = "easel_generation_requests_total";
 pub const IMAGES: &str = "easel_images_generated_total";
+pub const IMAGES_MISSING: &str = "easel_images_missing_total";
 pub const UPSTREAM_CALLS: &str = "easel_backend_requests_total";
 pub const UPSTREAM_DURATION: &str = "easel_backend_request_duration_seconds";
 pub const FALLBACKS: &str = "easel_backend_fallbacks_total";
@@ -111,6 +112,11 @@ pub fn generation(model: &str, outcome: &'static str, images: u64) {
     if images > 0 {
         counter!(IMAGES, "model" => model.to_owned()).increment(images);
     }
+}
+
+/// Images a request asked for that its answer lacks (a partial result: some upstream calls failed).
+pub fn images_missing(model: &str, missing: u64) {
+    counter!(IMAGES_MISSING, "model" => model.to_owned()).increment(missing);
 }
 
 pub fn upstream_call(backend: &str, kind: &'static str, outcome: &'static str, took: Duration) {

@@ -97,7 +97,7 @@ async fn json_edit_with_data_url_and_file_id() {
         .await;
     assert_eq!(s, 200, "{body}");
     let url = body["data"][0]["url"].as_str().unwrap();
-    let id = url.rsplit('/').next().unwrap();
+    let id = url.rsplit('/').next().unwrap().split('?').next().unwrap();
     // Edit the output of the first edit by its file id.
     let (s, _, body) = gw
         .post_json(

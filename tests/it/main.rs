@@ -18,3 +18,4 @@ mod ledger;
 mod openai;
 mod queue_providers;
 mod template;
+mod trust;
