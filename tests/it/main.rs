@@ -16,5 +16,6 @@ mod images_api;
 mod invokeai;
 mod ledger;
 mod openai;
+mod outbound;
 mod queue_providers;
 mod template;
