@@ -149,3 +149,23 @@ async fn an_error_status_of_a_download_is_not_echoed() {
     assert!(message.contains("401") && message.contains("application/json"), "{message}");
     assert!(!message.contains("Incorrect API key"), "{message}");
 }
+
+#[tokio::test]
+async fn an_api_redirect_off_the_backends_origin_is_an_error_naming_it() {
+    let (other, port, rec) = recorder().await;
+    // A backend whose generation endpoint redirects to another host (its model list answers, so it is healthy).
+    let target = format!("{other}/steal");
+    let models = || async { axum::Json(json!({"object": "list", "data": [{"id": "m", "object": "model"}]})) };
+    let app = axum::Router::new().route("/v1/models", axum::routing::get(models)).fallback(move || {
+        let target = target.clone();
+        async move { (axum::http::StatusCode::TEMPORARY_REDIRECT, [("location", target)]).into_response() }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let gw = spawn_gateway(&config(&up, "")).await;
+    let (s, _, body) = gw.post_json("/v1/images/generations", json!({"model": "m", "prompt": "a cat"})).await;
+    let message = assert_backend_error(s, &body);
+    assert!(message.contains(&format!("127.0.0.1:{port}/steal")) && message.contains("origin"), "{message}");
+    assert_eq!(rec.hits.load(Ordering::SeqCst), 0, "neither the key nor the headers went to the other host");
+}
