@@ -1,14 +1,18 @@
-//! The HTTP plumbing every adapter shares: one pooled client per backend with its timeouts, sending with failure
-//! classification, size-capped body reads and output downloads. Adapters build requests; this sends them.
+//! The HTTP plumbing every adapter shares: per backend, an API client (its headers and key, redirects only within
+//! its origin) and a download client (no default headers, the outbound policy on every hop and every DNS answer);
+//! sending with failure classification, size-capped body reads and output downloads. Adapters build requests; this
+//! sends them.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use reqwest::{Method, RequestBuilder, Response};
+use url::Url;
 
 use super::error::{BackendError, Failure, estimated_time, upstream_message};
+use super::outbound::{GuardedResolver, Policy, refusal};
 use crate::config::BackendConfig;
 
 /// Largest error body read to find the upstream's message.
@@ -17,7 +21,11 @@ const MAX_ERROR_BODY: usize = 64 << 10;
 /// A backend's HTTP client and the config it was built from.
 #[derive(Debug, Clone)]
 pub struct Http {
+    /// For the backend's own API: default headers, redirects only within its origin.
     client: reqwest::Client,
+    /// For URLs the backend handed back: no default headers, every hop and DNS answer checked.
+    download: reqwest::Client,
+    policy: Arc<Policy>,
     pub cfg: Arc<BackendConfig>,
 }
 
@@ -27,15 +35,20 @@ impl Http {
         for (k, v) in &cfg.headers {
             headers.insert(k.clone(), v.clone());
         }
-        let client = reqwest::Client::builder()
-            .timeout(cfg.timeout)
-            .connect_timeout(cfg.connect_timeout)
-            .default_headers(headers)
-            .user_agent(concat!("easel/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client for backend `{}`: {e}", cfg.name))?;
-        Ok(Self { client, cfg })
+        let policy = Arc::new(Policy::new(&cfg));
+        let builder = || {
+            reqwest::Client::builder()
+                .timeout(cfg.timeout)
+                .connect_timeout(cfg.connect_timeout)
+                .user_agent(concat!("easel/", env!("CARGO_PKG_VERSION")))
+                .pool_idle_timeout(Duration::from_secs(60))
+        };
+        let built = |r: reqwest::Result<reqwest::Client>| {
+            r.map_err(|e| format!("cannot build the HTTP client for backend `{}`: {e}", cfg.name))
+        };
+        let client = built(builder().default_headers(headers).redirect(policy.api_redirects()).build())?;
+        let download = built(builder().redirect(policy.redirects()).dns_resolver(GuardedResolver).build())?;
+        Ok(Self { client, download, policy, cfg })
     }
 
     /// A request to `path` under the backend's root.
@@ -44,9 +57,14 @@ impl Http {
         (self.client.request(method, &url), url)
     }
 
-    /// A request to an absolute URL (an output to download).
+    /// A request to an absolute URL the backend handed back (a job's status URL). On the backend's own origin it
+    /// goes like any API call; elsewhere it carries none of the backend's headers or key (see `send`) and is held
+    /// to the outbound policy.
     pub fn request_url(&self, method: Method, url: &str) -> RequestBuilder {
-        self.client.request(method, url)
+        match Url::parse(url) {
+            Ok(u) if self.policy.is_own_origin(&u) => self.client.request(method, u),
+            _ => self.download.request(method, url),
+        }
     }
 
     /// Adds `Authorization: Bearer <api_key>` when the backend has a key.
@@ -65,7 +83,18 @@ impl Http {
     /// Sends and returns a success response; connection failures, timeouts and error statuses become
     /// `BackendError`s carrying the upstream's own message.
     pub async fn send(&self, rb: RequestBuilder, url: &str) -> Result<Response, BackendError> {
-        let resp = rb.send().await.map_err(|e| self.error(url, transport_failure(&e, self.cfg.timeout)))?;
+        let (client, req) = rb.build_split();
+        let mut req = req.map_err(|e| self.error(url, self.failure(&e)))?;
+        if !self.policy.is_own_origin(req.url()) {
+            // A URL the backend handed back, on another host: the policy decides, and no secret goes along.
+            self.policy.check(req.url()).map_err(|r| self.error(url, Failure::InvalidResponse(r.0)))?;
+            let headers = req.headers_mut();
+            headers.remove(AUTHORIZATION);
+            for (k, _) in &self.cfg.headers {
+                headers.remove(k);
+            }
+        }
+        let resp = client.execute(req).await.map_err(|e| self.error(url, self.failure(&e)))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -96,12 +125,57 @@ impl Http {
         })
     }
 
-    /// Downloads an output the backend pointed to, capped and within the backend's timeout.
+    /// Downloads an output the backend pointed to, capped and within the backend's timeout, under the outbound
+    /// policy: same origin as the backend or `allow_output_hosts` (plus the kind's own CDN), never link-local,
+    /// every redirect hop re-checked. The backend's headers go only to its own origin. What comes back is never
+    /// echoed: an error status or a body that is not an image is reported by content type and size.
     pub async fn download(&self, url: &str) -> Result<(Bytes, Option<String>), BackendError> {
-        let resp = self.send(self.request_url(Method::GET, url), url).await?;
+        let refused = |detail: String| self.error(url, Failure::InvalidResponse(detail));
+        let parsed = Url::parse(url).map_err(|e| refused(format!("the output URL is not a URL: {e}")))?;
+        self.policy.check(&parsed).map_err(|r| refused(r.0))?;
+        let mut rb = self.download.get(parsed.clone());
+        if self.policy.is_own_origin(&parsed) {
+            for (k, v) in &self.cfg.headers {
+                rb = rb.header(k.clone(), v.clone());
+            }
+        }
+        let resp = rb.send().await.map_err(|e| self.error(url, self.failure(&e)))?;
+        let status = resp.status();
         let content_type = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let shown_type = content_type.clone().unwrap_or_else(|| "none".into());
+        if !status.is_success() {
+            let size = match self.read_capped(resp, url, MAX_ERROR_BODY).await {
+                Ok(b) => format!("{} bytes", b.len()),
+                Err(_) => format!("more than {MAX_ERROR_BODY} bytes"),
+            };
+            let message = format!("the download failed (body not shown: Content-Type {shown_type}, {size})");
+            return Err(self.error(
+                url,
+                Failure::Status {
+                    status: status.as_u16(),
+                    message,
+                    hint: Some("it is an output URL the backend returned; check that it is still valid".into()),
+                    retry_after: None,
+                },
+            ));
+        }
         let body = self.body(resp, url).await?;
+        if crate::media::sniff(&body).is_none() {
+            return Err(refused(format!(
+                "the output is not a PNG, JPEG or WebP image (Content-Type {shown_type}, {} bytes; not shown)",
+                body.len()
+            )));
+        }
         Ok((body, content_type))
+    }
+
+    /// A reqwest error as a failure: a policy refusal (redirect hop, DNS answer) is the backend's bad answer, not
+    /// a connection problem.
+    fn failure(&self, e: &reqwest::Error) -> Failure {
+        match refusal(e) {
+            Some(r) => Failure::InvalidResponse(r.0),
+            None => transport_failure(e, self.cfg.timeout),
+        }
     }
 
     async fn read_capped(&self, mut resp: Response, url: &str, cap: usize) -> Result<Bytes, BackendError> {
@@ -134,7 +208,7 @@ impl Http {
                     buf.extend_from_slice(&chunk);
                 }
                 Ok(None) => return Ok(buf.freeze()),
-                Err(e) => return Err(self.error(url, transport_failure(&e, self.cfg.timeout))),
+                Err(e) => return Err(self.error(url, self.failure(&e))),
             }
         }
     }

@@ -10,6 +10,7 @@ pub mod fal;
 pub mod huggingface;
 pub mod invokeai;
 pub mod openai;
+pub mod outbound;
 pub mod replicate;
 pub mod simulated;
 pub mod template;
@@ -199,9 +200,9 @@ pub fn decode_image_b64(data: &str) -> Result<ImageOutput, String> {
 
 /// Wraps raw bytes as an image output, checking that they are one.
 pub fn image_from_bytes(bytes: Bytes) -> Result<ImageOutput, String> {
+    // What came back is never echoed: it may be any page of any server.
     let format = crate::media::sniff(&bytes).ok_or_else(|| {
-        let head = String::from_utf8_lossy(&bytes[..bytes.len().min(120)]).into_owned();
-        format!("expected image bytes but got: {}", error::excerpt(&head, 120))
+        format!("expected PNG, JPEG or WebP image bytes but got {} bytes of something else", bytes.len())
     })?;
     Ok(ImageOutput { bytes, format, revised_prompt: None })
 }

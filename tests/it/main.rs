@@ -16,6 +16,7 @@ mod images_api;
 mod invokeai;
 mod ledger;
 mod openai;
+mod outbound;
 mod queue_providers;
 mod template;
 mod trust;

@@ -30,6 +30,10 @@ pub struct OpenAiState {
     pub latency_ms: AtomicU32,
     /// Answer generations with this status and body.
     pub fail: Mutex<Option<(u16, Value)>>,
+    /// Answer generations with `url` items pointing exactly here (instead of the fake's own CDN).
+    pub answer_urls: Mutex<Option<Vec<String>>>,
+    /// Where `GET /redirect` sends the client (302).
+    pub redirect_to: Mutex<Option<String>>,
 }
 
 pub struct FakeOpenAi {
@@ -61,6 +65,14 @@ fn error(status: u16, message: &str, param: Option<&str>, code: Option<&str>) ->
 
 async fn handle(State(s): State<Arc<OpenAiState>>, req: Request) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    if path == "/redirect"
+        && let Some(to) = s.redirect_to.lock().unwrap().clone()
+    {
+        return (StatusCode::FOUND, [("location", to)]).into_response();
+    }
+    if path == "/page" {
+        return ([("content-type", "text/html")], "<html>private page SECRET-PAGE-BODY</html>").into_response();
+    }
     if let Some(name) = path.strip_prefix("/files/") {
         return ([("content-type", "image/png")], png(name.len() as u8)).into_response();
     }
@@ -113,6 +125,10 @@ async fn handle(State(s): State<Arc<OpenAiState>>, req: Request) -> Response {
 
 fn answer(s: &OpenAiState, n: u64, revised: bool) -> Response {
     let base = s.base.lock().unwrap().clone();
+    if let Some(urls) = s.answer_urls.lock().unwrap().clone() {
+        let data: Vec<Value> = urls.iter().map(|u| json!({"url": u})).collect();
+        return Json(json!({"created": 1_700_000_000, "data": data})).into_response();
+    }
     let data: Vec<Value> = (0..n)
         .map(|i| {
             let mut item = if s.url_answers.load(Ordering::SeqCst) {
