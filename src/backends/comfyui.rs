@@ -6,7 +6,9 @@
 //! every `poll_interval` instead. Validation failures (`node_errors`) are the request's fault (400, naming the
 //! node, class and message); a run-time `execution_error` is the backend's (502, naming node and exception).
 //! When the client goes away the queued prompt is deleted, or the running one interrupted. No `Origin` header is
-//! ever sent (ComfyUI answers 403 when Origin and Host differ). Edits upload their inputs with `/upload/image`.
+//! ever sent (ComfyUI answers 403 when Origin and Host differ). Edits upload their inputs with `/upload/image` as
+//! `easel/<sha256>.<ext>` (never the client's file name), and are refused when the workflow has no `image` (or,
+//! with a mask, no `mask`) variable.
 //!
 //! Health: `GET /system_stats`, with the queue depth from `GET /queue` in the probe's detail.
 
