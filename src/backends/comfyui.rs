@@ -6,7 +6,9 @@
 //! every `poll_interval` instead. Validation failures (`node_errors`) are the request's fault (400, naming the
 //! node, class and message); a run-time `execution_error` is the backend's (502, naming node and exception).
 //! When the client goes away the queued prompt is deleted, or the running one interrupted. No `Origin` header is
-//! ever sent (ComfyUI answers 403 when Origin and Host differ). Edits upload their inputs with `/upload/image`.
+//! ever sent (ComfyUI answers 403 when Origin and Host differ). Edits upload their inputs with `/upload/image` as
+//! `easel/<sha256>.<ext>` (never the client's file name), and are refused when the workflow has no `image` (or,
+//! with a mask, no `mask`) variable.
 //!
 //! Health: `GET /system_stats`, with the queue depth from `GET /queue` in the probe's detail.
 
@@ -30,6 +32,9 @@ use crate::config::BackendConfig;
 use crate::telemetry::metrics as m;
 
 pub const KIND: &str = "comfyui";
+
+/// The folder under ComfyUI's `input/` that edit inputs are uploaded to.
+const UPLOAD_SUBFOLDER: &str = "easel";
 
 /// How long the progress socket may take to open before easel polls instead.
 const WS_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -55,15 +60,25 @@ impl ComfyUiBackend {
         base.strip_prefix("http://").map(|rest| format!("ws://{rest}?clientId={client_id}"))
     }
 
+    /// Uploads an edit input as `easel/<sha256 of its bytes>.<ext>`, so two requests share a server-side file only
+    /// when their bytes are identical (the client's file name is never used: two edits, or an image and its mask,
+    /// may both be called `image.png`). Returns the name `LoadImage` takes. ComfyUI has no API to delete inputs, so
+    /// the files stay in `input/easel/` (one per distinct image).
     async fn upload(&self, img: &InputImage) -> Result<String, BackendError> {
         let (rb, url) = self.http.request(Method::POST, "/upload/image");
+        let name = upload_name(img);
         let part = reqwest::multipart::Part::stream(reqwest::Body::from(img.bytes.clone()))
-            .file_name(img.name.clone())
+            .file_name(name.clone())
             .mime_str(img.format.mime())
             .map_err(|e| self.http.error(&url, Failure::InvalidResponse(e.to_string())))?;
-        let form = reqwest::multipart::Form::new().part("image", part).text("type", "input").text("overwrite", "true");
+        let form = reqwest::multipart::Form::new()
+            .part("image", part)
+            .text("type", "input")
+            .text("subfolder", UPLOAD_SUBFOLDER)
+            .text("overwrite", "true");
         let resp = self.http.send(rb.multipart(form), &url).await?;
         let up: Uploaded = self.http.json(resp, &url).await?;
+        // The server's answer names the file it really stored (with `overwrite` it keeps ours).
         Ok(if up.subfolder.is_empty() { up.name } else { format!("{}/{}", up.subfolder, up.name) })
     }
 
@@ -76,7 +91,15 @@ impl ComfyUiBackend {
             .await
             .map_err(|e| self.http.error(&url, super::client::transport_failure(&e, self.http.cfg.timeout)))?;
         let status = resp.status();
-        let body = self.http.body(resp, &url).await.unwrap_or_default();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(Duration::from_secs_f64);
+        // A body that stalls or breaks is that failure (a timeout is a timeout), never "no prompt_id".
+        let body = self.http.body(resp, &url).await?;
         if status.as_u16() == 400 {
             return Err(self.http.error(&url, Failure::Rejected(describe_prompt_error(&body))));
         }
@@ -84,7 +107,7 @@ impl ComfyUiBackend {
             let message = super::error::upstream_message(&body);
             return Err(self
                 .http
-                .error(&url, Failure::Status { status: status.as_u16(), message, hint: None, retry_after: None }));
+                .error(&url, Failure::Status { status: status.as_u16(), message, hint: None, retry_after }));
         }
         let accepted: Accepted = serde_json::from_slice(&body).map_err(|e| {
             self.http.error(&url, Failure::InvalidResponse(format!("`/prompt` answered without a prompt_id: {e}")))
@@ -195,6 +218,9 @@ impl Backend for ComfyUiBackend {
         let Some(workflow) = call.model.workflow.as_ref() else {
             return Err(self.http.error("", Failure::Unsupported("run a model without a `workflow`")));
         };
+        if let Some((param, message)) = call.edit.and_then(|e| workflow.edit_refusal(&call.model.id, e)) {
+            return Err(self.http.error("", Failure::UnusableField { param, message }));
+        }
         let (image, mask) = upload_edit_inputs(call.edit, |img| self.upload(img)).await?;
         let seed = call.seed.unwrap_or_else(fresh_seed);
         let vars = WorkflowVars::for_call(&call, seed, call.count, image.as_deref(), mask.as_deref());
@@ -304,6 +330,14 @@ impl Backend for ComfyUiBackend {
     fn supports_edits(&self) -> bool {
         true
     }
+}
+
+/// `<sha256 hex of the bytes>.<format>`: equal only for identical inputs.
+fn upload_name(img: &InputImage) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(&img.bytes);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}.{}", img.format.as_str())
 }
 
 /// `node 4 (CheckpointLoaderSimple): Value not in list: ckpt_name: 'x' not in []` for each node error.

@@ -44,6 +44,9 @@ pub enum Failure {
     JobFailed(String),
     /// The backend kind cannot do this operation.
     Unsupported(&'static str),
+    /// This model cannot use a field the request sent (an edit image or mask its workflow has no input for):
+    /// the client's to fix, named by `param`.
+    UnusableField { param: &'static str, message: String },
 }
 
 impl BackendError {
@@ -57,7 +60,7 @@ impl BackendError {
         match &self.failure {
             Failure::Connect(_) | Failure::Timeout(_) | Failure::InvalidResponse(_) | Failure::JobFailed(_) => true,
             Failure::Status { status, .. } => !matches!(status, 400 | 413 | 415 | 422),
-            Failure::Rejected(_) | Failure::Unsupported(_) => false,
+            Failure::Rejected(_) | Failure::Unsupported(_) | Failure::UnusableField { .. } => false,
         }
     }
 
@@ -67,7 +70,9 @@ impl BackendError {
             Failure::Connect(_) | Failure::Timeout(_) | Failure::InvalidResponse(_) => true,
             Failure::Status { status, .. } => *status >= 500,
             // The server is alive and answering; the job (or its workflow) failed.
-            Failure::Rejected(_) | Failure::Unsupported(_) | Failure::JobFailed(_) => false,
+            Failure::Rejected(_) | Failure::Unsupported(_) | Failure::UnusableField { .. } | Failure::JobFailed(_) => {
+                false
+            }
         }
     }
 
@@ -81,7 +86,7 @@ impl BackendError {
             Failure::Rejected(_) => "rejected",
             Failure::InvalidResponse(_) => "invalid_response",
             Failure::JobFailed(_) => "job_failed",
-            Failure::Unsupported(_) => "unsupported",
+            Failure::Unsupported(_) | Failure::UnusableField { .. } => "unsupported",
         }
     }
 
@@ -134,6 +139,7 @@ impl fmt::Display for BackendError {
             }
             Failure::JobFailed(detail) => write!(f, "backend `{name}` ({kind}) failed the job: {detail}"),
             Failure::Unsupported(op) => write!(f, "backend `{name}` ({kind}) cannot {op}"),
+            Failure::UnusableField { message, .. } => f.write_str(message),
         }
     }
 }

@@ -17,7 +17,9 @@
 //! to cancel); one cut short by the timeout is covered by `PUT …/cancel_by_destination`.
 //!
 //! Edits upload their inputs with `POST /api/v1/images/upload?image_category=user&is_intermediate=true` and pass
-//! the returned `image_name`s to the template as `image` and `mask`. With `api_key` set, every request carries it
+//! the returned `image_name`s (fresh uuids, so requests never share an input) to the template as `image` and
+//! `mask`, and delete them (`DELETE /api/v1/images/i/{name}`) when the call ends. An edit the template has no
+//! `image` (or `mask`) variable for is refused before anything is uploaded. With `api_key` set, every request carries it
 //! as a bearer token (6.12+ multi-user mode).
 //!
 //! Health: `GET /api/v1/app/version` (ready when it names a version, which the probe detail shows), plus the
@@ -74,6 +76,8 @@ struct Open {
     /// Items may exist that easel has no id for (an enqueue cut short, or one that failed after creating items):
     /// only the destination can find them.
     unknown_items: bool,
+    /// The edit inputs this call uploaded, deleted when it ends.
+    uploads: Vec<String>,
 }
 
 impl OpenItems {
@@ -128,7 +132,7 @@ impl InvokeAiBackend {
         open: &OpenItems,
     ) -> Result<Submitted, Stopped> {
         let (image, mask) = tokio::select! {
-            r = upload_edit_inputs(call.edit, |img| self.upload(img)) => r?,
+            r = upload_edit_inputs(call.edit, |img| self.upload(img, open)) => r?,
             () = call.cancel.cancelled() => return Err(Stopped::ClientGone),
         };
         let base_seed = call.seed.unwrap_or_else(fresh_seed);
@@ -177,7 +181,8 @@ impl InvokeAiBackend {
         Ok(images)
     }
 
-    async fn upload(&self, img: &InputImage) -> Result<String, BackendError> {
+    /// Uploads one edit input; InvokeAI names it (a fresh uuid), so no two requests ever share an input.
+    async fn upload(&self, img: &InputImage, open: &OpenItems) -> Result<String, BackendError> {
         let (rb, url) = self.request(Method::POST, "/api/v1/images/upload?image_category=user&is_intermediate=true");
         // InvokeAI answers 415 unless the part's content type starts with `image`.
         let part = reqwest::multipart::Part::stream(reqwest::Body::from(img.bytes.clone()))
@@ -186,7 +191,18 @@ impl InvokeAiBackend {
             .map_err(|e| self.http.error(&url, Failure::InvalidResponse(e.to_string())))?;
         let resp = self.http.send(rb.multipart(reqwest::multipart::Form::new().part("file", part)), &url).await?;
         let uploaded: Uploaded = self.http.json(resp, &url).await?;
+        open.with(|o| o.uploads.push(uploaded.image_name.clone()));
         Ok(uploaded.image_name)
+    }
+
+    /// Deletes the inputs the call uploaded (`DELETE /api/v1/images/i/{name}`); a failure is only logged.
+    async fn delete_uploads(&self, names: &[String]) {
+        for name in names {
+            let (rb, url) = self.request(Method::DELETE, &format!("/api/v1/images/i/{}", wire::path_segment(name)));
+            if let Err(e) = self.http.send(rb, &url).await {
+                tracing::warn!(backend = %self.http.cfg.name, image = %name, error = %e, "Deleting an uploaded InvokeAI input failed.");
+            }
+        }
     }
 
     /// Enqueues one graph as a batch of one run; returns its item ids.
@@ -396,6 +412,9 @@ impl Backend for InvokeAiBackend {
         let Some(workflow) = call.model.workflow.as_deref() else {
             return Err(self.http.error("", Failure::Unsupported("run a model without a `workflow`")));
         };
+        if let Some((param, message)) = call.edit.and_then(|e| workflow.edit_refusal(&call.model.id, e)) {
+            return Err(self.http.error("", Failure::UnusableField { param, message }));
+        }
         // The pipeline drops the call a little after `timeout`; end it first, so that its items get cancelled.
         let deadline = Instant::now() + self.http.cfg.timeout;
         let destination = format!("easel:{}", uuid::Uuid::now_v7());
@@ -405,14 +424,18 @@ impl Backend for InvokeAiBackend {
             Ok(Err(stopped)) => stopped,
             Ok(Ok(job)) => tokio::select! {
                 r = tokio::time::timeout_at(deadline, self.finish(job, &open)) => match r {
-                    Ok(Ok(images)) => return Ok(images),
+                    Ok(Ok(images)) => {
+                        let uploads = open.with(|o| std::mem::take(&mut o.uploads));
+                        self.delete_uploads(&uploads).await;
+                        return Ok(images);
+                    }
                     Ok(Err(e)) => Stopped::Failed(e),
                     Err(_) => Stopped::TimedOut,
                 },
                 () = call.cancel.cancelled() => Stopped::ClientGone,
             },
         };
-        let Open { ids, unknown_items } = open.with(std::mem::take);
+        let Open { ids, unknown_items, uploads } = open.with(std::mem::take);
         if !ids.is_empty() || unknown_items {
             tracing::info!(backend = %self.http.cfg.name, items = ?ids, unknown_items, "Cancelling unfinished InvokeAI queue items.");
             let by_destination = async {
@@ -422,6 +445,7 @@ impl Backend for InvokeAiBackend {
             };
             tokio::join!(self.cancel(&ids), by_destination);
         }
+        self.delete_uploads(&uploads).await;
         let url = self.http.cfg.endpoint(&self.queue_path("/enqueue_batch"));
         Err(match stopped {
             Stopped::Failed(e) => e,

@@ -107,6 +107,40 @@ impl Workflow {
         Ok(())
     }
 
+    /// Whether the template mentions the variable `name` (e.g. `image`, `mask`) anywhere.
+    pub fn uses(&self, name: &str) -> bool {
+        let mut env = Environment::new();
+        let name_str = self.path.display().to_string();
+        if env.add_template(&name_str, &self.source).is_err() {
+            return false;
+        }
+        env.get_template(&name_str).is_ok_and(|t| t.undeclared_variables(false).contains(name))
+    }
+
+    /// Refuses an edit the template cannot honour: an input image when the template has no `image`, a mask when
+    /// it has no `mask`. Returns the offending request field and a sentence naming `model`.
+    pub fn edit_refusal(&self, model: &str, edit: &super::EditInputs) -> Option<(&'static str, String)> {
+        if !edit.images.is_empty() && !self.uses("image") {
+            return Some((
+                "image",
+                format!(
+                    "model `{model}` cannot edit images: its workflow {} has no `image` input (use a model whose workflow loads {{{{ image }}}})",
+                    self.path.display()
+                ),
+            ));
+        }
+        if edit.mask.is_some() && !self.uses("mask") {
+            return Some((
+                "mask",
+                format!(
+                    "model `{model}` cannot use a mask: its workflow {} has no `mask` input; send the edit without `mask`",
+                    self.path.display()
+                ),
+            ));
+        }
+        None
+    }
+
     /// Renders the template for one call and parses the JSON.
     pub fn render(&self, vars: &WorkflowVars<'_>) -> Result<serde_json::Value, String> {
         let name = self.path.display().to_string();

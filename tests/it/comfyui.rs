@@ -134,24 +134,162 @@ async fn timeouts_and_disconnects_cancel_upstream() {
     .await;
 }
 
+fn png(w: u32, h: u32, px: impl Fn(u32, u32) -> [u8; 4]) -> Vec<u8> {
+    let img = image::RgbaImage::from_fn(w, h, |x, y| image::Rgba(px(x, y)));
+    let mut out = Vec::new();
+    image::DynamicImage::ImageRgba8(img)
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+fn part(bytes: Vec<u8>, name: &str) -> reqwest::multipart::Part {
+    reqwest::multipart::Part::bytes(bytes).file_name(name.to_owned()).mime_str("image/png").unwrap()
+}
+
+async fn edit(gw: &support::Gateway, form: reqwest::multipart::Form) -> (u16, serde_json::Value) {
+    let resp = gw.client.post(gw.endpoint("/v1/images/edits")).multipart(form).send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+fn first_image(body: &serde_json::Value) -> image::RgbaImage {
+    let b64 = body["data"][0]["b64_json"].as_str().unwrap_or_else(|| panic!("no image: {body}"));
+    image::load_from_memory(&base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap().to_rgba8()
+}
+
 #[tokio::test]
-async fn edits_upload_the_input_and_name_it_in_the_workflow() {
+async fn edits_upload_the_input_by_content_hash_under_easel() {
     let comfy = support::comfyui::start().await;
     let gw = spawn_gateway(&config(&comfy.url, "comfyui-edit.json", "10s")).await;
-    let png = {
-        let mut out = Vec::new();
-        image::DynamicImage::ImageRgb8(image::RgbImage::new(8, 8))
-            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
-            .unwrap();
-        out
+    let bytes = png(8, 8, |_, _| [0, 0, 0, 255]);
+    let hash: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
     };
     let form = reqwest::multipart::Form::new()
         .text("model", "free")
         .text("prompt", "invert it")
-        .part("image", reqwest::multipart::Part::bytes(png).file_name("photo.png").mime_str("image/png").unwrap());
-    let resp = gw.client.post(gw.endpoint("/v1/images/edits")).multipart(form).send().await.unwrap();
-    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        .text("response_format", "b64_json")
+        .part("image", part(bytes, "photo.png"));
+    let (s, body) = edit(&gw, form).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(first_image(&body).get_pixel(0, 0).0, [255, 255, 255, 255], "the fake really inverted the input");
     let inner = comfy.state.inner.lock().unwrap();
-    assert_eq!(inner.uploads, ["photo.png"]);
-    assert_eq!(inner.prompts[0]["1"]["inputs"]["image"], "photo.png");
+    let stored = format!("{hash}.png");
+    assert_eq!(inner.uploads, [(stored.clone(), "easel".to_owned(), Some("true".to_owned()), stored.clone())]);
+    assert_eq!(inner.prompts[0]["1"]["inputs"]["image"], format!("easel/{stored}"));
+}
+
+#[tokio::test]
+async fn concurrent_edits_of_same_named_files_each_get_their_own_input() {
+    let comfy = support::comfyui::start().await;
+    // Both jobs are uploaded before either runs, so a shared server-side name would mix them up.
+    comfy.state.knobs.run_ms.store(200, Ordering::SeqCst);
+    let gw = spawn_gateway(&config(&comfy.url, "comfyui-edit.json", "10s")).await;
+    let form = |v: u8| {
+        reqwest::multipart::Form::new()
+            .text("model", "free")
+            .text("prompt", "invert it")
+            .text("response_format", "b64_json")
+            .part("image", part(png(8, 8, |_, _| [v, v, v, 255]), "image.png"))
+    };
+    let ((s1, b1), (s2, b2)) = tokio::join!(edit(&gw, form(10)), edit(&gw, form(200)));
+    assert_eq!((s1, s2), (200, 200), "{b1} {b2}");
+    assert_eq!(first_image(&b1).get_pixel(3, 3).0, [245, 245, 245, 255], "the first edit got another input: {b1}");
+    assert_eq!(first_image(&b2).get_pixel(3, 3).0, [55, 55, 55, 255], "the second edit got another input");
+    let inner = comfy.state.inner.lock().unwrap();
+    assert_eq!(inner.uploads.len(), 2);
+    assert_ne!(inner.prompts[0]["1"]["inputs"]["image"], inner.prompts[1]["1"]["inputs"]["image"]);
+}
+
+#[tokio::test]
+async fn an_image_and_mask_with_the_same_name_each_keep_their_role() {
+    let comfy = support::comfyui::start().await;
+    let gw = spawn_gateway(&config(&comfy.url, "comfyui-edit.json", "10s")).await;
+    // Opaque red image; the mask's left half is transparent (the area to change).
+    let image = png(8, 8, |_, _| [200, 0, 0, 255]);
+    let mask = png(8, 8, |x, _| [0, 0, 0, if x < 4 { 0 } else { 255 }]);
+    let form = reqwest::multipart::Form::new()
+        .text("model", "free")
+        .text("prompt", "invert the left half")
+        .text("response_format", "b64_json")
+        .part("image", part(image, "image.png"))
+        .part("mask", part(mask, "image.png"));
+    let (s, body) = edit(&gw, form).await;
+    assert_eq!(s, 200, "{body}");
+    let out = first_image(&body);
+    assert_eq!(out.get_pixel(1, 1).0, [55, 255, 255, 255], "masked area: the image, inverted");
+    assert_eq!(out.get_pixel(6, 1).0, [200, 0, 0, 255], "unmasked area: the image as it was");
+    let inner = comfy.state.inner.lock().unwrap();
+    assert_ne!(inner.prompts[0]["1"]["inputs"]["image"], inner.prompts[0]["3"]["inputs"]["image"]);
+}
+
+#[tokio::test]
+async fn edits_a_workflow_cannot_use_are_refused() {
+    let comfy = support::comfyui::start().await;
+    let wf_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        wf_dir.path().join("unmasked.json"),
+        r#"{"1": {"class_type": "LoadImage", "inputs": {"image": {{ image | tojson }}}}, "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}}, "9": {"class_type": "SaveImage", "inputs": {"images": ["2", 0]}}}"#,
+    )
+    .unwrap();
+    let yaml = format!(
+        "{}  - id: nomask\n    backends: [comfy]\n    workflow: {}\n",
+        config(&comfy.url, "comfyui-model-free.json", "10s"),
+        wf_dir.path().join("unmasked.json").display()
+    );
+    let gw = spawn_gateway(&yaml).await;
+    let img = || part(png(8, 8, |_, _| [9, 9, 9, 255]), "image.png");
+    let form = reqwest::multipart::Form::new().text("model", "free").text("prompt", "p").part("image", img());
+    let (s, body) = edit(&gw, form).await;
+    assert_eq!(s, 400, "{body}");
+    assert_eq!(body["error"]["code"], "unsupported_operation");
+    assert_eq!(body["error"]["param"], "image");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("model `free`") && msg.contains("no `image` input"), "{msg}");
+
+    let form = reqwest::multipart::Form::new()
+        .text("model", "nomask")
+        .text("prompt", "p")
+        .part("image", img())
+        .part("mask", part(png(8, 8, |_, _| [0, 0, 0, 0]), "mask.png"));
+    let (s, body) = edit(&gw, form).await;
+    assert_eq!(s, 400, "{body}");
+    assert_eq!(body["error"]["code"], "unsupported_operation");
+    assert_eq!(body["error"]["param"], "mask");
+    assert!(body["error"]["message"].as_str().unwrap().contains("model `nomask`"), "{body}");
+    let inner = comfy.state.inner.lock().unwrap();
+    assert!(inner.uploads.is_empty() && inner.prompts.is_empty(), "refused before anything reached ComfyUI");
+}
+
+#[tokio::test]
+async fn a_stalled_prompt_body_is_a_timeout() {
+    let comfy = support::comfyui::start().await;
+    let gw = spawn_gateway(&config(&comfy.url, "comfyui-model-free.json", "500ms")).await;
+    comfy.state.knobs.stall_prompt_body.store(true, Ordering::SeqCst);
+    let (s, _, body) = gw.post_json("/v1/images/generations", json!({"model": "free", "prompt": "p"})).await;
+    assert_eq!(s, 504, "a stalled /prompt body is a timeout: {body}");
+    assert_eq!(body["error"]["code"], "backend_timeout");
+}
+
+#[tokio::test]
+async fn prompt_busy_answers_pass_on_retry_after() {
+    let comfy = support::comfyui::start().await;
+    for (status, code) in [(429u16, "rate_limited"), (503, "backend_unavailable")] {
+        comfy.state.knobs.prompt_status.store(u32::from(status), Ordering::SeqCst);
+        // A fresh gateway each time, so no earlier failure has marked the backend unhealthy.
+        let gw = spawn_gateway(&config(&comfy.url, "comfyui-model-free.json", "10s")).await;
+        let resp = gw
+            .client
+            .post(gw.endpoint("/v1/images/generations"))
+            .json(&json!({"model": "free", "prompt": "p"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), status);
+        assert_eq!(resp.headers()["retry-after"], "17", "ComfyUI's Retry-After is passed on");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{body}");
+    }
 }

@@ -263,6 +263,8 @@ async fn edits_upload_image_and_mask_and_the_graph_names_them() {
     assert_eq!(nodes["input"]["image"]["image_name"], uploads[0].name.as_str());
     assert_eq!(nodes["mask"]["image"]["image_name"], uploads[1].name.as_str());
     assert!(nodes.get("paste").is_some(), "with a mask the edit pastes the blur through it");
+    let deleted = inv.state.inner.lock().unwrap().deleted_images.clone();
+    assert_eq!(deleted, [uploads[0].name.clone(), uploads[1].name.clone()], "the call deletes what it uploaded");
 
     // Without a mask, the same template blurs the whole image.
     let (s, _, body) = gw
@@ -274,6 +276,47 @@ async fn edits_upload_image_and_mask_and_the_graph_names_them() {
     assert_eq!(s, 200, "{body}");
     let nodes = inv.batches()[1]["batch"]["graph"]["nodes"].clone();
     assert!(nodes.get("mask").is_none() && nodes.get("paste").is_none(), "{nodes}");
+}
+
+#[tokio::test]
+async fn edits_the_graph_cannot_use_are_refused() {
+    let inv = invokeai::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // An edit graph that loads `image` only.
+    let unmasked = r#"{"id": "g", "nodes": {
+        "input": {"id": "input", "type": "image", "image": {"image_name": {{ image | tojson }}}, "is_intermediate": true},
+        "blur": {"id": "blur", "type": "img_blur", "radius": 4.0, "blur_type": "gaussian", "is_intermediate": false}},
+      "edges": [{"source": {"node_id": "input", "field": "image"}, "destination": {"node_id": "blur", "field": "image"}}]}"#;
+    std::fs::write(dir.path().join("unmasked.json"), unmasked).unwrap();
+    let yaml = format!(
+        "{}  - id: nomask\n    backends: [invoke]\n    workflow: {}\n",
+        config(&inv, "invokeai-model-free.json", "10s"),
+        dir.path().join("unmasked.json").display()
+    );
+    let gw = spawn_gateway(&yaml).await;
+    let b64 =
+        |bytes: Vec<u8>| format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes));
+    let image = b64(png(40, 30, image::Rgba([200, 10, 10, 255])));
+    let (s, _, body) =
+        gw.post_json("/v1/images/edits", json!({"model": "m", "prompt": "p", "images": [{"image_url": image}]})).await;
+    assert_eq!(s, 400, "{body}");
+    assert_eq!(body["error"]["code"], "unsupported_operation");
+    assert_eq!(body["error"]["param"], "image");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("model `m`") && msg.contains("no `image` input"), "{msg}");
+
+    let mask = b64(png(40, 30, image::Rgba([0, 0, 0, 0])));
+    let (s, _, body) = gw
+        .post_json(
+            "/v1/images/edits",
+            json!({"model": "nomask", "prompt": "p", "images": [{"image_url": image}], "mask": {"image_url": mask}}),
+        )
+        .await;
+    assert_eq!(s, 400, "{body}");
+    assert_eq!(body["error"]["code"], "unsupported_operation");
+    assert_eq!(body["error"]["param"], "mask");
+    assert!(body["error"]["message"].as_str().unwrap().contains("model `nomask`"), "{body}");
+    assert!(inv.uploads().is_empty() && inv.batches().is_empty(), "refused before anything reached InvokeAI");
 }
 
 #[tokio::test]

@@ -2,7 +2,11 @@
 //! (`node_errors` 400s), a one-at-a-time queue worker that emits `execution_start`, `progress`, `executed`,
 //! `execution_success` and `executing {node: null}` to the submitting client's socket, `/history` (`{}` until
 //! done), `/view`, `/upload/image`, `/queue` (list and delete), `/interrupt`, `/system_stats`, and 403 when an
-//! `Origin` differs from `Host`. Knobs: run time, a run-time `execution_error`, dropping or refusing the socket.
+//! `Origin` differs from `Host`. Uploads behave like the real server's: stored under `input/<subfolder>/<name>`,
+//! replaced with `overwrite=true`, else renamed `name (1).ext` on a clash with different bytes; a `LoadImage` of a
+//! missing file fails validation. Edit graphs (`LoadImage`, `ImageInvert`, `ImageCompositeMasked`, `SaveImage`)
+//! are really evaluated, so an output shows which input it came from. Knobs: run time, a run-time
+//! `execution_error`, dropping or refusing the socket, a `/prompt` status (with `Retry-After`) or stalled body.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -27,6 +31,10 @@ pub struct Knobs {
     pub drop_ws: AtomicBool,
     /// Answer 404 to `/ws`.
     pub refuse_ws: AtomicBool,
+    /// Answer `/prompt` with this status and `Retry-After: 17` (0 = accept).
+    pub prompt_status: AtomicU32,
+    /// Send `/prompt`'s headers, then never the body.
+    pub stall_prompt_body: AtomicBool,
 }
 
 #[derive(Default)]
@@ -34,12 +42,16 @@ pub struct Inner {
     pub pending: VecDeque<(String, String, Value)>,
     pub running: Option<String>,
     pub history: HashMap<String, Value>,
+    /// Outputs by file name.
     pub files: HashMap<String, Vec<u8>>,
+    /// Inputs by the name `LoadImage` takes (`subfolder/name`, or `name`).
+    pub inputs: HashMap<String, Vec<u8>>,
     /// Every workflow received.
     pub prompts: Vec<Value>,
     pub deleted: Vec<String>,
     pub interrupts: u32,
-    pub uploads: Vec<String>,
+    /// Every upload: (client file name, subfolder, overwrite field, stored name).
+    pub uploads: Vec<(String, String, Option<String>, String)>,
     pub origins_refused: u32,
 }
 
@@ -107,10 +119,33 @@ async fn submit(State(s): State<Arc<ComfyState>>, headers: HeaderMap, Json(body)
         return (StatusCode::BAD_REQUEST, Json(json!({"error": {"type": "no_prompt", "message": "No prompt provided", "details": "", "extra_info": {}}, "node_errors": {}}))).into_response();
     };
     s.inner.lock().unwrap().prompts.push(body["prompt"].clone());
+    let status = s.knobs.prompt_status.load(Ordering::SeqCst);
+    if status != 0 {
+        let status = StatusCode::from_u16(status as u16).unwrap();
+        return (status, [("retry-after", "17")], Json(json!({"error": "busy"}))).into_response();
+    }
+    if s.knobs.stall_prompt_body.load(Ordering::SeqCst) {
+        let stalled = futures_util::stream::pending::<Result<axum::body::Bytes, std::io::Error>>();
+        return Response::builder()
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from_stream(stalled))
+            .unwrap();
+    }
     for (id, node) in prompt {
         let class = node.get("class_type").and_then(Value::as_str).unwrap_or("");
         if class == "NoSuchNode" || class.is_empty() {
             return (StatusCode::BAD_REQUEST, Json(json!({"error": {"type": "invalid_prompt", "message": format!("Cannot execute because node {class} does not exist."), "details": format!("Node ID '#{id}'"), "extra_info": {}}, "node_errors": {}}))).into_response();
+        }
+        if class == "LoadImage" {
+            let name = node["inputs"]["image"].as_str().unwrap_or("");
+            if !s.inner.lock().unwrap().inputs.contains_key(name) {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    Json(json!({"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation", "details": "", "extra_info": {}},
+                        "node_errors": {id: {"errors": [{"type": "custom_validation_failed", "message": "Failed to validate prompt for output 9", "details": format!("image - Invalid image file: {name}"), "extra_info": {}}], "dependent_outputs": ["9"], "class_type": class}}})),
+                )
+                    .into_response();
+            }
         }
         if node["inputs"].get("width").and_then(Value::as_u64) == Some(0) {
             return (
@@ -180,10 +215,19 @@ async fn worker(s: Arc<ComfyState>) {
             let seed = input(&wf, "seed").unwrap_or(0);
             let (w, h) = (input(&wf, "width").unwrap_or(64) as u32, input(&wf, "height").unwrap_or(64) as u32);
             let batch = input(&wf, "batch_size").unwrap_or(1);
+            let edited = {
+                let inner = s.inner.lock().unwrap();
+                let save = wf.as_object().unwrap().values().find(|n| n["class_type"] == "SaveImage").cloned();
+                save.and_then(|n| eval(&wf, &inner.inputs, &n["inputs"]["images"]))
+            };
             let mut images = Vec::new();
             for i in 0..batch {
                 let name = format!("easel_{:05}_.png", s.counter.fetch_add(1, Ordering::SeqCst));
-                s.inner.lock().unwrap().files.insert(name.clone(), png(seed + i, w, h));
+                let bytes = match &edited {
+                    Some(Out::Image(img)) => encode(img),
+                    _ => png(seed + i, w, h),
+                };
+                s.inner.lock().unwrap().files.insert(name.clone(), bytes);
                 images.push(json!({"filename": name, "subfolder": "", "type": "output"}));
             }
             emit(
@@ -258,18 +302,102 @@ async fn view(State(s): State<Arc<ComfyState>>, Query(q): Query<HashMap<String, 
 }
 
 async fn upload(State(s): State<Arc<ComfyState>>, mut form: Multipart) -> Response {
-    let mut name = None;
+    let (mut file, mut subfolder, mut overwrite) = (None, String::new(), None);
     while let Some(field) = form.next_field().await.unwrap() {
-        if field.name() == Some("image") {
-            name = field.file_name().map(str::to_owned);
-            let _ = field.bytes().await.unwrap();
+        match field.name().unwrap_or("") {
+            "image" => {
+                let name = field.file_name().map(str::to_owned);
+                file = Some((name, field.bytes().await.unwrap().to_vec()));
+            }
+            "subfolder" => subfolder = field.text().await.unwrap(),
+            "overwrite" => overwrite = Some(field.text().await.unwrap()),
+            _ => {}
         }
     }
-    let Some(name) = name else {
+    let Some((Some(name), bytes)) = file.filter(|(n, _)| n.as_deref().is_some_and(|n| !n.is_empty())) else {
         return StatusCode::BAD_REQUEST.into_response();
     };
-    s.inner.lock().unwrap().uploads.push(name.clone());
-    Json(json!({"name": name, "subfolder": "", "type": "input"})).into_response()
+    if subfolder.contains("..") || subfolder.starts_with('/') {
+        return StatusCode::BAD_REQUEST.into_response();
+    }
+    let key = |n: &str| if subfolder.is_empty() { n.to_owned() } else { format!("{subfolder}/{n}") };
+    let mut inner = s.inner.lock().unwrap();
+    let mut stored = name.clone();
+    if !matches!(overwrite.as_deref(), Some("true" | "1")) {
+        let (stem, ext) =
+            name.rsplit_once('.').map_or((name.clone(), String::new()), |(a, e)| (a.to_owned(), format!(".{e}")));
+        let mut i = 1;
+        while let Some(existing) = inner.inputs.get(&key(&stored)) {
+            if *existing == bytes {
+                break;
+            }
+            stored = format!("{stem} ({i}){ext}");
+            i += 1;
+        }
+    }
+    inner.inputs.insert(key(&stored), bytes);
+    inner.uploads.push((name, subfolder.clone(), overwrite, stored.clone()));
+    Json(json!({"name": stored, "subfolder": subfolder, "type": "input"})).into_response()
+}
+
+/// A node output in the fake's edit evaluator.
+enum Out {
+    Image(image::RgbaImage),
+    /// 1.0 = the area to change.
+    Mask(image::GrayImage),
+}
+
+/// Evaluates `["node", slot]` of an edit graph: `LoadImage` (slot 0 the RGB image, slot 1 the mask `1 - alpha`),
+/// `ImageInvert`, `ImageCompositeMasked` (source where the mask is set, else destination).
+fn eval(wf: &Value, inputs: &HashMap<String, Vec<u8>>, link: &Value) -> Option<Out> {
+    let node = &wf[link[0].as_str()?];
+    let slot = link[1].as_u64()?;
+    let arg = |k: &str| eval(wf, inputs, &node["inputs"][k]);
+    match node["class_type"].as_str()? {
+        "LoadImage" => {
+            let img = image::load_from_memory(inputs.get(node["inputs"]["image"].as_str()?)?).ok()?.to_rgba8();
+            if slot == 1 {
+                return Some(Out::Mask(image::GrayImage::from_fn(img.width(), img.height(), |x, y| {
+                    image::Luma([255 - img.get_pixel(x, y)[3]])
+                })));
+            }
+            Some(Out::Image(image::RgbaImage::from_fn(img.width(), img.height(), |x, y| {
+                let p = img.get_pixel(x, y);
+                image::Rgba([p[0], p[1], p[2], 255])
+            })))
+        }
+        "ImageInvert" => {
+            let Out::Image(mut img) = arg("image")? else { return None };
+            for p in img.pixels_mut() {
+                *p = image::Rgba([255 - p[0], 255 - p[1], 255 - p[2], 255]);
+            }
+            Some(Out::Image(img))
+        }
+        "ImageCompositeMasked" => {
+            let (Out::Image(mut dst), Out::Image(src), Out::Mask(mask)) =
+                (arg("destination")?, arg("source")?, arg("mask")?)
+            else {
+                return None;
+            };
+            for (x, y, p) in dst.enumerate_pixels_mut() {
+                if mask.get_pixel_checked(x, y).is_some_and(|m| m[0] >= 128)
+                    && let Some(q) = src.get_pixel_checked(x, y)
+                {
+                    *p = *q;
+                }
+            }
+            Some(Out::Image(dst))
+        }
+        _ => None,
+    }
+}
+
+fn encode(img: &image::RgbaImage) -> Vec<u8> {
+    let mut out = Vec::new();
+    image::DynamicImage::ImageRgba8(img.clone())
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
 }
 
 async fn queue(State(s): State<Arc<ComfyState>>) -> Json<Value> {

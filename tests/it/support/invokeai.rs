@@ -79,6 +79,8 @@ pub struct Inner {
     /// Destinations easel cancelled with `cancel_by_destination`.
     pub cancelled_destinations: Vec<String>,
     pub uploads: Vec<Upload>,
+    /// Images removed with `DELETE /api/v1/images/i/{name}`.
+    pub deleted_images: Vec<String>,
     /// Pongs (`3`) received on sockets.
     pub pongs: u32,
     /// Sockets that subscribed to a queue.
@@ -180,6 +182,7 @@ pub async fn start() -> FakeInvoke {
         .route("/api/v1/queue/{q}/list", get(list))
         .route("/api/v1/queue/{q}/status", get(status))
         .route("/api/v1/images/i/{name}/full", get(full))
+        .route("/api/v1/images/i/{name}", axum::routing::delete(delete_image))
         .route("/api/v1/images/upload", post(upload))
         .route("/ws/socket.io/", get(socket))
         .with_state(Arc::clone(&state));
@@ -188,6 +191,16 @@ pub async fn start() -> FakeInvoke {
     tokio::spawn(async move { axum::serve(listener, app).await });
     tokio::spawn(processor(Arc::clone(&state)));
     FakeInvoke { url, state }
+}
+
+/// `DELETE /api/v1/images/i/{name}`: 6.x answers `DeleteImagesResult`.
+async fn delete_image(State(s): State<Arc<InvokeState>>, Path(name): Path<String>) -> Response {
+    let mut inner = s.inner.lock().unwrap();
+    if inner.images.remove(&name).is_none() {
+        return detail(StatusCode::NOT_FOUND, "Image not found");
+    }
+    inner.deleted_images.push(name.clone());
+    Json(json!({"deleted_images": [name], "affected_boards": ["none"]})).into_response()
 }
 
 fn detail(status: StatusCode, detail: &str) -> Response {
