@@ -354,7 +354,7 @@ impl Serialize for GenerationBody<'_> {
             f.put("override_settings_restore_afterwards", &false)?;
         }
         for (key, value) in self.extra.into_iter().flatten() {
-            if !(merged && key == "override_settings") && !crate::request::extra::is_protected(key) {
+            if !(crate::request::extra::is_protected(key) || merged && key == "override_settings") {
                 map.serialize_entry(key, value)?;
             }
         }

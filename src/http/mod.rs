@@ -18,10 +18,10 @@ use axum::Router;
 use axum::body::{Body, BodyDataStream, Bytes};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use futures_util::{Stream, StreamExt};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures_util::{Stream, StreamExt};
 
 use self::error::{ApiError, ServerFault};
 use self::extract::BodyLimit;
@@ -155,11 +155,8 @@ impl Drop for Returning {
 /// Reads and discards (bounded in bytes and time) the part of the request body the handler left unread, then
 /// answers. A body declared larger than the cap is not read: the answer says `Connection: close` instead.
 async fn drain_unread(req: Request, next: Next) -> Response {
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let (parts, body) = req.into_parts();
     let (back, mut rest) = tokio::sync::oneshot::channel();
     let body = Body::from_stream(Returning { inner: Some(body.into_data_stream()), back: Some(back), done: false });
@@ -202,11 +199,8 @@ async fn openai_shaped(resp: Response) -> Response {
     let (parts, body) = resp.into_parts();
     let text = axum::body::to_bytes(body, 16 << 10).await.unwrap_or_default();
     let text = String::from_utf8_lossy(&text).trim().to_owned();
-    let message = if text.is_empty() {
-        status.canonical_reason().unwrap_or("request refused").to_owned()
-    } else {
-        text
-    };
+    let message =
+        if text.is_empty() { status.canonical_reason().unwrap_or("request refused").to_owned() } else { text };
     let (kind, code) = match status {
         StatusCode::NOT_FOUND => ("invalid_request_error", "not_found"),
         StatusCode::METHOD_NOT_ALLOWED => ("invalid_request_error", "method_not_allowed"),
