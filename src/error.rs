@@ -46,6 +46,9 @@ pub enum Error {
         "content type `{0}` is not accepted here; send application/json, multipart/form-data or application/x-www-form-urlencoded"
     )]
     UnsupportedMediaType(String),
+    /// An upstream output easel must transcode is over a decode limit (the message names it).
+    #[error("the backend returned an image easel will not transcode: {0}")]
+    UpstreamImageTooLarge(String),
     /// easel's own fault (a bug or the environment), never the client's.
     #[error("internal error: {0}")]
     Internal(String),

@@ -120,7 +120,7 @@ impl Backend for A1111Backend {
         }
         let edit = match call.edit {
             None => None,
-            Some(inputs) => Some(edit_body(inputs).map_err(|e| self.http.error(&url, Failure::Rejected(e)))?),
+            Some(inputs) => Some(edit_body(inputs).await.map_err(|e| self.http.error(&url, Failure::Rejected(e)))?),
         };
         let body = GenerationBody {
             prompt: &req.prompt,
@@ -258,11 +258,19 @@ fn describe(options: &Value) -> ProbeReport {
 
 /// img2img's inputs: the images as base64, and the OpenAI mask (transparent = edit) converted to A1111's (white =
 /// repaint, on black).
-fn edit_body(inputs: &EditInputs) -> Result<EditBody, String> {
+async fn edit_body(inputs: &EditInputs) -> Result<EditBody, String> {
     let engine = crate::media::base64_encoder();
     let init_images = inputs.images.iter().map(|i| engine.encode(&i.bytes)).collect();
     let mask = match &inputs.mask {
-        Some(m) => Some(engine.encode(openai_mask_to_a1111(&m.bytes)?)),
+        Some(m) => {
+            let bytes = m.bytes.clone();
+            let converted = crate::media::run_decoding(&[&m.bytes], move || {
+                openai_mask_to_a1111(&bytes).map_err(crate::media::DecodeError::Invalid)
+            })
+            .await
+            .map_err(|e| format!("`mask`: {e}"))?;
+            Some(engine.encode(converted))
+        }
         None => None,
     };
     Ok(EditBody { init_images, mask })
@@ -270,7 +278,7 @@ fn edit_body(inputs: &EditInputs) -> Result<EditBody, String> {
 
 /// OpenAI masks mark the area to edit with transparency; A1111 wants white = repaint on black.
 fn openai_mask_to_a1111(mask: &[u8]) -> Result<Vec<u8>, String> {
-    let img = image::load_from_memory(mask).map_err(|e| format!("cannot decode the mask: {e}"))?.to_rgba8();
+    let img = crate::media::decode_blocking(mask).map_err(|e| format!("cannot decode the mask: {e}"))?.to_rgba8();
     let out = image::GrayImage::from_fn(img.width(), img.height(), |x, y| {
         image::Luma([if img.get_pixel(x, y).0[3] == 0 { 255 } else { 0 }])
     });
@@ -346,7 +354,7 @@ impl Serialize for GenerationBody<'_> {
             f.put("override_settings_restore_afterwards", &false)?;
         }
         for (key, value) in self.extra.into_iter().flatten() {
-            if !(merged && key == "override_settings") && !crate::request::extra::is_protected(key) {
+            if !(crate::request::extra::is_protected(key) || merged && key == "override_settings") {
                 map.serialize_entry(key, value)?;
             }
         }

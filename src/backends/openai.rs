@@ -140,7 +140,16 @@ impl Backend for OpenAiBackend {
 
     async fn probe(&self) -> Result<ProbeReport, BackendError> {
         let (rb, url) = self.http.request(Method::GET, "/v1/models");
-        let resp = self.http.send(self.http.bearer(rb), &url).await?;
+        let resp = match self.http.send(self.http.bearer(rb), &url).await {
+            // Image-only shims serve no model list: the server answered, so it is up.
+            Err(e) if matches!(e.failure, Failure::Status { status: 404, .. }) => {
+                return Ok(ProbeReport {
+                    ready: true,
+                    detail: "OpenAI-compatible server, reachable (no model list at /v1/models)".into(),
+                });
+            }
+            r => r?,
+        };
         let list: Value = self.http.json(resp, &url).await?;
         if list.get("object").and_then(Value::as_str) != Some("list") {
             return Err(self

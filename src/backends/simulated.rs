@@ -62,19 +62,25 @@ impl Backend for SimulatedBackend {
         let edit = call
             .edit
             .and_then(|e| e.images.first().map(|i| (i.bytes.clone(), e.mask.as_ref().map(|m| m.bytes.clone()))));
-        let images = tokio::task::spawn_blocking(move || {
+        let inputs: Vec<Bytes> = edit.iter().flat_map(|(i, m)| std::iter::once(i.clone()).chain(m.clone())).collect();
+        let refs: Vec<&[u8]> = inputs.iter().map(|b| &b[..]).collect();
+        let images = crate::media::run_decoding(&refs, move || {
             (0..u64::from(count))
                 .map(|i| match &edit {
                     None => paint(&prompt, base_seed.wrapping_add(i), w, h),
                     Some((image, mask)) => repaint(image, mask.as_deref(), &prompt, base_seed.wrapping_add(i), w, h),
                 })
                 .collect::<Result<Vec<_>, _>>()
+                .map_err(crate::media::DecodeError::Invalid)
         })
         .await
         .map_err(|e| {
-            BackendError::new(&self.cfg.name, self.cfg.kind, self.url(), Failure::InvalidResponse(e.to_string()))
-        })?
-        .map_err(|e| BackendError::new(&self.cfg.name, self.cfg.kind, self.url(), Failure::InvalidResponse(e)))?;
+            let failure = match e {
+                crate::media::DecodeError::TooLarge(m) => Failure::Rejected(m),
+                crate::media::DecodeError::Invalid(m) => Failure::InvalidResponse(m),
+            };
+            BackendError::new(&self.cfg.name, self.cfg.kind, self.url(), failure)
+        })?;
         Ok(images
             .into_iter()
             .map(|bytes| ImageOutput { bytes, format: ImageFormat::Png, revised_prompt: None })
@@ -100,12 +106,12 @@ pub fn repaint(
     width: u32,
     height: u32,
 ) -> Result<Bytes, String> {
-    let input = image::load_from_memory(image).map_err(|e| format!("cannot decode the input image: {e}"))?;
+    let input = crate::media::decode_blocking(image).map_err(|e| format!("the input image: {e}"))?;
     let input = input.resize_exact(width, height, image::imageops::FilterType::Triangle).to_rgb8();
     let mask = match mask {
         Some(m) => Some(
-            image::load_from_memory(m)
-                .map_err(|e| format!("cannot decode the mask: {e}"))?
+            crate::media::decode_blocking(m)
+                .map_err(|e| format!("the mask: {e}"))?
                 .resize_exact(width, height, image::imageops::FilterType::Nearest)
                 .to_rgba8(),
         ),

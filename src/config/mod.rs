@@ -54,6 +54,10 @@ pub struct ServerConfig {
     pub public_url: Option<Url>,
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
+    /// Most pixels an image easel decodes (client inputs, masks, upstream outputs it transcodes) may have.
+    pub max_image_pixels: u64,
+    /// Memory budget shared by all image decodes in the process.
+    pub decode_memory_bytes: usize,
 }
 
 #[derive(Debug, Clone)]

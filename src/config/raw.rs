@@ -36,6 +36,10 @@ pub struct RawServer {
     pub max_body: Option<String>,
     /// How long in-flight requests get to finish after SIGTERM/SIGINT.
     pub shutdown_grace: Option<String>,
+    /// Most pixels (width × height) an image easel decodes may have, e.g. `50000000`.
+    pub max_image_pixels: Option<u64>,
+    /// Memory all image decodes together may use at once, e.g. `1GiB`; a decode waits for its share.
+    pub decode_memory: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

@@ -48,7 +48,15 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
         public_url,
         max_body_bytes: bytes(&mut p, "server.max_body", raw.server.max_body.as_deref(), 64 << 20),
         shutdown_grace: duration(&mut p, "server.shutdown_grace", raw.server.shutdown_grace.as_deref(), 30),
+        max_image_pixels: raw.server.max_image_pixels.unwrap_or(DEFAULT_MAX_IMAGE_PIXELS),
+        decode_memory_bytes: bytes(&mut p, "server.decode_memory", raw.server.decode_memory.as_deref(), 1 << 30),
     };
+    if server.max_image_pixels == 0 {
+        p.push(("server.max_image_pixels".into(), "must be at least 1".into()));
+    }
+    if server.decode_memory_bytes < 1 << 20 {
+        p.push(("server.decode_memory".into(), "must be at least 1MiB".into()));
+    }
 
     let storage = StorageConfig {
         database: raw.storage.database.unwrap_or_else(|| "sqlite://data/easel.db".into()),
@@ -584,6 +592,9 @@ pub fn parse_bytes(s: &str) -> Option<usize> {
     };
     n.checked_mul(mult)
 }
+
+/// 48 megapixels: an 8K (7680×4320) image and a 6928×6928 square fit.
+const DEFAULT_MAX_IMAGE_PIXELS: u64 = 48_000_000;
 
 fn bytes(p: &mut Problems, at: &str, s: Option<&str>, default: usize) -> usize {
     match s {

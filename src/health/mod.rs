@@ -2,14 +2,15 @@
 //! results, plus a circuit breaker fed by live traffic (open after consecutive backend faults, half-open probe
 //! after the cooldown). Routing, `/readyz`, `/health` and `/v1/gateway/status` all read the same state.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::backends::Failure;
 use crate::backends::{BackendError, ProbeReport};
-use crate::config::HealthConfig;
+use crate::config::{BackendConfig, BackendKind, HealthCheck, HealthConfig};
 use crate::routing::BackendHandle;
 use crate::telemetry::metrics as m;
 
@@ -22,6 +23,8 @@ pub struct Health {
     circuit_failures: u32,
     cooldown: Duration,
     state: Mutex<State>,
+    /// The client of a configured `health: {path, expect_status}` probe, built on first use.
+    check_client: OnceLock<Result<reqwest::Client, String>>,
 }
 
 #[derive(Debug, Default)]
@@ -76,6 +79,7 @@ impl Health {
             circuit_failures: cfg.circuit_failures,
             cooldown: cfg.circuit_cooldown,
             state: Mutex::new(State { healthy: true, ..State::default() }),
+            check_client: OnceLock::new(),
         }
     }
 
@@ -214,7 +218,13 @@ impl Health {
 pub async fn probe_all(backends: &[Arc<BackendHandle>], timeout: Duration) {
     let probes = backends.iter().map(|b| async move {
         let started = Instant::now();
-        let result = match tokio::time::timeout(timeout, b.adapter.probe()).await {
+        let probe = async {
+            match &b.cfg.health_check {
+                Some(check) => configured_probe(&b.cfg, check, &b.health, timeout).await,
+                None => b.adapter.probe().await,
+            }
+        };
+        let result = match tokio::time::timeout(timeout, probe).await {
             Ok(r) => r,
             Err(_) => Err(BackendError::new(
                 &b.cfg.name,
@@ -226,6 +236,51 @@ pub async fn probe_all(backends: &[Arc<BackendHandle>], timeout: Duration) {
         b.health.record_probe(&result, started.elapsed());
     });
     futures_util::future::join_all(probes).await;
+}
+
+/// `GET {url}{path}` with the backend's headers and key; healthy when the status is `expect_status`.
+async fn configured_probe(
+    cfg: &BackendConfig,
+    check: &HealthCheck,
+    health: &Health,
+    timeout: Duration,
+) -> Result<ProbeReport, BackendError> {
+    let url = cfg.endpoint(&check.path);
+    let fail = |failure| BackendError::new(&cfg.name, cfg.kind, url.clone(), failure);
+    let client = health
+        .check_client
+        .get_or_init(|| {
+            let mut headers = reqwest::header::HeaderMap::new();
+            for (k, v) in &cfg.headers {
+                headers.insert(k.clone(), v.clone());
+            }
+            reqwest::Client::builder()
+                .default_headers(headers)
+                .connect_timeout(cfg.connect_timeout.min(timeout))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| fail(Failure::InvalidResponse(format!("cannot build the health-check client: {e}"))))?;
+    let mut rb = client.get(&url).timeout(timeout);
+    if let Some(key) = &cfg.api_key {
+        rb = match cfg.kind {
+            BackendKind::Fal => rb.header(reqwest::header::AUTHORIZATION, format!("Key {}", key.expose())),
+            _ => rb.bearer_auth(key.expose()),
+        };
+    }
+    let resp = rb.send().await.map_err(|e| fail(crate::backends::client::transport_failure(&e, timeout)))?;
+    let status = resp.status().as_u16();
+    if status == check.expect_status {
+        return Ok(ProbeReport { ready: true, detail: format!("health check GET {} answered {status}", check.path) });
+    }
+    Err(fail(Failure::Status {
+        status,
+        message: format!("health check GET {} answered {status}, expected {}", check.path, check.expect_status),
+        hint: None,
+        retry_after: None,
+    }))
 }
 
 /// Probes on an interval until cancelled.

@@ -89,6 +89,7 @@ fn shape(e: &Error) -> Shape {
             Shape::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, INVALID, "unsupported_media_type")
         }
         Error::Internal(_) => Shape::new(StatusCode::INTERNAL_SERVER_ERROR, SERVER, "internal_error"),
+        Error::UpstreamImageTooLarge(_) => Shape::new(StatusCode::BAD_GATEWAY, SERVER, "backend_error"),
         Error::Ledger(l) => match l {
             LedgerError::Insufficient { .. } => {
                 Shape::new(StatusCode::PAYMENT_REQUIRED, "insufficient_quota", "insufficient_credits")

@@ -299,6 +299,9 @@ fn input_image(
     let Some(format) = crate::media::sniff(&bytes) else {
         return Err(RequestError::param(param, format!("`{param}` is not a PNG, JPEG or WebP image")).into());
     };
+    if let Err(crate::media::DecodeError::TooLarge(m)) = crate::media::check(&bytes) {
+        return Err(RequestError::param(param, format!("`{param}`: {m}")).with_code("image_too_large").into());
+    }
     let name = file_name
         .filter(|n| !n.is_empty() && n.len() < 200)
         .unwrap_or_else(|| format!("{param}-{index}.{}", format.as_str()));

@@ -10,14 +10,18 @@ mod images;
 mod models;
 mod ops;
 
-use std::time::Instant;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::body::{Body, BodyDataStream, Bytes};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures_util::{Stream, StreamExt};
 
 use self::error::{ApiError, ServerFault};
 use self::extract::BodyLimit;
@@ -28,6 +32,7 @@ use crate::telemetry::metrics as m;
 /// Builds the router for `state`.
 pub fn router(state: AppState) -> Router {
     let limit = state.config.server.max_body_bytes;
+    crate::media::configure(state.config.server.max_image_pixels, state.config.server.decode_memory_bytes);
     // Image routes take large bodies (edits carry images); the limit is enforced while reading, never buffered past.
     let images = Router::new()
         .route("/v1/images/generations", post(images::generations_handler))
@@ -55,8 +60,10 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // Inside `observe`: authentication answers are measured and logged like any other.
         .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate))
-        // Outermost: sees every request and the final response (including extractor rejections).
+        // Sees every request and the final response (including extractor rejections).
         .layer(middleware::from_fn(observe))
+        // Outermost: whatever answer was chosen, the client may finish sending its body before it is read.
+        .layer(middleware::from_fn(drain_unread))
         .with_state(state)
 }
 
@@ -101,11 +108,115 @@ async fn observe(req: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    let resp = openai_shaped(resp).await;
     m::http_request(route, m::method_label(method.as_str()), status.as_u16(), started.elapsed(), bytes_in, bytes_out);
     if let Some(ServerFault(message)) = resp.extensions().get::<ServerFault>() {
         tracing::warn!(%method, route, status = status.as_u16(), error = %message, "Request failed.");
     }
     resp.into_response()
+}
+
+/// Most of an unread request body easel reads and discards after answering early (413, 401, 404, ...), so a
+/// client still uploading can finish and read the answer instead of seeing a broken pipe.
+const DRAIN_BYTES: u64 = 256 << 20;
+/// How long easel keeps reading such a body.
+const DRAIN_TIME: Duration = Duration::from_secs(30);
+
+/// A request body that, when dropped unfinished, hands what is left back to [`drain_unread`].
+struct Returning {
+    inner: Option<BodyDataStream>,
+    back: Option<tokio::sync::oneshot::Sender<BodyDataStream>>,
+    done: bool,
+}
+
+impl Stream for Returning {
+    type Item = Result<Bytes, axum::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let Some(inner) = self.inner.as_mut() else { return Poll::Ready(None) };
+        let next = Pin::new(inner).poll_next(cx);
+        if matches!(next, Poll::Ready(None)) {
+            self.done = true;
+        }
+        next
+    }
+}
+
+impl Drop for Returning {
+    fn drop(&mut self) {
+        if !self.done
+            && let (Some(rest), Some(back)) = (self.inner.take(), self.back.take())
+        {
+            let _ = back.send(rest);
+        }
+    }
+}
+
+/// Reads and discards (bounded in bytes and time) the part of the request body the handler left unread, then
+/// answers. A body declared larger than the cap is not read: the answer says `Connection: close` instead.
+async fn drain_unread(req: Request, next: Next) -> Response {
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let (parts, body) = req.into_parts();
+    let (back, mut rest) = tokio::sync::oneshot::channel();
+    let body = Body::from_stream(Returning { inner: Some(body.into_data_stream()), back: Some(back), done: false });
+    let mut resp = next.run(Request::from_parts(parts, body)).await;
+    let Ok(mut rest) = rest.try_recv() else { return resp };
+    if declared.is_some_and(|n| n > DRAIN_BYTES) {
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
+    let drained = tokio::time::timeout(DRAIN_TIME, async {
+        let mut read = 0u64;
+        while let Some(chunk) = rest.next().await {
+            let Ok(chunk) = chunk else { return false };
+            read += chunk.len() as u64;
+            if read > DRAIN_BYTES {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    if !matches!(drained, Ok(true)) {
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// Gives an error answer that is not easel's own (a framework rejection: a path or query that does not parse,
+/// a malformed header) OpenAI's error shape, keeping its status and text.
+async fn openai_shaped(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 16 << 10).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_owned();
+    let message =
+        if text.is_empty() { status.canonical_reason().unwrap_or("request refused").to_owned() } else { text };
+    let (kind, code) = match status {
+        StatusCode::NOT_FOUND => ("invalid_request_error", "not_found"),
+        StatusCode::METHOD_NOT_ALLOWED => ("invalid_request_error", "method_not_allowed"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("invalid_request_error", "request_too_large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("invalid_request_error", "unsupported_media_type"),
+        s if s.is_server_error() => ("server_error", "internal_error"),
+        _ => ("invalid_request_error", "invalid_request_error"),
+    };
+    let body = crate::api::error::ErrorBody {
+        error: crate::api::error::ErrorObject { message: &message, kind, param: None, code: Some(code) },
+    };
+    let json = serde_json::to_vec(&body).unwrap_or_default();
+    let mut resp = Response::from_parts(parts, Body::from(json));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().remove(header::CONTENT_LENGTH);
+    resp
 }
 
 /// Route labels from a fixed set, so metrics never grow with client-chosen paths.

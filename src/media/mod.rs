@@ -1,8 +1,12 @@
 //! Image bytes: format sniffing from magic numbers, base64 and data-URL decoding, and transcoding between PNG,
-//! JPEG and WebP (only when the format differs, on the blocking pool, with decoder limits).
+//! JPEG and WebP (only when the format differs). Every decode of untrusted bytes goes through [`run_decoding`]:
+//! dimensions are checked from the header against `server.max_image_pixels`, the decode waits for its share of
+//! the process-wide `server.decode_memory` budget, and it runs on the blocking pool with allocation limits.
 
 use std::io::Cursor;
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, RwLock};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::{Simd, general_purpose};
@@ -11,10 +15,118 @@ use image::{ImageReader, Limits};
 
 use crate::request::ImageFormat;
 
-/// Largest image (in pixels per side) easel decodes for transcoding.
-const MAX_SIDE: u32 = 16_384;
-/// Largest decoder allocation for transcoding.
-const MAX_ALLOC: u64 = 1 << 30;
+/// Bytes one decoded pixel may take, counting the copy a conversion or resize makes (RGBA8 twice, or RGBA16).
+const BYTES_PER_PIXEL: u64 = 8;
+/// How long a decode waits for room in the memory budget before giving up.
+const BUDGET_WAIT: Duration = Duration::from_secs(30);
+const MIB: u64 = 1 << 20;
+
+static MAX_PIXELS: AtomicU64 = AtomicU64::new(48_000_000);
+/// The decode memory budget, in MiB permits, with its size.
+static BUDGET: LazyLock<RwLock<(u32, Arc<tokio::sync::Semaphore>)>> =
+    LazyLock::new(|| RwLock::new((1024, Arc::new(tokio::sync::Semaphore::new(1024)))));
+
+/// Why an image was not decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Over `server.max_image_pixels` or `server.decode_memory`; the message names the limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// Not a decodable image, or the decode budget stayed full.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Sets the process-wide limits (from `server.max_image_pixels` and `server.decode_memory`). A budget of a new
+/// size replaces the old one; decodes already holding a share of the old one finish under it.
+pub fn configure(max_pixels: u64, memory_bytes: usize) {
+    MAX_PIXELS.store(max_pixels.max(1), Ordering::Relaxed);
+    let mib = u32::try_from((memory_bytes as u64 / MIB).max(1)).unwrap_or(u32::MAX >> 3);
+    let mut budget = match BUDGET.write() {
+        Ok(b) => b,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    if budget.0 != mib {
+        *budget = (mib, Arc::new(tokio::sync::Semaphore::new(mib as usize)));
+    }
+}
+
+fn budget() -> (u32, Arc<tokio::sync::Semaphore>) {
+    match BUDGET.read() {
+        Ok(b) => (b.0, Arc::clone(&b.1)),
+        Err(poisoned) => {
+            let b = poisoned.into_inner();
+            (b.0, Arc::clone(&b.1))
+        }
+    }
+}
+
+/// Checks an image's header against `server.max_image_pixels`; returns its dimensions. Bytes whose header
+/// cannot be read are `Invalid`.
+pub fn check(bytes: &[u8]) -> Result<(u32, u32), DecodeError> {
+    let (w, h) = dimensions(bytes).ok_or_else(|| DecodeError::Invalid("cannot read the image header".into()))?;
+    let max = MAX_PIXELS.load(Ordering::Relaxed);
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > max {
+        return Err(DecodeError::TooLarge(format!(
+            "the image is {w}x{h} ({pixels} pixels), over the {max}-pixel limit (`server.max_image_pixels`)"
+        )));
+    }
+    Ok((w, h))
+}
+
+/// Runs `work` (which decodes `images` with [`decode_blocking`]) on the blocking pool, after checking every
+/// image's header and waiting (bounded) for the memory its decodes need.
+pub async fn run_decoding<R: Send + 'static>(
+    images: &[&[u8]],
+    work: impl FnOnce() -> Result<R, DecodeError> + Send + 'static,
+) -> Result<R, DecodeError> {
+    let mut need = 0u64;
+    for bytes in images {
+        let (w, h) = check(bytes)?;
+        need += u64::from(w) * u64::from(h) * BYTES_PER_PIXEL;
+    }
+    let need_mib = need.div_ceil(MIB).max(1);
+    let (total, semaphore) = budget();
+    if need_mib > u64::from(total) {
+        return Err(DecodeError::TooLarge(format!(
+            "decoding the image needs {need_mib} MiB, over the {total} MiB limit (`server.decode_memory`)"
+        )));
+    }
+    let permits = u32::try_from(need_mib).unwrap_or(total);
+    let _share = match tokio::time::timeout(BUDGET_WAIT, semaphore.acquire_many_owned(permits)).await {
+        Ok(Ok(share)) => share,
+        Ok(Err(_)) | Err(_) => {
+            return Err(DecodeError::Invalid(format!(
+                "no room to decode the image within {}s (`server.decode_memory` is in use by other requests)",
+                BUDGET_WAIT.as_secs()
+            )));
+        }
+    };
+    tokio::task::spawn_blocking(move || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+            .unwrap_or_else(|_| Err(DecodeError::Invalid("the image decoder failed on this input".into())))
+    })
+    .await
+    .map_err(|e| DecodeError::Invalid(format!("decoding task failed: {e}")))?
+}
+
+/// Decodes image bytes with the header check and an allocation cap; call inside [`run_decoding`].
+pub fn decode_blocking(bytes: &[u8]) -> Result<image::DynamicImage, DecodeError> {
+    let (w, h) = check(bytes)?;
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| DecodeError::Invalid(format!("cannot read the image: {e}")))?;
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    limits.max_alloc = Some(u64::from(w) * u64::from(h) * BYTES_PER_PIXEL + MIB);
+    reader.limits(limits);
+    reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(l) => DecodeError::TooLarge(format!("the image exceeds a decoder limit: {l}")),
+        e => DecodeError::Invalid(format!("cannot decode the image: {e}")),
+    })
+}
 
 /// The format of image bytes, from their magic number.
 pub fn sniff(bytes: &[u8]) -> Option<ImageFormat> {
@@ -75,28 +187,17 @@ pub fn decode_base64(data: &str) -> Result<Bytes, String> {
         .map_err(|e| format!("invalid base64: {e}"))
 }
 
-/// Re-encodes `bytes` as `to`. Returns the input untouched when it already is `to`.
-pub async fn transcode(bytes: Bytes, to: ImageFormat, quality: Option<u8>) -> Result<Bytes, String> {
+/// Re-encodes `bytes` as `to` under the decode limits. Returns the input untouched when it already is `to`.
+pub async fn transcode(bytes: Bytes, to: ImageFormat, quality: Option<u8>) -> Result<Bytes, DecodeError> {
     if sniff(&bytes) == Some(to) {
         return Ok(bytes);
     }
-    tokio::task::spawn_blocking(move || {
-        std::panic::catch_unwind(|| transcode_blocking(&bytes, to, quality))
-            .unwrap_or_else(|_| Err("the image decoder failed on this input".into()))
+    let input = bytes.clone();
+    run_decoding(&[&bytes], move || {
+        let img = decode_blocking(&input)?;
+        encode(&img, to, quality).map_err(DecodeError::Invalid)
     })
     .await
-    .map_err(|e| format!("transcoding task failed: {e}"))?
-}
-
-fn transcode_blocking(bytes: &[u8], to: ImageFormat, quality: Option<u8>) -> Result<Bytes, String> {
-    let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(MAX_SIDE);
-    limits.max_image_height = Some(MAX_SIDE);
-    limits.max_alloc = Some(MAX_ALLOC);
-    reader.limits(limits);
-    let img = reader.decode().map_err(|e| format!("cannot decode the image: {e}"))?;
-    encode(&img, to, quality)
 }
 
 /// Encodes a decoded image. JPEG drops alpha; WebP is lossless (the pure-Rust encoder has no lossy mode).

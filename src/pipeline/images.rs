@@ -415,9 +415,10 @@ async fn produce(
         let bytes = if out.format == target {
             out.bytes
         } else {
-            crate::media::transcode(out.bytes, target, req.output_compression)
-                .await
-                .map_err(|e| Error::Internal(format!("transcoding to {}: {e}", target.as_str())))?
+            crate::media::transcode(out.bytes, target, req.output_compression).await.map_err(|e| match e {
+                crate::media::DecodeError::TooLarge(m) => Error::UpstreamImageTooLarge(m),
+                e => Error::Internal(format!("transcoding to {}: {e}", target.as_str())),
+            })?
         };
         let item = match req.response_format {
             ResponseFormat::B64Json => ImageData::B64(bytes),
