@@ -148,16 +148,18 @@ impl Policy {
     }
 }
 
-/// Link-local addresses (169.254.0.0/16, fe80::/10, and IPv4 ones mapped into IPv6): where cloud metadata services
-/// answer.
+/// Link-local addresses (169.254.0.0/16, fe80::/10, and IPv4 ones mapped into IPv6) and the other well-known cloud
+/// metadata addresses (Alibaba's 100.100.100.200, AWS's IPv6 fd00:ec2::254): where metadata services answer.
 pub fn is_link_local(ip: IpAddr) -> bool {
+    const ALIBABA: std::net::Ipv4Addr = std::net::Ipv4Addr::new(100, 100, 100, 200);
+    const AWS_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
     match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V4(v4) => v4.is_link_local() || v4 == ALIBABA,
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
-                return v4.is_link_local();
+                return v4.is_link_local() || v4 == ALIBABA;
             }
-            (v6.segments()[0] & 0xffc0) == 0xfe80
+            (v6.segments()[0] & 0xffc0) == 0xfe80 || v6 == AWS_V6
         }
     }
 }
@@ -241,6 +243,10 @@ mod tests {
 
     #[test]
     fn link_local_is_refused_even_when_allowed() {
+        for ip in ["100.100.100.200", "fd00:ec2::254", "169.254.169.254", "::ffff:169.254.1.1"] {
+            assert!(is_link_local(ip.parse().unwrap()), "{ip}");
+        }
+        assert!(!is_link_local("127.0.0.1".parse().unwrap()));
         let p = policy(BackendKind::Template, "http://169.254.169.254", &["169.254.169.254", "[fe80::1]"]);
         assert!(!ok(&p, "http://169.254.169.254/latest/meta-data/"));
         assert!(!ok(&p, "http://[fe80::1]/"));

@@ -46,7 +46,7 @@ pub struct Caller {
 /// A response body: made now, or replayed for a repeated Idempotency-Key.
 #[derive(Debug)]
 pub enum Delivered {
-    Fresh(Answer),
+    Fresh(Box<Answer>),
     Replayed(StoredResponse),
 }
 
@@ -218,7 +218,7 @@ async fn charged(
         None => {
             let (resp, _, _) = produce(state, req, &model, edit, base_url, &caller.gone).await?;
             let partial = resp.partial.clone();
-            return Ok(Delivered::Fresh(Answer { body: resp.to_json(), partial, settlement: None }));
+            return Ok(Delivered::Fresh(Box::new(Answer { body: resp.to_json(), partial, settlement: None })));
         }
     };
     if !who.may_use(&model.id) {
@@ -266,7 +266,7 @@ async fn charged(
                 settled: false,
                 guard,
             };
-            Ok(Delivered::Fresh(Answer { body, partial: resp.partial.clone(), settlement: Some(settlement) }))
+            Ok(Delivered::Fresh(Box::new(Answer { body, partial: resp.partial.clone(), settlement: Some(settlement) })))
         }
         Err(e) => {
             let reason = match &e {
