@@ -9,6 +9,7 @@ pub mod error;
 pub mod fal;
 pub mod huggingface;
 pub mod invokeai;
+pub mod jobs;
 pub mod openai;
 pub mod outbound;
 pub mod replicate;
@@ -23,6 +24,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 pub use self::error::{BackendError, Failure};
+pub use self::jobs::{JobHandle, JobOutput, JobPoll, JobState, VideoCall};
 use crate::config::{BackendConfig, BackendKind, ModelConfig};
 use crate::request::{GenerateImage, ImageFormat, Size};
 
@@ -94,6 +96,60 @@ pub trait Backend {
     fn supports_edits(&self) -> bool {
         false
     }
+
+    /// Whether this backend makes videos (the job operations below are implemented).
+    fn supports_videos(&self) -> bool {
+        false
+    }
+
+    /// Submits a video job; returns the handle to poll it by. Never retried by easel on an ambiguous answer.
+    fn submit_video(&self, call: VideoCall<'_>) -> impl Future<Output = Result<JobHandle, BackendError>> + Send {
+        let _ = call;
+        async { Err(unsupported("video generation")) }
+    }
+
+    /// Asks where a job stands. Transport errors and 5xx are errors (easel polls again later); a job the
+    /// backend does not know is `Ok(JobState::Lost)`.
+    fn poll_job(&self, handle: &JobHandle) -> impl Future<Output = Result<JobPoll, BackendError>> + Send {
+        let _ = handle;
+        async { Err(unsupported("jobs")) }
+    }
+
+    /// Downloads what a succeeded job made (the video first; a thumbnail when the backend has one).
+    fn fetch_outputs(&self, handle: &JobHandle) -> impl Future<Output = Result<Vec<JobOutput>, BackendError>> + Send {
+        let _ = handle;
+        async { Err(unsupported("jobs")) }
+    }
+
+    /// Cancels a job upstream (best effort: an already finished job stays finished).
+    fn cancel_job(&self, handle: &JobHandle) -> impl Future<Output = Result<(), BackendError>> + Send {
+        let _ = handle;
+        async { Err(unsupported("jobs")) }
+    }
+}
+
+/// The answer of a job operation's default body. The pipeline only calls job operations on backends whose
+/// `supports_videos()` is true, so a client never sees this; it names the gap if a new call site forgets.
+fn unsupported(what: &'static str) -> BackendError {
+    BackendError::new("", BackendKind::Simulated, "", Failure::Unsupported(what))
+}
+
+/// Runs `$body` with `$b` bound to whichever adapter `$any` holds: the one place the variants are listed for
+/// dispatch, so a new operation is one line.
+macro_rules! each_backend {
+    ($any:expr, $b:ident => $body:expr) => {
+        match $any {
+            AnyBackend::OpenAi($b) => $body,
+            AnyBackend::A1111($b) => $body,
+            AnyBackend::ComfyUi($b) => $body,
+            AnyBackend::InvokeAi($b) => $body,
+            AnyBackend::HuggingFace($b) => $body,
+            AnyBackend::Fal($b) => $body,
+            AnyBackend::Replicate($b) => $body,
+            AnyBackend::Template($b) => $body,
+            AnyBackend::Simulated($b) => $body,
+        }
+    };
 }
 
 /// Every adapter, one variant per config `kind`.
@@ -127,45 +183,35 @@ impl AnyBackend {
     }
 
     pub async fn generate_images(&self, call: ImageCall<'_>) -> Result<Vec<ImageOutput>, BackendError> {
-        match self {
-            Self::OpenAi(b) => b.generate_images(call).await,
-            Self::A1111(b) => b.generate_images(call).await,
-            Self::ComfyUi(b) => b.generate_images(call).await,
-            Self::InvokeAi(b) => b.generate_images(call).await,
-            Self::HuggingFace(b) => b.generate_images(call).await,
-            Self::Fal(b) => b.generate_images(call).await,
-            Self::Replicate(b) => b.generate_images(call).await,
-            Self::Template(b) => b.generate_images(call).await,
-            Self::Simulated(b) => b.generate_images(call).await,
-        }
+        each_backend!(self, b => b.generate_images(call).await)
+    }
+
+    pub fn supports_videos(&self) -> bool {
+        each_backend!(self, b => b.supports_videos())
+    }
+
+    pub async fn submit_video(&self, call: VideoCall<'_>) -> Result<JobHandle, BackendError> {
+        each_backend!(self, b => b.submit_video(call).await)
+    }
+
+    pub async fn poll_job(&self, handle: &JobHandle) -> Result<JobPoll, BackendError> {
+        each_backend!(self, b => b.poll_job(handle).await)
+    }
+
+    pub async fn fetch_outputs(&self, handle: &JobHandle) -> Result<Vec<JobOutput>, BackendError> {
+        each_backend!(self, b => b.fetch_outputs(handle).await)
+    }
+
+    pub async fn cancel_job(&self, handle: &JobHandle) -> Result<(), BackendError> {
+        each_backend!(self, b => b.cancel_job(handle).await)
     }
 
     pub fn supports_edits(&self) -> bool {
-        match self {
-            Self::OpenAi(b) => b.supports_edits(),
-            Self::A1111(b) => b.supports_edits(),
-            Self::ComfyUi(b) => b.supports_edits(),
-            Self::InvokeAi(b) => b.supports_edits(),
-            Self::HuggingFace(b) => b.supports_edits(),
-            Self::Fal(b) => b.supports_edits(),
-            Self::Replicate(b) => b.supports_edits(),
-            Self::Template(b) => b.supports_edits(),
-            Self::Simulated(b) => b.supports_edits(),
-        }
+        each_backend!(self, b => b.supports_edits())
     }
 
     pub async fn probe(&self) -> Result<ProbeReport, BackendError> {
-        match self {
-            Self::OpenAi(b) => b.probe().await,
-            Self::A1111(b) => b.probe().await,
-            Self::ComfyUi(b) => b.probe().await,
-            Self::InvokeAi(b) => b.probe().await,
-            Self::HuggingFace(b) => b.probe().await,
-            Self::Fal(b) => b.probe().await,
-            Self::Replicate(b) => b.probe().await,
-            Self::Template(b) => b.probe().await,
-            Self::Simulated(b) => b.probe().await,
-        }
+        each_backend!(self, b => b.probe().await)
     }
 }
 

@@ -7,28 +7,25 @@
 //! 4. Transcode only where the format differs, then store (`url`) or inline (`b64_json`) each image.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
+use super::dispatch::{MAX_ATTEMPTS, dispatch};
 use crate::api::images::{ImageData, ImageItem, ImagesRequest, ImagesResponse, Partial};
 use crate::backends::{BackendError, EditInputs, Failure, ImageCall, ImageOutput, InputImage};
 use crate::config::{Capability, ModelConfig, ModelType};
 use crate::error::Error;
 use crate::ledger::{HoldOutcome, IdemClaim, Principal, SettlingGuard, Store, StoredResponse};
 use crate::request::{GenerateImage, ImageFormat, RequestError, ResponseFormat, Size};
-use crate::routing::{self, Candidate};
+use crate::routing::BackendHandle;
 use crate::state::AppState;
 use crate::telemetry::metrics as m;
 
-/// Most upstream attempts for one call (first choice plus fallbacks).
-const MAX_ATTEMPTS: usize = 3;
 /// Longest a key's read of its own output waits for the answer that made it to settle.
 const SETTLE_WAIT: Duration = Duration::from_secs(5);
-/// Slack over the backend's own timeout before easel gives up on an adapter call (adapters time out first).
-const TIMEOUT_SLACK: Duration = Duration::from_secs(1);
 
 /// Who is asking, as the HTTP layer saw it.
 #[derive(Debug, Clone)]
@@ -454,7 +451,7 @@ fn common_format(outputs: &[ImageOutput]) -> ImageFormat {
     }
 }
 
-/// One upstream call with admission, timeout, fallback and circuit-breaker bookkeeping.
+/// One upstream call for part of `n`, through the shared dispatch (admission, timeout, fallback, circuit).
 async fn run_call(
     state: &AppState,
     model: &Arc<ModelConfig>,
@@ -463,58 +460,8 @@ async fn run_call(
     plan: CallPlan,
     gone: &CancellationToken,
 ) -> Result<Vec<ImageOutput>, Error> {
-    let candidates = routing::candidates(model, &state.backends, Capability::Images)?;
-    let mut last: Option<Error> = None;
-    for (attempt, Candidate { handle, trial }) in candidates.into_iter().take(MAX_ATTEMPTS).enumerate() {
-        // Never a new attempt for a client that left: its answer would go nowhere and the GPU time is wasted.
-        if gone.is_cancelled() {
-            if trial {
-                handle.health.release_trial();
-            }
-            return Err(Error::ClientGone);
-        }
-        if attempt > 0 {
-            tracing::info!(model = %model.id, backend = %handle.cfg.name, attempt, "Falling back to the next backend.");
-        }
-        let Some(gate) = handle.gate(Capability::Images) else { continue };
-        if edit.is_some() && !handle.adapter.supports_edits() {
-            continue;
-        }
-        let admitted = tokio::select! {
-            // A slot that frees at the moment the client leaves goes to the next request, not to this one.
-            biased;
-            () = gone.cancelled() => {
-                if trial {
-                    handle.health.release_trial();
-                }
-                return Err(Error::ClientGone);
-            }
-            r = gate.admit() => r,
-        };
-        let permit = match admitted {
-            Ok(p) if gone.is_cancelled() => {
-                drop(p);
-                if trial {
-                    handle.health.release_trial();
-                }
-                return Err(Error::ClientGone);
-            }
-            Ok(p) => p,
-            Err(e) => {
-                if trial {
-                    handle.health.release_trial();
-                }
-                m::fallback(&handle.cfg.name, "busy");
-                // A busier answer never hides a more useful one.
-                if !matches!(last, Some(Error::Backend(_))) {
-                    last = Some(e.into());
-                }
-                continue;
-            }
-        };
-        // The permit is held until the upstream call ends. If the client goes away meanwhile, adapters that can
-        // cancel upstream work do so; the others finish, because the GPU is busy either way.
-        let started = Instant::now();
+    let usable = |h: &BackendHandle| edit.is_none() || h.adapter.supports_edits();
+    dispatch(state, model, Capability::Images, gone, usable, |handle, permit| async move {
         let call = ImageCall {
             request: req,
             model,
@@ -524,47 +471,19 @@ async fn run_call(
             edit: edit.map(|e| e.as_ref()),
             cancel: gone,
         };
-        let limit = handle.cfg.timeout + TIMEOUT_SLACK;
-        let result = match tokio::time::timeout(limit, handle.adapter.generate_images(call)).await {
-            Ok(r) => r,
-            Err(_) => Err(BackendError::new(
+        // The slot is held until the upstream call ends. If the client goes away meanwhile, adapters that can
+        // cancel upstream work do so; the others finish, because the GPU is busy either way.
+        let result = handle.adapter.generate_images(call).await;
+        drop(permit);
+        match result {
+            Ok(images) if images.is_empty() => Err(BackendError::new(
                 &handle.cfg.name,
                 handle.cfg.kind,
                 handle.cfg.endpoint(""),
-                Failure::Timeout(handle.cfg.timeout),
+                Failure::InvalidResponse("the response held no images".into()),
             )),
-        };
-        drop(permit);
-        let took = started.elapsed();
-        match result {
-            Ok(images) if !images.is_empty() => {
-                handle.health.record_call(false);
-                m::upstream_call(&handle.cfg.name, handle.cfg.kind.as_str(), "ok", took);
-                return Ok(images);
-            }
-            Ok(_) => {
-                let e = BackendError::new(
-                    &handle.cfg.name,
-                    handle.cfg.kind,
-                    handle.cfg.endpoint(""),
-                    Failure::InvalidResponse("the response held no images".into()),
-                );
-                handle.health.record_call(true);
-                m::upstream_call(&handle.cfg.name, handle.cfg.kind.as_str(), e.outcome(), took);
-                last = Some(e.into());
-            }
-            Err(e) => {
-                handle.health.record_call(e.is_backend_fault());
-                m::upstream_call(&handle.cfg.name, handle.cfg.kind.as_str(), e.outcome(), took);
-                tracing::warn!(model = %model.id, backend = %handle.cfg.name, error = %e, "Backend call failed.");
-                let retryable = e.retryable();
-                last = Some(e.into());
-                if !retryable {
-                    break;
-                }
-                m::fallback(&handle.cfg.name, "error");
-            }
+            other => other,
         }
-    }
-    Err(last.unwrap_or_else(|| Error::Internal("no backend attempt was made".into())))
+    })
+    .await
 }

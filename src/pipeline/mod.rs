@@ -1,4 +1,5 @@
 //! Orchestration: one function per operation, each the readable story of a request from validated input to
 //! response. Handlers call these and nothing else.
 
+pub mod dispatch;
 pub mod images;

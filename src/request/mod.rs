@@ -2,6 +2,7 @@
 //! `param` set; nothing here does I/O. Checks that need the model's limits are in [`GenerateImage::check_model`].
 
 pub mod extra;
+pub mod video;
 
 use std::fmt;
 

@@ -1,0 +1,125 @@
+//! The one dispatch every operation goes through (images now; videos, jobs and text next): order the model's
+//! candidates for a capability, take a slot (`admission`), run the operation on the adapter under the backend's
+//! timeout, classify the outcome, fall back to the next candidate on a backend fault (never on the client's), feed
+//! the circuit breaker and the metrics. Rules that hold for every operation, because they live only here:
+//! no new attempt once the client has left, a 4xx the request caused is never retried elsewhere, and the slot is
+//! held exactly as long as the operation says (the [`Permit`] is handed to it).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::Permit;
+use crate::backends::{BackendError, Failure};
+use crate::config::{Capability, ModelConfig};
+use crate::error::Error;
+use crate::routing::{self, BackendHandle, Candidate};
+use crate::state::AppState;
+use crate::telemetry::metrics as m;
+
+/// Most upstream attempts for one call (first choice plus fallbacks).
+pub const MAX_ATTEMPTS: usize = 3;
+/// Slack over the backend's own timeout before easel gives up on an adapter call (adapters time out first).
+const TIMEOUT_SLACK: Duration = Duration::from_secs(1);
+
+/// Runs `operation` on the first candidate backend of `model` for `capability` that takes it, falling back on
+/// backend faults. `usable` skips candidates that cannot do this operation at all (e.g. edits on a backend
+/// without them). `operation` gets the backend and its admission slot; it drops the slot when the upstream work
+/// ends (a synchronous call) or keeps it for as long as that work runs (a job).
+pub async fn dispatch<T, Usable, Op, Fut>(
+    state: &AppState,
+    model: &ModelConfig,
+    capability: Capability,
+    gone: &CancellationToken,
+    usable: Usable,
+    mut operation: Op,
+) -> Result<T, Error>
+where
+    Usable: Fn(&BackendHandle) -> bool,
+    Op: FnMut(Arc<BackendHandle>, Permit) -> Fut,
+    Fut: Future<Output = Result<T, BackendError>>,
+{
+    let candidates = routing::candidates(model, &state.backends, capability)?;
+    let mut last: Option<Error> = None;
+    for (attempt, Candidate { handle, trial }) in candidates.into_iter().take(MAX_ATTEMPTS).enumerate() {
+        // Never a new attempt for a client that left: its answer would go nowhere and the GPU time is wasted.
+        if gone.is_cancelled() {
+            if trial {
+                handle.health.release_trial();
+            }
+            return Err(Error::ClientGone);
+        }
+        if attempt > 0 {
+            tracing::info!(model = %model.id, backend = %handle.cfg.name, attempt, "Falling back to the next backend.");
+        }
+        let Some(gate) = handle.gate(capability) else { continue };
+        if !usable(&handle) {
+            continue;
+        }
+        let admitted = tokio::select! {
+            // A slot that frees at the moment the client leaves goes to the next request, not to this one.
+            biased;
+            () = gone.cancelled() => {
+                if trial {
+                    handle.health.release_trial();
+                }
+                return Err(Error::ClientGone);
+            }
+            r = gate.admit() => r,
+        };
+        let permit = match admitted {
+            Ok(p) if gone.is_cancelled() => {
+                drop(p);
+                if trial {
+                    handle.health.release_trial();
+                }
+                return Err(Error::ClientGone);
+            }
+            Ok(p) => p,
+            Err(e) => {
+                if trial {
+                    handle.health.release_trial();
+                }
+                m::fallback(&handle.cfg.name, "busy");
+                // A busier answer never hides a more useful one.
+                if !matches!(last, Some(Error::Backend(_))) {
+                    last = Some(e.into());
+                }
+                continue;
+            }
+        };
+        let started = Instant::now();
+        let limit = handle.cfg.timeout + TIMEOUT_SLACK;
+        let result = match tokio::time::timeout(limit, operation(Arc::clone(&handle), permit)).await {
+            Ok(r) => r,
+            Err(_) => Err(BackendError::new(
+                &handle.cfg.name,
+                handle.cfg.kind,
+                handle.cfg.endpoint(""),
+                Failure::Timeout(handle.cfg.timeout),
+            )),
+        };
+        let took = started.elapsed();
+        match result {
+            Ok(value) => {
+                handle.health.record_call(false);
+                m::upstream_call(&handle.cfg.name, handle.cfg.kind.as_str(), "ok", took);
+                return Ok(value);
+            }
+            Err(e) => {
+                handle.health.record_call(e.is_backend_fault());
+                m::upstream_call(&handle.cfg.name, handle.cfg.kind.as_str(), e.outcome(), took);
+                tracing::warn!(model = %model.id, backend = %handle.cfg.name, error = %e, "Backend call failed.");
+                let retryable = e.retryable();
+                last = Some(e.into());
+                if !retryable {
+                    break;
+                }
+                m::fallback(&handle.cfg.name, "error");
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::Internal("no backend attempt was made".into())))
+}
