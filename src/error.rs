@@ -33,6 +33,9 @@ pub enum Error {
     /// A signed output URL that is not valid (wrong signature) or no longer valid (expired): 403 with `code`.
     #[error("{message}")]
     LinkRefused { message: String, code: &'static str },
+    /// A job id that does not exist, or belongs to another key.
+    #[error("no video or job `{0}` for this key")]
+    JobNotFound(String),
     /// A stored file id that does not exist (or was never issued).
     #[error("no file `{0}`: it was never issued by this gateway or has been deleted")]
     FileNotFound(String),

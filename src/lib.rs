@@ -16,6 +16,7 @@
 //! - [`admission`]: per-backend concurrency limits, bounded queue, RAII permits, 429 + Retry-After.
 //! - [`backends`]: one adapter per upstream protocol; never touches axum, storage or the ledger.
 //! - [`ledger`]: API keys, credit holds and settlement, idempotency records (SQLite).
+//! - [`jobs`]: the job runner: durable video jobs polled on the backend that took them, settled once.
 //! - [`health`]: background probes per backend, with thresholds; feeds routing and `/readyz`.
 //! - [`media`]: image format sniffing, transcoding and base64.
 //! - [`storage`]: stored outputs under unguessable ids.
@@ -29,6 +30,7 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod http;
+pub mod jobs;
 pub mod ledger;
 pub mod media;
 pub mod pipeline;

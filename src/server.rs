@@ -47,6 +47,7 @@ impl Server {
             self.state.config.health.clone(),
             background.clone(),
         ));
+        tracker.spawn(crate::jobs::run(self.state.clone(), background.clone()));
         tracker.spawn({
             let (state, cancel) = (self.state.clone(), background.clone());
             async move {

@@ -47,6 +47,8 @@ pub struct Runtime {
     pub tasks: TaskTracker,
     /// Holds being settled right now (read-your-writes for balances).
     pub settling: Arc<Settling>,
+    /// The job runner's slots and wake-up bell.
+    pub jobs: crate::jobs::Jobs,
 }
 
 impl AppState {
@@ -101,6 +103,7 @@ impl AppState {
                 started_at: SystemTime::now(),
                 tasks: TaskTracker::new(),
                 settling: Arc::default(),
+                jobs: crate::jobs::Jobs::new(),
             }),
         })
     }

@@ -3,3 +3,4 @@
 pub mod error;
 pub mod images;
 pub mod models;
+pub mod videos;

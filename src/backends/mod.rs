@@ -14,6 +14,7 @@ pub mod openai;
 pub mod outbound;
 pub mod replicate;
 pub mod simulated;
+pub mod simulated_video;
 pub mod template;
 pub mod workflow;
 

@@ -94,6 +94,32 @@ impl Backend for SimulatedBackend {
     fn supports_edits(&self) -> bool {
         true
     }
+
+    fn supports_videos(&self) -> bool {
+        true
+    }
+
+    async fn submit_video(&self, call: super::VideoCall<'_>) -> Result<super::JobHandle, BackendError> {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        Ok(super::simulated_video::submit(&self.cfg, call, super::simulated_video::fails(&self.cfg, n)))
+    }
+
+    async fn poll_job(&self, handle: &super::JobHandle) -> Result<super::JobPoll, BackendError> {
+        Ok(super::simulated_video::poll(&self.cfg, handle))
+    }
+
+    async fn fetch_outputs(&self, handle: &super::JobHandle) -> Result<Vec<super::JobOutput>, BackendError> {
+        let handle = handle.clone();
+        tokio::task::spawn_blocking(move || super::simulated_video::render(&handle))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+            .map_err(|e| BackendError::new(&self.cfg.name, self.cfg.kind, self.url(), Failure::InvalidResponse(e)))
+    }
+
+    async fn cancel_job(&self, _handle: &super::JobHandle) -> Result<(), BackendError> {
+        Ok(())
+    }
 }
 
 /// A simulated edit: the input resized to the output size, with the procedural picture painted where the mask is

@@ -368,6 +368,10 @@ pub struct ModelConfig {
     pub negative_prompt: Option<String>,
     /// The workflow template of comfyui/invokeai backends.
     pub workflow: Option<Arc<crate::backends::workflow::Workflow>>,
+    /// Video models priced per second of video (else `credits` per clip).
+    pub credits_per_second: Option<f64>,
+    /// Longest a job of this model may run before easel cancels it upstream and refunds it.
+    pub job_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]

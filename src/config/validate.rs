@@ -142,6 +142,10 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
     Ok(Config { origin: origin.to_owned(), server, storage, auth, defaults, health, backends, models })
 }
 
+/// Backend kinds whose adapters make videos (the job operations).
+const VIDEO_KINDS: &[BackendKind] =
+    &[BackendKind::Fal, BackendKind::Replicate, BackendKind::OpenAi, BackendKind::Simulated];
+
 fn backend(p: &mut Problems, name: &str, b: RawBackend) -> Option<BackendConfig> {
     let at = format!("backends.{name}");
     let start = p.len();
@@ -174,7 +178,7 @@ fn backend(p: &mut Problems, name: &str, b: RawBackend) -> Option<BackendConfig>
             b.max_images_per_call.is_some(),
             &[OpenAi, A1111, ComfyUi, InvokeAi, Fal, Replicate, Simulated],
         ),
-        ("poll_interval", b.poll_interval.is_some(), &[ComfyUi, InvokeAi, Fal, Replicate]),
+        ("poll_interval", b.poll_interval.is_some(), &[ComfyUi, InvokeAi, Fal, Replicate, OpenAi, Simulated]),
         ("queue_id", b.queue_id.is_some(), &[InvokeAi]),
         ("method", b.method.is_some(), &[Template]),
         ("path", b.path.is_some(), &[Template]),
@@ -238,9 +242,14 @@ fn backend(p: &mut Problems, name: &str, b: RawBackend) -> Option<BackendConfig>
     let mut concurrency = BTreeMap::new();
     let c = b.concurrency.clone().unwrap_or_default();
     concurrency.insert(Capability::Images, c.images.unwrap_or(default_images));
-    concurrency.insert(Capability::Videos, c.videos.unwrap_or(0));
+    let videos_default = if VIDEO_KINDS.contains(&kind) { 2 } else { 0 };
+    concurrency.insert(Capability::Videos, c.videos.unwrap_or(videos_default));
     concurrency.insert(Capability::Text, c.text.unwrap_or(0));
-    for (cap, v) in [(Capability::Videos, c.videos), (Capability::Text, c.text)] {
+    if c.videos.is_some_and(|v| v > 0) && !VIDEO_KINDS.contains(&kind) {
+        let kinds = VIDEO_KINDS.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ");
+        p.push((format!("{at}.concurrency.videos"), format!("kind `{kind}` makes no videos (video kinds: {kinds})")));
+    }
+    for (cap, v) in [(Capability::Text, c.text)] {
         if v.is_some_and(|v| v > 0) {
             p.push((
                 format!("{at}.concurrency.{}", cap.as_str()),
@@ -431,10 +440,21 @@ fn model(
             return None;
         }
     };
+    let job_timeout = duration(p, &format!("{at}.job_timeout"), m.job_timeout.as_deref(), 30 * 60);
+    if m.credits.is_some() && m.credits_per_second.is_some() {
+        p.push((
+            format!("{at}.credits_per_second"),
+            "set `credits` (per item) or `credits_per_second`, not both".into(),
+        ));
+    }
+    if m.credits_per_second.is_some_and(|c| !c.is_finite() || c < 0.0) {
+        p.push((format!("{at}.credits_per_second"), "must be a number >= 0".into()));
+    }
     let kind = match m.kind.as_deref().unwrap_or("image") {
         "image" => ModelType::Image,
-        "video" | "text" => {
-            p.push((format!("{at}.type"), "only `image` models are served by this build".into()));
+        "video" => ModelType::Video,
+        "text" => {
+            p.push((format!("{at}.type"), "only `image` and `video` models are served by this build".into()));
             return None;
         }
         other => {
@@ -458,10 +478,23 @@ fn model(
                 let names = declared.iter().map(String::as_str).collect::<Vec<_>>().join(", ");
                 p.push((format!("{at}.backends[{j}]"), format!("no backend named `{name}` (defined: {names})")));
             }
-            Some(b) if b.limit(Capability::Images) == 0 => {
+            Some(b) if kind == ModelType::Image && b.limit(Capability::Images) == 0 => {
                 p.push((
                     format!("{at}.backends[{j}]"),
                     format!("backend `{name}` has concurrency.images 0, so it serves no image model"),
+                ));
+            }
+            Some(b) if kind == ModelType::Video && !VIDEO_KINDS.contains(&b.kind) => {
+                let kinds = VIDEO_KINDS.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ");
+                p.push((
+                    format!("{at}.backends[{j}]"),
+                    format!("backend `{name}` is kind `{}`, which makes no videos (video kinds: {kinds})", b.kind),
+                ));
+            }
+            Some(b) if kind == ModelType::Video && b.limit(Capability::Videos) == 0 => {
+                p.push((
+                    format!("{at}.backends[{j}]"),
+                    format!("backend `{name}` has concurrency.videos 0, so it serves no video model"),
                 ));
             }
             Some(_) => {}
@@ -539,6 +572,8 @@ fn model(
         guidance_scale: m.guidance_scale,
         negative_prompt: m.negative_prompt,
         workflow,
+        credits_per_second: m.credits_per_second,
+        job_timeout,
     })
 }
 

@@ -81,6 +81,7 @@ fn shape(e: &Error) -> Shape {
         Error::Backend(b) => backend_shape(b),
         Error::Storage(_) => Shape::new(StatusCode::INTERNAL_SERVER_ERROR, SERVER, "storage_error"),
         Error::FileNotFound(_) => Shape::new(StatusCode::NOT_FOUND, INVALID, "file_not_found"),
+        Error::JobNotFound(_) => Shape::new(StatusCode::NOT_FOUND, INVALID, "not_found"),
         Error::LinkRefused { code, .. } => Shape::new(StatusCode::FORBIDDEN, "permission_error", code),
         Error::RouteNotFound { .. } => Shape::new(StatusCode::NOT_FOUND, INVALID, "not_found"),
         Error::MethodNotAllowed { .. } => Shape::new(StatusCode::METHOD_NOT_ALLOWED, INVALID, "method_not_allowed"),

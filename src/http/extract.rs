@@ -329,3 +329,68 @@ fn image_ref(v: Value, param: &'static str, index: usize) -> Result<ImageSource,
         _ => Err(RequestError::param(param, format!("`{param}` must be {{\"image_url\": \"data:...\"}} or {{\"file_id\": \"...\"}}")).into()),
     }
 }
+
+/// A body for `POST /v1/videos`: the fields plus an optional `input_reference` image, from multipart (a file part
+/// named `input_reference`) or JSON (`input_reference: {"image_url": "data:…"}` or `{"file_id": "img_…"}`).
+#[derive(Debug)]
+pub struct VideoBody {
+    pub fields: crate::api::videos::VideosRequest,
+    pub reference: Option<ImageSource>,
+}
+
+impl<S: Send + Sync> FromRequest<S> for VideoBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let (limit, mime) = limits(&req)?;
+        match mime.as_str() {
+            "multipart/form-data" => {
+                let mut multipart = Multipart::from_request(req, state).await.map_err(multipart_rejection)?;
+                let (mut fields, mut reference) = (Map::new(), None);
+                while let Some(mut field) = multipart.next_field().await.map_err(|e| multipart_error(e, limit))? {
+                    let name = field.name().unwrap_or("").to_owned();
+                    if name == "input_reference" {
+                        let file_name = field.file_name().map(str::to_owned);
+                        let mut buf = bytes::BytesMut::new();
+                        while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, limit))? {
+                            buf.extend_from_slice(&chunk);
+                        }
+                        if reference.is_some() {
+                            return Err(RequestError::param(
+                                "input_reference",
+                                "`input_reference` is given more than once",
+                            )
+                            .into());
+                        }
+                        reference =
+                            Some(ImageSource::Inline(input_image(buf.freeze(), "input_reference", 0, file_name)?));
+                    } else if field.file_name().is_some() {
+                        return Err(RequestError::param(
+                            &name,
+                            format!("`{name}` is a file; the file goes in `input_reference`"),
+                        )
+                        .into());
+                    } else {
+                        let text = field.text().await.map_err(|e| multipart_error(e, limit))?;
+                        insert_field(&mut fields, &name, &text)?;
+                    }
+                }
+                Ok(Self { fields: from_value(Value::Object(fields))?, reference })
+            }
+            "application/json" | "" => {
+                let bytes = read_body(req, limit).await?;
+                if bytes.is_empty() {
+                    return Err(RequestError::new(
+                        "the request body is empty; send a JSON object such as {\"prompt\": \"...\"}",
+                    )
+                    .into());
+                }
+                let mut object: Map<String, Value> = parse_json(&bytes)?;
+                let reference =
+                    object.remove("input_reference").map(|r| image_ref(r, "input_reference", 0)).transpose()?;
+                Ok(Self { fields: from_value(Value::Object(object))?, reference })
+            }
+            other => Err(Error::UnsupportedMediaType(other.to_owned()).into()),
+        }
+    }
+}

@@ -52,7 +52,7 @@ pub async fn edits_handler(
     respond(task.await)
 }
 
-fn caller(
+pub(super) fn caller(
     headers: &HeaderMap,
     principal: Option<Extension<Principal>>,
     path: &'static str,

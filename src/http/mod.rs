@@ -9,6 +9,7 @@ mod files;
 mod images;
 mod models;
 mod ops;
+mod videos;
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -37,6 +38,7 @@ pub fn router(state: AppState) -> Router {
     let images = Router::new()
         .route("/v1/images/generations", post(images::generations_handler))
         .route("/v1/images/edits", post(images::edits_handler))
+        .route("/v1/videos", post(videos::create_handler).get(videos::list_handler))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::Extension(BodyLimit(limit)));
 
@@ -45,6 +47,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(models::list_handler))
         .route("/v1/models/{*id}", get(models::get_handler))
         .route("/v1/files/{id}", get(files::get_handler))
+        .route("/v1/videos/{id}", get(videos::get_handler).delete(videos::delete_handler))
+        .route("/v1/videos/{id}/content", get(videos::content_handler))
+        .route("/v1/videos/{id}/cancel", post(videos::cancel_handler))
+        .route("/v1/jobs/{id}", get(videos::get_handler))
         .route("/v1/gateway/status", get(ops::status_handler))
         .route("/healthz", get(ops::healthz_handler))
         .route("/readyz", get(ops::readyz_handler))
@@ -238,6 +244,11 @@ fn static_route(route: &str) -> &'static str {
         "/v1/admin/keys/{key}",
         "/v1/admin/keys/{key}/credits",
         "/v1/admin/ledger/check",
+        "/v1/videos",
+        "/v1/videos/{id}",
+        "/v1/videos/{id}/content",
+        "/v1/videos/{id}/cancel",
+        "/v1/jobs/{id}",
     ];
     ROUTES.iter().find(|r| **r == route).copied().unwrap_or("unmatched")
 }

@@ -200,6 +200,56 @@ pub trait Store: Send + Sync {
         response: Option<(&Principal, &str, &StoredResponse)>,
         outputs: &[String],
     ) -> impl Future<Output = Result<(), LedgerError>> + Send;
+    /// Like `hold` for a job: the hold (kind `job`, no lease: the job's own deadline bounds it) and the job row
+    /// (state `pending`) commit together.
+    fn hold_job(
+        &self,
+        who: &Principal,
+        price_id: i64,
+        units: i64,
+        unit_mc: Millicredits,
+        idem: Option<&IdemClaim>,
+        job: &NewJob,
+    ) -> impl Future<Output = Result<HoldOutcome, LedgerError>> + Send;
+    /// Completes a job's Idempotency-Key claim with the answer to replay (the job's id is in it).
+    fn complete_claim(
+        &self,
+        who: &Principal,
+        key: &str,
+        response: &StoredResponse,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send;
+    fn job(&self, id: &str) -> impl Future<Output = Result<Option<JobRecord>, LedgerError>> + Send;
+    /// A key's jobs of one object kind, newest first (or oldest with `ascending`), after the cursor id.
+    fn list_jobs(
+        &self,
+        key_id: i64,
+        object: &str,
+        after: Option<&str>,
+        limit: u32,
+        ascending: bool,
+    ) -> impl Future<Output = Result<(Vec<JobRecord>, bool), LedgerError>> + Send;
+    /// Leases up to `limit` jobs that are due (not terminal, `next_poll_at` passed, lease free or lapsed) to `owner`
+    /// for `lease`; each returned record carries its new `lease_epoch`.
+    fn claim_jobs(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<JobRecord>, LedgerError>> + Send;
+    /// Applies a non-terminal change if the job is still at `epoch` (else `Ok(false)`: another poller owns it).
+    fn update_job(
+        &self,
+        id: &str,
+        epoch: i64,
+        change: &JobChange,
+    ) -> impl Future<Output = Result<bool, LedgerError>> + Send;
+    /// Ends a job at `epoch` and captures or releases its hold, in one transaction (`Ok(false)` if fenced out or
+    /// already ended).
+    fn end_job(&self, id: &str, epoch: i64, end: &JobEnd) -> impl Future<Output = Result<bool, LedgerError>> + Send;
+    /// Marks a job for cancellation and makes it due now (the poller cancels upstream and releases).
+    fn request_cancel(&self, id: &str) -> impl Future<Output = Result<(), LedgerError>> + Send;
+    /// Deletes a terminal job's row (its outputs are deleted by the caller).
+    fn delete_job(&self, id: &str) -> impl Future<Output = Result<bool, LedgerError>> + Send;
     /// The key that made a stored output, if one did.
     fn output_owner(&self, id: &str) -> impl Future<Output = Result<Option<i64>, LedgerError>> + Send;
     /// Returns the whole hold and forgets the Idempotency-Key, in one transaction.
@@ -271,6 +321,79 @@ impl Drop for SettlingGuard {
         drop(counts);
         self.of.changed.notify_waiters();
     }
+}
+
+/// A job to create together with its hold.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    /// Public id (`video_<hex>`).
+    pub id: String,
+    /// `video` (OpenAI's video object) or `job`.
+    pub object: &'static str,
+    pub model: String,
+    /// The normalized request, as JSON (shown back in the job object).
+    pub request: serde_json::Value,
+    /// Unix milliseconds after which easel cancels the job upstream and refunds it.
+    pub deadline_at: i64,
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub object: String,
+    pub key_id: i64,
+    pub account_id: i64,
+    pub model: String,
+    pub hold_id: String,
+    pub request: serde_json::Value,
+    /// Internal state (see the migration); the API maps it to OpenAI's four statuses.
+    pub state: String,
+    pub backend: Option<String>,
+    /// The backend's handle (JSON), set once submitted.
+    pub handle: Option<serde_json::Value>,
+    pub progress: i64,
+    pub queue_position: Option<i64>,
+    pub lease_epoch: i64,
+    pub poll_failures: i64,
+    pub deadline_at: i64,
+    pub cancel_requested: bool,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    /// Stored outputs: `[{"kind": "video", "file": "vid_….mp4", "mime": "video/mp4"}]`.
+    pub outputs: Option<serde_json::Value>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub completed_at: Option<i64>,
+}
+
+impl JobRecord {
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.state.as_str(), "succeeded" | "failed" | "canceled")
+    }
+}
+
+/// A non-terminal change a poller (or the submit) applies to a job it holds.
+#[derive(Debug, Clone, Default)]
+pub struct JobChange {
+    pub state: Option<&'static str>,
+    pub backend: Option<String>,
+    pub handle: Option<serde_json::Value>,
+    pub progress: Option<i64>,
+    pub queue_position: Option<Option<i64>>,
+    /// Unix ms of the next poll.
+    pub next_poll_at: Option<i64>,
+    /// `Some(true)` counts one more failed poll, `Some(false)` resets the count.
+    pub poll_failed: Option<bool>,
+}
+
+/// How a job ends.
+#[derive(Debug, Clone)]
+pub enum JobEnd {
+    /// Made: capture `units` of the hold and keep the outputs.
+    Succeeded { units: i64, outputs: serde_json::Value },
+    /// Failed or canceled: release the hold.
+    Failed { state: &'static str, code: &'static str, message: String },
 }
 
 /// The reserved key name of [`Store::anonymous`]; hidden from key listings.

@@ -12,8 +12,8 @@ use sqlx::{Row, SqlitePool};
 use tokio::sync::Mutex;
 
 use super::{
-    ANONYMOUS_KEY, Balance, Drift, HoldOutcome, IdemClaim, KeyInfo, LedgerError, Millicredits, NewKey, Principal,
-    Store, StoredResponse, UsageRow, hash_secret, new_secret,
+    ANONYMOUS_KEY, Balance, Drift, HoldOutcome, IdemClaim, JobChange, JobEnd, JobRecord, KeyInfo, LedgerError,
+    Millicredits, NewJob, NewKey, Principal, Store, StoredResponse, UsageRow, hash_secret, new_secret,
 };
 
 /// How long a completed idempotency record is kept.
@@ -27,6 +27,66 @@ pub struct SqliteStore {
     /// Held for the server's lifetime: the exclusive lock on `<db>.lock`.
     _lock: Option<File>,
     pub path: PathBuf,
+}
+
+/// The columns `job_record` reads, in order.
+const JOB_COLUMNS: &str = "id, object, key_id, account_id, model, hold_id, request, state, backend, handle, progress, \
+     queue_position, lease_epoch, poll_failures, deadline_at, cancel_requested, error_code, error_message, outputs, \
+     created_at, updated_at, completed_at";
+
+fn job_record(r: &sqlx::sqlite::SqliteRow) -> Result<JobRecord, LedgerError> {
+    let json = |s: Option<String>| s.and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+    Ok(JobRecord {
+        id: r.try_get(0)?,
+        object: r.try_get(1)?,
+        key_id: r.try_get(2)?,
+        account_id: r.try_get(3)?,
+        model: r.try_get(4)?,
+        hold_id: r.try_get(5)?,
+        request: json(Some(r.try_get(6)?)).unwrap_or_default(),
+        state: r.try_get(7)?,
+        backend: r.try_get(8)?,
+        handle: json(r.try_get(9)?),
+        progress: r.try_get(10)?,
+        queue_position: r.try_get(11)?,
+        lease_epoch: r.try_get(12)?,
+        poll_failures: r.try_get(13)?,
+        deadline_at: r.try_get(14)?,
+        cancel_requested: r.try_get::<i64, _>(15)? != 0,
+        error_code: r.try_get(16)?,
+        error_message: r.try_get(17)?,
+        outputs: json(r.try_get(18)?),
+        created_at: r.try_get(19)?,
+        updated_at: r.try_get(20)?,
+        completed_at: r.try_get(21)?,
+    })
+}
+
+/// Inserts a new job in `pending`. It is not due before its deadline: the submit that follows makes it due (a
+/// runner must not take a job whose submit is still in flight); startup recovery makes a dead process's due.
+async fn insert_job(
+    tx: &mut sqlx::SqliteConnection,
+    who: &Principal,
+    hold_id: &str,
+    job: &NewJob,
+    now: i64,
+) -> Result<(), LedgerError> {
+    sqlx::query(
+        "INSERT INTO jobs (id, object, key_id, account_id, model, hold_id, request, state, next_poll_at, deadline_at, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?9, ?9, ?8, ?8)",
+    )
+    .bind(&job.id)
+    .bind(job.object)
+    .bind(who.key_id)
+    .bind(who.account_id)
+    .bind(&job.model)
+    .bind(hold_id)
+    .bind(job.request.to_string())
+    .bind(now)
+    .bind(job.deadline_at)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 fn now_ms() -> i64 {
@@ -84,6 +144,152 @@ impl SqliteStore {
         .fetch_optional(&mut *conn)
         .await?;
         row.map(|r| key_info(&r)).transpose()?.ok_or_else(|| LedgerError::UnknownKey(key.to_owned()))
+    }
+
+    /// Places a hold (a sync hold with a lease, or a job's hold with its job row, in the same transaction).
+    #[expect(clippy::too_many_arguments, reason = "one transaction's inputs")]
+    async fn hold_with(
+        &self,
+        who: &Principal,
+        price_id: i64,
+        units: i64,
+        unit_mc: Millicredits,
+        lease: Option<Duration>,
+        idem: Option<&IdemClaim>,
+        job: Option<&NewJob>,
+    ) -> Result<HoldOutcome, LedgerError> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let now = now_ms();
+        let lease_until = lease.map(|l| now + l.as_millis() as i64);
+        // The idempotency record of a job lives as long as a sync one would (a day).
+        let claim_until = lease_until.unwrap_or(now + IDEMPOTENCY_TTL.as_millis() as i64);
+        if let Some(c) = idem {
+            let claimed = sqlx::query(
+                "INSERT INTO idempotency_records (key_id, idem_key, method, path, fingerprint, state, lease_until, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'in_progress', ?6, ?7, ?8) ON CONFLICT DO NOTHING RETURNING key_id",
+            )
+            .bind(who.key_id)
+            .bind(&c.key)
+            .bind(&c.method)
+            .bind(&c.path)
+            .bind(c.fingerprint.to_vec())
+            .bind(claim_until)
+            .bind(now)
+            .bind(now + IDEMPOTENCY_TTL.as_millis() as i64)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if claimed.is_none() {
+                let r = sqlx::query(
+                    "SELECT method, path, fingerprint, state, lease_until, hold_id, status_code, content_type, response_body, expires_at
+                     FROM idempotency_records WHERE key_id = ?1 AND idem_key = ?2",
+                )
+                .bind(who.key_id)
+                .bind(&c.key)
+                .fetch_one(&mut *tx)
+                .await?;
+                let (method, path, fp): (String, String, Vec<u8>) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+                let (state, lease, old_hold): (String, Option<i64>, Option<String>) =
+                    (r.try_get(3)?, r.try_get(4)?, r.try_get(5)?);
+                let expires: i64 = r.try_get(9)?;
+                let expired = expires < now;
+                if !expired && (method != c.method || path != c.path || fp != c.fingerprint) {
+                    return Err(LedgerError::IdempotencyMismatch);
+                }
+                if !expired && state == "completed" {
+                    let status: i64 = r.try_get(6)?;
+                    return Ok(HoldOutcome::Replay {
+                        status: status as u16,
+                        content_type: r.try_get::<Option<String>, _>(7)?.unwrap_or_default(),
+                        body: r.try_get::<Option<Vec<u8>>, _>(8)?.unwrap_or_default(),
+                    });
+                }
+                if !expired && lease.is_some_and(|l| l > now) {
+                    return Err(LedgerError::IdempotencyInProgress);
+                }
+                // An expired record, or an in-progress one whose owner is gone: take it over.
+                if let Some(h) = old_hold {
+                    self.resolve(&mut tx, &h, None, "idempotency record taken over").await?;
+                }
+                sqlx::query(
+                    "UPDATE idempotency_records SET method = ?3, path = ?4, fingerprint = ?5, state = 'in_progress', lease_until = ?6, hold_id = NULL,
+                     status_code = NULL, content_type = NULL, response_body = NULL, created_at = ?7, expires_at = ?8 WHERE key_id = ?1 AND idem_key = ?2",
+                )
+                .bind(who.key_id)
+                .bind(&c.key)
+                .bind(&c.method)
+                .bind(&c.path)
+                .bind(c.fingerprint.to_vec())
+                .bind(claim_until)
+                .bind(now)
+                .bind(now + IDEMPOTENCY_TTL.as_millis() as i64)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let amount = units * unit_mc;
+        let row = sqlx::query(
+            "UPDATE accounts SET available_mc = available_mc - ?2, held_mc = held_mc + ?2, updated_at = ?3
+             WHERE id = ?1 AND available_mc >= ?2 RETURNING available_mc, held_mc",
+        )
+        .bind(who.account_id)
+        .bind(amount)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            let available: i64 = sqlx::query("SELECT available_mc FROM accounts WHERE id = ?1")
+                .bind(who.account_id)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
+            // Rolling back drops the idempotency claim too: a retry after a top-up runs again.
+            return Err(LedgerError::Insufficient { available_mc: available, amount_mc: amount, units, unit_mc });
+        };
+        let hold_id = format!("hold_{}", uuid::Uuid::now_v7().simple());
+        sqlx::query(
+            "INSERT INTO holds (id, account_id, key_id, price_id, units, amount_mc, state, kind, lease_until, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'held', ?9, ?7, ?8)",
+        )
+        .bind(&hold_id)
+        .bind(who.account_id)
+        .bind(who.key_id)
+        .bind(price_id)
+        .bind(units)
+        .bind(amount)
+        .bind(lease_until)
+        .bind(now)
+        .bind(if job.is_some() { "job" } else { "sync" })
+        .execute(&mut *tx)
+        .await?;
+        if let Some(j) = job {
+            insert_job(&mut tx, who, &hold_id, j, now).await?;
+        }
+        sqlx::query(
+            "INSERT INTO ledger_entries (account_id, hold_id, kind, available_delta_mc, held_delta_mc, available_after_mc, held_after_mc, actor, created_at)
+             VALUES (?1, ?2, 'hold', ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .bind(who.account_id)
+        .bind(&hold_id)
+        .bind(-amount)
+        .bind(amount)
+        .bind(row.try_get::<i64, _>(0)?)
+        .bind(row.try_get::<i64, _>(1)?)
+        .bind(format!("key:{}", who.key_id))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if let Some(c) = idem {
+            sqlx::query("UPDATE idempotency_records SET hold_id = ?3, job_id = ?4 WHERE key_id = ?1 AND idem_key = ?2")
+                .bind(who.key_id)
+                .bind(&c.key)
+                .bind(&hold_id)
+                .bind(job.map(|j| j.id.as_str()))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(HoldOutcome::Held { hold_id })
     }
 
     async fn resolve(
@@ -410,131 +616,19 @@ impl Store for SqliteStore {
         lease: Duration,
         idem: Option<&IdemClaim>,
     ) -> Result<HoldOutcome, LedgerError> {
-        let _w = self.write.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let now = now_ms();
-        let lease_until = now + lease.as_millis() as i64;
-        if let Some(c) = idem {
-            let claimed = sqlx::query(
-                "INSERT INTO idempotency_records (key_id, idem_key, method, path, fingerprint, state, lease_until, created_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'in_progress', ?6, ?7, ?8) ON CONFLICT DO NOTHING RETURNING key_id",
-            )
-            .bind(who.key_id)
-            .bind(&c.key)
-            .bind(&c.method)
-            .bind(&c.path)
-            .bind(c.fingerprint.to_vec())
-            .bind(lease_until)
-            .bind(now)
-            .bind(now + IDEMPOTENCY_TTL.as_millis() as i64)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if claimed.is_none() {
-                let r = sqlx::query(
-                    "SELECT method, path, fingerprint, state, lease_until, hold_id, status_code, content_type, response_body, expires_at
-                     FROM idempotency_records WHERE key_id = ?1 AND idem_key = ?2",
-                )
-                .bind(who.key_id)
-                .bind(&c.key)
-                .fetch_one(&mut *tx)
-                .await?;
-                let (method, path, fp): (String, String, Vec<u8>) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
-                let (state, lease, old_hold): (String, Option<i64>, Option<String>) =
-                    (r.try_get(3)?, r.try_get(4)?, r.try_get(5)?);
-                let expires: i64 = r.try_get(9)?;
-                let expired = expires < now;
-                if !expired && (method != c.method || path != c.path || fp != c.fingerprint) {
-                    return Err(LedgerError::IdempotencyMismatch);
-                }
-                if !expired && state == "completed" {
-                    let status: i64 = r.try_get(6)?;
-                    return Ok(HoldOutcome::Replay {
-                        status: status as u16,
-                        content_type: r.try_get::<Option<String>, _>(7)?.unwrap_or_default(),
-                        body: r.try_get::<Option<Vec<u8>>, _>(8)?.unwrap_or_default(),
-                    });
-                }
-                if !expired && lease.is_some_and(|l| l > now) {
-                    return Err(LedgerError::IdempotencyInProgress);
-                }
-                // An expired record, or an in-progress one whose owner is gone: take it over.
-                if let Some(h) = old_hold {
-                    self.resolve(&mut tx, &h, None, "idempotency record taken over").await?;
-                }
-                sqlx::query(
-                    "UPDATE idempotency_records SET method = ?3, path = ?4, fingerprint = ?5, state = 'in_progress', lease_until = ?6, hold_id = NULL,
-                     status_code = NULL, content_type = NULL, response_body = NULL, created_at = ?7, expires_at = ?8 WHERE key_id = ?1 AND idem_key = ?2",
-                )
-                .bind(who.key_id)
-                .bind(&c.key)
-                .bind(&c.method)
-                .bind(&c.path)
-                .bind(c.fingerprint.to_vec())
-                .bind(lease_until)
-                .bind(now)
-                .bind(now + IDEMPOTENCY_TTL.as_millis() as i64)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        let amount = units * unit_mc;
-        let row = sqlx::query(
-            "UPDATE accounts SET available_mc = available_mc - ?2, held_mc = held_mc + ?2, updated_at = ?3
-             WHERE id = ?1 AND available_mc >= ?2 RETURNING available_mc, held_mc",
-        )
-        .bind(who.account_id)
-        .bind(amount)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            let available: i64 = sqlx::query("SELECT available_mc FROM accounts WHERE id = ?1")
-                .bind(who.account_id)
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get(0)?;
-            // Rolling back drops the idempotency claim too: a retry after a top-up runs again.
-            return Err(LedgerError::Insufficient { available_mc: available, amount_mc: amount, units, unit_mc });
-        };
-        let hold_id = format!("hold_{}", uuid::Uuid::now_v7().simple());
-        sqlx::query(
-            "INSERT INTO holds (id, account_id, key_id, price_id, units, amount_mc, state, kind, lease_until, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'held', 'sync', ?7, ?8)",
-        )
-        .bind(&hold_id)
-        .bind(who.account_id)
-        .bind(who.key_id)
-        .bind(price_id)
-        .bind(units)
-        .bind(amount)
-        .bind(lease_until)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO ledger_entries (account_id, hold_id, kind, available_delta_mc, held_delta_mc, available_after_mc, held_after_mc, actor, created_at)
-             VALUES (?1, ?2, 'hold', ?3, ?4, ?5, ?6, ?7, ?8)",
-        )
-        .bind(who.account_id)
-        .bind(&hold_id)
-        .bind(-amount)
-        .bind(amount)
-        .bind(row.try_get::<i64, _>(0)?)
-        .bind(row.try_get::<i64, _>(1)?)
-        .bind(format!("key:{}", who.key_id))
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        if let Some(c) = idem {
-            sqlx::query("UPDATE idempotency_records SET hold_id = ?3 WHERE key_id = ?1 AND idem_key = ?2")
-                .bind(who.key_id)
-                .bind(&c.key)
-                .bind(&hold_id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(HoldOutcome::Held { hold_id })
+        self.hold_with(who, price_id, units, unit_mc, Some(lease), idem, None).await
+    }
+
+    async fn hold_job(
+        &self,
+        who: &Principal,
+        price_id: i64,
+        units: i64,
+        unit_mc: Millicredits,
+        idem: Option<&IdemClaim>,
+        job: &NewJob,
+    ) -> Result<HoldOutcome, LedgerError> {
+        self.hold_with(who, price_id, units, unit_mc, None, idem, Some(job)).await
     }
 
     async fn capture(
@@ -576,6 +670,174 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn complete_claim(&self, who: &Principal, key: &str, response: &StoredResponse) -> Result<(), LedgerError> {
+        let _w = self.write.lock().await;
+        sqlx::query(
+            "UPDATE idempotency_records SET state = 'completed', lease_until = NULL, status_code = ?3, content_type = ?4, response_body = ?5
+             WHERE key_id = ?1 AND idem_key = ?2",
+        )
+        .bind(who.key_id)
+        .bind(key)
+        .bind(i64::from(response.status))
+        .bind(&response.content_type)
+        .bind(&response.body)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn job(&self, id: &str) -> Result<Option<JobRecord>, LedgerError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1")))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(job_record).transpose()
+    }
+
+    async fn list_jobs(
+        &self,
+        key_id: i64,
+        object: &str,
+        after: Option<&str>,
+        limit: u32,
+        ascending: bool,
+    ) -> Result<(Vec<JobRecord>, bool), LedgerError> {
+        let (cmp, order) = if ascending { (">", "ASC") } else { ("<", "DESC") };
+        // The cursor is a job id; jobs sort by (created_at, id).
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE key_id = ?1 AND object = ?2
+             AND (?3 IS NULL OR (created_at, id) {cmp} (SELECT created_at, id FROM jobs WHERE id = ?3))
+             ORDER BY created_at {order}, id {order} LIMIT ?4"
+        );
+        // Built only from constants (the column list and the sort direction).
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(key_id)
+            .bind(object)
+            .bind(after)
+            .bind(i64::from(limit) + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut jobs = rows.iter().map(job_record).collect::<Result<Vec<_>, _>>()?;
+        let more = jobs.len() > limit as usize;
+        jobs.truncate(limit as usize);
+        Ok((jobs, more))
+    }
+
+    async fn claim_jobs(&self, owner: &str, lease: Duration, limit: u32) -> Result<Vec<JobRecord>, LedgerError> {
+        let _w = self.write.lock().await;
+        let now = now_ms();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE jobs SET lease_owner = ?1, lease_until = ?2, lease_epoch = lease_epoch + 1
+             WHERE id IN (SELECT id FROM jobs WHERE state NOT IN ('succeeded', 'failed', 'canceled')
+                          AND next_poll_at <= ?3 AND (lease_until IS NULL OR lease_until < ?3)
+                          ORDER BY next_poll_at LIMIT ?4)
+             RETURNING {JOB_COLUMNS}"
+        )))
+        .bind(owner)
+        .bind(now + lease.as_millis() as i64)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_record).collect()
+    }
+
+    async fn update_job(&self, id: &str, epoch: i64, change: &JobChange) -> Result<bool, LedgerError> {
+        let _w = self.write.lock().await;
+        let now = now_ms();
+        let done = sqlx::query(
+            "UPDATE jobs SET state = COALESCE(?3, state), backend = COALESCE(?4, backend), handle = COALESCE(?5, handle),
+                    progress = MAX(progress, COALESCE(?6, progress)),
+                    queue_position = CASE WHEN ?7 THEN ?8 ELSE queue_position END,
+                    next_poll_at = COALESCE(?9, next_poll_at),
+                    poll_failures = CASE ?10 WHEN 1 THEN poll_failures + 1 WHEN 0 THEN 0 ELSE poll_failures END,
+                    lease_until = CASE WHEN ?9 IS NULL THEN lease_until ELSE NULL END,
+                    updated_at = ?11
+             WHERE id = ?1 AND lease_epoch = ?2 AND state NOT IN ('succeeded', 'failed', 'canceled')",
+        )
+        .bind(id)
+        .bind(epoch)
+        .bind(change.state)
+        .bind(change.backend.as_deref())
+        .bind(change.handle.as_ref().map(ToString::to_string))
+        .bind(change.progress.map(|p| p.clamp(0, 99)))
+        .bind(change.queue_position.is_some())
+        .bind(change.queue_position.flatten())
+        .bind(change.next_poll_at)
+        .bind(change.poll_failed.map(i64::from))
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn end_job(&self, id: &str, epoch: i64, end: &JobEnd) -> Result<bool, LedgerError> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let now = now_ms();
+        let (state, code, message, outputs, progress) = match end {
+            JobEnd::Succeeded { outputs, .. } => ("succeeded", None, None, Some(outputs.to_string()), 100),
+            JobEnd::Failed { state, code, message } => (*state, Some(*code), Some(message.as_str()), None, 0),
+        };
+        let row = sqlx::query(
+            "UPDATE jobs SET state = ?3, error_code = ?4, error_message = ?5, outputs = ?6,
+                    progress = CASE WHEN ?7 = 100 THEN 100 ELSE progress END,
+                    lease_owner = NULL, lease_until = NULL, updated_at = ?8, completed_at = ?8
+             WHERE id = ?1 AND lease_epoch = ?2 AND state NOT IN ('succeeded', 'failed', 'canceled') RETURNING hold_id",
+        )
+        .bind(id)
+        .bind(epoch)
+        .bind(state)
+        .bind(code)
+        .bind(message)
+        .bind(outputs)
+        .bind(progress)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(false) };
+        let hold_id: String = row.try_get(0)?;
+        match end {
+            JobEnd::Succeeded { units, .. } => {
+                self.resolve(&mut tx, &hold_id, Some(*units), "job succeeded").await?;
+            }
+            JobEnd::Failed { code, .. } => {
+                self.resolve(&mut tx, &hold_id, None, code).await?;
+                sqlx::query("DELETE FROM idempotency_records WHERE job_id = ?1").bind(id).execute(&mut *tx).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn request_cancel(&self, id: &str) -> Result<(), LedgerError> {
+        let _w = self.write.lock().await;
+        sqlx::query(
+            "UPDATE jobs SET cancel_requested = 1, next_poll_at = ?2, lease_until = NULL, updated_at = ?2
+             WHERE id = ?1 AND state NOT IN ('succeeded', 'failed', 'canceled')",
+        )
+        .bind(id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_job(&self, id: &str) -> Result<bool, LedgerError> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("UPDATE idempotency_records SET job_id = NULL WHERE job_id = ?1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let done = sqlx::query("DELETE FROM jobs WHERE id = ?1 AND state IN ('succeeded', 'failed', 'canceled')")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn output_owner(&self, id: &str) -> Result<Option<i64>, LedgerError> {
         let row = sqlx::query("SELECT key_id FROM outputs WHERE id = ?1").bind(id).fetch_optional(&self.pool).await?;
         row.map(|r| r.try_get(0)).transpose().map_err(Into::into)
@@ -607,6 +869,16 @@ impl Store for SqliteStore {
         }
         sqlx::query("DELETE FROM idempotency_records WHERE state = 'in_progress'").execute(&mut *tx).await?;
         sqlx::query("DELETE FROM idempotency_records WHERE expires_at < ?1").bind(now_ms()).execute(&mut *tx).await?;
+        // Jobs outlive the process: leases of the dead one lapse now, and jobs it was still submitting become due
+        // (the runner ends those, releasing their holds).
+        sqlx::query(
+            "UPDATE jobs SET lease_owner = NULL, lease_until = NULL,
+                    next_poll_at = CASE WHEN state IN ('pending', 'submitting') THEN ?1 ELSE next_poll_at END
+             WHERE state NOT IN ('succeeded', 'failed', 'canceled')",
+        )
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(open.len() as u64)
     }

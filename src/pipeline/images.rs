@@ -178,7 +178,7 @@ pub async fn edit_images(
 
 /// SHA-256 over the path and the normalized request (the parsed fields, so JSON, multipart and form bodies hash
 /// the same; each input image by its own SHA-256).
-fn fingerprint(caller: &Caller, wire: &ImagesRequest, inputs: &[&ImageSource]) -> [u8; 32] {
+pub(crate) fn fingerprint(caller: &Caller, wire: &impl serde::Serialize, inputs: &[&ImageSource]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(b"POST ");
     h.update(caller.path.as_bytes());
@@ -296,7 +296,12 @@ fn hold_lease(state: &AppState, model: &ModelConfig) -> Duration {
     slowest * MAX_ATTEMPTS as u32 + Duration::from_secs(60)
 }
 
-async fn resolve_input(state: &AppState, caller: &Caller, src: ImageSource, index: usize) -> Result<InputImage, Error> {
+pub(crate) async fn resolve_input(
+    state: &AppState,
+    caller: &Caller,
+    src: ImageSource,
+    index: usize,
+) -> Result<InputImage, Error> {
     match src {
         ImageSource::Inline(img) => Ok(img),
         ImageSource::Stored { id, param } => {

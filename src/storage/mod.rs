@@ -56,6 +56,49 @@ impl FileStore {
         }
     }
 
+    /// Stores a job's output (a video as `vid_<hex>.<ext>`, an image as `img_…`) and returns its id.
+    pub async fn put_media(&self, bytes: &Bytes, mime: &str) -> Result<String, StorageError> {
+        let (prefix, ext) = match mime {
+            "video/mp4" => ("vid", "mp4"),
+            "video/webm" => ("vid", "webm"),
+            "video/quicktime" => ("vid", "mov"),
+            "image/gif" => ("vid", "gif"),
+            "image/jpeg" => ("img", "jpg"),
+            "image/webp" => ("img", "webp"),
+            _ => ("img", "png"),
+        };
+        let id = format!("{prefix}_{:032x}.{ext}", rand::random::<u128>());
+        let path = self.root.join(&id);
+        let tmp = self.root.join(format!(".{id}.tmp"));
+        tokio::fs::write(&tmp, bytes).await.map_err(|e| err(&tmp, format!("cannot write an output: {e}")))?;
+        tokio::fs::rename(&tmp, &path).await.map_err(|e| err(&path, format!("cannot store an output: {e}")))?;
+        Ok(id)
+    }
+
+    /// Reads a stored output of any kind with its MIME type; `None` for ids easel could not have issued.
+    pub async fn get_media(&self, id: &str) -> Result<Option<(Bytes, &'static str)>, StorageError> {
+        let Some(mime) = media_mime(id) else { return Ok(None) };
+        let path = self.root.join(id);
+        match tokio::fs::read(&path).await {
+            Ok(data) => Ok(Some((Bytes::from(data), mime))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(err(&path, format!("cannot read an output: {e}"))),
+        }
+    }
+
+    /// Deletes a stored output (a deleted job's); a missing file is fine.
+    pub async fn delete(&self, id: &str) -> Result<(), StorageError> {
+        if media_mime(id).is_none() {
+            return Ok(());
+        }
+        let path = self.root.join(id);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(err(&path, format!("cannot delete an output: {e}"))),
+        }
+    }
+
     /// Proves the directory is writable (for `/readyz`).
     pub async fn check(&self) -> Result<(), StorageError> {
         let probe = self.root.join(".readyz");
@@ -83,6 +126,25 @@ fn parse_id(id: &str) -> Option<ImageFormat> {
         "png" => Some(ImageFormat::Png),
         "jpg" => Some(ImageFormat::Jpeg),
         "webp" => Some(ImageFormat::Webp),
+        _ => None,
+    }
+}
+
+/// The MIME type of a well-formed image or video id, or `None` for anything easel could not have issued.
+fn media_mime(id: &str) -> Option<&'static str> {
+    if let Some(f) = parse_id(id) {
+        return Some(f.mime());
+    }
+    let rest = id.strip_prefix("vid_")?;
+    let (hex, ext) = rest.split_once('.')?;
+    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        return None;
+    }
+    match ext {
+        "mp4" => Some("video/mp4"),
+        "webm" => Some("video/webm"),
+        "mov" => Some("video/quicktime"),
+        "gif" => Some("image/gif"),
         _ => None,
     }
 }

@@ -1,0 +1,193 @@
+//! `/v1/videos*` and `/v1/jobs/{id}`: thin handlers over `pipeline::videos`, and the one mapping from a stored job
+//! to OpenAI's `video` object (internal states → `queued`, `in_progress`, `completed`, `failed`).
+
+use axum::Extension;
+use axum::Json;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+use super::extract::VideoBody;
+use super::images::caller;
+use crate::api::videos::{Video, VideoDeleted, VideoError, VideoList};
+use crate::error::Error;
+use crate::ledger::{JobRecord, Principal};
+use crate::pipeline::videos;
+use crate::request::RequestError;
+use crate::state::AppState;
+
+/// The public status of an internal job state.
+fn status(state: &str) -> &'static str {
+    match state {
+        "pending" | "submitting" | "queued" => "queued",
+        "running" | "finalizing" | "unknown" => "in_progress",
+        "succeeded" => "completed",
+        _ => "failed",
+    }
+}
+
+/// A stored job as OpenAI's `video` object.
+pub fn video(job: &JobRecord) -> Video {
+    let text = |k: &str| job.request[k].as_str().map(str::to_owned);
+    let status = status(&job.state);
+    Video {
+        id: job.id.clone(),
+        object: "video",
+        model: job.model.clone(),
+        status,
+        progress: if status == "completed" { 100 } else { job.progress.min(99) },
+        created_at: job.created_at / 1000,
+        completed_at: job.completed_at.map(|t| t / 1000),
+        expires_at: None,
+        prompt: text("prompt"),
+        size: text("size"),
+        seconds: text("seconds"),
+        remixed_from_video_id: None,
+        error: (status == "failed").then(|| VideoError {
+            code: job.error_code.clone().unwrap_or_else(|| "upstream_failed".into()),
+            message: job.error_message.clone().unwrap_or_default(),
+        }),
+        queue_position: if status == "queued" { job.queue_position } else { None },
+    }
+}
+
+/// `POST /v1/videos`.
+pub async fn create_handler(
+    State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
+    body: VideoBody,
+) -> Result<Json<Video>, ApiError> {
+    let caller = caller(&headers, principal, "/v1/videos")?;
+    // The submit runs in its own task: a client that leaves cannot leave a job half made.
+    let task = tokio::spawn(async move { videos::create(&state, &caller, body.fields, body.reference).await });
+    let job = task.await.map_err(|e| Error::Internal(format!("the request task failed: {e}")))??;
+    Ok(Json(video(&job)))
+}
+
+/// `GET /v1/videos/{id}` and `GET /v1/jobs/{id}`.
+pub async fn get_handler(
+    State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Video>, ApiError> {
+    let caller = caller(&headers, principal, "/v1/videos")?;
+    Ok(Json(video(&videos::owned_job(&state, &caller, &id).await?)))
+}
+
+/// `GET /v1/videos?limit&order&after`.
+pub async fn list_handler(
+    State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Json<VideoList>, ApiError> {
+    let caller = caller(&headers, principal, "/v1/videos")?;
+    let (mut limit, mut ascending, mut after) = (20u32, false, None);
+    for (k, v) in url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "limit" => {
+                limit = v.parse().ok().filter(|l| (1..=100).contains(l)).ok_or_else(|| {
+                    RequestError::param("limit", format!("`limit` must be a whole number from 1 to 100, not `{v}`"))
+                })?;
+            }
+            "order" => {
+                ascending = match v.as_ref() {
+                    "asc" => true,
+                    "desc" => false,
+                    other => {
+                        return Err(RequestError::param(
+                            "order",
+                            format!("`order` must be asc or desc, not `{other}`"),
+                        )
+                        .into());
+                    }
+                };
+            }
+            "after" => after = Some(v.into_owned()),
+            other => return Err(RequestError::param(other, format!("unknown query parameter `{other}`")).into()),
+        }
+    }
+    let (jobs, has_more) = videos::list_videos(&state, &caller, after.as_deref(), limit, ascending).await?;
+    let data: Vec<Video> = jobs.iter().map(video).collect();
+    Ok(Json(VideoList {
+        object: "list",
+        first_id: data.first().map(|v| v.id.clone()),
+        last_id: data.last().map(|v| v.id.clone()),
+        data,
+        has_more,
+    }))
+}
+
+/// `DELETE /v1/videos/{id}`.
+pub async fn delete_handler(
+    State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<VideoDeleted>, ApiError> {
+    let caller = caller(&headers, principal, "/v1/videos")?;
+    videos::delete(&state, &caller, &id).await?;
+    Ok(Json(VideoDeleted { id, object: "video.deleted", deleted: true }))
+}
+
+/// `POST /v1/videos/{id}/cancel` (an easel extension): cancels upstream and releases the hold.
+pub async fn cancel_handler(
+    State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Video>, ApiError> {
+    let caller = caller(&headers, principal, "/v1/videos")?;
+    Ok(Json(video(&videos::cancel(&state, &caller, &id).await?)))
+}
+
+/// `GET /v1/videos/{id}/content?variant=video|thumbnail`.
+pub async fn content_handler(
+    State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let caller = caller(&headers, principal, "/v1/videos")?;
+    let mut variant = "video".to_owned();
+    for (k, v) in url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        if k == "variant" {
+            variant = v.into_owned();
+        }
+    }
+    if !matches!(variant.as_str(), "video" | "thumbnail" | "spritesheet") {
+        return Err(
+            RequestError::param("variant", format!("`variant` must be video or thumbnail, not `{variant}`")).into()
+        );
+    }
+    let job = videos::owned_job(&state, &caller, &id).await?;
+    if job.state != "succeeded" {
+        return Err(RequestError::param(
+            "video_id",
+            format!("video `{id}` is {}; its content exists once it is completed", status(&job.state)),
+        )
+        .with_code("video_not_ready")
+        .into());
+    }
+    let Some(file) = videos::output_file(&job, &variant) else {
+        return Err(RequestError::param("variant", format!("the backend made no {variant} for video `{id}`"))
+            .with_code("variant_not_available")
+            .into());
+    };
+    let Some((bytes, mime)) = state.files.get_media(&file).await? else {
+        return Err(Error::FileNotFound(file).into());
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(mime)),
+            (header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=86400")),
+            (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+        ],
+        bytes,
+    )
+        .into_response())
+}

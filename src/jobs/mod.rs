@@ -1,0 +1,233 @@
+//! The job runner: claims due jobs with a lease, polls each on the backend that accepted it (never another),
+//! copies outputs into easel's store, and ends it — capture or release in the same transaction. Cancellation
+//! and deadlines cancel upstream first. Jobs live in the ledger's database, so a restarted easel resumes them.
+//! A running job keeps its backend's admission slot until it ends.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::Permit;
+use crate::backends::jobs::{JobErrorCode, JobState, OutputKind};
+use crate::ledger::{JobChange, JobEnd, JobRecord, Store};
+use crate::state::AppState;
+
+/// How long a claimed job is this instance's before another poller may take it over.
+const LEASE: Duration = Duration::from_secs(60);
+/// Jobs claimed per round.
+const BATCH: u32 = 16;
+/// Longest wait between rounds when nothing wakes the runner.
+const IDLE: Duration = Duration::from_millis(250);
+/// Failed polls in a row after which a job is given up as lost.
+const MAX_POLL_FAILURES: i64 = 20;
+
+/// The runner's in-process state: slots held by running jobs, and a bell to poll now.
+#[derive(Debug, Default)]
+pub struct Jobs {
+    slots: Mutex<HashMap<String, Permit>>,
+    bell: Notify,
+    /// This process's name as a lease owner.
+    owner: String,
+}
+
+impl Jobs {
+    pub fn new() -> Self {
+        Self { owner: format!("easel-{}-{:08x}", std::process::id(), rand::random::<u32>()), ..Self::default() }
+    }
+
+    /// Keeps the admission slot a job took at submit until the job ends.
+    pub fn hold_slot(&self, job: &str, permit: Permit) {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner).insert(job.to_owned(), permit);
+    }
+
+    fn free_slot(&self, job: &str) {
+        let permit = self.slots.lock().unwrap_or_else(PoisonError::into_inner).remove(job);
+        drop(permit);
+    }
+
+    /// Makes the runner look for due jobs now.
+    pub fn wake(&self) {
+        self.bell.notify_one();
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Runs until `stop`: claim due jobs, advance each.
+pub async fn run(state: AppState, stop: CancellationToken) {
+    loop {
+        match state.ledger.claim_jobs(&state.jobs.owner, LEASE, BATCH).await {
+            Ok(jobs) => {
+                let rounds = jobs.into_iter().map(|job| advance(&state, job));
+                futures_util::future::join_all(rounds).await;
+            }
+            Err(e) => tracing::error!(error = %e, "Claiming due jobs failed."),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = state.jobs.bell.notified() => {}
+            () = tokio::time::sleep(IDLE) => {}
+        }
+    }
+}
+
+/// One step of one job this instance holds at `job.lease_epoch`.
+async fn advance(state: &AppState, job: JobRecord) {
+    let id = job.id.clone();
+    let epoch = job.lease_epoch;
+    let end = |state_: &'static str, code: JobErrorCode, message: String| JobEnd::Failed {
+        state: state_,
+        code: code.as_str(),
+        message,
+    };
+    // A job whose submit never finished (easel stopped in between): nothing is known upstream.
+    if matches!(job.state.as_str(), "pending" | "submitting") {
+        let why = "easel stopped before the backend confirmed the submit; nothing was charged".to_owned();
+        finish(state, &id, epoch, end("failed", JobErrorCode::UpstreamLost, why)).await;
+        return;
+    }
+    let backend = job.backend.as_deref().and_then(|b| state.backends.get(b)).cloned();
+    let (Some(backend), Some(handle)) = (backend, crate::pipeline::videos::handle_of(&job)) else {
+        let why = format!("backend `{}` is no longer configured", job.backend.as_deref().unwrap_or("?"));
+        finish(state, &id, epoch, end("failed", JobErrorCode::BackendRemoved, why)).await;
+        return;
+    };
+    let adapter = &backend.adapter;
+    if job.cancel_requested || now_ms() > job.deadline_at {
+        // Cancel upstream first; a job that finished meanwhile is still delivered.
+        if let Err(e) = adapter.cancel_job(&handle).await {
+            tracing::warn!(job = %id, error = %e, "Cancelling a job upstream failed.");
+        }
+        let finished = matches!(adapter.poll_job(&handle).await, Ok(p) if p.state == JobState::Succeeded);
+        if !finished {
+            let e = if job.cancel_requested {
+                end("canceled", JobErrorCode::Canceled, "canceled by its owner".into())
+            } else {
+                end("failed", JobErrorCode::Timeout, "the job did not finish within the model's `job_timeout`".into())
+            };
+            finish(state, &id, epoch, e).await;
+            return;
+        }
+    }
+    let every = backend.cfg.poll_interval.as_millis() as i64;
+    let poll = tokio::time::timeout(backend.cfg.timeout, adapter.poll_job(&handle)).await;
+    let poll = match poll {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) | Err(_) if job.poll_failures + 1 >= MAX_POLL_FAILURES => {
+            let why = format!("the backend did not answer {MAX_POLL_FAILURES} polls in a row");
+            finish(state, &id, epoch, end("failed", JobErrorCode::UpstreamLost, why)).await;
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(job = %id, error = %e, "Polling a job failed; trying again later.");
+            let backoff = every * (1 << job.poll_failures.clamp(0, 6));
+            let change =
+                JobChange { poll_failed: Some(true), next_poll_at: Some(now_ms() + backoff), ..JobChange::default() };
+            update(state, &id, epoch, &change).await;
+            return;
+        }
+        Err(_) => {
+            let change =
+                JobChange { poll_failed: Some(true), next_poll_at: Some(now_ms() + every), ..JobChange::default() };
+            update(state, &id, epoch, &change).await;
+            return;
+        }
+    };
+    for line in &poll.logs {
+        tracing::debug!(job = %id, backend = %backend.cfg.name, message = %line, "Job log.");
+    }
+    let next = Some(now_ms() + every);
+    match poll.state {
+        JobState::Queued { position } => {
+            let change = JobChange {
+                state: Some("queued"),
+                queue_position: Some(position.map(i64::from)),
+                next_poll_at: next,
+                poll_failed: Some(false),
+                ..JobChange::default()
+            };
+            update(state, &id, epoch, &change).await;
+        }
+        JobState::Running { progress } => {
+            let change = JobChange {
+                state: Some("running"),
+                progress: progress.map(|p| (p * 100.0).floor() as i64),
+                queue_position: Some(None),
+                next_poll_at: next,
+                poll_failed: Some(false),
+                ..JobChange::default()
+            };
+            update(state, &id, epoch, &change).await;
+        }
+        JobState::Succeeded => {
+            update(state, &id, epoch, &JobChange { state: Some("finalizing"), ..JobChange::default() }).await;
+            match collect(state, adapter, &handle).await {
+                Ok(outputs) => {
+                    // Everything held is captured: the clip, or its seconds (fixed at submit).
+                    finish(state, &id, epoch, JobEnd::Succeeded { units: i64::MAX, outputs }).await;
+                }
+                Err(message) => {
+                    finish(state, &id, epoch, end("failed", JobErrorCode::UpstreamFailed, message)).await;
+                }
+            }
+        }
+        JobState::Failed { code, message } => finish(state, &id, epoch, end("failed", code, message)).await,
+        JobState::Lost => {
+            let why = "the backend no longer knows this job".to_owned();
+            finish(state, &id, epoch, end("failed", JobErrorCode::UpstreamLost, why)).await;
+        }
+    }
+}
+
+/// Downloads a finished job's outputs into easel's store; `[{"kind", "file", "mime"}]`.
+async fn collect(
+    state: &AppState,
+    adapter: &crate::backends::AnyBackend,
+    handle: &crate::backends::JobHandle,
+) -> Result<serde_json::Value, String> {
+    let outputs = adapter.fetch_outputs(handle).await.map_err(|e| e.to_string())?;
+    if !outputs.iter().any(|o| o.kind == OutputKind::Video || o.kind == OutputKind::Image) {
+        return Err("the backend reported success but returned no video".into());
+    }
+    let mut stored = Vec::with_capacity(outputs.len());
+    for o in outputs {
+        let file = state.files.put_media(&o.bytes, o.mime).await.map_err(|e| e.to_string())?;
+        let kind = match o.kind {
+            OutputKind::Video => "video",
+            OutputKind::Thumbnail => "thumbnail",
+            OutputKind::Image => "image",
+        };
+        stored.push(serde_json::json!({"kind": kind, "file": file, "mime": o.mime, "bytes": o.bytes.len()}));
+    }
+    Ok(serde_json::Value::Array(stored))
+}
+
+async fn update(state: &AppState, id: &str, epoch: i64, change: &JobChange) {
+    match state.ledger.update_job(id, epoch, change).await {
+        Ok(true) => {}
+        Ok(false) => tracing::debug!(job = %id, "Another poller holds this job now."),
+        Err(e) => tracing::error!(job = %id, error = %e, "Updating a job failed."),
+    }
+}
+
+async fn finish(state: &AppState, id: &str, epoch: i64, end: JobEnd) {
+    match state.ledger.end_job(id, epoch, &end).await {
+        Ok(true) => {
+            state.jobs.free_slot(id);
+            match &end {
+                JobEnd::Succeeded { .. } => tracing::info!(job = %id, "Job completed."),
+                JobEnd::Failed { code, message, .. } => {
+                    tracing::info!(job = %id, code, message, "Job ended without output.")
+                }
+            }
+        }
+        Ok(false) => tracing::debug!(job = %id, "The job had already ended, or another poller holds it."),
+        // The job stays claimed until its lease lapses; the next round ends it.
+        Err(e) => tracing::error!(job = %id, error = %e, "Ending a job failed."),
+    }
+}

@@ -1,0 +1,272 @@
+//! `create_video`: the story of `POST /v1/videos`, and the owner-checked reads and changes of a video job.
+//!
+//! 1. Resolve the video model; price the clip (per clip, or per second of video).
+//! 2. Hold the price and create the job row in one transaction (or replay a repeated Idempotency-Key).
+//! 3. Submit through the shared dispatch (admission, fallback before the submit is accepted, never after); the
+//!    job keeps its backend's slot while it runs upstream.
+//! 4. Record the backend and its handle; from here the poller (`jobs`) drives the job to a terminal state, which
+//!    captures or releases the hold in the same transaction.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+
+use super::dispatch::dispatch;
+use super::images::{Caller, ImageSource};
+use crate::api::videos::VideosRequest;
+use crate::backends::{JobHandle, VideoCall};
+use crate::config::{Capability, ModelType};
+use crate::error::Error;
+use crate::ledger::{HoldOutcome, IdemClaim, JobChange, JobEnd, JobRecord, NewJob, Principal, Store, to_mc};
+use crate::request::video::GenerateVideo;
+use crate::request::video::ReferenceImage;
+use crate::request::{RequestError, Size};
+use crate::state::AppState;
+
+/// How long a submit may take before easel stops waiting for the backend's answer.
+const SUBMIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Validates a `POST /v1/videos` body and runs [`create_video`].
+pub async fn create(
+    state: &AppState,
+    caller: &Caller,
+    wire: VideosRequest,
+    reference: Option<ImageSource>,
+) -> Result<JobRecord, Error> {
+    let sources: Vec<&ImageSource> = reference.iter().collect();
+    let fingerprint = super::images::fingerprint(caller, &wire, &sources);
+    let prompt = match wire.prompt {
+        Some(p) if !p.trim().is_empty() => p,
+        Some(_) => return Err(RequestError::param("prompt", "`prompt` must not be empty").into()),
+        None => return Err(RequestError::param("prompt", "`prompt` is required").into()),
+    };
+    let seconds = GenerateVideo::parse_seconds(wire.seconds.as_ref())?;
+    let size = match wire.size.as_deref() {
+        None | Some("auto") => None,
+        Some(s) => Some(Size::parse(s).ok_or_else(|| {
+            RequestError::param("size", format!("`size` must be WIDTHxHEIGHT like 1280x720, not `{s}`"))
+        })?),
+    };
+    if let Some(e) = &wire.extra {
+        crate::request::extra::check(e)?;
+    }
+    let reference = match reference {
+        Some(src) => {
+            let img = super::images::resolve_input(state, caller, src, 0).await?;
+            Some(ReferenceImage { bytes: img.bytes, format: img.format })
+        }
+        None => None,
+    };
+    let req = GenerateVideo {
+        model: wire.model,
+        prompt,
+        seconds,
+        size,
+        reference,
+        negative_prompt: wire.negative_prompt,
+        seed: wire.seed,
+        extra: wire.extra,
+    };
+    create_video(state, caller, req, fingerprint).await
+}
+
+/// Creates a video job and submits it; returns the job as stored after the submit.
+pub async fn create_video(
+    state: &AppState,
+    caller: &Caller,
+    req: GenerateVideo,
+    fingerprint: [u8; 32],
+) -> Result<JobRecord, Error> {
+    // 1. The model and the price.
+    let model = state.registry.resolve(req.model.as_deref(), ModelType::Video, "video generation")?;
+    let who = principal(state, caller).await?;
+    if !who.may_use(&model.id) {
+        let allowed = who.allowed_models.as_ref().map(|m| m.join(", ")).unwrap_or_default();
+        return Err(Error::ModelNotAllowed { key: who.name.clone(), model: model.id.clone(), allowed });
+    }
+    let (price_id, unit_mc) = state.prices.get(&model.id).copied().unwrap_or((0, 0));
+    let (units, unit_mc) = match model.credits_per_second {
+        Some(per_second) => (i64::from(req.seconds), to_mc(per_second)),
+        None => (1, unit_mc),
+    };
+    let unit_mc = if caller.principal.is_some() { unit_mc } else { 0 };
+
+    // 2. Hold and create the job together.
+    let id = format!("video_{:032x}", rand::random::<u128>());
+    let size = req.size.unwrap_or(model.default_size);
+    let job = NewJob {
+        id: id.clone(),
+        object: "video",
+        model: model.id.clone(),
+        request: serde_json::json!({
+            "prompt": req.prompt,
+            "seconds": req.seconds.to_string(),
+            "size": size.to_string(),
+            "has_reference": req.reference.is_some(),
+        }),
+        deadline_at: now_ms() + model.job_timeout.as_millis() as i64,
+    };
+    let claim = caller.idempotency_key.as_ref().map(|key| IdemClaim {
+        key: key.clone(),
+        method: "POST".into(),
+        path: caller.path.into(),
+        fingerprint,
+    });
+    match state.ledger.hold_job(&who, price_id, units, unit_mc, claim.as_ref(), &job).await? {
+        HoldOutcome::Replay { body, .. } => {
+            // The first request's job, as it stands now.
+            let first = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["id"].as_str().map(str::to_owned));
+            return match first {
+                Some(first) => state.ledger.job(&first).await?.ok_or(Error::FileNotFound(first)),
+                None => Err(Error::Internal("a replayed video request has no job id".into())),
+            };
+        }
+        HoldOutcome::Held { .. } => {}
+    }
+
+    // 3. Submit: fallback happens only until a backend accepts it.
+    let client_ref = id.clone();
+    let call = VideoCall { request: &req, model: &model, client_ref: &client_ref };
+    // The job outlives the HTTP request: a client that leaves does not stop the submit.
+    let never = CancellationToken::new();
+    let submitted = dispatch(
+        state,
+        &model,
+        Capability::Videos,
+        &never,
+        |h| h.adapter.supports_videos(),
+        |handle, permit| async move {
+            let r = tokio::time::timeout(SUBMIT_TIMEOUT, handle.adapter.submit_video(call)).await;
+            let r = r.unwrap_or_else(|_| {
+                Err(crate::backends::BackendError::new(
+                    &handle.cfg.name,
+                    handle.cfg.kind,
+                    handle.cfg.endpoint(""),
+                    crate::backends::Failure::Timeout(SUBMIT_TIMEOUT),
+                ))
+            });
+            r.map(|h| (handle, h, permit))
+        },
+    )
+    .await;
+    let (handle, upstream, permit) = match submitted {
+        Ok(s) => s,
+        Err(e) => {
+            let (code, message) = match &e {
+                Error::Backend(b) if !b.retryable() => ("upstream_rejected", e.to_string()),
+                _ => ("upstream_failed", e.to_string()),
+            };
+            let end = JobEnd::Failed { state: "failed", code, message };
+            if let Err(le) = state.ledger.end_job(&id, 0, &end).await {
+                tracing::error!(job = %id, error = %le, "Ending a job whose submit failed; the poller ends it later.");
+            }
+            return Err(e);
+        }
+    };
+
+    // 4. Bound to the backend that accepted it.
+    state.jobs.hold_slot(&id, permit);
+    let change = JobChange {
+        state: Some("queued"),
+        backend: Some(handle.cfg.name.clone()),
+        handle: serde_json::to_value(&upstream).ok(),
+        next_poll_at: Some(now_ms()),
+        ..JobChange::default()
+    };
+    state.ledger.update_job(&id, 0, &change).await?;
+    if let Some(key) = &caller.idempotency_key {
+        let body = serde_json::json!({"id": id}).to_string().into_bytes();
+        let record = crate::ledger::StoredResponse { status: 200, content_type: "application/json".into(), body };
+        state.ledger.complete_claim(&who, key, &record).await?;
+    }
+    tracing::info!(job = %id, backend = %handle.cfg.name, upstream = %upstream.upstream_id, "Video job submitted.");
+    state.jobs.wake();
+    state.ledger.job(&id).await?.ok_or(Error::FileNotFound(id))
+}
+
+/// The caller's principal; without keys, the ledger's anonymous one.
+async fn principal(state: &AppState, caller: &Caller) -> Result<Principal, Error> {
+    match &caller.principal {
+        Some(p) => Ok(p.clone()),
+        None => Ok(state.ledger.anonymous().await?),
+    }
+}
+
+/// A job the caller owns (another key's job is "not found", as if it did not exist).
+pub async fn owned_job(state: &AppState, caller: &Caller, id: &str) -> Result<JobRecord, Error> {
+    let who = principal(state, caller).await?;
+    match state.ledger.job(id).await? {
+        Some(job) if job.key_id == who.key_id => Ok(job),
+        _ => Err(Error::JobNotFound(id.to_owned())),
+    }
+}
+
+/// The caller's video jobs, newest first unless `ascending`, after the cursor.
+pub async fn list_videos(
+    state: &AppState,
+    caller: &Caller,
+    after: Option<&str>,
+    limit: u32,
+    ascending: bool,
+) -> Result<(Vec<JobRecord>, bool), Error> {
+    let who = principal(state, caller).await?;
+    Ok(state.ledger.list_jobs(who.key_id, "video", after, limit, ascending).await?)
+}
+
+/// Cancels a job the caller owns: the poller cancels upstream and releases the hold.
+pub async fn cancel(state: &AppState, caller: &Caller, id: &str) -> Result<JobRecord, Error> {
+    let job = owned_job(state, caller, id).await?;
+    if !job.is_terminal() {
+        state.ledger.request_cancel(id).await?;
+        state.jobs.wake();
+    }
+    owned_job(state, caller, id).await
+}
+
+/// Deletes a finished job the caller owns, with its stored outputs (OpenAI: only completed or failed jobs).
+pub async fn delete(state: &AppState, caller: &Caller, id: &str) -> Result<(), Error> {
+    let job = owned_job(state, caller, id).await?;
+    if !job.is_terminal() {
+        return Err(crate::request::RequestError::param(
+            "video_id",
+            format!("video `{id}` is still {}; cancel it first (POST /v1/videos/{id}/cancel)", job.state),
+        )
+        .with_code("job_not_finished")
+        .into());
+    }
+    for file in output_files(&job) {
+        state.files.delete(&file).await?;
+    }
+    state.ledger.delete_job(id).await?;
+    Ok(())
+}
+
+/// The stored file ids of a job's outputs.
+fn output_files(job: &JobRecord) -> Vec<String> {
+    job.outputs
+        .as_ref()
+        .and_then(|o| o.as_array())
+        .map(|a| a.iter().filter_map(|o| o["file"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+/// The stored file of a completed job's output of `kind` (`video` or `thumbnail`).
+pub fn output_file(job: &JobRecord, kind: &str) -> Option<String> {
+    job.outputs
+        .as_ref()?
+        .as_array()?
+        .iter()
+        .find(|o| o["kind"] == kind)
+        .and_then(|o| o["file"].as_str().map(str::to_owned))
+}
+
+/// Unused handles are not kept: this is what the poller reads back.
+pub fn handle_of(job: &JobRecord) -> Option<JobHandle> {
+    job.handle.clone().and_then(|h| serde_json::from_value(h).ok())
+}

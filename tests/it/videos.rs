@@ -1,0 +1,333 @@
+//! Video jobs end to end (OpenAI's Videos API) on the simulated backend: create → poll → download, the books
+//! (held while running, captured once on success, released on failure, cancel and deadline), idempotent
+//! creates, owners, pagination, bad inputs, and a real binary killed with SIGKILL mid-job.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{Gateway, TEST_TIMEOUT, spawn_gateway, spawn_gateway_env, start_binary};
+
+const ADMIN: &str = "admin-secret";
+
+fn config(latency: &str, extra_backend: &str, extra_model: &str) -> String {
+    format!(
+        "auth:\n  mode: keys\nbackends:\n  sim:\n    kind: simulated\n    latency: {latency}\n    poll_interval: 20ms\n{extra_backend}models:\n  - id: clip\n    type: video\n    backends: [sim]\n    credits: 30\n    default_size: 64x36\n  - id: per-second\n    type: video\n    backends: [sim]\n    credits_per_second: 2.5\n    default_size: 32x32\n{extra_model}"
+    )
+}
+
+async fn key(gw: &Gateway, credits: f64) -> String {
+    let resp = gw
+        .client
+        .post(gw.endpoint("/v1/admin/keys"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": format!("k{}", rand::random::<u32>()), "credits": credits}))
+        .send()
+        .await
+        .unwrap();
+    resp.json::<Value>().await.unwrap()["secret"].as_str().unwrap().to_owned()
+}
+
+async fn call(gw: &Gateway, method: reqwest::Method, path: &str, secret: &str, body: Option<Value>) -> (u16, Value) {
+    let mut req = gw.client.request(method, gw.endpoint(path)).bearer_auth(secret);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = tokio::time::timeout(TEST_TIMEOUT, req.send()).await.unwrap().unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+async fn credits(gw: &Gateway, secret: &str) -> (i64, i64) {
+    let (_, me) = call(gw, reqwest::Method::GET, "/v1/me", secret, None).await;
+    (me["credits"]["available_mc"].as_i64().unwrap(), me["credits"]["held_mc"].as_i64().unwrap())
+}
+
+/// Polls the job until `status` is terminal (bounded), returning every status seen.
+async fn until_done(gw: &Gateway, secret: &str, id: &str) -> (Value, Vec<String>) {
+    let deadline = Instant::now() + TEST_TIMEOUT;
+    let mut seen = Vec::new();
+    loop {
+        let (status, v) = call(gw, reqwest::Method::GET, &format!("/v1/videos/{id}"), secret, None).await;
+        assert_eq!(status, 200, "{v}");
+        let s = v["status"].as_str().unwrap().to_owned();
+        if seen.last() != Some(&s) {
+            seen.push(s.clone());
+        }
+        if s == "completed" || s == "failed" {
+            return (v, seen);
+        }
+        assert!(Instant::now() < deadline, "the job never ended: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn ledger_clean(gw: &Gateway) {
+    let resp = gw.client.get(gw.endpoint("/v1/admin/ledger/check")).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+}
+
+#[tokio::test]
+async fn a_video_is_made_polled_downloaded_and_charged_once() {
+    let gw = spawn_gateway_env(&config("300ms", "", ""), &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let secret = key(&gw, 100.0).await;
+    let (status, v) = call(
+        &gw,
+        reqwest::Method::POST,
+        "/v1/videos",
+        &secret,
+        Some(json!({"model": "clip", "prompt": "a fox running", "seconds": "2", "size": "64x36"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("video_"), "{v}");
+    assert_eq!((v["object"].as_str(), v["status"].as_str()), (Some("video"), Some("queued")), "{v}");
+    assert_eq!(
+        (v["seconds"].as_str(), v["size"].as_str(), v["prompt"].as_str()),
+        (Some("2"), Some("64x36"), Some("a fox running"))
+    );
+    assert_eq!(credits(&gw, &secret).await, (70_000, 30_000), "held while it runs");
+
+    let (done, seen) = until_done(&gw, &secret, &id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["progress"], 100);
+    assert!(seen.contains(&"in_progress".to_owned()), "progress was visible: {seen:?}");
+    assert!(done["completed_at"].as_i64().unwrap() >= done["created_at"].as_i64().unwrap());
+    assert_eq!(credits(&gw, &secret).await, (70_000, 0), "captured once");
+
+    let resp =
+        gw.client.get(gw.endpoint(&format!("/v1/videos/{id}/content"))).bearer_auth(&secret).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "image/gif");
+    let gif = resp.bytes().await.unwrap();
+    let frames = image::codecs::gif::GifDecoder::new(std::io::Cursor::new(&gif[..])).unwrap();
+    let frames = image::AnimationDecoder::into_frames(frames).collect_frames().unwrap();
+    assert_eq!(frames.len(), 8, "2 s at 4 frames per second");
+    assert_eq!(frames[0].buffer().dimensions(), (64, 36));
+    let thumb = gw
+        .client
+        .get(gw.endpoint(&format!("/v1/videos/{id}/content?variant=thumbnail")))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(thumb.headers()["content-type"], "image/png");
+    assert!(thumb.bytes().await.unwrap().starts_with(b"\x89PNG"));
+
+    // Listed for its owner only; another key sees nothing and gets 404 for it.
+    let (_, list) = call(&gw, reqwest::Method::GET, "/v1/videos", &secret, None).await;
+    assert_eq!(list["data"][0]["id"], id.as_str());
+    let other = key(&gw, 1.0).await;
+    let (_, theirs) = call(&gw, reqwest::Method::GET, "/v1/videos", &other, None).await;
+    assert_eq!(theirs["data"].as_array().unwrap().len(), 0);
+    let (status, body) = call(&gw, reqwest::Method::GET, &format!("/v1/videos/{id}"), &other, None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")));
+    let (status, _) = call(&gw, reqwest::Method::GET, &format!("/v1/jobs/{id}"), &secret, None).await;
+    assert_eq!(status, 200, "jobs answer for video ids");
+
+    // Deleted: gone, with its files.
+    let (status, del) = call(&gw, reqwest::Method::DELETE, &format!("/v1/videos/{id}"), &secret, None).await;
+    assert_eq!((status, del["deleted"].as_bool(), del["object"].as_str()), (200, Some(true), Some("video.deleted")));
+    let (status, _) = call(&gw, reqwest::Method::GET, &format!("/v1/videos/{id}"), &secret, None).await;
+    assert_eq!(status, 404);
+    ledger_clean(&gw).await;
+}
+
+#[tokio::test]
+async fn per_second_prices_failures_cancels_and_deadlines_settle_exactly() {
+    let failing = "  bad:\n    kind: simulated\n    latency: 50ms\n    poll_interval: 20ms\n    failure: {status: 500, message: \"render node crashed\", every: 1}\n";
+    let models = "  - id: broken\n    type: video\n    backends: [bad]\n    credits: 10\n  - id: slow\n    type: video\n    backends: [sim]\n    credits: 10\n    job_timeout: 200ms\n";
+    let gw = spawn_gateway_env(&config("2s", failing, models), &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let secret = key(&gw, 100.0).await;
+
+    // Per second: 4 s × 2.5 credits held.
+    let (_, v) = call(
+        &gw,
+        reqwest::Method::POST,
+        "/v1/videos",
+        &secret,
+        Some(json!({"model": "per-second", "prompt": "p", "seconds": 4})),
+    )
+    .await;
+    assert_eq!(credits(&gw, &secret).await.1, 10_000, "{v}");
+    let per_second = v["id"].as_str().unwrap().to_owned();
+
+    // Upstream failure: failed with its code and message, released.
+    let (_, v) =
+        call(&gw, reqwest::Method::POST, "/v1/videos", &secret, Some(json!({"model": "broken", "prompt": "p"}))).await;
+    let (done, _) = until_done(&gw, &secret, v["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "failed");
+    assert_eq!(done["error"]["code"], "upstream_failed");
+    assert!(done["error"]["message"].as_str().unwrap().contains("render node crashed"), "{done}");
+
+    // Past the model's job_timeout: failed `timeout`, released.
+    let (_, v) =
+        call(&gw, reqwest::Method::POST, "/v1/videos", &secret, Some(json!({"model": "slow", "prompt": "p"}))).await;
+    let (done, _) = until_done(&gw, &secret, v["id"].as_str().unwrap()).await;
+    assert_eq!(done["error"]["code"], "timeout", "{done}");
+
+    // Cancelled by its owner: failed `canceled`, released; the content is not there.
+    let (status, v) = call(&gw, reqwest::Method::POST, &format!("/v1/videos/{per_second}/cancel"), &secret, None).await;
+    assert_eq!(status, 200, "{v}");
+    let (done, _) = until_done(&gw, &secret, &per_second).await;
+    assert_eq!(done["error"]["code"], "canceled", "{done}");
+    let (status, body) =
+        call(&gw, reqwest::Method::GET, &format!("/v1/videos/{per_second}/content"), &secret, None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("video_not_ready")));
+
+    assert_eq!(credits(&gw, &secret).await, (100_000, 0), "nothing made, nothing charged");
+    ledger_clean(&gw).await;
+}
+
+#[tokio::test]
+async fn bad_video_requests_get_clear_errors_and_cost_nothing() {
+    let gw =
+        spawn_gateway_env(&config("10ms", "", "  - id: still\n    backends: [sim]\n"), &[("EASEL_ADMIN_TOKEN", ADMIN)])
+            .await;
+    let secret = key(&gw, 5.0).await;
+    for (body, status, param) in [
+        (json!({"model": "clip"}), 400, "prompt"),
+        (json!({"model": "clip", "prompt": "p", "seconds": "forever"}), 400, "seconds"),
+        (json!({"model": "clip", "prompt": "p", "seconds": 0}), 400, "seconds"),
+        (json!({"model": "clip", "prompt": "p", "size": "big"}), 400, "size"),
+        (json!({"model": "clip", "prompt": "p", "extra": {"duration": 60}}), 400, "extra.duration"),
+        (json!({"model": "clip", "prompt": "p", "fps": 60}), 400, "fps"),
+        (
+            json!({"model": "clip", "prompt": "p", "input_reference": {"file_id": "img_00000000000000000000000000000000.png"}}),
+            400,
+            "input_reference",
+        ),
+        (json!({"model": "still", "prompt": "p"}), 400, "model"),
+        (json!({"model": "nope", "prompt": "p"}), 404, "model"),
+    ] {
+        let (s, v) = call(&gw, reqwest::Method::POST, "/v1/videos", &secret, Some(body.clone())).await;
+        assert_eq!(s, status, "{body} → {v}");
+        assert_eq!(v["error"]["param"], param, "{body} → {v}");
+    }
+    // 30 credits per clip against a balance of 5: 402 before anything runs.
+    let (s, v) =
+        call(&gw, reqwest::Method::POST, "/v1/videos", &secret, Some(json!({"model": "clip", "prompt": "p"}))).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (402, Some("insufficient_credits")), "{v}");
+    let (s, _) = call(&gw, reqwest::Method::GET, "/v1/videos?limit=1000", &secret, None).await;
+    assert_eq!(s, 400);
+    assert_eq!(credits(&gw, &secret).await, (5_000, 0));
+}
+
+#[tokio::test]
+async fn a_repeated_idempotency_key_makes_one_video() {
+    let gw = spawn_gateway_env(&config("50ms", "", ""), &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let secret = key(&gw, 100.0).await;
+    let create = || {
+        gw.client
+            .post(gw.endpoint("/v1/videos"))
+            .bearer_auth(&secret)
+            .header("Idempotency-Key", "clip-1")
+            .json(&json!({"model": "clip", "prompt": "p"}))
+            .send()
+    };
+    let a: Value = create().await.unwrap().json().await.unwrap();
+    let b: Value = create().await.unwrap().json().await.unwrap();
+    assert_eq!(a["id"], b["id"], "{a} {b}");
+    until_done(&gw, &secret, a["id"].as_str().unwrap()).await;
+    assert_eq!(credits(&gw, &secret).await, (70_000, 0), "one clip charged");
+    let (_, list) = call(&gw, reqwest::Method::GET, "/v1/videos", &secret, None).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    ledger_clean(&gw).await;
+}
+
+#[tokio::test]
+async fn pages_follow_the_cursor_and_no_keys_mode_works() {
+    let yaml = "backends:\n  sim:\n    kind: simulated\n    poll_interval: 20ms\nmodels:\n  - id: clip\n    type: video\n    backends: [sim]\n    default_size: 16x16\n";
+    let gw = spawn_gateway(yaml).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let (s, _, v) = gw.post_json("/v1/videos", json!({"model": "clip", "prompt": "p", "seconds": "1"})).await;
+        assert_eq!(s, 200, "{v}");
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    let page = |q: String| {
+        let gw = &gw;
+        async move {
+            let (_, _, b) = gw.get(&format!("/v1/videos?{q}")).await;
+            serde_json::from_slice::<Value>(&b).unwrap()
+        }
+    };
+    let first = page("limit=2&order=asc".into()).await;
+    assert_eq!(first["has_more"], true);
+    let got: Vec<&str> = first["data"].as_array().unwrap().iter().map(|v| v["id"].as_str().unwrap()).collect();
+    assert_eq!(got, vec![ids[0].as_str(), ids[1].as_str()]);
+    let rest = page(format!("limit=10&order=asc&after={}", first["last_id"].as_str().unwrap())).await;
+    let got: Vec<&str> = rest["data"].as_array().unwrap().iter().map(|v| v["id"].as_str().unwrap()).collect();
+    assert_eq!(got, ids[2..].iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(rest["has_more"], false);
+    let newest = page("limit=1".into()).await;
+    assert_eq!(newest["data"][0]["id"], ids[4].as_str(), "newest first by default");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_survives_a_sigkill_and_is_charged_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("easel.yaml"), config("1500ms", "", "")).unwrap();
+    let env = [("EASEL_ADMIN_TOKEN", ADMIN)];
+    let (mut child, url) = start_binary(dir.path(), &env);
+    let client = reqwest::Client::new();
+    let secret = client
+        .post(format!("{url}/v1/admin/keys"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "k", "credits": 100}))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let job: Value = client
+        .post(format!("{url}/v1/videos"))
+        .bearer_auth(&secret)
+        .json(&json!({"model": "clip", "prompt": "p", "seconds": "1"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    assert_eq!(job["status"], "queued", "{job}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let (mut child, url) = start_binary(dir.path(), &env);
+    let deadline = Instant::now() + TEST_TIMEOUT;
+    let done = loop {
+        let v: Value = client
+            .get(format!("{url}/v1/videos/{id}"))
+            .bearer_auth(&secret)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["status"] == "completed" || v["status"] == "failed" {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "the job never ended after the restart: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(done["status"], "completed", "{done}");
+    let me: Value = client.get(format!("{url}/v1/me")).bearer_auth(&secret).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        (me["credits"]["available_mc"].as_i64(), me["credits"]["held_mc"].as_i64()),
+        (Some(70_000), Some(0)),
+        "{me}"
+    );
+    let check = client.get(format!("{url}/v1/admin/ledger/check")).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(check.status(), 200);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
