@@ -22,3 +22,4 @@ mod outbound;
 mod queue_providers;
 mod template;
 mod trust;
+mod video_backends;
