@@ -3,6 +3,11 @@
 //! when the client goes away. Auth is `Authorization: Key <api_key>`. The model's `upstream_model` is the
 //! endpoint id (`fal-ai/flux/dev`). Edits send the inputs as data URLs (`image_url`, `mask_url`).
 //!
+//! Videos are jobs on the same queue: the handle keeps the submit's `status_url`, `response_url` and `cancel_url`
+//! (never the key); a poll reads `status_url?logs=1` (`IN_QUEUE` + `queue_position`, `IN_PROGRESS`, `COMPLETED`,
+//! whose result tells a success from a failure) and the result's `video.url` is downloaded under the outbound
+//! policy.
+//!
 //! Health: fal has no health route, so the probe is reachability of the queue host (any HTTP answer but 401/403).
 
 use std::collections::HashMap;

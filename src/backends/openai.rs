@@ -3,6 +3,9 @@
 //! Answers may carry `b64_json` or `url` items; URLs are downloaded with the backend's timeout and size cap.
 //! `response_format` is sent only to servers that take it (not to GPT image models, which always answer base64).
 //!
+//! Videos pass through the Videos API: `POST /v1/videos` (JSON, `seconds` as a string), `GET /v1/videos/{id}`,
+//! `GET /v1/videos/{id}/content` (and `?variant=thumbnail`), `DELETE /v1/videos/{id}` (finished jobs only).
+//!
 //! Health: `GET {url}/v1/models` with the key (an OpenAI-compatible server answers `{"object": "list"}`).
 
 use std::borrow::Cow;

@@ -3,6 +3,9 @@
 //! `version`). easel asks `Prefer: wait` (up to 60 s), then polls `urls.get`; `POST urls.cancel` when the client
 //! goes away. Outputs (a URL, a list of URLs, or data URIs) are downloaded. Edits send data URIs (`image`, `mask`).
 //!
+//! Videos are predictions created without `Prefer: wait`; the handle keeps the id and `urls.get`/`urls.cancel`,
+//! progress comes from the progress bar in the prediction's `logs`, and the output URL is downloaded.
+//!
 //! Health: `GET /v1/account` with the token.
 
 use std::collections::HashMap;

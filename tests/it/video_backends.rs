@@ -169,6 +169,10 @@ async fn fal_video_failure_cancel_and_lost() {
     assert_eq!(v.cancelled.lock().unwrap().as_slice(), ["vid-2"], "PUT cancel_url of that request");
     assert!(matches!(poll(&b, &queued).await.unwrap().state, JobState::Failed { .. }), "a cancelled request ends");
 
+    *v.odd_status.lock().unwrap() = Some("IN_PREPARATION".into());
+    assert_eq!(poll(&b, &queued).await.unwrap().state, JobState::Running { progress: None }, "unknown = running");
+    *v.odd_status.lock().unwrap() = None;
+
     v.lose.store(true, Ordering::SeqCst);
     assert_eq!(poll(&b, &queued).await.unwrap().state, JobState::Lost, "404 for the request = lost");
 }
@@ -330,6 +334,10 @@ async fn openai_video_failure_running_cancel_lost_and_errors() {
     assert_eq!(e.outcome(), "timeout", "a poll slower than the backend's timeout: {e}");
     v.latency_ms.store(0, Ordering::SeqCst);
     assert!(matches!(poll(&b, &h).await.unwrap().state, JobState::Running { .. }), "the job did not end");
+
+    *v.odd_status.lock().unwrap() = Some("preprocessing".into());
+    assert!(matches!(poll(&b, &h).await.unwrap().state, JobState::Running { .. }), "an unknown status = running");
+    *v.odd_status.lock().unwrap() = None;
 
     v.lose.store(true, Ordering::SeqCst);
     assert_eq!(poll(&b, &h).await.unwrap().state, JobState::Lost);

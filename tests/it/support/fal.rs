@@ -54,6 +54,8 @@ pub struct VideoKnobs {
     pub poll_queries: Mutex<Vec<String>>,
     /// Ids of cancelled (or deleted) jobs.
     pub cancelled: Mutex<Vec<String>>,
+    /// Answer polls with this status string instead (one the adapter has never seen).
+    pub odd_status: Mutex<Option<String>>,
     /// Authorization headers of every video call.
     pub auth: Mutex<Vec<String>>,
 }
@@ -247,6 +249,9 @@ async fn video(s: &FalState, base: &str, method: Method, parts: &[&str], query: 
                     body["status"] = json!("COMPLETED");
                     body["error"] = json!("Request was cancelled");
                 }
+            }
+            if let Some(odd) = v.odd_status.lock().unwrap().clone() {
+                body["status"] = json!(odd);
             }
             Json(body).into_response()
         }

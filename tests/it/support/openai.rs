@@ -212,7 +212,13 @@ async fn videos(s: &OpenAiState, method: Method, req: Request) -> Response {
         (Method::GET, ["v1", "videos", id]) => {
             let Some(body) = known(id) else { return missing(id) };
             match v.poll(id).await {
-                Ok(phase) => Json(video_job(id, &body, &phase)).into_response(),
+                Ok(phase) => {
+                    let mut job = video_job(id, &body, &phase);
+                    if let Some(odd) = v.odd_status.lock().unwrap().clone() {
+                        job["status"] = json!(odd);
+                    }
+                    Json(job).into_response()
+                }
                 Err(404) => missing(id),
                 Err(code) => error(code, "The server had an error while processing your request.", None, None),
             }
