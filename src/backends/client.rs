@@ -130,6 +130,28 @@ impl Http {
     /// every redirect hop re-checked. The backend's headers go only to its own origin. What comes back is never
     /// echoed: an error status or a body that is not an image is reported by content type and size.
     pub async fn download(&self, url: &str) -> Result<(Bytes, Option<String>), BackendError> {
+        self.download_checked(url, |b| crate::media::sniff(b).map(|f| f.mime()), "a PNG, JPEG or WebP image")
+            .await
+            .map(|(bytes, _, content_type)| (bytes, content_type))
+    }
+
+    /// Like [`Http::download`], for outputs that are not images (a job's video): `sniff` names the media type
+    /// from the bytes, and a body it does not recognize is refused as not being `what`.
+    pub async fn download_as(
+        &self,
+        url: &str,
+        sniff: fn(&[u8]) -> Option<&'static str>,
+        what: &str,
+    ) -> Result<(Bytes, &'static str), BackendError> {
+        self.download_checked(url, sniff, what).await.map(|(bytes, mime, _)| (bytes, mime))
+    }
+
+    async fn download_checked(
+        &self,
+        url: &str,
+        sniff: impl Fn(&[u8]) -> Option<&'static str>,
+        what: &str,
+    ) -> Result<(Bytes, &'static str, Option<String>), BackendError> {
         let refused = |detail: String| self.error(url, Failure::InvalidResponse(detail));
         let parsed = Url::parse(url).map_err(|e| refused(format!("the output URL is not a URL: {e}")))?;
         self.policy.check(&parsed).map_err(|r| refused(r.0))?;
@@ -160,13 +182,13 @@ impl Http {
             ));
         }
         let body = self.body(resp, url).await?;
-        if crate::media::sniff(&body).is_none() {
+        let Some(mime) = sniff(&body) else {
             return Err(refused(format!(
-                "the output is not a PNG, JPEG or WebP image (Content-Type {shown_type}, {} bytes; not shown)",
+                "the output is not {what} (Content-Type {shown_type}, {} bytes; not shown)",
                 body.len()
             )));
-        }
-        Ok((body, content_type))
+        };
+        Ok((body, mime, content_type))
     }
 
     /// A reqwest error as a failure: a policy refusal (redirect hop, DNS answer) is the backend's bad answer, not

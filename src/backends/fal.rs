@@ -3,9 +3,15 @@
 //! when the client goes away. Auth is `Authorization: Key <api_key>`. The model's `upstream_model` is the
 //! endpoint id (`fal-ai/flux/dev`). Edits send the inputs as data URLs (`image_url`, `mask_url`).
 //!
+//! Videos are jobs on the same queue: the handle keeps the submit's `status_url`, `response_url` and `cancel_url`
+//! (never the key); a poll reads `status_url?logs=1` (`IN_QUEUE` + `queue_position`, `IN_PROGRESS`, `COMPLETED`,
+//! whose result tells a success from a failure) and the result's `video.url` is downloaded under the outbound
+//! policy.
+//!
 //! Health: fal has no health route, so the probe is reachability of the queue host (any HTTP answer but 401/403).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use reqwest::Method;
 use reqwest::header::{ACCEPT, AUTHORIZATION};
@@ -13,7 +19,11 @@ use serde::Deserialize;
 use serde_json::{Map, json};
 
 use super::client::Http;
-use super::{Backend, BackendError, Failure, ImageCall, ImageOutput, ProbeReport, decode_image_b64, image_from_bytes};
+use super::jobs::{JobErrorCode, OutputKind, sniff_video};
+use super::{
+    Backend, BackendError, Failure, ImageCall, ImageOutput, JobHandle, JobOutput, JobPoll, JobState, ProbeReport,
+    VideoCall, decode_image_b64, image_from_bytes,
+};
 use crate::config::BackendConfig;
 use crate::request::ImageFormat;
 use crate::telemetry::metrics as m;
@@ -23,11 +33,59 @@ pub const KIND: &str = "fal";
 #[derive(Debug)]
 pub struct FalBackend {
     http: Http,
+    /// Log lines already reported per video request id (fal sends the whole log on every status poll).
+    logs_seen: Mutex<HashMap<String, usize>>,
 }
 
 impl FalBackend {
     pub fn new(cfg: Arc<BackendConfig>) -> Result<Self, String> {
-        Ok(Self { http: Http::new(cfg)? })
+        Ok(Self { http: Http::new(cfg)?, logs_seen: Mutex::default() })
+    }
+
+    /// A URL the handle keeps (`status_url`, `response_url`, `cancel_url`), or an error naming it.
+    fn handle_url<'h>(&self, handle: &'h JobHandle, field: &str) -> Result<&'h str, BackendError> {
+        handle.meta.get(field).and_then(serde_json::Value::as_str).ok_or_else(|| {
+            self.http.error(
+                "",
+                Failure::InvalidResponse(format!(
+                    "the job handle of fal request {} has no `{field}`",
+                    handle.upstream_id
+                )),
+            )
+        })
+    }
+
+    /// The log lines of this poll not reported before; forgets the request once it ended.
+    fn new_logs(&self, request_id: &str, logs: Vec<Log>, ended: bool) -> Vec<String> {
+        let Ok(mut seen) = self.logs_seen.lock() else { return Vec::new() };
+        let before = seen.get(request_id).copied().unwrap_or(0);
+        let total = logs.len();
+        let fresh = logs.into_iter().skip(before).map(|l| l.message).collect();
+        if ended {
+            seen.remove(request_id);
+        } else {
+            seen.insert(request_id.to_owned(), before.max(total));
+        }
+        fresh
+    }
+
+    /// The result of a finished request: the model output, or why it has none.
+    async fn video_result(&self, handle: &JobHandle) -> Result<Result<VideoOutput, JobState>, BackendError> {
+        let url = self.handle_url(handle, "response_url")?;
+        let rb = self.authed(self.http.request_url(Method::GET, url));
+        match self.http.send(rb, url).await {
+            Ok(resp) => Ok(Ok(self.http.json::<VideoOutput>(resp, url).await?)),
+            Err(e) => match &e.failure {
+                Failure::Status { status: 404, .. } => Ok(Err(JobState::Lost)),
+                Failure::Status { status: 422, message, .. } => {
+                    Ok(Err(JobState::Failed { code: JobErrorCode::UpstreamRejected, message: message.clone() }))
+                }
+                Failure::Status { status: 400 | 403 | 410, message, .. } => {
+                    Ok(Err(JobState::Failed { code: JobErrorCode::UpstreamFailed, message: message.clone() }))
+                }
+                _ => Err(e),
+            },
+        }
     }
 
     fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -152,6 +210,134 @@ impl Backend for FalBackend {
         Ok(images)
     }
 
+    fn supports_videos(&self) -> bool {
+        true
+    }
+
+    async fn submit_video(&self, call: VideoCall<'_>) -> Result<JobHandle, BackendError> {
+        let req = call.request;
+        let mut input = Map::new();
+        input.insert("prompt".into(), json!(req.prompt));
+        // Video models on fal (Kling, Wan, Veo) take the clip length as a string of seconds.
+        input.insert("duration".into(), json!(req.seconds.to_string()));
+        if let Some(size) = req.size {
+            input.insert("aspect_ratio".into(), json!(aspect_ratio(size.width, size.height)));
+        }
+        if let Some(r) = &req.reference {
+            input.insert("image_url".into(), json!(crate::media::data_url(&r.bytes, r.format)));
+        }
+        if let Some(n) = &req.negative_prompt {
+            input.insert("negative_prompt".into(), json!(n));
+        }
+        if let Some(seed) = req.seed {
+            input.insert("seed".into(), json!(seed));
+        }
+        crate::request::extra::merge(&mut input, req.extra.as_ref());
+
+        let endpoint = call.model.upstream_model.trim_matches('/');
+        let (rb, url) = self.http.request(Method::POST, &format!("/{endpoint}"));
+        let resp = self.http.send(self.authed(rb).json(&input), &url).await?;
+        let s: Submitted = self.http.json(resp, &url).await?;
+        tracing::debug!(backend = %self.http.cfg.name, request_id = %s.request_id, "Submitted a video to fal.");
+        Ok(JobHandle {
+            upstream_id: s.request_id.clone(),
+            meta: json!({
+                "endpoint_id": endpoint,
+                "request_id": s.request_id,
+                "status_url": s.status_url,
+                "response_url": s.response_url,
+                "cancel_url": s.cancel_url,
+            }),
+        })
+    }
+
+    async fn poll_job(&self, handle: &JobHandle) -> Result<JobPoll, BackendError> {
+        let status_url = self.handle_url(handle, "status_url")?;
+        let url =
+            if status_url.contains('?') { format!("{status_url}&logs=1") } else { format!("{status_url}?logs=1") };
+        let rb = self.authed(self.http.request_url(Method::GET, &url));
+        let resp = match self.http.send(rb, &url).await {
+            Ok(r) => r,
+            Err(e) if matches!(e.failure, Failure::Status { status: 404, .. }) => {
+                self.new_logs(&handle.upstream_id, Vec::new(), true);
+                return Ok(JobPoll { state: JobState::Lost, logs: Vec::new() });
+            }
+            Err(e) => return Err(e),
+        };
+        let status: Status = self.http.json(resp, &url).await?;
+        let state = match status.status.as_str() {
+            "IN_QUEUE" => JobState::Queued { position: status.queue_position },
+            "IN_PROGRESS" => JobState::Running { progress: None },
+            "COMPLETED" => match status.error {
+                Some(message) => JobState::Failed { code: JobErrorCode::UpstreamFailed, message },
+                // A request that failed is COMPLETED too; its result says so.
+                None => match self.video_result(handle).await? {
+                    Ok(out) if out.video.is_some() => JobState::Succeeded,
+                    Ok(_) => JobState::Failed {
+                        code: JobErrorCode::UpstreamFailed,
+                        message: "the fal result has no `video`".into(),
+                    },
+                    Err(state) => state,
+                },
+            },
+            "FAILED" | "ERROR" => JobState::Failed {
+                code: JobErrorCode::UpstreamFailed,
+                message: status.error.unwrap_or_else(|| format!("the fal request ended {}", status.status)),
+            },
+            "CANCELED" | "CANCELLED" => JobState::Failed {
+                code: JobErrorCode::Canceled,
+                message: format!("fal request {} was cancelled", handle.upstream_id),
+            },
+            other => {
+                tracing::info!(backend = %self.http.cfg.name, status = %other, "Unknown fal status; taken as still running.");
+                JobState::Running { progress: None }
+            }
+        };
+        let ended = matches!(state, JobState::Succeeded | JobState::Failed { .. } | JobState::Lost);
+        let logs = self.new_logs(&handle.upstream_id, status.logs, ended);
+        Ok(JobPoll { state, logs })
+    }
+
+    async fn fetch_outputs(&self, handle: &JobHandle) -> Result<Vec<JobOutput>, BackendError> {
+        let response_url = self.handle_url(handle, "response_url")?.to_owned();
+        let out = match self.video_result(handle).await? {
+            Ok(out) => out,
+            Err(state) => {
+                return Err(self.http.error(
+                    &response_url,
+                    Failure::JobFailed(format!("fal request {} has no result: {state:?}", handle.upstream_id)),
+                ));
+            }
+        };
+        let Some(video) = out.video else {
+            return Err(self
+                .http
+                .error(&response_url, Failure::InvalidResponse("the fal result has no `video`".into())));
+        };
+        let (bytes, mime) = if video.url.starts_with("data:") {
+            let bytes = crate::media::decode_base64(&video.url)
+                .map_err(|e| self.http.error(&response_url, Failure::InvalidResponse(e)))?;
+            let mime = sniff_video(&bytes).ok_or_else(|| {
+                self.http.error(&response_url, Failure::InvalidResponse("the video data URL is not a video".into()))
+            })?;
+            (bytes, mime)
+        } else {
+            self.http.download_as(&video.url, sniff_video, "an MP4, WebM or GIF video").await?
+        };
+        Ok(vec![JobOutput { kind: OutputKind::Video, bytes, mime }])
+    }
+
+    async fn cancel_job(&self, handle: &JobHandle) -> Result<(), BackendError> {
+        let url = self.handle_url(handle, "cancel_url")?;
+        let rb = self.authed(self.http.request_url(Method::PUT, url));
+        match self.http.send(rb, url).await {
+            Ok(_) => Ok(()),
+            // Already finished or gone: nothing left to cancel.
+            Err(e) if matches!(e.failure, Failure::Status { status: 400 | 404 | 409, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn probe(&self) -> Result<ProbeReport, BackendError> {
         let (rb, url) = self.http.request(Method::GET, "/");
         match self.http.send(self.authed(rb), &url).await {
@@ -184,6 +370,32 @@ struct Status {
     status: String,
     #[serde(default)]
     logs: Vec<Log>,
+    #[serde(default)]
+    queue_position: Option<u32>,
+    /// Set (newer API) when a request ended in an error.
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// A video model's result: `{"video": {"url", "content_type", ...}, "seed"?}`.
+#[derive(Debug, Deserialize)]
+struct VideoOutput {
+    #[serde(default)]
+    video: Option<OutputImage>,
+}
+
+/// The aspect ratio fal's video models take, nearest to `width`x`height`.
+fn aspect_ratio(width: u32, height: u32) -> &'static str {
+    const RATIOS: &[(&str, f64)] =
+        &[("16:9", 16.0 / 9.0), ("4:3", 4.0 / 3.0), ("1:1", 1.0), ("3:4", 0.75), ("9:16", 9.0 / 16.0)];
+    let r = f64::from(width.max(1)) / f64::from(height.max(1));
+    let mut best: (&str, f64) = ("1:1", 1.0);
+    for &(name, value) in RATIOS {
+        if (r.ln() - value.ln()).abs() < (r.ln() - best.1.ln()).abs() {
+            best = (name, value);
+        }
+    }
+    best.0
 }
 
 #[derive(Debug, Deserialize)]
@@ -220,5 +432,9 @@ mod tests {
         assert_eq!(st.logs.len(), 1);
         let o: Output = serde_json::from_value(json!({"images": [{"url": "https://v3.fal.media/x.png", "content_type": "image/png", "width": 8, "height": 8}], "seed": 5, "has_nsfw_concepts": [false], "prompt": "p"})).unwrap();
         assert_eq!(o.images[0].url, "https://v3.fal.media/x.png");
+        assert_eq!(aspect_ratio(1280, 720), "16:9");
+        assert_eq!(aspect_ratio(720, 1280), "9:16");
+        assert_eq!(aspect_ratio(1024, 1024), "1:1");
+        assert_eq!(aspect_ratio(1024, 768), "4:3");
     }
 }

@@ -3,6 +3,9 @@
 //! Answers may carry `b64_json` or `url` items; URLs are downloaded with the backend's timeout and size cap.
 //! `response_format` is sent only to servers that take it (not to GPT image models, which always answer base64).
 //!
+//! Videos pass through the Videos API: `POST /v1/videos` (JSON, `seconds` as a string), `GET /v1/videos/{id}`,
+//! `GET /v1/videos/{id}/content` (and `?variant=thumbnail`), `DELETE /v1/videos/{id}` (finished jobs only).
+//!
 //! Health: `GET {url}/v1/models` with the key (an OpenAI-compatible server answers `{"object": "list"}`).
 
 use std::borrow::Cow;
@@ -13,7 +16,11 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::client::Http;
-use super::{Backend, BackendError, Failure, ImageCall, ImageOutput, ProbeReport, decode_image_b64, image_from_bytes};
+use super::jobs::{JobErrorCode, OutputKind, sniff_video};
+use super::{
+    Backend, BackendError, Failure, ImageCall, ImageOutput, JobHandle, JobOutput, JobPoll, JobState, ProbeReport,
+    VideoCall, decode_image_b64, image_from_bytes,
+};
 use crate::config::BackendConfig;
 
 pub const KIND: &str = "openai";
@@ -58,6 +65,52 @@ impl OpenAiBackend {
             images.push(out);
         }
         Ok(images)
+    }
+}
+
+/// The Videos API path of a job, refusing an id that is not one (it goes into a URL path).
+fn video_path(handle: &JobHandle, tail: &str) -> Result<String, String> {
+    let id = handle.upstream_id.as_str();
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return Err(format!("`{id}` is not an OpenAI video id"));
+    }
+    Ok(format!("/v1/videos/{id}{tail}"))
+}
+
+/// The part of a Videos API job object easel reads.
+#[derive(Debug, Deserialize)]
+struct VideoJob {
+    id: String,
+    status: String,
+    #[serde(default)]
+    progress: Option<f64>,
+    #[serde(default)]
+    error: Option<VideoError>,
+}
+
+#[derive(Debug, Deserialize)]
+struct VideoError {
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+impl OpenAiBackend {
+    /// A Videos API call on a job, with the key; `Ok(None)` when the server does not know the job (404).
+    async fn video_call(
+        &self,
+        method: Method,
+        handle: &JobHandle,
+        tail: &str,
+    ) -> Result<Option<(reqwest::Response, String)>, BackendError> {
+        let path = video_path(handle, tail).map_err(|e| self.http.error("", Failure::InvalidResponse(e)))?;
+        let (rb, url) = self.http.request(method, &path);
+        match self.http.send(self.http.bearer(rb), &url).await {
+            Ok(resp) => Ok(Some((resp, url))),
+            Err(e) if matches!(e.failure, Failure::Status { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -162,6 +215,107 @@ impl Backend for OpenAiBackend {
 
     fn supports_edits(&self) -> bool {
         true
+    }
+
+    fn supports_videos(&self) -> bool {
+        true
+    }
+
+    async fn submit_video(&self, call: VideoCall<'_>) -> Result<JobHandle, BackendError> {
+        let req = call.request;
+        let mut body = Map::new();
+        body.insert("model".into(), json!(call.model.upstream_model));
+        body.insert("prompt".into(), json!(req.prompt));
+        // The Videos API takes `seconds` as a string ("4", "8", "12").
+        body.insert("seconds".into(), json!(req.seconds.to_string()));
+        if let Some(size) = req.size {
+            body.insert("size".into(), json!(size.to_string()));
+        }
+        if let Some(r) = &req.reference {
+            body.insert("input_reference".into(), json!({"image_url": crate::media::data_url(&r.bytes, r.format)}));
+        }
+        crate::request::extra::merge(&mut body, req.extra.as_ref());
+        let (rb, url) = self.http.request(Method::POST, "/v1/videos");
+        let resp = self.http.send(self.http.bearer(rb).json(&body), &url).await?;
+        let job: VideoJob = self.http.json(resp, &url).await?;
+        tracing::debug!(backend = %self.http.cfg.name, video = %job.id, status = %job.status, "Submitted a video.");
+        let handle = JobHandle { upstream_id: job.id, meta: json!({}) };
+        video_path(&handle, "").map_err(|e| self.http.error(&url, Failure::InvalidResponse(e)))?;
+        Ok(handle)
+    }
+
+    async fn poll_job(&self, handle: &JobHandle) -> Result<JobPoll, BackendError> {
+        let Some((resp, url)) = self.video_call(Method::GET, handle, "").await? else {
+            return Ok(JobPoll { state: JobState::Lost, logs: Vec::new() });
+        };
+        let job: VideoJob = self.http.json(resp, &url).await?;
+        let progress = job.progress.filter(|p| p.is_finite()).map(|p| (p / 100.0).clamp(0.0, 1.0));
+        let state = match job.status.as_str() {
+            "queued" => JobState::Queued { position: None },
+            "in_progress" => JobState::Running { progress },
+            "completed" => JobState::Succeeded,
+            "failed" => {
+                let (code, message) = match job.error {
+                    Some(e) => (e.code, e.message),
+                    None => (None, None),
+                };
+                let rejected = code.as_deref().is_some_and(|c| c.contains("moderation") || c.contains("policy"));
+                let message = match (code, message) {
+                    (Some(c), Some(m)) => format!("{m} ({c})"),
+                    (None, Some(m)) => m,
+                    (Some(c), None) => c,
+                    (None, None) => format!("video {} failed with no error text", job.id),
+                };
+                let code = if rejected { JobErrorCode::UpstreamRejected } else { JobErrorCode::UpstreamFailed };
+                JobState::Failed { code, message }
+            }
+            other => {
+                tracing::info!(backend = %self.http.cfg.name, status = %other, "Unknown video status; taken as still running.");
+                JobState::Running { progress }
+            }
+        };
+        Ok(JobPoll { state, logs: Vec::new() })
+    }
+
+    async fn fetch_outputs(&self, handle: &JobHandle) -> Result<Vec<JobOutput>, BackendError> {
+        let lost = |url: &str| {
+            self.http
+                .error(url, Failure::JobFailed(format!("video {} is no longer known upstream", handle.upstream_id)))
+        };
+        let Some((resp, url)) = self.video_call(Method::GET, handle, "/content").await? else {
+            return Err(lost(&self.http.cfg.endpoint("/v1/videos")));
+        };
+        let bytes = self.http.body(resp, &url).await?;
+        let mime = sniff_video(&bytes).ok_or_else(|| {
+            self.http.error(
+                &url,
+                Failure::InvalidResponse(format!("the content is not an MP4 or WebM video ({} bytes)", bytes.len())),
+            )
+        })?;
+        let mut outputs = vec![JobOutput { kind: OutputKind::Video, bytes, mime }];
+        // The thumbnail is a nicety: a server without one still delivered the video.
+        match self.video_call(Method::GET, handle, "/content?variant=thumbnail").await {
+            Ok(Some((resp, url))) => {
+                let thumb = self.http.body(resp, &url).await?;
+                match crate::media::sniff(&thumb) {
+                    Some(format) => {
+                        outputs.push(JobOutput { kind: OutputKind::Thumbnail, bytes: thumb, mime: format.mime() })
+                    }
+                    None => {
+                        tracing::info!(backend = %self.http.cfg.name, "The video thumbnail is not an image; skipped.")
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::info!(backend = %self.http.cfg.name, error = %e, "No video thumbnail."),
+        }
+        Ok(outputs)
+    }
+
+    /// The Videos API deletes only completed or failed jobs; a running one cannot be stopped and the refusal is
+    /// returned as the error. A job the server no longer knows is already gone.
+    async fn cancel_job(&self, handle: &JobHandle) -> Result<(), BackendError> {
+        self.video_call(Method::DELETE, handle, "").await.map(|_| ())
     }
 }
 

@@ -22,4 +22,5 @@ mod outbound;
 mod queue_providers;
 mod template;
 mod trust;
+mod video_backends;
 mod videos;

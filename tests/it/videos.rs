@@ -331,3 +331,43 @@ async fn a_job_survives_a_sigkill_and_is_charged_once() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test]
+async fn a_fal_video_goes_through_the_whole_gateway() {
+    let fal = crate::support::fal::start().await;
+    fal.state.video.queued_polls.store(2, std::sync::atomic::Ordering::SeqCst);
+    fal.state.video.running_polls.store(2, std::sync::atomic::Ordering::SeqCst);
+    let yaml = format!(
+        "auth:\n  mode: keys\nbackends:\n  fal:\n    kind: fal\n    url: {}\n    api_key: {}\n    poll_interval: 20ms\nmodels:\n  - id: kling\n    type: video\n    backends: [fal]\n    upstream_model: fal-ai/kling-video/v2/master/text-to-video\n    credits_per_second: 10\n",
+        fal.url,
+        crate::support::fal::KEY
+    );
+    let gw = spawn_gateway_env(&yaml, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let secret = key(&gw, 100.0).await;
+    let (status, v) = call(
+        &gw,
+        reqwest::Method::POST,
+        "/v1/videos",
+        &secret,
+        Some(json!({"model": "kling", "prompt": "a fox", "seconds": "5", "size": "1280x720"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(credits(&gw, &secret).await, (50_000, 50_000), "5 s × 10 credits held");
+    let (done, seen) = until_done(&gw, &secret, v["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert!(seen.iter().any(|s| s == "in_progress"), "{seen:?}");
+    let sent = fal.state.video.submitted.lock().unwrap()[0].clone();
+    assert_eq!((sent["duration"].as_str(), sent["aspect_ratio"].as_str()), (Some("5"), Some("16:9")), "{sent}");
+    let resp = gw
+        .client
+        .get(gw.endpoint(&format!("/v1/videos/{}/content", v["id"].as_str().unwrap())))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "video/mp4");
+    assert_eq!(&resp.bytes().await.unwrap()[4..8], b"ftyp");
+    assert_eq!(credits(&gw, &secret).await, (50_000, 0), "captured once");
+    ledger_clean(&gw).await;
+}

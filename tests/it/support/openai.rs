@@ -13,6 +13,8 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde_json::{Value, json};
 
+use super::fal::{VideoKnobs, VideoPhase, mp4};
+
 pub const KEY: &str = "sk-test";
 
 #[derive(Default)]
@@ -34,6 +36,8 @@ pub struct OpenAiState {
     pub answer_urls: Mutex<Option<Vec<String>>>,
     /// Where `GET /redirect` sends the client (302).
     pub redirect_to: Mutex<Option<String>>,
+    /// The Videos API (`/v1/videos`).
+    pub video: VideoKnobs,
 }
 
 pub struct FakeOpenAi {
@@ -77,6 +81,9 @@ async fn handle(State(s): State<Arc<OpenAiState>>, req: Request) -> Response {
         return ([("content-type", "image/png")], png(name.len() as u8)).into_response();
     }
     let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+    if path.starts_with("/v1/videos") {
+        s.video.auth.lock().unwrap().push(auth.to_owned());
+    }
     if auth != format!("Bearer {KEY}") {
         return error(
             401,
@@ -84,6 +91,9 @@ async fn handle(State(s): State<Arc<OpenAiState>>, req: Request) -> Response {
             None,
             Some("invalid_api_key"),
         );
+    }
+    if path.starts_with("/v1/videos") {
+        return videos(&s, method, req).await;
     }
     match (method, path.as_str()) {
         (Method::GET, "/v1/models") => Json(json!({"object": "list", "data": [{"id": "dall-e-3", "object": "model", "created": 1, "owned_by": "system"}]})).into_response(),
@@ -153,5 +163,94 @@ trait FromRequestUnchecked {
 impl FromRequestUnchecked for axum::extract::Multipart {
     async fn from_request_unchecked(req: Request) -> Self {
         <axum::extract::Multipart as axum::extract::FromRequest<()>>::from_request(req, &()).await.unwrap()
+    }
+}
+
+/// A Videos API job object at `phase`.
+fn video_job(id: &str, body: &Value, phase: &VideoPhase) -> Value {
+    let (status, progress, error) = match phase {
+        VideoPhase::Queued(_) => ("queued", 0, Value::Null),
+        VideoPhase::Running(percent, _) => ("in_progress", *percent, Value::Null),
+        VideoPhase::Done => ("completed", 100, Value::Null),
+        VideoPhase::Failed(e) => ("failed", 0, json!({"code": "video_generation_failed", "message": e})),
+        VideoPhase::Cancelled => ("failed", 0, json!({"code": "canceled", "message": "The video was cancelled."})),
+    };
+    json!({"id": id, "object": "video", "model": body["model"], "status": status, "progress": progress, "created_at": 1_767_225_600,
+        "completed_at": null, "expires_at": null, "prompt": body["prompt"], "size": body["size"], "seconds": body["seconds"],
+        "remixed_from_video_id": null, "error": error, "quality": "standard"})
+}
+
+/// `POST /v1/videos`, `GET /v1/videos/{id}`, `GET /v1/videos/{id}/content[?variant=thumbnail]`, `DELETE /v1/videos/{id}`.
+async fn videos(s: &OpenAiState, method: Method, req: Request) -> Response {
+    let v = &s.video;
+    let path = req.uri().path().to_owned();
+    let variant = req.uri().query().unwrap_or("").to_owned();
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let known = |id: &str| {
+        let n: usize = id.strip_prefix("video_").and_then(|n| n.parse().ok()).unwrap_or(0);
+        let deleted = v.cancelled.lock().unwrap().iter().any(|c| c == id);
+        let body = v.submitted.lock().unwrap().get(n.wrapping_sub(1)).cloned();
+        body.filter(|_| !deleted && !v.lose.load(Ordering::SeqCst))
+    };
+    let missing = |id: &str| error(404, &format!("Video with id '{id}' not found."), None, Some("video_not_found"));
+    match (method, parts.as_slice()) {
+        (Method::POST, ["v1", "videos"]) => {
+            let bytes = axum::body::to_bytes(req.into_body(), 64 << 20).await.unwrap();
+            let body: Value = serde_json::from_slice(&bytes).unwrap();
+            if !body["seconds"].is_string() {
+                return error(
+                    400,
+                    "Invalid type for 'seconds': expected one of '4', '8', '12'.",
+                    Some("seconds"),
+                    Some("invalid_type"),
+                );
+            }
+            let id = format!("video_{}", v.submitted.lock().unwrap().len() + 1);
+            v.submitted.lock().unwrap().push(body.clone());
+            Json(video_job(&id, &body, &VideoPhase::Queued(0))).into_response()
+        }
+        (Method::GET, ["v1", "videos", id]) => {
+            let Some(body) = known(id) else { return missing(id) };
+            match v.poll(id).await {
+                Ok(phase) => {
+                    let mut job = video_job(id, &body, &phase);
+                    if let Some(odd) = v.odd_status.lock().unwrap().clone() {
+                        job["status"] = json!(odd);
+                    }
+                    Json(job).into_response()
+                }
+                Err(404) => missing(id),
+                Err(code) => error(code, "The server had an error while processing your request.", None, None),
+            }
+        }
+        (Method::GET, ["v1", "videos", id, "content"]) => {
+            if known(id).is_none() {
+                return missing(id);
+            }
+            if v.phase(id, v.polls.load(Ordering::SeqCst)) != VideoPhase::Done {
+                return error(400, "Video is not ready yet.", None, Some("video_not_ready"));
+            }
+            if variant.contains("variant=thumbnail") {
+                let mut webp = Vec::new();
+                image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(4, 4, image::Rgb([1, 2, 3])))
+                    .write_to(&mut std::io::Cursor::new(&mut webp), image::ImageFormat::WebP)
+                    .unwrap();
+                return ([("content-type", "image/webp")], webp).into_response();
+            }
+            ([("content-type", "video/mp4")], mp4()).into_response()
+        }
+        (Method::DELETE, ["v1", "videos", id]) => {
+            if known(id).is_none() {
+                return missing(id);
+            }
+            match v.phase(id, v.polls.load(Ordering::SeqCst)) {
+                VideoPhase::Done | VideoPhase::Failed(_) => {
+                    v.cancelled.lock().unwrap().push((*id).to_owned());
+                    Json(json!({"id": id, "object": "video.deleted", "deleted": true})).into_response()
+                }
+                _ => error(400, "Only completed or failed videos can be deleted.", None, Some("invalid_video_state")),
+            }
+        }
+        _ => error(404, &format!("Invalid URL ({path})"), None, None),
     }
 }

@@ -10,6 +10,8 @@ use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use super::fal::{VideoKnobs, VideoPhase, mp4};
+
 pub const TOKEN: &str = "r8_test";
 
 #[derive(Default)]
@@ -27,6 +29,8 @@ pub struct ReplicateState {
     pub never_done: AtomicBool,
     /// Output a single URL string instead of a list.
     pub single_output: AtomicBool,
+    /// Video predictions (models whose name contains `video`, ids `vp-N`).
+    pub video: VideoKnobs,
 }
 
 pub struct FakeReplicate {
@@ -74,6 +78,9 @@ fn settled(s: &ReplicateState) -> &'static str {
 async fn handle(State(s): State<Arc<ReplicateState>>, req: Request) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    if path == "/files/clip.mp4" {
+        return ([("content-type", "video/mp4")], mp4()).into_response();
+    }
     if let Some(name) = path.strip_prefix("/files/") {
         let seed: u64 = name.trim_end_matches(".png").parse().unwrap_or(0);
         return ([("content-type", "image/png")], png(seed)).into_response();
@@ -84,6 +91,10 @@ async fn handle(State(s): State<Arc<ReplicateState>>, req: Request) -> Response 
     }
     let prefer = req.headers().get("prefer").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if path.contains("video") || parts.get(2).is_some_and(|id| id.starts_with("vp-")) {
+        s.video.auth.lock().unwrap().push(auth);
+        return video(&s, method, &parts, req).await;
+    }
     match (method, parts.as_slice()) {
         (Method::GET, ["v1", "account"]) => {
             Json(json!({"type": "user", "username": "tester", "name": "Tester", "github_url": null})).into_response()
@@ -108,5 +119,67 @@ async fn handle(State(s): State<Arc<ReplicateState>>, req: Request) -> Response 
             Json(prediction(&s, "canceled")).into_response()
         }
         _ => (StatusCode::NOT_FOUND, Json(json!({"detail": "Not found."}))).into_response(),
+    }
+}
+
+/// A video prediction object at `phase`.
+fn video_prediction(s: &ReplicateState, id: &str, phase: &VideoPhase) -> Value {
+    let base = s.base.lock().unwrap().clone();
+    let v = &s.video;
+    let (status, output, error, logs) = match phase {
+        VideoPhase::Queued(_) => ("starting", Value::Null, Value::Null, String::new()),
+        VideoPhase::Running(percent, _) => (
+            "processing",
+            Value::Null,
+            Value::Null,
+            format!("Generating...\n{percent:>3}%|#####     | {percent}/100 [00:01<00:01]\n"),
+        ),
+        VideoPhase::Done => (
+            "succeeded",
+            json!(v.video_url(&base)),
+            Value::Null,
+            "Generating...\n100%|##########| 100/100\n".to_owned(),
+        ),
+        VideoPhase::Failed(e) => ("failed", Value::Null, json!(e), "Generating...\n".to_owned()),
+        VideoPhase::Cancelled => ("canceled", Value::Null, Value::Null, String::new()),
+    };
+    json!({"id": id, "model": "minimax/video-01", "version": "hidden", "status": status, "output": output, "error": error, "logs": logs,
+        "urls": {"get": format!("{base}/v1/predictions/{id}"), "cancel": format!("{base}/v1/predictions/{id}/cancel")}, "created_at": "2026-01-01T00:00:00Z"})
+}
+
+async fn video(s: &ReplicateState, method: Method, parts: &[&str], req: Request) -> Response {
+    let v = &s.video;
+    let not_found = || {
+        (
+            StatusCode::NOT_FOUND,
+            Json(json!({"title": "Not found", "detail": "The requested resource could not be found.", "status": 404})),
+        )
+            .into_response()
+    };
+    match (method, parts) {
+        (Method::POST, ["v1", "models", _, _, "predictions"]) => {
+            let bytes = axum::body::to_bytes(req.into_body(), 64 << 20).await.unwrap();
+            let body: Value = serde_json::from_slice(&bytes).unwrap();
+            let id = format!("vp-{}", v.submitted.lock().unwrap().len() + 1);
+            v.submitted.lock().unwrap().push(body);
+            v.submit_paths.lock().unwrap().push(format!("/{}", parts.join("/")));
+            (StatusCode::CREATED, Json(video_prediction(s, &id, &VideoPhase::Queued(0)))).into_response()
+        }
+        (Method::GET, ["v1", "predictions", id]) => match v.poll(id).await {
+            Ok(phase) => Json(video_prediction(s, id, &phase)).into_response(),
+            Err(404) => not_found(),
+            Err(code) => {
+                (StatusCode::from_u16(code).unwrap(), Json(json!({"title": "Service Unavailable", "status": code})))
+                    .into_response()
+            }
+        },
+        (Method::POST, ["v1", "predictions", id, "cancel"]) => {
+            if v.lose.load(Ordering::SeqCst) {
+                return not_found();
+            }
+            v.cancelled.lock().unwrap().push((*id).to_owned());
+            Json(video_prediction(s, id, &VideoPhase::Cancelled)).into_response()
+        }
+        _ => not_found(),
     }
 }
