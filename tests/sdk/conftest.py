@@ -37,6 +37,11 @@ models:
     default_size: 16x16
   - id: broken-sim
     backends: [broken]
+  - id: sim-video
+    type: video
+    backends: [sim]
+    default_size: 64x36
+    credits: 2
 """
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -1,0 +1,63 @@
+"""OpenAI's Videos API through easel with the official Python SDK, unchanged: create, poll, retrieve, list,
+download the content and the thumbnail, delete; with keys, another key cannot see the video."""
+
+import io
+
+import openai
+import pytest
+from openai import OpenAI
+
+from conftest import ADMIN  # noqa: F401  (the suite's admin token; the fixtures start easel)
+
+
+def client_for(easel, key="unused"):
+    return OpenAI(base_url=easel.url + "/v1", api_key=key, max_retries=0)
+
+
+def test_create_poll_download_list_delete(easel):
+    client = client_for(easel)
+    video = client.videos.create_and_poll(model="sim-video", prompt="a fox in the snow", seconds="2", size="64x36",
+                                          poll_interval_ms=50)
+    assert video.object == "video"
+    assert video.status == "completed", video
+    assert video.progress == 100
+    assert video.seconds == "2" and video.size == "64x36"
+    again = client.videos.retrieve(video.id)
+    assert again.id == video.id and again.status == "completed"
+
+    content = client.videos.download_content(video.id)
+    data = content.read()
+    assert data[:6] in (b"GIF89a", b"GIF87a"), data[:16]
+    thumb = client.videos.download_content(video.id, variant="thumbnail").read()
+    assert thumb.startswith(b"\x89PNG")
+
+    listed = client.videos.list(limit=100)
+    assert video.id in [v.id for v in listed.data]
+
+    deleted = client.videos.delete(video.id)
+    assert deleted.deleted is True
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(video.id)
+
+
+def test_bad_video_requests_raise_the_sdks_errors(easel):
+    client = client_for(easel)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.videos.create(model="sim-video", prompt="p", seconds="99")
+    assert e.value.body["param"] == "seconds"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.videos.create(model="easel-sim", prompt="p")
+    assert "image" in e.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve("video_00000000000000000000000000000000")
+
+
+def test_with_keys_a_video_is_its_owners(easel_keys):
+    alice = easel_keys.create_key("video-alice", 10)
+    bob = easel_keys.create_key("video-bob", 10)
+    mine = client_for(easel_keys, alice).videos.create_and_poll(model="sim-video", prompt="p", seconds="1",
+                                                               poll_interval_ms=50)
+    assert mine.status == "completed"
+    with pytest.raises(openai.NotFoundError):
+        client_for(easel_keys, bob).videos.retrieve(mine.id)
+    assert client_for(easel_keys, bob).videos.list().data == []
