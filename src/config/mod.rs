@@ -356,6 +356,10 @@ pub struct ModelConfig {
     pub backends: Vec<ModelBackend>,
     pub upstream_model: String,
     pub credits: Option<f64>,
+    /// Text models charged per token (`credits` is then `None`).
+    pub token_credits: Option<TokenCredits>,
+    /// Text models: completion tokens assumed for the credit hold when a request sets no `max_tokens`.
+    pub max_output_tokens: u32,
     pub working_set: Option<String>,
     pub description: Option<String>,
     pub sizes: Option<Vec<Size>>,
@@ -368,6 +372,13 @@ pub struct ModelConfig {
     pub negative_prompt: Option<String>,
     /// The workflow template of comfyui/invokeai backends.
     pub workflow: Option<Arc<crate::backends::workflow::Workflow>>,
+}
+
+/// Credits per 1,000 tokens of a text model (1 credit per 1K tokens = 1 millicredit per token).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenCredits {
+    pub input_per_1k: f64,
+    pub output_per_1k: f64,
 }
 
 #[derive(Debug, Clone)]
