@@ -25,7 +25,7 @@ use crate::api::chat::{TextBody, Usage, UsageCarrier};
 use crate::backends::{BackendError, Failure};
 use crate::config::{Capability, ModelConfig, ModelType, TokenCredits};
 use crate::error::Error;
-use crate::ledger::{HoldOutcome, Millicredits, SettlingGuard, Store};
+use crate::ledger::{HoldOutcome, Millicredits, Store};
 use crate::request::RequestError;
 use crate::state::AppState;
 
@@ -204,8 +204,7 @@ async fn hold(
         // Only a request with an Idempotency-Key claim replays; text holds make none.
         HoldOutcome::Replay { .. } => return Err(Error::Internal("a text hold was answered with a replay".into())),
     };
-    let guard = Some(state.settling.begin(who.account_id));
-    Ok(Some(Charge { state: state.clone(), hold_id, held_mc, pricing, guard }))
+    Ok(Some(Charge { state: state.clone(), hold_id, held_mc, pricing, account: who.account_id }))
 }
 
 /// How long a text hold may stay open: a stream can run long, so a generous bound over the slowest backend.
@@ -228,7 +227,7 @@ struct Charge {
     hold_id: String,
     held_mc: Millicredits,
     pricing: Pricing,
-    guard: Option<SettlingGuard>,
+    account: i64,
 }
 
 impl Charge {
@@ -241,7 +240,9 @@ impl Charge {
             (Pricing::PerRequest(mc), _) => mc,
         }
         .min(self.held_mc);
-        let (state, hold_id, guard) = (self.state.clone(), std::mem::take(&mut self.hold_id), self.guard.take());
+        let (state, hold_id) = (self.state.clone(), std::mem::take(&mut self.hold_id));
+        // Balance reads of this account wait for the capture (the client may ask right after the last byte).
+        let guard = self.state.settling.begin(self.account);
         spawn(&self.state, async move {
             let _guard = guard;
             if let Err(e) = state.ledger.capture_mc(&hold_id, amount).await {
@@ -252,7 +253,6 @@ impl Charge {
 
     async fn release(mut self, reason: String) {
         let hold_id = std::mem::take(&mut self.hold_id);
-        let _guard = self.guard.take();
         if let Err(e) = self.state.ledger.release(&hold_id, &reason).await {
             tracing::error!(hold = %hold_id, error = %e, "Releasing a hold failed; the reaper releases it when its lease ends.");
         }
@@ -264,7 +264,8 @@ impl Drop for Charge {
         if self.hold_id.is_empty() {
             return;
         }
-        let (state, hold_id, guard) = (self.state.clone(), std::mem::take(&mut self.hold_id), self.guard.take());
+        let (state, hold_id) = (self.state.clone(), std::mem::take(&mut self.hold_id));
+        let guard = self.state.settling.begin(self.account);
         spawn(&self.state, async move {
             let _guard = guard;
             if let Err(e) = state.ledger.release(&hold_id, "the text answer was not delivered").await {

@@ -21,4 +21,5 @@ mod openai;
 mod outbound;
 mod queue_providers;
 mod template;
+mod text;
 mod trust;
