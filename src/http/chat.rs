@@ -71,6 +71,11 @@ async fn handle(
     };
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
+    for (k, v) in &answer.headers {
+        if let (Ok(k), Ok(v)) = (header::HeaderName::try_from(k.as_str()), HeaderValue::from_bytes(v)) {
+            headers.append(k, v);
+        }
+    }
     headers.insert(header::CONTENT_TYPE, content_type);
     if streaming {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));

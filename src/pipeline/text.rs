@@ -63,6 +63,8 @@ impl TextRoute {
 pub struct TextAnswer {
     pub status: u16,
     pub content_type: Option<String>,
+    /// Upstream headers clients act on (rate limits, retry advice, processing time), passed on as they came.
+    pub headers: Vec<(String, Vec<u8>)>,
     pub body: TextOut,
 }
 
@@ -111,18 +113,19 @@ pub async fn text(state: &AppState, caller: &Caller, route: TextRoute, raw: &[u8
             let status = resp.status().as_u16();
             let content_type =
                 resp.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let headers = passed_headers(resp.headers());
             if stream {
                 let idle = handle.cfg.timeout;
-                return Ok((status, content_type, Opened::Stream { resp, permit, idle }));
+                return Ok((status, content_type, headers, Opened::Stream { resp, permit, idle }));
             }
             // A whole answer: the slot is held until it is read.
             let bytes = b.read_text(resp, &url).await;
             drop(permit);
-            Ok((status, content_type, Opened::Whole(bytes?)))
+            Ok((status, content_type, headers, Opened::Whole(bytes?)))
         }
     })
     .await;
-    let (status, content_type, opened) = match opened {
+    let (status, content_type, headers, opened) = match opened {
         Ok(o) => o,
         Err(e) => {
             if let Some(c) = charge {
@@ -141,7 +144,20 @@ pub async fn text(state: &AppState, caller: &Caller, route: TextRoute, raw: &[u8
         }
         Opened::Stream { resp, permit, idle } => TextOut::Stream(Relay::new(resp, permit, idle, strip_usage, charge)),
     };
-    Ok(TextAnswer { status, content_type, body })
+    Ok(TextAnswer { status, content_type, headers, body })
+}
+
+/// The upstream headers a client's SDK reads: rate limits, retry advice and processing time.
+fn passed_headers(headers: &reqwest::header::HeaderMap) -> Vec<(String, Vec<u8>)> {
+    headers
+        .iter()
+        .filter(|(k, _)| {
+            let k = k.as_str();
+            k.starts_with("x-ratelimit-")
+                || matches!(k, "openai-processing-ms" | "retry-after" | "retry-after-ms" | "x-should-retry")
+        })
+        .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec()))
+        .collect()
 }
 
 enum Opened {

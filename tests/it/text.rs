@@ -89,6 +89,9 @@ async fn a_whole_answer_comes_back_as_sent_and_only_model_is_rewritten() {
     let gw = gateway(&config("none", &[&up], "")).await;
     let resp = post(&gw, "/v1/chat/completions", None, &chat_body(false, false)).await;
     assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-ratelimit-remaining-tokens"], "9990", "rate-limit headers pass on");
+    assert_eq!(resp.headers()["openai-processing-ms"], "42");
+    assert!(resp.headers().get("x-internal-secret").is_none(), "other upstream headers do not");
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "Hello");
     assert_eq!(v["usage"]["completion_tokens"], COMPLETION_TOKENS);

@@ -94,6 +94,7 @@ async fn handle(State(s): State<Arc<TextState>>, req: Request) -> Response {
         "/v1/chat/completions" if body["stream"] == true => stream(s, &model, body["stream_options"]["include_usage"] == true),
         "/v1/chat/completions" => (
             StatusCode::OK,
+            [("x-ratelimit-remaining-tokens", "9990"), ("openai-processing-ms", "42"), ("x-internal-secret", "no")],
             Json(json!({
                 "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
