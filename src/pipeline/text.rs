@@ -385,6 +385,16 @@ impl Relay {
         }
     }
 
+    /// The upstream failed after the answer began. Between events the client is told in the stream's own terms
+    /// (an `error` event, which OpenAI's SDKs raise); inside an event only a broken connection can say it.
+    fn broken(&mut self, why: &str) -> Option<Result<Bytes, std::io::Error>> {
+        if !self.pending.is_empty() {
+            return Some(Err(std::io::Error::other(why.to_owned())));
+        }
+        let error = serde_json::json!({"error": {"message": why, "type": "server_error", "param": null, "code": "backend_error"}});
+        Some(Ok(Bytes::from(format!("data: {error}\n\n"))))
+    }
+
     /// The stream is over: free the slot and settle.
     fn finish(&mut self, completed: bool) {
         self.done = true;
@@ -420,7 +430,7 @@ impl Stream for Relay {
                 Poll::Ready(Some(Err(e))) => {
                     tracing::warn!(error = %e, "The upstream text stream broke.");
                     this.finish(false);
-                    return Poll::Ready(Some(Err(std::io::Error::other(e))));
+                    return Poll::Ready(this.broken("the backend's stream broke off before its end"));
                 }
                 Poll::Ready(None) => {
                     let rest = this.pending.split().freeze();
@@ -431,7 +441,7 @@ impl Stream for Relay {
                     if this.idle.as_mut().poll(cx).is_ready() {
                         tracing::warn!(idle = ?this.idle_limit, "The upstream text stream went silent.");
                         this.finish(false);
-                        return Poll::Ready(Some(Err(std::io::Error::other("the upstream stream went silent"))));
+                        return Poll::Ready(this.broken("the backend's stream went silent"));
                     }
                     return Poll::Pending;
                 }

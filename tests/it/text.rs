@@ -285,3 +285,36 @@ fn a_text_model_needs_openai_backends() {
     let cfg = easel::config::from_str(yaml, "t.yaml", std::path::Path::new("."), &env).unwrap();
     assert_eq!(cfg.backends[0].limit(easel::config::Capability::Text), 8, "a default text limit");
 }
+
+#[tokio::test]
+async fn a_stream_cut_before_its_usage_is_released_and_a_broken_upstream_is_told_in_the_stream() {
+    let up = text_server::start().await;
+    up.state.pause.store(true, Ordering::SeqCst);
+    let gw = gateway(&config("keys", &[&up], "    credits: {input_per_1k: 0.5, output_per_1k: 1.5}\n")).await;
+    let secret = key(&gw, 1.0).await;
+    let mut body = chat_body(true, false);
+    body["max_tokens"] = json!(100);
+    let mut resp = post(&gw, "/v1/chat/completions", Some(&secret), &body).await;
+    tokio::time::timeout(TEST_TIMEOUT, resp.chunk()).await.unwrap().unwrap().unwrap();
+    let (available, held) = balance(&gw, &secret).await;
+    assert!(held > 0 && available == 1000 - held, "the estimate is held while the stream runs");
+    drop(resp);
+    tokio::time::timeout(TEST_TIMEOUT, up.state.cut_seen.notified()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + TEST_TIMEOUT;
+    while balance(&gw, &secret).await != (1000, 0) {
+        assert!(tokio::time::Instant::now() < deadline, "the hold of a cut stream was not released");
+        tokio::task::yield_now().await;
+    }
+
+    // The upstream breaks off between events: the client gets an OpenAI error event, not a silent end.
+    up.state.pause.store(false, Ordering::SeqCst);
+    up.state.break_off.store(true, Ordering::SeqCst);
+    let got = String::from_utf8(read_all(post(&gw, "/v1/chat/completions", Some(&secret), &body).await).await).unwrap();
+    let last = got.trim_end().rsplit("\n\n").next().unwrap();
+    let event: Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(event["error"]["type"], "server_error", "{got}");
+    assert!(!got.contains("[DONE]"));
+    assert_eq!(balance(&gw, &secret).await, (1000, 0), "no usage arrived: nothing charged");
+    let resp = gw.client.get(gw.endpoint("/v1/admin/ledger/check")).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}

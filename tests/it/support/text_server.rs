@@ -4,7 +4,6 @@
 //! OpenAI's error body on demand, and a stream that pauses after its first chunk until released. It records every
 //! request body, every byte of every stream it sent, and streams whose reader went away before the end.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -35,6 +34,8 @@ pub struct TextState {
     /// Streams whose reader went away before the last chunk.
     pub cut: AtomicU32,
     pub cut_seen: Notify,
+    /// Break each stream's connection after its third chunk.
+    pub break_off: AtomicBool,
     /// Streams that reached their first chunk.
     pub started: Notify,
 }
@@ -166,7 +167,7 @@ fn stream(s: Arc<TextState>, model: &str, include_usage: bool) -> Response {
 fn async_stream(
     s: Arc<TextState>,
     chunks: Vec<String>,
-) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send {
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send {
     let watch = Watch { state: Some(Arc::clone(&s)) };
     futures_util::stream::unfold((0usize, chunks, watch), move |(i, chunks, mut watch)| {
         let s = Arc::clone(&s);
@@ -180,6 +181,10 @@ fn async_stream(
                 if s.pause.load(Ordering::SeqCst) {
                     s.release.notified().await;
                 }
+            }
+            if i == 3 && s.break_off.load(Ordering::SeqCst) {
+                watch.state.take();
+                return Some((Err(std::io::Error::other("GPU fell off the bus")), (usize::MAX, chunks, watch)));
             }
             // One chunk per frame, each on its own write (a slow generator).
             tokio::task::yield_now().await;
