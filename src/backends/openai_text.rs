@@ -11,7 +11,7 @@ use super::openai::OpenAiBackend;
 use super::{AnyBackend, BackendError};
 
 /// Longest a streamed answer may run in all.
-const STREAM_LIFETIME: Duration = Duration::from_secs(6 * 3600);
+pub const STREAM_LIFETIME: Duration = Duration::from_secs(6 * 3600);
 
 impl AnyBackend {
     /// The adapter when it speaks the OpenAI text API (only `openai`-kind backends do).

@@ -223,7 +223,7 @@ async fn hold(
     Ok(Some(Charge { state: state.clone(), hold_id, held_mc, pricing, account: who.account_id }))
 }
 
-/// How long a text hold may stay open: a stream can run long, so a generous bound over the slowest backend.
+/// How long a text hold may stay open: past the longest a stream may run, so the reaper never takes a live one.
 fn lease(state: &AppState, model: &ModelConfig) -> Duration {
     let slowest = model
         .backends
@@ -232,7 +232,7 @@ fn lease(state: &AppState, model: &ModelConfig) -> Duration {
         .map(|h| h.cfg.timeout + h.cfg.queue.wait)
         .max()
         .unwrap_or(Duration::from_secs(600));
-    slowest * MAX_ATTEMPTS as u32 + Duration::from_secs(3600)
+    slowest * MAX_ATTEMPTS as u32 + crate::backends::openai_text::STREAM_LIFETIME + Duration::from_secs(60)
 }
 
 /// An open hold for one text request, settled exactly once: [`Charge::settle`] captures, [`Charge::release`]

@@ -284,6 +284,14 @@ fn a_text_model_needs_openai_backends() {
     let yaml = "backends:\n  up: {kind: openai, url: 'http://127.0.0.1:9', concurrency: {images: 0}}\nmodels:\n  - {id: chat, type: text, backends: [up], credits: {input_per_1k: 1}}\n";
     let cfg = easel::config::from_str(yaml, "t.yaml", std::path::Path::new("."), &env).unwrap();
     assert_eq!(cfg.backends[0].limit(easel::config::Capability::Text), 8, "a default text limit");
+    let t = cfg.models[0].token_credits.unwrap();
+    assert_eq!((t.input_per_1k, t.output_per_1k), (1.0, 0.0));
+    let yaml = "backends:\n  up: {kind: openai, url: 'http://127.0.0.1:9'}\nmodels:\n  - {id: chat, type: text, backends: [up], credits: {per_request: 2}}\n  - {id: img, backends: [up], credits: {per_request: 2}}\n";
+    let err = easel::config::from_str(yaml, "t.yaml", std::path::Path::new("."), &env).unwrap_err().to_string();
+    assert!(err.contains("models[1].credits") && !err.contains("models[0]"), "{err}");
+    let yaml = "backends:\n  up: {kind: openai, url: 'http://127.0.0.1:9'}\nmodels:\n  - {id: chat, type: text, backends: [up], credits: {per_request: 2}}\n";
+    let cfg = easel::config::from_str(yaml, "t.yaml", std::path::Path::new("."), &env).unwrap();
+    assert_eq!(cfg.models[0].credits, Some(2.0));
 }
 
 #[tokio::test]
