@@ -1,5 +1,6 @@
 //! Wire types of the OpenAI-compatible API: serde shapes and body writers, no logic and no I/O.
 
+pub mod chat;
 pub mod error;
 pub mod images;
 pub mod models;

@@ -11,6 +11,7 @@ pub mod huggingface;
 pub mod invokeai;
 pub mod jobs;
 pub mod openai;
+pub mod openai_text;
 pub mod outbound;
 pub mod replicate;
 pub mod simulated;

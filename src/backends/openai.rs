@@ -35,6 +35,11 @@ impl OpenAiBackend {
         Ok(Self { http: Http::new(cfg)? })
     }
 
+    /// The backend's HTTP client (the text passthrough in `openai_text.rs` sends through it).
+    pub(super) fn http(&self) -> &Http {
+        &self.http
+    }
+
     /// Turns the upstream's `data[]` into images, downloading URL items. Base64 is decoded straight from the
     /// response buffer (borrowed, not copied into a `String`).
     async fn collect(&self, url: &str, raw: bytes::Bytes) -> Result<Vec<ImageOutput>, BackendError> {

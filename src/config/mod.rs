@@ -356,6 +356,10 @@ pub struct ModelConfig {
     pub backends: Vec<ModelBackend>,
     pub upstream_model: String,
     pub credits: Option<f64>,
+    /// Text models charged per token (`credits` is then `None`).
+    pub token_credits: Option<TokenCredits>,
+    /// Text models: completion tokens assumed for the credit hold when a request sets no `max_tokens`.
+    pub max_output_tokens: u32,
     pub working_set: Option<String>,
     pub description: Option<String>,
     pub sizes: Option<Vec<Size>>,
@@ -372,6 +376,13 @@ pub struct ModelConfig {
     pub credits_per_second: Option<f64>,
     /// Longest a job of this model may run before easel cancels it upstream and refunds it.
     pub job_timeout: Duration,
+}
+
+/// Credits per 1,000 tokens of a text model (1 credit per 1K tokens = 1 millicredit per token).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenCredits {
+    pub input_per_1k: f64,
+    pub output_per_1k: f64,
 }
 
 #[derive(Debug, Clone)]

@@ -175,7 +175,12 @@ pub struct RawModel {
     pub backends: Vec<RawModelBackend>,
     pub upstream_model: Option<String>,
     pub workflow: Option<String>,
-    pub credits: Option<f64>,
+    /// A number (per image, or per request on a text model) or, on a text model, `{per_request}` or
+    /// `{input_per_1k, output_per_1k}`.
+    pub credits: Option<RawCredits>,
+    /// Text models: the completion tokens a request is assumed to ask for when it sets no `max_tokens` (the
+    /// credit hold's estimate).
+    pub max_output_tokens: Option<u32>,
     pub working_set: Option<String>,
     pub description: Option<String>,
     /// Sizes the model accepts (`WxH`); absent = any size within `max_size`.
@@ -207,4 +212,20 @@ pub enum RawModelBackend {
 pub struct RawWeightedBackend {
     pub name: String,
     pub weight: Option<u32>,
+}
+
+/// `credits: 2` or `credits: {per_request: 2}` or `credits: {input_per_1k: 0.5, output_per_1k: 1.5}`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum RawCredits {
+    Flat(f64),
+    Rates(RawCreditRates),
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCreditRates {
+    pub per_request: Option<f64>,
+    pub input_per_1k: Option<f64>,
+    pub output_per_1k: Option<f64>,
 }

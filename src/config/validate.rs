@@ -11,11 +11,11 @@ use reqwest::header::{HeaderName, HeaderValue};
 use serde_json_path::JsonPath;
 use url::Url;
 
-use super::raw::{RawBackend, RawConfig, RawModel, RawModelBackend};
+use super::raw::{RawBackend, RawConfig, RawCredits, RawModel, RawModelBackend};
 use super::{
     AuthConfig, AuthMode, BackendConfig, BackendKind, Capability, Config, Defaults, FailureMode, HealthCheck,
     HealthConfig, HostPattern, ModelBackend, ModelConfig, ModelType, QueueConfig, Secret, ServerConfig,
-    SimulatedFailure, SimulationConfig, StorageConfig, TemplateConfig,
+    SimulatedFailure, SimulationConfig, StorageConfig, TemplateConfig, TokenCredits,
 };
 use crate::backends::workflow::Workflow;
 use crate::request::{ResponseFormat, Size};
@@ -111,9 +111,11 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
     };
 
     let declared: BTreeSet<String> = raw.backends.keys().cloned().collect();
+    let text_backends = text_backends(&raw.models);
     let mut backends = Vec::new();
     for (name, b) in raw.backends {
-        if let Some(cfg) = backend(&mut p, &name, b) {
+        let serves_text = text_backends.contains(&name);
+        if let Some(cfg) = backend(&mut p, &name, b, serves_text) {
             backends.push(Arc::new(cfg));
         }
     }
@@ -146,7 +148,7 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
 const VIDEO_KINDS: &[BackendKind] =
     &[BackendKind::Fal, BackendKind::Replicate, BackendKind::OpenAi, BackendKind::Simulated];
 
-fn backend(p: &mut Problems, name: &str, b: RawBackend) -> Option<BackendConfig> {
+fn backend(p: &mut Problems, name: &str, b: RawBackend, serves_text: bool) -> Option<BackendConfig> {
     let at = format!("backends.{name}");
     let start = p.len();
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
@@ -244,13 +246,13 @@ fn backend(p: &mut Problems, name: &str, b: RawBackend) -> Option<BackendConfig>
     concurrency.insert(Capability::Images, c.images.unwrap_or(default_images));
     let videos_default = if VIDEO_KINDS.contains(&kind) { 2 } else { 0 };
     concurrency.insert(Capability::Videos, c.videos.unwrap_or(videos_default));
-    concurrency.insert(Capability::Text, c.text.unwrap_or(0));
+    concurrency.insert(Capability::Text, text_concurrency(kind, c.text, serves_text));
     if c.videos.is_some_and(|v| v > 0) && !VIDEO_KINDS.contains(&kind) {
         let kinds = VIDEO_KINDS.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ");
         p.push((format!("{at}.concurrency.videos"), format!("kind `{kind}` makes no videos (video kinds: {kinds})")));
     }
     for (cap, v) in [(Capability::Text, c.text)] {
-        if v.is_some_and(|v| v > 0) {
+        if v.is_some_and(|v| v > 0) && !(cap == Capability::Text && kind == BackendKind::OpenAi) {
             p.push((
                 format!("{at}.concurrency.{}", cap.as_str()),
                 format!("kind `{kind}` does not serve {} in this build", cap.as_str()),
@@ -453,10 +455,7 @@ fn model(
     let kind = match m.kind.as_deref().unwrap_or("image") {
         "image" => ModelType::Image,
         "video" => ModelType::Video,
-        "text" => {
-            p.push((format!("{at}.type"), "only `image` and `video` models are served by this build".into()));
-            return None;
-        }
+        "text" => ModelType::Text,
         other => {
             p.push((format!("{at}.type"), format!("`{other}` is not one of: image, video, text")));
             return None;
@@ -478,6 +477,7 @@ fn model(
                 let names = declared.iter().map(String::as_str).collect::<Vec<_>>().join(", ");
                 p.push((format!("{at}.backends[{j}]"), format!("no backend named `{name}` (defined: {names})")));
             }
+            Some(b) if kind == ModelType::Text => text_backend(p, &format!("{at}.backends[{j}]"), b),
             Some(b) if kind == ModelType::Image && b.limit(Capability::Images) == 0 => {
                 p.push((
                     format!("{at}.backends[{j}]"),
@@ -547,10 +547,9 @@ fn model(
     if !(1..=128).contains(&max_n) {
         p.push((format!("{at}.max_n"), format!("{max_n} is outside 1..=128")));
     }
-    if let Some(c) = m.credits
-        && (c < 0.0 || !c.is_finite())
-    {
-        p.push((format!("{at}.credits"), "must be a number >= 0".into()));
+    let (credits, token_credits) = credits(p, at, m.credits.as_ref(), kind);
+    if m.max_output_tokens == Some(0) {
+        p.push((format!("{at}.max_output_tokens"), "must be at least 1".into()));
     }
     if p.len() > start {
         return None;
@@ -560,7 +559,9 @@ fn model(
         id,
         kind,
         backends: list,
-        credits: m.credits,
+        credits,
+        token_credits,
+        max_output_tokens: m.max_output_tokens.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS),
         working_set: m.working_set,
         description: m.description,
         sizes,
@@ -575,6 +576,83 @@ fn model(
         credits_per_second: m.credits_per_second,
         job_timeout,
     })
+}
+
+/// Completion tokens a text request is assumed to ask for when it sets no `max_tokens` (the hold's estimate).
+const DEFAULT_MAX_OUTPUT_TOKENS: u32 = 4096;
+/// `concurrency.text` of an `openai` backend that a text model uses and that sets none.
+const DEFAULT_TEXT_CONCURRENCY: u32 = 8;
+
+/// Names of the backends listed by `type: text` models.
+fn text_backends(models: &[RawModel]) -> BTreeSet<String> {
+    models
+        .iter()
+        .filter(|m| m.kind.as_deref() == Some("text"))
+        .flat_map(|m| m.backends.iter())
+        .map(|b| match b {
+            RawModelBackend::Name(n) => n.clone(),
+            RawModelBackend::Weighted(w) => w.name.clone(),
+        })
+        .collect()
+}
+
+/// A backend's text limit: as configured, else a default for an `openai` backend a text model uses.
+fn text_concurrency(kind: BackendKind, configured: Option<u32>, serves_text: bool) -> u32 {
+    match configured {
+        Some(v) => v,
+        None if serves_text && kind == BackendKind::OpenAi => DEFAULT_TEXT_CONCURRENCY,
+        None => 0,
+    }
+}
+
+/// A text model's backend must speak the OpenAI text API and have text capacity.
+fn text_backend(p: &mut Problems, at: &str, b: &BackendConfig) {
+    if b.kind != BackendKind::OpenAi {
+        p.push((
+            at.to_owned(),
+            format!("backend `{}` is kind `{}`; a text model needs `openai`-kind backends", b.name, b.kind),
+        ));
+    } else if b.limit(Capability::Text) == 0 {
+        p.push((at.to_owned(), format!("backend `{}` has concurrency.text 0, so it serves no text model", b.name)));
+    }
+}
+
+/// `credits`: a number (per image; per request on a text model), or on a text model `{per_request}` or
+/// `{input_per_1k, output_per_1k}`.
+fn credits(
+    p: &mut Problems,
+    at: &str,
+    raw: Option<&RawCredits>,
+    kind: ModelType,
+) -> (Option<f64>, Option<TokenCredits>) {
+    let at = format!("{at}.credits");
+    let check = |p: &mut Problems, key: &str, v: f64| {
+        if v < 0.0 || !v.is_finite() {
+            let at = if key.is_empty() { at.clone() } else { format!("{at}.{key}") };
+            p.push((at, "must be a number >= 0".into()));
+        }
+        v
+    };
+    match raw {
+        None => (None, None),
+        Some(RawCredits::Flat(c)) => (Some(check(p, "", *c)), None),
+        Some(RawCredits::Rates(_)) if kind != ModelType::Text => {
+            p.push((at.clone(), "must be a number (credits per image)".into()));
+            (None, None)
+        }
+        Some(RawCredits::Rates(r)) => match (r.per_request, r.input_per_1k, r.output_per_1k) {
+            (Some(c), None, None) => (Some(check(p, "per_request", c)), None),
+            (None, i, o) if i.is_some() || o.is_some() => {
+                let input_per_1k = check(p, "input_per_1k", i.unwrap_or(0.0));
+                let output_per_1k = check(p, "output_per_1k", o.unwrap_or(0.0));
+                (None, Some(TokenCredits { input_per_1k, output_per_1k }))
+            }
+            _ => {
+                p.push((at.clone(), "set either `per_request` or `input_per_1k`/`output_per_1k`".into()));
+                (None, None)
+            }
+        },
+    }
 }
 
 fn size(p: &mut Problems, at: &str, s: Option<&str>) -> Option<Size> {

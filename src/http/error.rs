@@ -64,7 +64,7 @@ fn shape(e: &Error) -> Shape {
             }
             RoutingError::WrongType { .. } => Shape {
                 param: Some("model".into()),
-                ..Shape::new(StatusCode::BAD_REQUEST, INVALID, "model_type_mismatch")
+                ..Shape::new(StatusCode::BAD_REQUEST, INVALID, "wrong_model_type")
             },
             RoutingError::NoHealthyBackend { .. } => {
                 Shape::new(StatusCode::SERVICE_UNAVAILABLE, SERVER, "backend_unavailable").retry(Duration::from_secs(5))

@@ -3,6 +3,7 @@
 
 mod account;
 mod auth;
+mod chat;
 pub mod error;
 pub mod extract;
 mod files;
@@ -41,9 +42,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/videos", post(videos::create_handler).get(videos::list_handler))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::Extension(BodyLimit(limit)));
+    let text = Router::new()
+        .route("/v1/chat/completions", post(chat::chat_handler))
+        .route("/v1/completions", post(chat::completions_handler))
+        .route("/v1/embeddings", post(chat::embeddings_handler))
+        .layer(DefaultBodyLimit::max(limit));
 
     Router::new()
         .merge(images)
+        .merge(text)
         .route("/v1/models", get(models::list_handler))
         .route("/v1/models/{*id}", get(models::get_handler))
         .route("/v1/files/{id}", get(files::get_handler))
@@ -230,6 +237,9 @@ fn static_route(route: &str) -> &'static str {
     const ROUTES: &[&str] = &[
         "/v1/images/generations",
         "/v1/images/edits",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
         "/v1/models",
         "/v1/models/{*id}",
         "/v1/files/{id}",

@@ -250,6 +250,13 @@ pub trait Store: Send + Sync {
     fn request_cancel(&self, id: &str) -> impl Future<Output = Result<(), LedgerError>> + Send;
     /// Deletes a terminal job's row (its outputs are deleted by the caller).
     fn delete_job(&self, id: &str) -> impl Future<Output = Result<bool, LedgerError>> + Send;
+    /// Captures exactly `amount_mc` of a hold (clamped to what is held; the rest returns to the balance), for
+    /// charges that are not a whole number of units (text priced per token).
+    fn capture_mc(
+        &self,
+        hold_id: &str,
+        amount_mc: Millicredits,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send;
     /// The key that made a stored output, if one did.
     fn output_owner(&self, id: &str) -> impl Future<Output = Result<Option<i64>, LedgerError>> + Send;
     /// Returns the whole hold and forgets the Idempotency-Key, in one transaction.

@@ -19,6 +19,13 @@ use super::{
 /// How long a completed idempotency record is kept.
 const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 
+/// What a capture takes: whole units at the hold's unit price, or an exact amount.
+#[derive(Debug, Clone, Copy)]
+enum Capture {
+    Units(i64),
+    Mc(Millicredits),
+}
+
 #[derive(Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -299,6 +306,21 @@ impl SqliteStore {
         units: Option<i64>,
         reason: &str,
     ) -> Result<bool, LedgerError> {
+        self.settle(tx, hold_id, units.map(Capture::Units), reason).await
+    }
+
+    /// Captures (`Some`) or releases (`None`) an open hold; `false` when it is not open (already settled).
+    async fn settle(
+        &self,
+        tx: &mut sqlx::SqliteConnection,
+        hold_id: &str,
+        capture: Option<Capture>,
+        reason: &str,
+    ) -> Result<bool, LedgerError> {
+        let units = capture.map(|c| match c {
+            Capture::Units(u) => u,
+            Capture::Mc(_) => i64::MAX,
+        });
         let now = now_ms();
         let Some(h) =
             sqlx::query("SELECT account_id, key_id, units, amount_mc FROM holds WHERE id = ?1 AND state = 'held'")
@@ -314,7 +336,11 @@ impl SqliteStore {
             Some(u) => ("captured", u.clamp(0, held_units)),
             None => ("released", 0),
         };
-        let cap = if held_units > 0 { amount / held_units * cap_units } else { 0 };
+        let cap = match capture {
+            Some(Capture::Mc(mc)) => mc.clamp(0, amount),
+            _ if held_units > 0 => amount / held_units * cap_units,
+            _ => 0,
+        };
         sqlx::query("UPDATE holds SET state = ?2, captured_units = ?3, captured_mc = ?4, resolved_at = ?5, reason = ?6 WHERE id = ?1")
             .bind(hold_id)
             .bind(state)
@@ -838,6 +864,14 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn capture_mc(&self, hold_id: &str, amount_mc: Millicredits) -> Result<(), LedgerError> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        self.settle(&mut tx, hold_id, Some(Capture::Mc(amount_mc)), "completed").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn output_owner(&self, id: &str) -> Result<Option<i64>, LedgerError> {
         let row = sqlx::query("SELECT key_id FROM outputs WHERE id = ?1").bind(id).fetch_optional(&self.pool).await?;
         row.map(|r| r.try_get(0)).transpose().map_err(Into::into)
@@ -1027,6 +1061,29 @@ mod tests {
         assert!(s.check().await.unwrap().is_empty());
         let usage = s.usage(who.key_id).await.unwrap();
         assert_eq!((usage[0].requests, usage[0].images, usage[0].credits_mc), (2, 2, 20_000));
+    }
+
+    #[tokio::test]
+    async fn an_exact_capture_charges_that_amount_never_more_than_held() {
+        let (_d, s) = store().await;
+        let key = s.create_key("carol", 10_000, None).await.unwrap();
+        let who = s.authenticate(&key.secret).await.unwrap().unwrap();
+        let price = s.upsert_price("chat", "image", 0).await.unwrap();
+        let HoldOutcome::Held { hold_id } = s.hold(&who, price, 1, 3_000, Duration::from_secs(60), None).await.unwrap()
+        else {
+            panic!()
+        };
+        s.capture_mc(&hold_id, 1_234).await.unwrap();
+        s.capture_mc(&hold_id, 1_000).await.unwrap(); // settled already: a no-op
+        let b = s.balance(who.account_id).await.unwrap();
+        assert_eq!((b.available_mc, b.held_mc, b.captured_mc), (8_766, 0, 1_234));
+        let HoldOutcome::Held { hold_id } = s.hold(&who, price, 1, 1_000, Duration::from_secs(60), None).await.unwrap()
+        else {
+            panic!()
+        };
+        s.capture_mc(&hold_id, 5_000).await.unwrap();
+        assert_eq!(s.balance(who.account_id).await.unwrap().captured_mc, 2_234, "clamped to the 1_000 held");
+        assert!(s.check().await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -3,4 +3,5 @@
 
 pub mod dispatch;
 pub mod images;
+pub mod text;
 pub mod videos;

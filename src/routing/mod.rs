@@ -30,10 +30,23 @@ impl BackendHandle {
 pub enum RoutingError {
     #[error("{}", not_found_message(.requested, .available, .nearest.as_deref()))]
     ModelNotFound { requested: String, available: Vec<String>, nearest: Option<String> },
-    #[error("model `{model}` is a {actual} model; {operation} needs a {wanted} model")]
+    #[error("model `{model}` is {} {actual} model, served by {}; {operation} needs a {wanted} model", article(.actual), served_by(.actual))]
     WrongType { model: String, actual: &'static str, wanted: &'static str, operation: &'static str },
     #[error("no backend of model `{model}` can take requests now: {}", .reasons.join("; "))]
     NoHealthyBackend { model: String, reasons: Vec<String> },
+}
+
+fn article(kind: &str) -> &'static str {
+    if kind.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" }
+}
+
+/// The endpoint that serves a model type, for error messages.
+fn served_by(kind: &str) -> &'static str {
+    match kind {
+        "image" => "POST /v1/images/generations",
+        "video" => "POST /v1/videos",
+        _ => "POST /v1/chat/completions",
+    }
 }
 
 fn not_found_message(requested: &str, available: &[String], nearest: Option<&str>) -> String {

@@ -21,6 +21,7 @@ mod openai;
 mod outbound;
 mod queue_providers;
 mod template;
+mod text;
 mod trust;
 mod video_backends;
 mod videos;

@@ -10,6 +10,7 @@ pub mod openai;
 pub mod replicate;
 pub mod shim;
 pub mod template_server;
+pub mod text_server;
 
 use std::path::Path;
 use std::time::Duration;

@@ -1,0 +1,497 @@
+//! `text`: the story of `POST /v1/chat/completions`, `/v1/completions` and `/v1/embeddings` — a passthrough.
+//!
+//! 1. Read the envelope (`api::chat`), resolve the text model, rewrite `model` to the upstream's name (and, for a
+//!    stream the client did not ask usage for, ask it upstream so credits can be counted).
+//! 2. Hold the credit estimate (per request, or prompt bytes / 4 plus the completion limit priced per token).
+//! 3. One shared dispatch (admission, timeout, fallback, circuit) up to the upstream's response headers: failover
+//!    happens only before the first byte reaches the client, never after.
+//! 4. A whole answer is passed back with the upstream's status; a stream is relayed chunk by chunk as the bytes
+//!    arrive ([`Relay`]), holding the admission slot until it ends, dropping only the usage chunk easel asked for.
+//! 5. Capture what `usage` says (never more than held). A stream cut before its end (the client left, the upstream
+//!    broke) is charged by the usage chunk if it already arrived, else released.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+
+use super::dispatch::{MAX_ATTEMPTS, dispatch};
+use super::images::Caller;
+use crate::admission::Permit;
+use crate::api::chat::{TextBody, Usage, UsageCarrier};
+use crate::backends::{BackendError, Failure};
+use crate::config::{Capability, ModelConfig, ModelType, TokenCredits};
+use crate::error::Error;
+use crate::ledger::{HoldOutcome, Millicredits, Store};
+use crate::request::RequestError;
+use crate::state::AppState;
+
+/// Most bytes of one SSE event kept to look for `usage` (a longer event is passed on unread).
+const MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// Which text route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextRoute {
+    Chat,
+    Completions,
+    Embeddings,
+}
+
+impl TextRoute {
+    pub fn path(self) -> &'static str {
+        match self {
+            TextRoute::Chat => "/v1/chat/completions",
+            TextRoute::Completions => "/v1/completions",
+            TextRoute::Embeddings => "/v1/embeddings",
+        }
+    }
+
+    fn operation(self) -> &'static str {
+        match self {
+            TextRoute::Chat => "chat completions",
+            TextRoute::Completions => "completions",
+            TextRoute::Embeddings => "embeddings",
+        }
+    }
+}
+
+/// The upstream's answer, on its way to the client.
+#[derive(Debug)]
+pub struct TextAnswer {
+    pub status: u16,
+    pub content_type: Option<String>,
+    /// Upstream headers clients act on (rate limits, retry advice, processing time), passed on as they came.
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: TextOut,
+}
+
+#[derive(Debug)]
+pub enum TextOut {
+    Whole(Bytes),
+    Stream(Relay),
+}
+
+/// Passes a text request to the model's backend and returns its answer.
+pub async fn text(state: &AppState, caller: &Caller, route: TextRoute, raw: &[u8]) -> Result<TextAnswer, Error> {
+    let mut body = TextBody::parse(raw).map_err(|e| {
+        RequestError::new(format!("the request body is not a JSON object: {e}")).with_code("invalid_json")
+    })?;
+    let requested = body.model().map_err(|m| RequestError::param("model", m))?;
+    let model = state.registry.resolve(requested.as_deref(), ModelType::Text, route.operation())?;
+    let stream = route != TextRoute::Embeddings && body.stream();
+    let strip_usage = stream && !body.include_usage();
+    body.set("model", to_raw(&model.upstream_model)?);
+    if strip_usage {
+        body.request_usage().map_err(|e| Error::Internal(format!("writing stream_options: {e}")))?;
+    }
+    let estimate = Estimate {
+        prompt_tokens: body.prompt_bytes().div_ceil(4) as u64,
+        completion_tokens: match route {
+            TextRoute::Embeddings => 0,
+            _ => body.max_tokens().unwrap_or(u64::from(model.max_output_tokens)),
+        },
+    };
+    let charge = hold(state, caller, &model, estimate).await?;
+    let forward = Bytes::from(body.to_vec());
+
+    let usable = |h: &crate::routing::BackendHandle| h.adapter.openai_text().is_some();
+    let opened = dispatch(state, &model, Capability::Text, &caller.gone, usable, |handle, permit| {
+        let forward = forward.clone();
+        async move {
+            let Some(b) = handle.adapter.openai_text() else {
+                return Err(BackendError::new(
+                    &handle.cfg.name,
+                    handle.cfg.kind,
+                    handle.cfg.endpoint(""),
+                    Failure::Unsupported("text"),
+                ));
+            };
+            let (resp, url) = b.send_text(route.path(), forward.to_vec(), stream).await?;
+            let status = resp.status().as_u16();
+            let content_type =
+                resp.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let headers = passed_headers(resp.headers());
+            if stream {
+                let idle = handle.cfg.timeout;
+                return Ok((status, content_type, headers, Opened::Stream { resp, permit, idle }));
+            }
+            // A whole answer: the slot is held until it is read.
+            let bytes = b.read_text(resp, &url).await;
+            drop(permit);
+            Ok((status, content_type, headers, Opened::Whole(bytes?)))
+        }
+    })
+    .await;
+    let (status, content_type, headers, opened) = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            if let Some(c) = charge {
+                c.release(e.to_string()).await;
+            }
+            return Err(e);
+        }
+    };
+    let body = match opened {
+        Opened::Whole(bytes) => {
+            let usage = serde_json::from_slice::<UsageCarrier>(&bytes).ok().and_then(|c| c.usage);
+            if let Some(c) = charge {
+                c.settle(usage);
+            }
+            TextOut::Whole(bytes)
+        }
+        Opened::Stream { resp, permit, idle } => TextOut::Stream(Relay::new(resp, permit, idle, strip_usage, charge)),
+    };
+    Ok(TextAnswer { status, content_type, headers, body })
+}
+
+/// The upstream headers a client's SDK reads: rate limits, retry advice and processing time.
+fn passed_headers(headers: &reqwest::header::HeaderMap) -> Vec<(String, Vec<u8>)> {
+    headers
+        .iter()
+        .filter(|(k, _)| {
+            let k = k.as_str();
+            k.starts_with("x-ratelimit-")
+                || matches!(k, "openai-processing-ms" | "retry-after" | "retry-after-ms" | "x-should-retry")
+        })
+        .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+enum Opened {
+    Whole(Bytes),
+    Stream { resp: reqwest::Response, permit: Permit, idle: Duration },
+}
+
+fn to_raw(s: &str) -> Result<Box<serde_json::value::RawValue>, Error> {
+    serde_json::value::to_raw_value(s).map_err(|e| Error::Internal(format!("encoding the model name: {e}")))
+}
+
+/// Tokens a request is assumed to use before its answer says.
+#[derive(Debug, Clone, Copy)]
+struct Estimate {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+/// How a text model is priced.
+#[derive(Debug, Clone, Copy)]
+enum Pricing {
+    PerRequest(Millicredits),
+    PerToken(TokenCredits),
+}
+
+impl Pricing {
+    /// Credits per 1K tokens are millicredits per token; a fraction of a millicredit rounds up.
+    fn cost(self, prompt_tokens: u64, completion_tokens: u64) -> Millicredits {
+        match self {
+            Pricing::PerRequest(mc) => mc,
+            Pricing::PerToken(t) => {
+                let mc = prompt_tokens as f64 * t.input_per_1k + completion_tokens as f64 * t.output_per_1k;
+                (mc - 1e-9).ceil().max(0.0) as Millicredits
+            }
+        }
+    }
+}
+
+/// Holds the estimate before any upstream call (402 when the balance is short); `None` without keys.
+async fn hold(
+    state: &AppState,
+    caller: &Caller,
+    model: &Arc<ModelConfig>,
+    estimate: Estimate,
+) -> Result<Option<Charge>, Error> {
+    let Some(who) = &caller.principal else { return Ok(None) };
+    if !who.may_use(&model.id) {
+        let allowed = who.allowed_models.as_ref().map(|m| m.join(", ")).unwrap_or_default();
+        return Err(Error::ModelNotAllowed { key: who.name.clone(), model: model.id.clone(), allowed });
+    }
+    let (price_id, unit_mc) = state.prices.get(&model.id).copied().unwrap_or((0, 0));
+    let pricing = match model.token_credits {
+        Some(t) => Pricing::PerToken(t),
+        None => Pricing::PerRequest(unit_mc),
+    };
+    let held_mc = pricing.cost(estimate.prompt_tokens, estimate.completion_tokens);
+    let lease = lease(state, model);
+    let hold_id = match state.ledger.hold(who, price_id, 1, held_mc, lease, None).await? {
+        HoldOutcome::Held { hold_id } => hold_id,
+        // Only a request with an Idempotency-Key claim replays; text holds make none.
+        HoldOutcome::Replay { .. } => return Err(Error::Internal("a text hold was answered with a replay".into())),
+    };
+    Ok(Some(Charge { state: state.clone(), hold_id, held_mc, pricing, account: who.account_id }))
+}
+
+/// How long a text hold may stay open: past the longest a stream may run, so the reaper never takes a live one.
+fn lease(state: &AppState, model: &ModelConfig) -> Duration {
+    let slowest = model
+        .backends
+        .iter()
+        .filter_map(|b| state.backends.get(&b.name))
+        .map(|h| h.cfg.timeout + h.cfg.queue.wait)
+        .max()
+        .unwrap_or(Duration::from_secs(600));
+    slowest * MAX_ATTEMPTS as u32 + crate::backends::openai_text::STREAM_LIFETIME + Duration::from_secs(60)
+}
+
+/// An open hold for one text request, settled exactly once: [`Charge::settle`] captures, [`Charge::release`]
+/// returns it, and dropping it unsettled releases it.
+#[derive(Debug)]
+struct Charge {
+    state: AppState,
+    hold_id: String,
+    held_mc: Millicredits,
+    pricing: Pricing,
+    account: i64,
+}
+
+impl Charge {
+    /// Captures what `usage` says (never more than held); without `usage`, a per-token model is charged the
+    /// estimate that was held and a per-request model its price.
+    fn settle(mut self, usage: Option<Usage>) {
+        let amount = match (self.pricing, usage) {
+            (Pricing::PerToken(_), Some(u)) => self.pricing.cost(u.prompt_tokens, u.completion_tokens),
+            (Pricing::PerToken(_), None) => self.held_mc,
+            (Pricing::PerRequest(mc), _) => mc,
+        }
+        .min(self.held_mc);
+        let (state, hold_id) = (self.state.clone(), std::mem::take(&mut self.hold_id));
+        // Balance reads of this account wait for the capture (the client may ask right after the last byte).
+        let guard = self.state.settling.begin(self.account);
+        spawn(&self.state, async move {
+            let _guard = guard;
+            if let Err(e) = state.ledger.capture_mc(&hold_id, amount).await {
+                tracing::error!(hold = %hold_id, error = %e, "Capturing a hold failed.");
+            }
+        });
+    }
+
+    async fn release(mut self, reason: String) {
+        let hold_id = std::mem::take(&mut self.hold_id);
+        if let Err(e) = self.state.ledger.release(&hold_id, &reason).await {
+            tracing::error!(hold = %hold_id, error = %e, "Releasing a hold failed; the reaper releases it when its lease ends.");
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if self.hold_id.is_empty() {
+            return;
+        }
+        let (state, hold_id) = (self.state.clone(), std::mem::take(&mut self.hold_id));
+        let guard = self.state.settling.begin(self.account);
+        spawn(&self.state, async move {
+            let _guard = guard;
+            if let Err(e) = state.ledger.release(&hold_id, "the text answer was not delivered").await {
+                tracing::error!(hold = %hold_id, error = %e, "Releasing a hold failed.");
+            }
+        });
+    }
+}
+
+fn spawn(state: &AppState, work: impl Future<Output = ()> + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            state.tasks.spawn_on(work, &rt);
+        }
+        Err(_) => tracing::warn!("No runtime to settle a hold on; the next start releases it."),
+    }
+}
+
+type Upstream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// An upstream SSE stream relayed to the client as its bytes arrive. Owns the admission slot (released when the
+/// stream ends or the relay is dropped — a client that leaves drops it, which closes the upstream connection) and
+/// the credit hold. Events are only looked at, never re-encoded; when easel asked for usage itself, the one
+/// usage-only event (`"choices": []` with `usage`) is left out, and only complete events are passed on then.
+pub struct Relay {
+    upstream: Upstream,
+    permit: Option<Permit>,
+    idle_limit: Duration,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    strip_usage: bool,
+    /// The unfinished event at the end of what arrived so far.
+    pending: BytesMut,
+    usage: Option<Usage>,
+    charge: Option<Charge>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay").field("strip_usage", &self.strip_usage).field("done", &self.done).finish()
+    }
+}
+
+impl Relay {
+    fn new(resp: reqwest::Response, permit: Permit, idle_limit: Duration, strip: bool, charge: Option<Charge>) -> Self {
+        Self {
+            upstream: Box::pin(resp.bytes_stream()),
+            permit: Some(permit),
+            idle_limit,
+            idle: Box::pin(tokio::time::sleep(idle_limit)),
+            strip_usage: strip,
+            pending: BytesMut::new(),
+            usage: None,
+            charge,
+            done: false,
+        }
+    }
+
+    /// Takes in one upstream chunk; returns the bytes to pass on now.
+    fn take(&mut self, chunk: Bytes) -> Bytes {
+        self.pending.extend_from_slice(&chunk);
+        let mut out = BytesMut::new();
+        while let Some(end) = event_end(&self.pending) {
+            let event = self.pending.split_to(end).freeze();
+            let usage_only = self.inspect(&event);
+            if !(self.strip_usage && usage_only) {
+                out.extend_from_slice(&event);
+            }
+        }
+        if self.pending.len() > MAX_EVENT_BYTES {
+            // Too long to hold back or inspect: pass it on as it is.
+            let rest = self.pending.split().freeze();
+            if self.strip_usage {
+                out.extend_from_slice(&rest);
+            }
+        }
+        if self.strip_usage { out.freeze() } else { chunk }
+    }
+
+    /// Records the event's `usage`; true when the event is the usage-only chunk.
+    fn inspect(&mut self, event: &[u8]) -> bool {
+        if !contains(event, b"\"usage\"") {
+            return false;
+        }
+        let mut data = Vec::new();
+        for line in event.split(|b| *b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if let Some(v) = line.strip_prefix(b"data:") {
+                if !data.is_empty() {
+                    data.push(b'\n');
+                }
+                data.extend_from_slice(v.strip_prefix(b" ").unwrap_or(v));
+            }
+        }
+        match serde_json::from_slice::<UsageCarrier>(&data) {
+            Ok(UsageCarrier { choices, usage: Some(u) }) => {
+                self.usage = Some(u);
+                choices.is_none_or(|c| c.is_empty())
+            }
+            _ => false,
+        }
+    }
+
+    /// The upstream failed after the answer began. Between events the client is told in the stream's own terms
+    /// (an `error` event, which OpenAI's SDKs raise); inside an event only a broken connection can say it.
+    fn broken(&mut self, why: &str) -> Option<Result<Bytes, std::io::Error>> {
+        if !self.pending.is_empty() {
+            return Some(Err(std::io::Error::other(why.to_owned())));
+        }
+        let error = serde_json::json!({"error": {"message": why, "type": "server_error", "param": null, "code": "backend_error"}});
+        Some(Ok(Bytes::from(format!("data: {error}\n\n"))))
+    }
+
+    /// The stream is over: free the slot and settle.
+    fn finish(&mut self, completed: bool) {
+        self.done = true;
+        self.permit = None;
+        if let Some(c) = self.charge.take() {
+            match (completed, self.usage) {
+                (true, usage) => c.settle(usage),
+                (false, Some(u)) => c.settle(Some(u)),
+                (false, None) => drop(c),
+            }
+        }
+    }
+}
+
+impl Stream for Relay {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            match this.upstream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let deadline = tokio::time::Instant::now() + this.idle_limit;
+                    this.idle.as_mut().reset(deadline);
+                    let out = this.take(chunk);
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(out)));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "The upstream text stream broke.");
+                    this.finish(false);
+                    return Poll::Ready(this.broken("the backend's stream broke off before its end"));
+                }
+                Poll::Ready(None) => {
+                    let rest = this.pending.split().freeze();
+                    this.finish(true);
+                    return Poll::Ready((this.strip_usage && !rest.is_empty()).then_some(Ok(rest)));
+                }
+                Poll::Pending => {
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        tracing::warn!(idle = ?this.idle_limit, "The upstream text stream went silent.");
+                        this.finish(false);
+                        return Poll::Ready(this.broken("the backend's stream went silent"));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if !self.done {
+            self.finish(false);
+        }
+    }
+}
+
+/// Where the first complete SSE event ends (after its blank line: `\n\n` or `\r\n\r\n`).
+fn event_end(buf: &[u8]) -> Option<usize> {
+    (0..buf.len()).find_map(|i| {
+        if buf[i] != b'\n' {
+            return None;
+        }
+        match buf.get(i + 1) {
+            Some(b'\n') => Some(i + 2),
+            Some(b'\r') if buf.get(i + 2) == Some(&b'\n') => Some(i + 3),
+            _ => None,
+        }
+    })
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_end_at_a_blank_line_in_either_line_ending() {
+        assert_eq!(event_end(b"data: {}\n\ndata: x"), Some(10));
+        assert_eq!(event_end(b"data: {}\r\n\r\ndata"), Some(12));
+        assert_eq!(event_end(b"data: {}\n"), None);
+    }
+
+    #[test]
+    fn per_token_cost_is_millicredits_per_token_rounded_up() {
+        let p = Pricing::PerToken(TokenCredits { input_per_1k: 0.5, output_per_1k: 1.5 });
+        assert_eq!(p.cost(10, 20), 35);
+        assert_eq!(p.cost(1, 0), 1);
+        assert_eq!(Pricing::PerRequest(2000).cost(5, 5), 2000);
+    }
+}
