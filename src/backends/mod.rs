@@ -12,6 +12,7 @@ pub mod invokeai;
 pub mod jobs;
 pub mod openai;
 pub mod outbound;
+pub mod progress;
 pub mod replicate;
 pub mod simulated;
 pub mod template;
@@ -44,6 +45,8 @@ pub struct ImageCall<'a> {
     /// delete/interrupt, A1111 interrupt, InvokeAI cancel) do so and return; others finish the call, because the
     /// GPU is busy either way and the admission slot must stay held until it is free.
     pub cancel: &'a CancellationToken,
+    /// Where the adapter reports steps and previews (see [`progress::Progress`]).
+    pub progress: &'a progress::Progress,
 }
 
 /// An image sent to the gateway (edit input or mask).
