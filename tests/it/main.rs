@@ -20,5 +20,6 @@ mod limits;
 mod openai;
 mod outbound;
 mod queue_providers;
+mod streaming;
 mod template;
 mod trust;
