@@ -23,12 +23,12 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::client::Http;
 use super::error::excerpt;
+use super::progress::Progress;
 use super::workflow::{WorkflowVars, fresh_seed};
 use super::{
     Backend, BackendError, Failure, ImageCall, ImageOutput, InputImage, ProbeReport, image_from_bytes,
     upload_edit_inputs,
 };
-use super::progress::Progress;
 use crate::config::BackendConfig;
 use crate::request::ImageFormat;
 

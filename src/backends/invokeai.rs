@@ -40,12 +40,12 @@ use tokio::time::Instant;
 use self::events::{Events, ItemUpdate};
 use self::wire::{Batch, EnqueueBody, Enqueued, ListPage, QueueItem, QueueStatus, Status, Uploaded};
 use super::client::Http;
+use super::progress::Progress;
 use super::workflow::{Workflow, WorkflowVars, fresh_seed};
 use super::{
     Backend, BackendError, Failure, ImageCall, ImageOutput, InputImage, ProbeReport, image_from_bytes,
     upload_edit_inputs,
 };
-use super::progress::Progress;
 use crate::config::BackendConfig;
 use crate::request::ImageFormat;
 

@@ -264,8 +264,7 @@ async fn charged(
             }
             // Only an Idempotency-Key needs the body stored (a copy); without one nothing is copied.
             let record = claim.map(|c| {
-                let stored =
-                    StoredResponse { status: 200, content_type: content_type.into(), body: body.to_vec() };
+                let stored = StoredResponse { status: 200, content_type: content_type.into(), body: body.to_vec() };
                 (who.clone(), c.key, stored)
             });
             let guard = Some(state.settling.begin(who.account_id));

@@ -165,7 +165,8 @@ async fn edits_stream_with_the_edit_event_names() {
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .unwrap();
     let url = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(&png));
-    let body = json!({"model": "sim", "prompt": "p", "images": [{"image_url": url}], "stream": true, "partial_images": 1});
+    let body =
+        json!({"model": "sim", "prompt": "p", "images": [{"image_url": url}], "stream": true, "partial_images": 1});
     let events = Events::open(&gw, "/v1/images/edits", None, body).await.all().await;
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["image_edit.partial_image", "image_edit.completed"]);

@@ -119,7 +119,9 @@ pub fn preview_frame(seed: u64, step: u64, w: u32, h: u32) -> Vec<u8> {
         image::Rgb([(seed % 256) as u8, (step * 40) as u8, 64]),
     );
     let mut jpeg = Vec::new();
-    image::DynamicImage::ImageRgb8(img).write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+        .unwrap();
     let mut frame = vec![0, 0, 0, 1, 0, 0, 0, 1];
     frame.extend(jpeg);
     frame
