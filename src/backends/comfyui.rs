@@ -10,6 +10,8 @@
 //! `easel/<sha256>.<ext>` (never the client's file name), and are refused when the workflow has no `image` (or,
 //! with a mask, no `mask`) variable.
 //!
+//! Binary preview frames on the socket (a server started with a preview method) feed streamed partial images.
+//!
 //! Health: `GET /system_stats`, with the queue depth from `GET /queue` in the probe's detail.
 
 use std::sync::Arc;

@@ -49,14 +49,6 @@ use super::{
 use crate::config::BackendConfig;
 use crate::request::ImageFormat;
 
-/// An `invocation_progress` preview (`data:image/…;base64,…`) as image bytes; `None` when it is not an image.
-fn preview_image(data_url: &str) -> Option<(bytes::Bytes, ImageFormat)> {
-    let (_, b64) = data_url.strip_prefix("data:")?.split_once(";base64,")?;
-    let bytes = crate::media::decode_base64(b64).ok()?;
-    let format = crate::media::sniff(&bytes)?;
-    Some((bytes, format))
-}
-
 pub const KIND: &str = "invokeai";
 
 /// The `origin` of every batch easel enqueues, shown in InvokeAI's queue list and events.
@@ -506,5 +498,28 @@ impl Backend for InvokeAiBackend {
 
     fn supports_edits(&self) -> bool {
         true
+    }
+}
+
+/// An `invocation_progress` preview (`data:image/…;base64,…`) as image bytes; `None` when it is not an image.
+fn preview_image(data_url: &str) -> Option<(bytes::Bytes, ImageFormat)> {
+    let (_, b64) = data_url.strip_prefix("data:")?.split_once(";base64,")?;
+    let bytes = crate::media::decode_base64(b64).ok()?;
+    let format = crate::media::sniff(&bytes)?;
+    Some((bytes, format))
+}
+
+#[cfg(test)]
+mod preview_tests {
+    use super::*;
+
+    #[test]
+    fn progress_images_are_read_from_their_data_url() {
+        let png = b"\x89PNG\r\n\x1a\n rest";
+        let url = crate::media::data_url(png, ImageFormat::Png);
+        let (bytes, format) = preview_image(&url).unwrap();
+        assert_eq!((&bytes[..], format), (&png[..], ImageFormat::Png));
+        assert!(preview_image("data:image/png;base64,aGVsbG8=").is_none(), "not an image");
+        assert!(preview_image("https://h/x.png").is_none());
     }
 }

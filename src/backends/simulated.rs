@@ -1,7 +1,8 @@
 //! `simulated`: easel's built-in backend. No network and no model: it paints a PNG procedurally from the prompt
 //! and seed (the same prompt, seed and size give the same bytes), with configurable latency and injected
 //! failures (an error status or a hang, every Nth call). It is the model behind the built-in default
-//! configuration, and it serves tests and benchmarks. `/v1/models` says it is a simulation.
+//! configuration, and it serves tests and benchmarks. Its latency passes in steps, with a blurred preview after each
+//! but the last for a streaming client. `/v1/models` says it is a simulation.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;

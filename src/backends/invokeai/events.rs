@@ -188,6 +188,11 @@ mod tests {
         let (name, p) =
             parse_event(r#"42/ns,["queue_item_status_changed",{"item_id":6,"status":"completed"}]"#).unwrap();
         assert_eq!((name.as_str(), p.item_id), ("queue_item_status_changed", Some(6)));
+        let (_, p) = parse_event(
+            r#"42["invocation_progress",{"item_id":5,"destination":"easel:x","percentage":0.5,"image":{"width":8,"height":8,"dataURL":"data:image/jpeg;base64,/9j/"}}]"#,
+        )
+        .unwrap();
+        assert_eq!(p.image.map(|i| i.data_url).as_deref(), Some("data:image/jpeg;base64,/9j/"));
         assert!(parse_event("40{\"sid\":\"x\"}").is_none());
         assert!(parse_event("42[\"only_a_name\"]").is_none());
     }
