@@ -248,3 +248,26 @@ async fn a_client_that_leaves_mid_stream_is_not_charged() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_failure_after_the_first_partial_ends_the_stream_with_an_error_event() {
+    let comfy = support::comfyui::start().await;
+    comfy.state.knobs.run_ms.store(50, std::sync::atomic::Ordering::SeqCst);
+    comfy.state.knobs.fail_exec.store(true, std::sync::atomic::Ordering::SeqCst);
+    let workflows = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/workflows");
+    let yaml = format!(
+        "backends:\n  comfy:\n    kind: comfyui\n    url: {}\n    timeout: 10s\n    poll_interval: 20ms\nmodels:\n  - id: free\n    backends: [comfy]\n    workflow: {workflows}/comfyui-model-free.json\n    default_size: 32x24\n",
+        comfy.url
+    );
+    let gw = spawn_gateway(&yaml).await;
+    let body = json!({"model": "free", "prompt": "p", "stream": true, "partial_images": 1});
+    let events = Events::open(&gw, "/v1/images/generations", None, body).await.all().await;
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["image_generation.partial_image", "error"]);
+    // OpenAI's error object, which the SDK raises on.
+    let err = &events[1].1["error"];
+    assert!(err["message"].as_str().unwrap().contains("out of memory"), "{err}");
+    for key in ["type", "param", "code"] {
+        assert!(err.get(key).is_some(), "error.{key} missing: {err}");
+    }
+}
