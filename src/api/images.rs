@@ -151,6 +151,90 @@ impl ImagesResponse {
     }
 }
 
+/// What every streamed event of one answer repeats (`stream: true`).
+#[derive(Debug, Clone)]
+pub struct StreamMeta {
+    /// `image_generation` or `image_edit`.
+    pub prefix: &'static str,
+    pub size: String,
+    pub quality: &'static str,
+    pub background: &'static str,
+}
+
+impl StreamMeta {
+    /// The event names' prefix for an edit or a generation.
+    pub fn prefix(edit: bool) -> &'static str {
+        if edit { "image_edit" } else { "image_generation" }
+    }
+
+    /// `quality` as the events report it.
+    pub fn quality(q: Option<&str>) -> &'static str {
+        match q {
+            Some("low") => "low",
+            Some("medium") => "medium",
+            Some("high" | "hd") => "high",
+            _ => "auto",
+        }
+    }
+
+    /// `background` as the events report it: the backends paint opaque images unless asked otherwise.
+    pub fn background(b: Option<&str>) -> &'static str {
+        match b {
+            Some("transparent") => "transparent",
+            _ => "opaque",
+        }
+    }
+
+    /// One `…partial_image` event.
+    pub fn partial(&self, image: &[u8], output_format: &str, index: u32, created_at: u64) -> Bytes {
+        let kind = format!("{}.partial_image", self.prefix);
+        let data = serde_json::json!({
+            "type": kind,
+            "b64_json": crate::media::base64_encoder().encode(image),
+            "created_at": created_at,
+            "size": self.size,
+            "quality": self.quality,
+            "background": self.background,
+            "output_format": output_format,
+            "partial_image_index": index,
+        });
+        sse_event(&kind, &data)
+    }
+}
+
+/// One Server-Sent Event: an `event:` line, one `data:` line, a blank line.
+pub fn sse_event(name: &str, data: &serde_json::Value) -> Bytes {
+    Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
+}
+
+impl ImagesResponse {
+    /// The `…completed` event of a streamed answer: the first (only) image, with the size that was made.
+    pub fn to_sse_completed(&self, meta: &StreamMeta) -> Bytes {
+        let kind = format!("{}.completed", meta.prefix);
+        let engine = crate::media::base64_encoder();
+        let b64 = match self.data.first().map(|i| &i.data) {
+            Some(ImageData::B64(b)) => engine.encode(b),
+            Some(ImageData::Url(_)) | None => String::new(),
+        };
+        let data = serde_json::json!({
+            "type": kind,
+            "b64_json": b64,
+            "created_at": self.created,
+            "size": self.size.as_deref().unwrap_or(&meta.size),
+            "quality": meta.quality,
+            "background": meta.background,
+            "output_format": self.output_format,
+            "usage": {
+                "input_tokens": 0,
+                "output_tokens": 0,
+                "total_tokens": 0,
+                "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+            },
+        });
+        sse_event(&kind, &data)
+    }
+}
+
 fn put_json_string(out: &mut BytesMut, s: &str) {
     // serde_json escapes exactly as JSON requires; strings here are short (URLs, prompts).
     let quoted = serde_json::Value::String(s.to_owned()).to_string();

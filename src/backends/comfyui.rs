@@ -10,6 +10,8 @@
 //! `easel/<sha256>.<ext>` (never the client's file name), and are refused when the workflow has no `image` (or,
 //! with a mask, no `mask`) variable.
 //!
+//! Binary preview frames on the socket (a server started with a preview method) feed streamed partial images.
+//!
 //! Health: `GET /system_stats`, with the queue depth from `GET /queue` in the probe's detail.
 
 use std::sync::Arc;
@@ -23,13 +25,14 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::client::Http;
 use super::error::excerpt;
+use super::progress::Progress;
 use super::workflow::{WorkflowVars, fresh_seed};
 use super::{
     Backend, BackendError, Failure, ImageCall, ImageOutput, InputImage, ProbeReport, image_from_bytes,
     upload_edit_inputs,
 };
 use crate::config::BackendConfig;
-use crate::telemetry::metrics as m;
+use crate::request::ImageFormat;
 
 pub const KIND: &str = "comfyui";
 
@@ -116,16 +119,24 @@ impl ComfyUiBackend {
     }
 
     /// Follows the job on the socket; `None` when the socket went away and polling must take over.
-    async fn follow_socket<S>(&self, socket: &mut S, prompt_id: &str) -> Option<Ended>
+    async fn follow_socket<S>(&self, socket: &mut S, prompt_id: &str, progress: &Progress) -> Option<Ended>
     where
         S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
     {
         while let Some(msg) = socket.next().await {
-            let Ok(Message::Text(text)) = msg else {
-                if msg.is_err() {
-                    return None;
+            let text = match msg {
+                Ok(Message::Text(text)) => text,
+                Ok(Message::Binary(frame)) => {
+                    // Only sockets of this client get its previews; decode nothing unless someone listens.
+                    if progress.wants_preview()
+                        && let Some((bytes, format)) = preview_frame(&frame)
+                    {
+                        progress.preview(bytes, format);
+                    }
+                    continue;
                 }
-                continue; // binary previews, pings
+                Ok(_) => continue, // pings
+                Err(_) => return None,
             };
             let Ok(event) = serde_json::from_str::<Event>(&text) else { continue };
             if event.data.get("prompt_id").and_then(Value::as_str).is_some_and(|p| p != prompt_id) {
@@ -135,7 +146,7 @@ impl ComfyUiBackend {
                 "progress" => {
                     let (v, max) =
                         (event.data["value"].as_f64().unwrap_or(0.0), event.data["max"].as_f64().unwrap_or(0.0));
-                    m::job_progress(&self.http.cfg.name, v, max);
+                    progress.step(&self.http.cfg.name, v, max);
                     tracing::debug!(backend = %self.http.cfg.name, prompt_id, step = v, of = max, "ComfyUI progress.");
                 }
                 "executing"
@@ -213,6 +224,24 @@ impl ComfyUiBackend {
     }
 }
 
+/// A binary socket frame that carries a preview: a big-endian u32 event type (1 = preview image), a big-endian
+/// u32 image format (1 = JPEG, 2 = PNG), then the image bytes. Other frames (and broken ones) are `None`.
+fn preview_frame(frame: &[u8]) -> Option<(bytes::Bytes, ImageFormat)> {
+    let word = |at: usize| frame.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    if word(0)? != 1 {
+        return None;
+    }
+    let said = match word(4)? {
+        1 => ImageFormat::Jpeg,
+        2 => ImageFormat::Png,
+        _ => return None,
+    };
+    let image = frame.get(8..)?;
+    // The bytes decide; a frame whose bytes are not the image it announced is skipped.
+    let format = crate::media::sniff(image).filter(|f| *f == said)?;
+    Some((bytes::Bytes::copy_from_slice(image), format))
+}
+
 impl Backend for ComfyUiBackend {
     async fn generate_images(&self, call: ImageCall<'_>) -> Result<Vec<ImageOutput>, BackendError> {
         let Some(workflow) = call.model.workflow.as_ref() else {
@@ -247,7 +276,7 @@ impl Backend for ComfyUiBackend {
 
         let followed = async {
             let ended = match socket.as_mut() {
-                Some(s) => self.follow_socket(s, &prompt_id).await,
+                Some(s) => self.follow_socket(s, &prompt_id, call.progress).await,
                 None => None,
             };
             match ended {

@@ -40,13 +40,14 @@ use tokio::time::Instant;
 use self::events::{Events, ItemUpdate};
 use self::wire::{Batch, EnqueueBody, Enqueued, ListPage, QueueItem, QueueStatus, Status, Uploaded};
 use super::client::Http;
+use super::progress::Progress;
 use super::workflow::{Workflow, WorkflowVars, fresh_seed};
 use super::{
     Backend, BackendError, Failure, ImageCall, ImageOutput, InputImage, ProbeReport, image_from_bytes,
     upload_edit_inputs,
 };
 use crate::config::BackendConfig;
-use crate::telemetry::metrics as m;
+use crate::request::ImageFormat;
 
 pub const KIND: &str = "invokeai";
 
@@ -172,8 +173,13 @@ impl InvokeAiBackend {
     }
 
     /// Follows the items to their end and downloads their output images.
-    async fn finish(&self, job: Submitted, open: &OpenItems) -> Result<Vec<ImageOutput>, BackendError> {
-        let names = self.follow(&job.ids, &job.outputs, open, job.events).await?;
+    async fn finish(
+        &self,
+        job: Submitted,
+        open: &OpenItems,
+        progress: &Progress,
+    ) -> Result<Vec<ImageOutput>, BackendError> {
+        let names = self.follow(&job.ids, &job.outputs, open, job.events, progress).await?;
         let mut images = Vec::with_capacity(names.len());
         for name in &names {
             images.push(self.download(name).await?);
@@ -307,6 +313,7 @@ impl InvokeAiBackend {
         outputs: &BTreeSet<String>,
         open: &OpenItems,
         mut events: Option<Events>,
+        progress: &Progress,
     ) -> Result<Vec<String>, BackendError> {
         let name = &self.http.cfg.name;
         let total = ids.len() as f64;
@@ -333,7 +340,15 @@ impl InvokeAiBackend {
                         }
                     };
                     match update {
-                        Some(ItemUpdate::Progress(fraction)) => m::job_progress(name, done as f64 + fraction, total),
+                        Some(ItemUpdate::Progress(fraction, image)) => {
+                            progress.step(name, done as f64 + fraction, total);
+                            if let Some(url) = image
+                                && progress.wants_preview()
+                                && let Some((bytes, format)) = preview_image(&url)
+                            {
+                                progress.preview(bytes, format);
+                            }
+                        }
                         Some(ItemUpdate::StatusChanged) => break,
                         None => {
                             tracing::debug!(backend = %name, item = id, "InvokeAI progress socket closed; polling only.");
@@ -358,7 +373,7 @@ impl InvokeAiBackend {
                         ));
                     }
                     names.extend(found);
-                    m::job_progress(name, (done + 1) as f64, total);
+                    progress.step(name, (done + 1) as f64, total);
                 }
                 Status::Failed => {
                     let kind = item.error_type.as_deref().unwrap_or("error");
@@ -423,7 +438,7 @@ impl Backend for InvokeAiBackend {
             Err(_) => Stopped::TimedOut,
             Ok(Err(stopped)) => stopped,
             Ok(Ok(job)) => tokio::select! {
-                r = tokio::time::timeout_at(deadline, self.finish(job, &open)) => match r {
+                r = tokio::time::timeout_at(deadline, self.finish(job, &open, call.progress)) => match r {
                     Ok(Ok(images)) => {
                         let uploads = open.with(|o| std::mem::take(&mut o.uploads));
                         self.delete_uploads(&uploads).await;
@@ -483,5 +498,28 @@ impl Backend for InvokeAiBackend {
 
     fn supports_edits(&self) -> bool {
         true
+    }
+}
+
+/// An `invocation_progress` preview (`data:image/…;base64,…`) as image bytes; `None` when it is not an image.
+fn preview_image(data_url: &str) -> Option<(bytes::Bytes, ImageFormat)> {
+    let (_, b64) = data_url.strip_prefix("data:")?.split_once(";base64,")?;
+    let bytes = crate::media::decode_base64(b64).ok()?;
+    let format = crate::media::sniff(&bytes)?;
+    Some((bytes, format))
+}
+
+#[cfg(test)]
+mod preview_tests {
+    use super::*;
+
+    #[test]
+    fn progress_images_are_read_from_their_data_url() {
+        let png = b"\x89PNG\r\n\x1a\n rest";
+        let url = crate::media::data_url(png, ImageFormat::Png);
+        let (bytes, format) = preview_image(&url).unwrap();
+        assert_eq!((&bytes[..], format), (&png[..], ImageFormat::Png));
+        assert!(preview_image("data:image/png;base64,aGVsbG8=").is_none(), "not an image");
+        assert!(preview_image("https://h/x.png").is_none());
     }
 }

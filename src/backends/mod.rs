@@ -13,6 +13,7 @@ pub mod jobs;
 pub mod openai;
 pub mod openai_text;
 pub mod outbound;
+pub mod progress;
 pub mod replicate;
 pub mod simulated;
 pub mod simulated_video;
@@ -46,6 +47,8 @@ pub struct ImageCall<'a> {
     /// delete/interrupt, A1111 interrupt, InvokeAI cancel) do so and return; others finish the call, because the
     /// GPU is busy either way and the admission slot must stay held until it is free.
     pub cancel: &'a CancellationToken,
+    /// Where the adapter reports steps and previews (see [`progress::Progress`]).
+    pub progress: &'a progress::Progress,
 }
 
 /// An image sent to the gateway (edit input or mask).

@@ -1,11 +1,13 @@
 //! `simulated`: easel's built-in backend. No network and no model: it paints a PNG procedurally from the prompt
 //! and seed (the same prompt, seed and size give the same bytes), with configurable latency and injected
 //! failures (an error status or a hang, every Nth call). It is the model behind the built-in default
-//! configuration, and it serves tests and benchmarks. `/v1/models` says it is a simulation.
+//! configuration, and it serves tests and benchmarks. Its latency passes in steps, with a blurred preview after each
+//! but the last for a streaming client. `/v1/models` says it is a simulation.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use image::{ImageEncoder, Rgb, RgbImage};
@@ -15,6 +17,9 @@ use crate::config::{BackendConfig, FailureMode};
 use crate::request::ImageFormat;
 
 pub const KIND: &str = "simulated";
+
+/// The steps a simulated run reports (its latency is spread over them).
+const STEPS: u32 = 4;
 
 #[derive(Debug)]
 pub struct SimulatedBackend {
@@ -37,12 +42,13 @@ impl Backend for SimulatedBackend {
     async fn generate_images(&self, call: ImageCall<'_>) -> Result<Vec<ImageOutput>, BackendError> {
         let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
         let sim = self.cfg.simulation.as_ref();
-        if let Some(latency) = sim.map(|s| s.latency).filter(|l| !l.is_zero()) {
-            tokio::time::sleep(latency).await;
-        }
+        let latency = sim.map_or(Duration::ZERO, |s| s.latency);
         if let Some(f) = sim.and_then(|s| s.failure.as_ref())
             && n.is_multiple_of(u64::from(f.every))
         {
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
             let failure = match f.mode {
                 FailureMode::Status(status) => {
                     Failure::Status { status, message: f.message.clone(), hint: None, retry_after: None }
@@ -81,6 +87,29 @@ impl Backend for SimulatedBackend {
             };
             BackendError::new(&self.cfg.name, self.cfg.kind, self.url(), failure)
         })?;
+        // The latency passes in steps; after each but the last, a listening client gets a preview: the first
+        // image, smaller and blurred, sharper at every step.
+        for step in 1..=STEPS {
+            if !latency.is_zero() {
+                tokio::time::sleep(latency / STEPS).await;
+            }
+            call.progress.step(&self.cfg.name, f64::from(step), f64::from(STEPS));
+            if step < STEPS
+                && call.progress.wants_preview()
+                && let Some(first) = images.first().cloned()
+            {
+                let sigma = 8.0 / (1u32 << step) as f32;
+                let source = first.clone();
+                let preview = crate::media::run_decoding(&[&first[..]], move || {
+                    preview(&source, sigma).map_err(crate::media::DecodeError::Invalid)
+                })
+                .await;
+                match preview {
+                    Ok(bytes) => call.progress.preview(bytes, ImageFormat::Png),
+                    Err(e) => tracing::debug!(error = %e, "No simulated preview."),
+                }
+            }
+        }
         Ok(images
             .into_iter()
             .map(|bytes| ImageOutput { bytes, format: ImageFormat::Png, revised_prompt: None })
@@ -157,6 +186,14 @@ pub fn repaint(
         }
     });
     encode_png(&out)
+}
+
+/// A preview of a finished picture: a quarter of its size, blurred by `sigma` pixels.
+fn preview(image: &[u8], sigma: f32) -> Result<Bytes, String> {
+    let img = crate::media::decode_blocking(image).map_err(|e| e.to_string())?;
+    let (w, h) = ((img.width() / 4).max(1), (img.height() / 4).max(1));
+    let small = img.resize_exact(w, h, image::imageops::FilterType::Triangle).to_rgb8();
+    encode_png(&image::imageops::blur(&small, sigma))
 }
 
 /// Paints a deterministic picture: a diagonal gradient between two prompt-derived colours with seed-placed discs.

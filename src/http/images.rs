@@ -2,22 +2,27 @@
 //! client that disconnects cannot interrupt settlement: the hold is always captured or released.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Extension;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::error::ApiError;
 use super::extract::{EditBody, ImageBody};
-use crate::api::images::ImagesRequest;
+use crate::api::images::{ImagesRequest, StreamMeta, sse_event};
+use crate::backends::progress::{Preview, Progress};
 use crate::error::Error;
 use crate::ledger::{Principal, valid_idempotency_key};
-use crate::pipeline::images::{Caller, Delivered, Settlement};
+use crate::pipeline::images::{Answer, Caller, Delivered, Settlement};
 use crate::request::RequestError;
 use crate::state::AppState;
 
@@ -29,11 +34,15 @@ pub async fn generations_handler(
     ImageBody(body): ImageBody<ImagesRequest>,
 ) -> Result<Response, ApiError> {
     let base = super::base_url(&state, &headers);
-    let caller = caller(&headers, principal, "/v1/images/generations")?;
-    let _gone_on_drop = caller.gone.clone().drop_guard();
+    let (listen, meta) = streaming(&body, false);
+    let (caller, previews) = caller(&headers, principal, "/v1/images/generations", listen)?;
+    let gone_on_drop = caller.gone.clone().drop_guard();
     let task =
         tokio::spawn(async move { crate::pipeline::images::generate_images(&state, &caller, body, &base).await });
-    respond(task.await)
+    match previews {
+        Some(rx) => stream(task, rx, meta, gone_on_drop).await,
+        None => respond(task.await),
+    }
 }
 
 /// `POST /v1/images/edits`.
@@ -44,19 +53,172 @@ pub async fn edits_handler(
     body: EditBody,
 ) -> Result<Response, ApiError> {
     let base = super::base_url(&state, &headers);
-    let caller = caller(&headers, principal, "/v1/images/edits")?;
-    let _gone_on_drop = caller.gone.clone().drop_guard();
+    let (listen, meta) = streaming(&body.fields, true);
+    let (caller, previews) = caller(&headers, principal, "/v1/images/edits", listen)?;
+    let gone_on_drop = caller.gone.clone().drop_guard();
     let task = tokio::spawn(async move {
         crate::pipeline::images::edit_images(&state, &caller, body.fields, body.images, body.mask, &base).await
     });
-    respond(task.await)
+    match previews {
+        Some(rx) => stream(task, rx, meta, gone_on_drop).await,
+        None => respond(task.await),
+    }
+}
+
+/// For `stream: true`: how many previews to listen for (the pipeline validates `partial_images`; an out-of-range
+/// value never gets that far) and the fields every event repeats.
+fn streaming(body: &ImagesRequest, edit: bool) -> (Option<u32>, StreamMeta) {
+    let listen = (body.stream == Some(true)).then(|| body.partial_images.unwrap_or(0).min(3));
+    let size = body.size.clone().unwrap_or_else(|| "auto".into());
+    let meta = StreamMeta {
+        prefix: StreamMeta::prefix(edit),
+        size,
+        quality: StreamMeta::quality(body.quality.as_deref()),
+        background: StreamMeta::background(body.background.as_deref()),
+    };
+    (listen, meta)
+}
+
+type Task = tokio::task::JoinHandle<Result<Delivered, Error>>;
+
+/// A streamed answer. Until the first preview or the end, nothing is sent, so a request the pipeline refuses gets
+/// an ordinary JSON error. Then `…partial_image` events go out as previews arrive, and the `completed` event last:
+/// the hold is captured only when that event is handed to the connection. A client that leaves before drops the
+/// body, which cancels the work (`gone`) and releases the hold.
+async fn stream(
+    mut task: Task,
+    mut previews: mpsc::UnboundedReceiver<Preview>,
+    meta: StreamMeta,
+    gone_on_drop: DropGuard,
+) -> Result<Response, ApiError> {
+    let first = tokio::select! {
+        biased;
+        p = previews.recv() => p,
+        joined = &mut task => {
+            let fresh = match joined {
+                Ok(Ok(Delivered::Fresh(answer))) => answer,
+                other => return respond(other),
+            };
+            let state = Streamed { task: None, previews, meta, index: 0, answer: Some(fresh), _gone: gone_on_drop };
+            return Ok(sse(state));
+        }
+    };
+    let mut state = Streamed { task: Some(task), previews, meta, index: 0, answer: None, _gone: gone_on_drop };
+    let Some(first) = first else {
+        // Every sender is gone: the pipeline has finished.
+        return match state.task.take() {
+            Some(t) => match t.await {
+                Ok(Ok(Delivered::Fresh(answer))) => {
+                    state.answer = Some(answer);
+                    Ok(sse(state))
+                }
+                other => respond(other),
+            },
+            None => Err(Error::Internal("the streamed request lost its task".into()).into()),
+        };
+    };
+    let head = state.partial(&first);
+    let rest = futures_util::stream::unfold(state, next_event);
+    let body = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(head) }).chain(rest);
+    Ok(event_stream(Body::from_stream(body)))
+}
+
+/// What a streamed body still has to send.
+struct Streamed {
+    task: Option<Task>,
+    previews: mpsc::UnboundedReceiver<Preview>,
+    meta: StreamMeta,
+    index: u32,
+    answer: Option<Box<Answer>>,
+    /// Dropped with the body: the client is gone.
+    _gone: DropGuard,
+}
+
+impl Streamed {
+    fn partial(&mut self, p: &Preview) -> Bytes {
+        let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let event = self.meta.partial(&p.bytes, p.format.as_str(), self.index, created);
+        self.index += 1;
+        event
+    }
+}
+
+fn sse(state: Streamed) -> Response {
+    event_stream(Body::from_stream(futures_util::stream::unfold(state, next_event)))
+}
+
+fn event_stream(body: Body) -> Response {
+    let mut resp = Response::new(body);
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// The next event: a preview while the pipeline runs, then its answer (capturing the hold as it is handed over)
+/// or an `error` event.
+async fn next_event(mut s: Streamed) -> Option<(Result<Bytes, std::convert::Infallible>, Streamed)> {
+    if let Some(task) = s.task.as_mut() {
+        let joined = tokio::select! {
+            biased;
+            Some(p) = s.previews.recv() => {
+                let event = s.partial(&p);
+                return Some((Ok(event), s));
+            }
+            joined = task => joined,
+        };
+        s.task = None;
+        // Previews sent before the end still go out first.
+        if let Ok(p) = s.previews.try_recv() {
+            let event = s.partial(&p);
+            s.answer = match joined {
+                Ok(Ok(Delivered::Fresh(a))) => Some(a),
+                other => {
+                    let bytes = error_event(other).await;
+                    return Some((Ok(bytes), Streamed { task: None, ..s }));
+                }
+            };
+            return Some((Ok(event), s));
+        }
+        match joined {
+            Ok(Ok(Delivered::Fresh(a))) => s.answer = Some(a),
+            other => {
+                let bytes = error_event(other).await;
+                return Some((Ok(bytes), s));
+            }
+        }
+    }
+    if let Ok(p) = s.previews.try_recv() {
+        let event = s.partial(&p);
+        return Some((Ok(event), s));
+    }
+    let mut answer = s.answer.take()?;
+    if let Some(settlement) = answer.settlement.take() {
+        settlement.delivered();
+    }
+    Some((Ok(answer.body), s))
+}
+
+/// A failure after the stream began: an `error` event with OpenAI's error object (the SDK raises on it).
+async fn error_event(joined: Result<Result<Delivered, Error>, tokio::task::JoinError>) -> Bytes {
+    let err = match joined {
+        Ok(Err(e)) => ApiError::from(e),
+        Ok(Ok(Delivered::Replayed(_) | Delivered::Fresh(_))) => {
+            ApiError::from(Error::Internal("a streamed request was answered without a stream".into()))
+        }
+        Err(e) => ApiError::from(Error::Internal(format!("the request task failed: {e}"))),
+    };
+    let body = axum::body::to_bytes(err.into_response().into_body(), usize::MAX).await.unwrap_or_default();
+    let data: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    sse_event("error", &data)
 }
 
 pub(super) fn caller(
     headers: &HeaderMap,
     principal: Option<Extension<Principal>>,
     path: &'static str,
-) -> Result<Caller, ApiError> {
+    listen: Option<u32>,
+) -> Result<(Caller, Option<mpsc::UnboundedReceiver<Preview>>), ApiError> {
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => match v.to_str() {
@@ -70,7 +232,21 @@ pub(super) fn caller(
             }
         },
     };
-    Ok(Caller { principal: principal.map(|Extension(p)| p), idempotency_key, path, gone: CancellationToken::new() })
+    let (progress, previews) = match listen {
+        Some(wanted) => {
+            let (p, rx) = Progress::listening(wanted);
+            (p, Some(rx))
+        }
+        None => (Progress::silent(), None),
+    };
+    let caller = Caller {
+        principal: principal.map(|Extension(p)| p),
+        idempotency_key,
+        path,
+        gone: CancellationToken::new(),
+        progress: Arc::new(progress),
+    };
+    Ok((caller, previews))
 }
 
 fn respond(joined: Result<Result<Delivered, Error>, tokio::task::JoinError>) -> Result<Response, ApiError> {

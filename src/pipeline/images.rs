@@ -14,7 +14,8 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::dispatch::{MAX_ATTEMPTS, dispatch};
-use crate::api::images::{ImageData, ImageItem, ImagesRequest, ImagesResponse, Partial};
+use crate::api::images::{ImageData, ImageItem, ImagesRequest, ImagesResponse, Partial, StreamMeta};
+use crate::backends::progress::Progress;
 use crate::backends::{BackendError, EditInputs, Failure, ImageCall, ImageOutput, InputImage};
 use crate::config::{Capability, ModelConfig, ModelType};
 use crate::error::Error;
@@ -38,6 +39,8 @@ pub struct Caller {
     /// Fires when the client disconnects: queued work is abandoned, cancellable upstream work is cancelled, and
     /// the hold is released instead of captured.
     pub gone: CancellationToken,
+    /// Where the upstream calls report steps and previews (a listening sink when the answer is streamed).
+    pub progress: Arc<Progress>,
 }
 
 /// A response body: made now, or replayed for a repeated Idempotency-Key.
@@ -207,15 +210,27 @@ async fn charged(
     let operation = if edit.is_some() { "image edits" } else { "image generation" };
     let model = state.registry.resolve(req.model.as_deref(), ModelType::Image, operation)?;
     req.check_model(&model)?;
+    // A streamed answer's body is its `completed` event (the partial events go out before it, as they come).
+    let stream = req.stream.map(|_| StreamMeta {
+        prefix: StreamMeta::prefix(edit.is_some()),
+        size: req.size_or(model.default_size).to_string(),
+        quality: StreamMeta::quality(req.quality.as_deref()),
+        background: StreamMeta::background(req.background.as_deref()),
+    });
+    let render = |resp: &ImagesResponse| match &stream {
+        Some(meta) => resp.to_sse_completed(meta),
+        None => resp.to_json(),
+    };
+    let content_type = if stream.is_some() { "text/event-stream" } else { "application/json" };
     // Without keys (`auth.mode: none`) nothing is charged; an Idempotency-Key still means the same, through the
     // ledger's anonymous principal and a free hold.
     let who = match &caller.principal {
         Some(p) => p.clone(),
         None if caller.idempotency_key.is_some() => state.ledger.anonymous().await?,
         None => {
-            let (resp, _, _) = produce(state, req, &model, edit, base_url, &caller.gone).await?;
+            let (resp, _, _) = produce(state, req, &model, edit, base_url, caller).await?;
             let partial = resp.partial.clone();
-            return Ok(Delivered::Fresh(Box::new(Answer { body: resp.to_json(), partial, settlement: None })));
+            return Ok(Delivered::Fresh(Box::new(Answer { body: render(&resp), partial, settlement: None })));
         }
     };
     if !who.may_use(&model.id) {
@@ -240,17 +255,16 @@ async fn charged(
         }
         HoldOutcome::Held { hold_id } => hold_id,
     };
-    match produce(state, req, &model, edit, base_url, &caller.gone).await {
+    match produce(state, req, &model, edit, base_url, caller).await {
         Ok((resp, produced, outputs)) => {
-            let body = resp.to_json();
+            let body = render(&resp);
             if caller.gone.is_cancelled() {
                 release(state, &hold_id, "client went away").await;
                 return Err(Error::ClientGone);
             }
             // Only an Idempotency-Key needs the body stored (a copy); without one nothing is copied.
             let record = claim.map(|c| {
-                let stored =
-                    StoredResponse { status: 200, content_type: "application/json".into(), body: body.to_vec() };
+                let stored = StoredResponse { status: 200, content_type: content_type.into(), body: body.to_vec() };
                 (who.clone(), c.key, stored)
             });
             let guard = Some(state.settling.begin(who.account_id));
@@ -332,8 +346,9 @@ async fn produce(
     model: &Arc<ModelConfig>,
     edit: Option<Arc<EditInputs>>,
     base_url: &str,
-    gone: &CancellationToken,
+    caller: &Caller,
 ) -> Result<(ImagesResponse, usize, Vec<String>), Error> {
+    let gone = &caller.gone;
     // 1. The model must be able to do it.
     if edit.is_some() {
         let can = model.backends.iter().filter_map(|b| state.backends.get(&b.name)).any(|h| h.adapter.supports_edits());
@@ -379,7 +394,7 @@ async fn produce(
     // 3. Run them.
     let req = Arc::new(req);
     let results = futures_util::future::join_all(
-        calls.into_iter().map(|plan| run_call(state, model, &req, edit.as_ref(), plan, gone)),
+        calls.into_iter().map(|plan| run_call(state, model, &req, edit.as_ref(), plan, gone, &caller.progress)),
     )
     .await;
     let mut outputs = Vec::with_capacity(req.n as usize);
@@ -464,6 +479,7 @@ async fn run_call(
     edit: Option<&Arc<EditInputs>>,
     plan: CallPlan,
     gone: &CancellationToken,
+    progress: &Progress,
 ) -> Result<Vec<ImageOutput>, Error> {
     let usable = |h: &BackendHandle| edit.is_none() || h.adapter.supports_edits();
     dispatch(state, model, Capability::Images, gone, usable, |handle, permit| async move {
@@ -475,6 +491,7 @@ async fn run_call(
             size: plan.size,
             edit: edit.map(|e| e.as_ref()),
             cancel: gone,
+            progress,
         };
         // The slot is held until the upstream call ends. If the client goes away meanwhile, adapters that can
         // cancel upstream work do so; the others finish, because the GPU is busy either way.

@@ -129,6 +129,8 @@ pub struct GenerateImage {
     pub steps: Option<u32>,
     pub guidance_scale: Option<f64>,
     pub extra: Option<serde_json::Map<String, serde_json::Value>>,
+    /// `Some(partial_images)` when the client asked for a streamed answer.
+    pub stream: Option<u32>,
 }
 
 impl GenerateImage {
@@ -176,10 +178,26 @@ impl GenerateImage {
         if w.background.as_deref() == Some("transparent") && output_format == Some(ImageFormat::Jpeg) {
             return Err(RequestError::param("background", "a transparent background needs png or webp, not jpeg"));
         }
-        if w.stream == Some(true) {
+        if let Some(p) = w.partial_images
+            && p > 3
+        {
+            return Err(RequestError::param("partial_images", format!("`partial_images` must be 0 to 3, not {p}")));
+        }
+        let stream = (w.stream == Some(true)).then(|| w.partial_images.unwrap_or(0));
+        let response_format = match (stream, w.response_format.as_deref()) {
+            (Some(_), Some("url")) => {
+                return Err(RequestError::param(
+                    "response_format",
+                    "a streamed answer always carries `b64_json` images; omit `response_format` or use `b64_json`",
+                ));
+            }
+            (Some(_), _) => ResponseFormat::B64Json,
+            (None, _) => response_format,
+        };
+        if stream.is_some() && n > 1 {
             return Err(RequestError::param(
-                "stream",
-                "streaming image generation is not supported by this gateway yet; omit `stream`",
+                "n",
+                format!("`n` is {n}; a streamed answer makes one image, so use `n: 1` or omit `stream`"),
             ));
         }
         if let Some(g) = w.guidance_scale
@@ -211,6 +229,7 @@ impl GenerateImage {
             steps: w.steps,
             guidance_scale: w.guidance_scale,
             extra: w.extra,
+            stream,
         })
     }
 

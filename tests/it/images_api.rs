@@ -184,7 +184,13 @@ async fn bad_inputs_get_clear_errors() {
             "transparent",
             Some("background"),
         ),
-        (json!({"prompt": "p", "stream": true}), 400, "invalid_request_error", "streaming", Some("stream")),
+        (
+            json!({"prompt": "p", "stream": true, "partial_images": 4}),
+            400,
+            "invalid_request_error",
+            "partial_images",
+            Some("partial_images"),
+        ),
         (json!({"prompt": "p", "extra": "x"}), 400, "invalid_request_error", "invalid `extra`", Some("extra")),
     ];
     for (body, status, code, needle, param) in cases {

@@ -20,6 +20,7 @@ mod limits;
 mod openai;
 mod outbound;
 mod queue_providers;
+mod streaming;
 mod template;
 mod text;
 mod trust;

@@ -32,10 +32,10 @@ pub struct Events {
 }
 
 /// What the socket said about the item being waited for.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ItemUpdate {
-    /// A node reported how far it is (denoising steps): 0.0–1.0.
-    Progress(f64),
+    /// A node reported how far it is (denoising steps): 0.0–1.0, with the preview's `data:` URL when it sent one.
+    Progress(f64, Option<String>),
     /// The item's status changed: poll it now.
     StatusChanged,
 }
@@ -49,6 +49,15 @@ struct Payload {
     destination: Option<String>,
     #[serde(default)]
     percentage: Option<f64>,
+    /// `invocation_progress`'s preview: `{width, height, dataURL}` or null.
+    #[serde(default)]
+    image: Option<ProgressImage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ProgressImage {
+    #[serde(rename = "dataURL")]
+    data_url: String,
 }
 
 impl Events {
@@ -101,7 +110,7 @@ impl Events {
                 "queue_item_status_changed" => return Some(ItemUpdate::StatusChanged),
                 "invocation_progress" => {
                     if let Some(p) = payload.percentage.filter(|p| p.is_finite()) {
-                        return Some(ItemUpdate::Progress(p.clamp(0.0, 1.0)));
+                        return Some(ItemUpdate::Progress(p.clamp(0.0, 1.0), payload.image.map(|i| i.data_url)));
                     }
                 }
                 _ => {}
@@ -179,6 +188,11 @@ mod tests {
         let (name, p) =
             parse_event(r#"42/ns,["queue_item_status_changed",{"item_id":6,"status":"completed"}]"#).unwrap();
         assert_eq!((name.as_str(), p.item_id), ("queue_item_status_changed", Some(6)));
+        let (_, p) = parse_event(
+            r#"42["invocation_progress",{"item_id":5,"destination":"easel:x","percentage":0.5,"image":{"width":8,"height":8,"dataURL":"data:image/jpeg;base64,/9j/"}}]"#,
+        )
+        .unwrap();
+        assert_eq!(p.image.map(|i| i.data_url).as_deref(), Some("data:image/jpeg;base64,/9j/"));
         assert!(parse_event("40{\"sid\":\"x\"}").is_none());
         assert!(parse_event("42[\"only_a_name\"]").is_none());
     }

@@ -1,6 +1,7 @@
 //! A fake ComfyUI (HTTP + WebSocket) on 127.0.0.1:0, faithful to the protocol notes: `/prompt` with validation
 //! (`node_errors` 400s), a one-at-a-time queue worker that emits `execution_start`, `progress`, `executed`,
-//! `execution_success` and `executing {node: null}` to the submitting client's socket, `/history` (`{}` until
+//! `execution_success` and `executing {node: null}` to the submitting client's socket (each `progress` followed by
+//! a binary JPEG preview frame, as a server started with a preview method sends), `/history` (`{}` until
 //! done), `/view`, `/upload/image`, `/queue` (list and delete), `/interrupt`, `/system_stats`, and 403 when an
 //! `Origin` differs from `Host`. Uploads behave like the real server's: stored under `input/<subfolder>/<name>`,
 //! replaced with `overwrite=true`, else renamed `name (1).ext` on a clash with different bytes; a `LoadImage` of a
@@ -58,7 +59,7 @@ pub struct Inner {
 pub struct ComfyState {
     pub knobs: Knobs,
     pub inner: Mutex<Inner>,
-    events: broadcast::Sender<(String, String)>,
+    events: broadcast::Sender<(String, Frame)>,
     work: Notify,
     interrupt: AtomicBool,
     counter: AtomicU64,
@@ -96,8 +97,34 @@ pub async fn start() -> FakeComfy {
     FakeComfy { url, state }
 }
 
+/// What the socket sends next: a JSON event, a binary frame, or a close.
+#[derive(Clone)]
+enum Frame {
+    Text(String),
+    Binary(Vec<u8>),
+    Close,
+}
+
 fn emit(s: &ComfyState, client: &str, kind: &str, data: Value) {
-    let _ = s.events.send((client.to_owned(), json!({"type": kind, "data": data}).to_string()));
+    let _ = s.events.send((client.to_owned(), Frame::Text(json!({"type": kind, "data": data}).to_string())));
+}
+
+/// A preview as ComfyUI sends it to a client that did not negotiate preview metadata: a binary frame of
+/// u32 BE event type 1 (PREVIEW_IMAGE), u32 BE image format 1 (JPEG), then the JPEG. The picture is a quarter of
+/// the output's size, in a colour whose green channel is `step * 40`, so a test can tell which step it shows.
+pub fn preview_frame(seed: u64, step: u64, w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(
+        (w / 4).clamp(1, 64),
+        (h / 4).clamp(1, 64),
+        image::Rgb([(seed % 256) as u8, (step * 40) as u8, 64]),
+    );
+    let mut jpeg = Vec::new();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+        .unwrap();
+    let mut frame = vec![0, 0, 0, 1, 0, 0, 0, 1];
+    frame.extend(jpeg);
+    frame
 }
 
 fn origin_refused(s: &ComfyState, headers: &HeaderMap) -> bool {
@@ -188,7 +215,7 @@ async fn worker(s: Arc<ComfyState>) {
         emit(&s, &client, "execution_start", json!({"prompt_id": id, "timestamp": 1}));
         emit(&s, &client, "execution_cached", json!({"nodes": [], "prompt_id": id, "timestamp": 1}));
         if s.knobs.drop_ws.load(Ordering::SeqCst) {
-            let _ = s.events.send((client.clone(), "__close__".into()));
+            let _ = s.events.send((client.clone(), Frame::Close));
         }
         let run = u64::from(s.knobs.run_ms.load(Ordering::SeqCst));
         let mut interrupted = false;
@@ -199,6 +226,9 @@ async fn worker(s: Arc<ComfyState>) {
                 break;
             }
             emit(&s, &client, "progress", json!({"value": step, "max": 5, "prompt_id": id, "node": "3"}));
+            let (w, h) = (input(&wf, "width").unwrap_or(64) as u32, input(&wf, "height").unwrap_or(64) as u32);
+            let frame = preview_frame(input(&wf, "seed").unwrap_or(0), step, w, h);
+            let _ = s.events.send((client.clone(), Frame::Binary(frame)));
         }
         let mut messages = vec![json!(["execution_start", {"prompt_id": id}])];
         let entry = if interrupted {
@@ -263,21 +293,25 @@ async fn ws(
     upgrade.on_upgrade(move |socket| serve_socket(socket, client, rx))
 }
 
-async fn serve_socket(mut socket: WebSocket, client: String, mut rx: broadcast::Receiver<(String, String)>) {
+async fn serve_socket(mut socket: WebSocket, client: String, mut rx: broadcast::Receiver<(String, Frame)>) {
     let hello =
         json!({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": client}}).to_string();
     if socket.send(Message::Text(hello.into())).await.is_err() {
         return;
     }
-    while let Ok((to, text)) = rx.recv().await {
+    while let Ok((to, frame)) = rx.recv().await {
         if to != client {
             continue;
         }
-        if text == "__close__" {
-            let _ = socket.send(Message::Close(None)).await;
-            return;
-        }
-        if socket.send(Message::Text(text.into())).await.is_err() {
+        let msg = match frame {
+            Frame::Close => {
+                let _ = socket.send(Message::Close(None)).await;
+                return;
+            }
+            Frame::Text(text) => Message::Text(text.into()),
+            Frame::Binary(bytes) => Message::Binary(bytes.into()),
+        };
+        if socket.send(msg).await.is_err() {
             return;
         }
     }
