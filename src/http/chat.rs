@@ -54,6 +54,7 @@ async fn handle(
         idempotency_key: None,
         path: route.path(),
         gone: CancellationToken::new(),
+        progress: std::sync::Arc::new(crate::backends::progress::Progress::silent()),
     };
     let _gone_on_drop = caller.gone.clone().drop_guard();
     let task = tokio::spawn(async move { crate::pipeline::text::text(&state, &caller, route, &body).await });

@@ -59,7 +59,7 @@ pub async fn create_handler(
     headers: HeaderMap,
     body: VideoBody,
 ) -> Result<Json<Video>, ApiError> {
-    let caller = caller(&headers, principal, "/v1/videos")?;
+    let (caller, _) = caller(&headers, principal, "/v1/videos", None)?;
     // The submit runs in its own task: a client that leaves cannot leave a job half made.
     let task = tokio::spawn(async move { videos::create(&state, &caller, body.fields, body.reference).await });
     let job = task.await.map_err(|e| Error::Internal(format!("the request task failed: {e}")))??;
@@ -73,7 +73,7 @@ pub async fn get_handler(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Video>, ApiError> {
-    let caller = caller(&headers, principal, "/v1/videos")?;
+    let (caller, _) = caller(&headers, principal, "/v1/videos", None)?;
     Ok(Json(video(&videos::owned_job(&state, &caller, &id).await?)))
 }
 
@@ -84,7 +84,7 @@ pub async fn list_handler(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Json<VideoList>, ApiError> {
-    let caller = caller(&headers, principal, "/v1/videos")?;
+    let (caller, _) = caller(&headers, principal, "/v1/videos", None)?;
     let (mut limit, mut ascending, mut after) = (20u32, false, None);
     for (k, v) in url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
         match k.as_ref() {
@@ -128,7 +128,7 @@ pub async fn delete_handler(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<VideoDeleted>, ApiError> {
-    let caller = caller(&headers, principal, "/v1/videos")?;
+    let (caller, _) = caller(&headers, principal, "/v1/videos", None)?;
     videos::delete(&state, &caller, &id).await?;
     Ok(Json(VideoDeleted { id, object: "video.deleted", deleted: true }))
 }
@@ -140,7 +140,7 @@ pub async fn cancel_handler(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Video>, ApiError> {
-    let caller = caller(&headers, principal, "/v1/videos")?;
+    let (caller, _) = caller(&headers, principal, "/v1/videos", None)?;
     Ok(Json(video(&videos::cancel(&state, &caller, &id).await?)))
 }
 
@@ -152,7 +152,7 @@ pub async fn content_handler(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let caller = caller(&headers, principal, "/v1/videos")?;
+    let (caller, _) = caller(&headers, principal, "/v1/videos", None)?;
     let mut variant = "video".to_owned();
     for (k, v) in url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
         if k == "variant" {
