@@ -58,6 +58,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/videos/{id}/content", get(videos::content_handler))
         .route("/v1/videos/{id}/cancel", post(videos::cancel_handler))
         .route("/v1/jobs/{id}", get(videos::get_handler))
+        .route("/v1/jobs/{id}/events", get(videos::events_handler))
+        .route("/v1/videos/{id}/events", get(videos::events_handler))
         .route("/v1/gateway/status", get(ops::status_handler))
         .route("/healthz", get(ops::healthz_handler))
         .route("/readyz", get(ops::readyz_handler))
@@ -259,6 +261,8 @@ fn static_route(route: &str) -> &'static str {
         "/v1/videos/{id}/content",
         "/v1/videos/{id}/cancel",
         "/v1/jobs/{id}",
+        "/v1/jobs/{id}/events",
+        "/v1/videos/{id}/events",
     ];
     ROUTES.iter().find(|r| **r == route).copied().unwrap_or("unmatched")
 }

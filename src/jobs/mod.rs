@@ -29,6 +29,8 @@ const MAX_POLL_FAILURES: i64 = 20;
 pub struct Jobs {
     slots: Mutex<HashMap<String, Permit>>,
     bell: Notify,
+    /// Rung after every change this runner makes to a job (event streams wait on it).
+    changed: Notify,
     /// This process's name as a lease owner.
     owner: String,
 }
@@ -51,6 +53,16 @@ impl Jobs {
     /// Makes the runner look for due jobs now.
     pub fn wake(&self) {
         self.bell.notify_one();
+    }
+
+    /// Tells event streams that a job changed.
+    pub fn changed(&self) {
+        self.changed.notify_waiters();
+    }
+
+    /// Waits for the next change to any job, at most `within` (a change made by another instance is seen then).
+    pub async fn next_change(&self, within: Duration) {
+        let _ = tokio::time::timeout(within, self.changed.notified()).await;
     }
 }
 
@@ -209,7 +221,7 @@ async fn collect(
 
 async fn update(state: &AppState, id: &str, epoch: i64, change: &JobChange) {
     match state.ledger.update_job(id, epoch, change).await {
-        Ok(true) => {}
+        Ok(true) => state.jobs.changed(),
         Ok(false) => tracing::debug!(job = %id, "Another poller holds this job now."),
         Err(e) => tracing::error!(job = %id, error = %e, "Updating a job failed."),
     }
@@ -219,6 +231,7 @@ async fn finish(state: &AppState, id: &str, epoch: i64, end: JobEnd) {
     match state.ledger.end_job(id, epoch, &end).await {
         Ok(true) => {
             state.jobs.free_slot(id);
+            state.jobs.changed();
             match &end {
                 JobEnd::Succeeded { .. } => tracing::info!(job = %id, "Job completed."),
                 JobEnd::Failed { code, message, .. } => {

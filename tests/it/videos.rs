@@ -371,3 +371,73 @@ async fn a_fal_video_goes_through_the_whole_gateway() {
     assert_eq!(credits(&gw, &secret).await, (50_000, 0), "captured once");
     ledger_clean(&gw).await;
 }
+
+/// Reads a whole SSE body into (id, event, data) triples.
+async fn events(gw: &Gateway, secret: &str, path: &str, last: Option<&str>) -> Vec<(u32, String, Value)> {
+    let mut req = gw.client.get(gw.endpoint(path)).bearer_auth(secret);
+    if let Some(l) = last {
+        req = req.header("Last-Event-ID", l);
+    }
+    let resp = tokio::time::timeout(TEST_TIMEOUT, req.send()).await.unwrap().unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let text = tokio::time::timeout(TEST_TIMEOUT, resp.text()).await.unwrap().unwrap();
+    text.split("\n\n")
+        .filter(|f| !f.trim().is_empty())
+        .map(|frame| {
+            let field = |name: &str| {
+                frame.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default().to_owned()
+            };
+            (field("id:").parse().unwrap(), field("event:"), serde_json::from_str(&field("data:")).unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn job_events_stream_live_and_resume_after_the_last_id() {
+    let gw = spawn_gateway_env(&config("600ms", "", ""), &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let secret = key(&gw, 100.0).await;
+    let (_, v) = call(
+        &gw,
+        reqwest::Method::POST,
+        "/v1/videos",
+        &secret,
+        Some(json!({"model": "clip", "prompt": "p", "seconds": "1"})),
+    )
+    .await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    let seen = events(&gw, &secret, &format!("/v1/jobs/{id}/events"), None).await;
+    let names: Vec<&str> = seen.iter().map(|e| e.1.as_str()).collect();
+    assert_eq!(names.last(), Some(&"completed"), "{names:?}");
+    assert!(names.contains(&"progress"), "live progress while it ran: {names:?}");
+    assert!(
+        seen.windows(2).all(|w| w[0].0 < w[1].0),
+        "ids only grow: {:?}",
+        seen.iter().map(|e| e.0).collect::<Vec<_>>()
+    );
+    let last = seen.last().unwrap();
+    assert_eq!((last.2["status"].as_str(), last.2["id"].as_str()), (Some("completed"), Some(id.as_str())));
+    // Resuming after the end sends nothing more; resuming from the start sends the end again.
+    assert!(events(&gw, &secret, &format!("/v1/videos/{id}/events"), Some("1000")).await.is_empty());
+    let again = events(&gw, &secret, &format!("/v1/videos/{id}/events"), Some("1")).await;
+    assert_eq!(again.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(), vec!["completed"]);
+    // Another key cannot watch it.
+    let other = key(&gw, 1.0).await;
+    let (status, _) = call(&gw, reqwest::Method::GET, &format!("/v1/jobs/{id}/events"), &other, None).await;
+    assert_eq!(status, 404);
+    // A watcher that leaves changes nothing: the job finishes and is charged once either way.
+    let (_, v) = call(
+        &gw,
+        reqwest::Method::POST,
+        "/v1/videos",
+        &secret,
+        Some(json!({"model": "clip", "prompt": "p", "seconds": "1"})),
+    )
+    .await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    let watch = gw.client.get(gw.endpoint(&format!("/v1/jobs/{id}/events"))).bearer_auth(&secret).send().await.unwrap();
+    drop(watch);
+    let (done, _) = until_done(&gw, &secret, &id).await;
+    assert_eq!(done["status"], "completed");
+    assert_eq!(credits(&gw, &secret).await, (40_000, 0));
+    ledger_clean(&gw).await;
+}
