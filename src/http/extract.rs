@@ -156,6 +156,26 @@ fn strip_position(s: &str) -> String {
 
 /// Adds one text field to the object, typed as the JSON body would carry it.
 fn insert_field(fields: &mut Map<String, Value>, name: &str, text: &str) -> Result<(), ApiError> {
+    insert_typed_field(fields, name, text, field_type)
+}
+
+/// The JSON type of each `POST /v1/videos` field sent as multipart text (`seconds` stays a string, as OpenAI's).
+fn video_field_type(name: &str) -> Option<FieldType> {
+    match name {
+        "model" | "prompt" | "seconds" | "size" | "negative_prompt" => Some(FieldType::Text),
+        "seed" => Some(FieldType::Integer),
+        "extra" => Some(FieldType::Object),
+        _ => None,
+    }
+}
+
+/// Adds one text field (multipart or form) as the JSON value its name's type says.
+fn insert_typed_field(
+    fields: &mut Map<String, Value>,
+    name: &str,
+    text: &str,
+    field_type: fn(&str) -> Option<FieldType>,
+) -> Result<(), ApiError> {
     let Some(kind) = field_type(name) else {
         return Err(field_error("", &format!("unknown field `{name}`")).into());
     };
@@ -372,7 +392,7 @@ impl<S: Send + Sync> FromRequest<S> for VideoBody {
                         .into());
                     } else {
                         let text = field.text().await.map_err(|e| multipart_error(e, limit))?;
-                        insert_field(&mut fields, &name, &text)?;
+                        insert_typed_field(&mut fields, &name, &text, video_field_type)?;
                     }
                 }
                 Ok(Self { fields: from_value(Value::Object(fields))?, reference })

@@ -441,3 +441,31 @@ async fn job_events_stream_live_and_resume_after_the_last_id() {
     assert_eq!(credits(&gw, &secret).await, (40_000, 0));
     ledger_clean(&gw).await;
 }
+
+#[tokio::test]
+async fn multipart_creates_take_a_reference_image_as_the_sdks_send_them() {
+    let gw = spawn_gateway_env(&config("10ms", "", ""), &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let secret = key(&gw, 100.0).await;
+    let png = crate::support::openai::png(40);
+    let form = reqwest::multipart::Form::new()
+        .text("model", "clip")
+        .text("prompt", "from this frame")
+        .text("seconds", "1")
+        .text("seed", "7")
+        .part(
+            "input_reference",
+            reqwest::multipart::Part::bytes(png).file_name("first.png").mime_str("image/png").unwrap(),
+        );
+    let resp = gw.client.post(gw.endpoint("/v1/videos")).bearer_auth(&secret).multipart(form).send().await.unwrap();
+    let status = resp.status();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["seconds"], "1");
+    let (done, _) = until_done(&gw, &secret, v["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed");
+    // A field videos do not have is named.
+    let form = reqwest::multipart::Form::new().text("model", "clip").text("prompt", "p").text("n", "2");
+    let resp = gw.client.post(gw.endpoint("/v1/videos")).bearer_auth(&secret).multipart(form).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    assert!(resp.text().await.unwrap().contains("`n`"));
+}

@@ -7,7 +7,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import ADMIN  # noqa: F401  (the suite's admin token; the fixtures start easel)
+from test_sdk import admin_create_key
 
 
 def client_for(easel, key="unused"):
@@ -53,8 +53,8 @@ def test_bad_video_requests_raise_the_sdks_errors(easel):
 
 
 def test_with_keys_a_video_is_its_owners(easel_keys):
-    alice = easel_keys.create_key("video-alice", 10)
-    bob = easel_keys.create_key("video-bob", 10)
+    alice = admin_create_key(easel_keys, "video-alice", 10)
+    bob = admin_create_key(easel_keys, "video-bob", 10)
     mine = client_for(easel_keys, alice).videos.create_and_poll(model="sim-video", prompt="p", seconds="1",
                                                                poll_interval_ms=50)
     assert mine.status == "completed"
