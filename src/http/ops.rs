@@ -116,5 +116,7 @@ pub async fn status_handler(State(state): State<AppState>) -> Json<serde_json::V
         "uptime_s": state.started.elapsed().as_secs(),
         "config": state.config.origin,
         "backends": backends,
+        // Jobs (videos) holding a backend slot while they run upstream, per backend.
+        "jobs_running": state.jobs.running(),
     }))
 }

@@ -14,6 +14,7 @@ use crate::admission::Permit;
 use crate::backends::jobs::{JobErrorCode, JobState, OutputKind};
 use crate::ledger::{JobChange, JobEnd, JobRecord, Store};
 use crate::state::AppState;
+use crate::telemetry::metrics as m;
 
 /// How long a claimed job is this instance's before another poller may take it over.
 const LEASE: Duration = Duration::from_secs(60);
@@ -27,7 +28,8 @@ const MAX_POLL_FAILURES: i64 = 20;
 /// The runner's in-process state: slots held by running jobs, and a bell to poll now.
 #[derive(Debug, Default)]
 pub struct Jobs {
-    slots: Mutex<HashMap<String, Permit>>,
+    /// Job id → (backend, the slot it holds).
+    slots: Mutex<HashMap<String, (String, Permit)>>,
     bell: Notify,
     /// Rung after every change this runner makes to a job (event streams wait on it).
     changed: Notify,
@@ -40,14 +42,29 @@ impl Jobs {
         Self { owner: format!("easel-{}-{:08x}", std::process::id(), rand::random::<u32>()), ..Self::default() }
     }
 
-    /// Keeps the admission slot a job took at submit until the job ends.
-    pub fn hold_slot(&self, job: &str, permit: Permit) {
-        self.slots.lock().unwrap_or_else(PoisonError::into_inner).insert(job.to_owned(), permit);
+    /// Keeps the admission slot a job took at submit on `backend` until the job ends.
+    pub fn hold_slot(&self, job: &str, backend: &str, permit: Permit) {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        slots.insert(job.to_owned(), (backend.to_owned(), permit));
+        m::jobs_running(backend, slots.values().filter(|(b, _)| b == backend).count());
     }
 
     fn free_slot(&self, job: &str) {
-        let permit = self.slots.lock().unwrap_or_else(PoisonError::into_inner).remove(job);
-        drop(permit);
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((backend, permit)) = slots.remove(job) {
+            drop(permit);
+            m::jobs_running(&backend, slots.values().filter(|(b, _)| *b == backend).count());
+        }
+    }
+
+    /// Jobs holding a slot, per backend (for `/v1/gateway/status`).
+    pub fn running(&self) -> HashMap<String, usize> {
+        let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut by = HashMap::new();
+        for (backend, _) in slots.values() {
+            *by.entry(backend.clone()).or_insert(0) += 1;
+        }
+        by
     }
 
     /// Makes the runner look for due jobs now.
@@ -100,13 +117,13 @@ async fn advance(state: &AppState, job: JobRecord) {
     // A job whose submit never finished (easel stopped in between): nothing is known upstream.
     if matches!(job.state.as_str(), "pending" | "submitting") {
         let why = "easel stopped before the backend confirmed the submit; nothing was charged".to_owned();
-        finish(state, &id, epoch, end("failed", JobErrorCode::UpstreamLost, why)).await;
+        finish(state, &job, end("failed", JobErrorCode::UpstreamLost, why)).await;
         return;
     }
     let backend = job.backend.as_deref().and_then(|b| state.backends.get(b)).cloned();
     let (Some(backend), Some(handle)) = (backend, crate::pipeline::videos::handle_of(&job)) else {
         let why = format!("backend `{}` is no longer configured", job.backend.as_deref().unwrap_or("?"));
-        finish(state, &id, epoch, end("failed", JobErrorCode::BackendRemoved, why)).await;
+        finish(state, &job, end("failed", JobErrorCode::BackendRemoved, why)).await;
         return;
     };
     let adapter = &backend.adapter;
@@ -122,17 +139,18 @@ async fn advance(state: &AppState, job: JobRecord) {
             } else {
                 end("failed", JobErrorCode::Timeout, "the job did not finish within the model's `job_timeout`".into())
             };
-            finish(state, &id, epoch, e).await;
+            finish(state, &job, e).await;
             return;
         }
     }
     let every = backend.cfg.poll_interval.as_millis() as i64;
     let poll = tokio::time::timeout(backend.cfg.timeout, adapter.poll_job(&handle)).await;
+    m::job_poll(&backend.cfg.name, matches!(poll, Ok(Ok(_))));
     let poll = match poll {
         Ok(Ok(p)) => p,
         Ok(Err(_)) | Err(_) if job.poll_failures + 1 >= MAX_POLL_FAILURES => {
             let why = format!("the backend did not answer {MAX_POLL_FAILURES} polls in a row");
-            finish(state, &id, epoch, end("failed", JobErrorCode::UpstreamLost, why)).await;
+            finish(state, &job, end("failed", JobErrorCode::UpstreamLost, why)).await;
             return;
         }
         Ok(Err(e)) => {
@@ -181,17 +199,17 @@ async fn advance(state: &AppState, job: JobRecord) {
             match collect(state, adapter, &handle).await {
                 Ok(outputs) => {
                     // Everything held is captured: the clip, or its seconds (fixed at submit).
-                    finish(state, &id, epoch, JobEnd::Succeeded { units: i64::MAX, outputs }).await;
+                    finish(state, &job, JobEnd::Succeeded { units: i64::MAX, outputs }).await;
                 }
                 Err(message) => {
-                    finish(state, &id, epoch, end("failed", JobErrorCode::UpstreamFailed, message)).await;
+                    finish(state, &job, end("failed", JobErrorCode::UpstreamFailed, message)).await;
                 }
             }
         }
-        JobState::Failed { code, message } => finish(state, &id, epoch, end("failed", code, message)).await,
+        JobState::Failed { code, message } => finish(state, &job, end("failed", code, message)).await,
         JobState::Lost => {
             let why = "the backend no longer knows this job".to_owned();
-            finish(state, &id, epoch, end("failed", JobErrorCode::UpstreamLost, why)).await;
+            finish(state, &job, end("failed", JobErrorCode::UpstreamLost, why)).await;
         }
     }
 }
@@ -227,11 +245,19 @@ async fn update(state: &AppState, id: &str, epoch: i64, change: &JobChange) {
     }
 }
 
-async fn finish(state: &AppState, id: &str, epoch: i64, end: JobEnd) {
+async fn finish(state: &AppState, job: &JobRecord, end: JobEnd) {
+    let (id, epoch) = (job.id.as_str(), job.lease_epoch);
     match state.ledger.end_job(id, epoch, &end).await {
         Ok(true) => {
             state.jobs.free_slot(id);
             state.jobs.changed();
+            m::job_ended(
+                &job.model,
+                match &end {
+                    JobEnd::Succeeded { .. } => "completed",
+                    JobEnd::Failed { code, .. } => code,
+                },
+            );
             match &end {
                 JobEnd::Succeeded { .. } => tracing::info!(job = %id, "Job completed."),
                 JobEnd::Failed { code, message, .. } => {

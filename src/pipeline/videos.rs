@@ -171,7 +171,7 @@ pub async fn create_video(
     };
 
     // 4. Bound to the backend that accepted it.
-    state.jobs.hold_slot(&id, permit);
+    state.jobs.hold_slot(&id, &handle.cfg.name, permit);
     let change = JobChange {
         state: Some("queued"),
         backend: Some(handle.cfg.name.clone()),

@@ -16,6 +16,9 @@ pub const HTTP_BYTES_OUT: &str = "easel_http_response_bytes_total";
 pub const GENERATIONS: &str = "easel_generation_requests_total";
 pub const IMAGES: &str = "easel_images_generated_total";
 pub const IMAGES_MISSING: &str = "easel_images_missing_total";
+pub const JOBS_ENDED: &str = "easel_jobs_ended_total";
+pub const JOB_POLLS: &str = "easel_job_polls_total";
+pub const JOBS_RUNNING: &str = "easel_jobs_running";
 pub const UPSTREAM_CALLS: &str = "easel_backend_requests_total";
 pub const UPSTREAM_DURATION: &str = "easel_backend_request_duration_seconds";
 pub const FALLBACKS: &str = "easel_backend_fallbacks_total";
@@ -112,6 +115,31 @@ pub fn generation(model: &str, outcome: &'static str, images: u64) {
     if images > 0 {
         counter!(IMAGES, "model" => model.to_owned()).increment(images);
     }
+}
+
+/// A job reached a terminal state: `completed`, or its error code (`upstream_failed`, `timeout`, `upstream_lost`, ...).
+pub fn job_ended(model: &str, outcome: &str) {
+    let outcome: &'static str = match outcome {
+        "completed" => "completed",
+        "upstream_failed" => "upstream_failed",
+        "upstream_rejected" => "upstream_rejected",
+        "timeout" => "timeout",
+        "upstream_lost" => "upstream_lost",
+        "backend_removed" => "backend_removed",
+        "canceled" => "canceled",
+        _ => "other",
+    };
+    counter!(JOBS_ENDED, "model" => model.to_owned(), "outcome" => outcome).increment(1);
+}
+
+/// One poll of a job upstream: `ok` or `error`.
+pub fn job_poll(backend: &str, ok: bool) {
+    counter!(JOB_POLLS, "backend" => backend.to_owned(), "outcome" => if ok { "ok" } else { "error" }).increment(1);
+}
+
+/// Jobs holding a slot on a backend right now.
+pub fn jobs_running(backend: &str, n: usize) {
+    gauge!(JOBS_RUNNING, "backend" => backend.to_owned()).set(n as f64);
 }
 
 /// Images a request asked for that its answer lacks (a partial result: some upstream calls failed).

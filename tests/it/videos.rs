@@ -127,6 +127,18 @@ async fn a_video_is_made_polled_downloaded_and_charged_once() {
     let (status, _) = call(&gw, reqwest::Method::GET, &format!("/v1/jobs/{id}"), &secret, None).await;
     assert_eq!(status, 200, "jobs answer for video ids");
 
+    let (_, _, metrics) = gw.get("/metrics").await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(metrics.contains("easel_jobs_ended_total{model=\"clip\",outcome=\"completed\"}"), "{metrics}");
+    assert!(metrics.contains("easel_job_polls_total{backend=\"sim\",outcome=\"ok\"}"), "{metrics}");
+    let status: Value =
+        gw.client.get(gw.endpoint("/v1/gateway/status")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    assert!(status["jobs_running"].is_object(), "{status}");
+    assert!(
+        status["jobs_running"].get("sim").is_none_or(|n| n == 0),
+        "the slot went back when the job ended: {status}"
+    );
+
     // Deleted: gone, with its files.
     let (status, del) = call(&gw, reqwest::Method::DELETE, &format!("/v1/videos/{id}"), &secret, None).await;
     assert_eq!((status, del["deleted"].as_bool(), del["object"].as_str()), (200, Some(true), Some("video.deleted")));
