@@ -24,6 +24,19 @@ pub const MAX_ATTEMPTS: usize = 3;
 /// Slack over the backend's own timeout before easel gives up on an adapter call (adapters time out first).
 const TIMEOUT_SLACK: Duration = Duration::from_secs(1);
 
+/// The longest one dispatch over `model` can take: every attempt waiting its whole queue wait and then its whole
+/// timeout on the slowest backend. A sync hold's lease is this plus a margin, so the reaper never takes a live one.
+pub fn longest(state: &AppState, model: &ModelConfig) -> Duration {
+    let slowest = model
+        .backends
+        .iter()
+        .filter_map(|b| state.backends.get(&b.name))
+        .map(|h| h.cfg.timeout + h.cfg.queue.wait)
+        .max()
+        .unwrap_or(Duration::from_secs(600));
+    slowest * MAX_ATTEMPTS as u32
+}
+
 /// Runs `operation` on the first candidate backend of `model` for `capability` that takes it, falling back on
 /// backend faults. `usable` skips candidates that cannot do this operation at all (e.g. edits on a backend
 /// without them). `operation` gets the backend and its admission slot; it drops the slot when the upstream work

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use super::dispatch::{MAX_ATTEMPTS, dispatch};
+use super::dispatch::dispatch;
 use crate::api::images::{ImageData, ImageItem, ImagesRequest, ImagesResponse, Partial, StreamMeta};
 use crate::backends::progress::Progress;
 use crate::backends::{BackendError, EditInputs, Failure, ImageCall, ImageOutput, InputImage};
@@ -300,14 +300,7 @@ async fn release(state: &AppState, hold_id: &str, reason: &str) {
 
 /// How long a hold may stay open: the longest the request could take, plus a minute.
 fn hold_lease(state: &AppState, model: &ModelConfig) -> Duration {
-    let slowest = model
-        .backends
-        .iter()
-        .filter_map(|b| state.backends.get(&b.name))
-        .map(|h| h.cfg.timeout + h.cfg.queue.wait)
-        .max()
-        .unwrap_or(Duration::from_secs(600));
-    slowest * MAX_ATTEMPTS as u32 + Duration::from_secs(60)
+    super::dispatch::longest(state, model) + Duration::from_secs(60)
 }
 
 pub(crate) async fn resolve_input(

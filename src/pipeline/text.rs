@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 
-use super::dispatch::{MAX_ATTEMPTS, dispatch};
+use super::dispatch::dispatch;
 use super::images::Caller;
 use crate::admission::Permit;
 use crate::api::chat::{TextBody, Usage, UsageCarrier};
@@ -225,14 +225,7 @@ async fn hold(
 
 /// How long a text hold may stay open: past the longest a stream may run, so the reaper never takes a live one.
 fn lease(state: &AppState, model: &ModelConfig) -> Duration {
-    let slowest = model
-        .backends
-        .iter()
-        .filter_map(|b| state.backends.get(&b.name))
-        .map(|h| h.cfg.timeout + h.cfg.queue.wait)
-        .max()
-        .unwrap_or(Duration::from_secs(600));
-    slowest * MAX_ATTEMPTS as u32 + crate::backends::openai_text::STREAM_LIFETIME + Duration::from_secs(60)
+    super::dispatch::longest(state, model) + crate::backends::openai_text::STREAM_LIFETIME + Duration::from_secs(60)
 }
 
 /// An open hold for one text request, settled exactly once: [`Charge::settle`] captures, [`Charge::release`]

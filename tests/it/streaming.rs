@@ -7,9 +7,8 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde_json::{Value, json};
 
+use crate::support::books::{ADMIN, credits, key};
 use crate::support::{self, Gateway, TEST_TIMEOUT, spawn_gateway, spawn_gateway_env};
-
-const ADMIN: &str = "admin-secret";
 
 fn simulated(latency: &str) -> String {
     format!(
@@ -195,25 +194,6 @@ async fn bad_stream_parameters_are_400_naming_them() {
         assert_eq!(err["error"]["type"], "invalid_request_error");
         assert!(err["error"]["message"].as_str().unwrap().contains(param), "{err}");
     }
-}
-
-async fn key(gw: &Gateway, credits: f64) -> String {
-    let resp = gw
-        .client
-        .post(gw.endpoint("/v1/admin/keys"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": format!("k{}", rand::random::<u32>()), "credits": credits}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    resp.json::<Value>().await.unwrap()["secret"].as_str().unwrap().to_owned()
-}
-
-async fn credits(gw: &Gateway, secret: &str) -> (i64, i64) {
-    let me: Value =
-        gw.client.get(gw.endpoint("/v1/me")).bearer_auth(secret).send().await.unwrap().json().await.unwrap();
-    (me["credits"]["available_mc"].as_i64().unwrap(), me["credits"]["held_mc"].as_i64().unwrap())
 }
 
 #[tokio::test]

@@ -13,9 +13,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
+use crate::support::books::{ADMIN, credits, key, ledger_clean};
 use crate::support::{Gateway, TEST_TIMEOUT, openai, spawn_gateway, spawn_gateway_env};
-
-const ADMIN: &str = "admin-secret";
 
 /// A small OpenAI-images server whose behaviour is set per test: latency, a status to fail with, the size of the
 /// image it makes; it counts requests received and answered and wakes waiters on each.
@@ -111,19 +110,6 @@ async fn keys_gateway(backends: &str, models: &str) -> Gateway {
     spawn_gateway_env(&yaml, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await
 }
 
-async fn key(gw: &Gateway, credits: f64) -> String {
-    let resp = gw
-        .client
-        .post(gw.endpoint("/v1/admin/keys"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": format!("k{}", rand::random::<u32>()), "credits": credits}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    resp.json::<Value>().await.unwrap()["secret"].as_str().unwrap().to_owned()
-}
-
 async fn post(
     gw: &Gateway,
     secret: Option<&str>,
@@ -140,18 +126,6 @@ async fn post(
     let resp = tokio::time::timeout(TEST_TIMEOUT, req.send()).await.unwrap().unwrap();
     let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
     (status, headers, resp.json().await.unwrap())
-}
-
-async fn credits(gw: &Gateway, secret: &str) -> (i64, i64) {
-    let me: Value =
-        gw.client.get(gw.endpoint("/v1/me")).bearer_auth(secret).send().await.unwrap().json().await.unwrap();
-    (me["credits"]["available_mc"].as_i64().unwrap(), me["credits"]["held_mc"].as_i64().unwrap())
-}
-
-async fn ledger_clean(gw: &Gateway) {
-    let resp = gw.client.get(gw.endpoint("/v1/admin/ledger/check")).bearer_auth(ADMIN).send().await.unwrap();
-    let status = resp.status();
-    assert_eq!(status, 200, "ledger drift: {}", resp.text().await.unwrap());
 }
 
 #[tokio::test]

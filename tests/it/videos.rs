@@ -6,26 +6,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::support::books::{ADMIN, credits, key, ledger_clean};
 use crate::support::{Gateway, TEST_TIMEOUT, spawn_gateway, spawn_gateway_env, start_binary};
-
-const ADMIN: &str = "admin-secret";
 
 fn config(latency: &str, extra_backend: &str, extra_model: &str) -> String {
     format!(
         "auth:\n  mode: keys\nbackends:\n  sim:\n    kind: simulated\n    latency: {latency}\n    poll_interval: 20ms\n{extra_backend}models:\n  - id: clip\n    type: video\n    backends: [sim]\n    credits: 30\n    default_size: 64x36\n  - id: per-second\n    type: video\n    backends: [sim]\n    credits_per_second: 2.5\n    default_size: 32x32\n{extra_model}"
     )
-}
-
-async fn key(gw: &Gateway, credits: f64) -> String {
-    let resp = gw
-        .client
-        .post(gw.endpoint("/v1/admin/keys"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": format!("k{}", rand::random::<u32>()), "credits": credits}))
-        .send()
-        .await
-        .unwrap();
-    resp.json::<Value>().await.unwrap()["secret"].as_str().unwrap().to_owned()
 }
 
 async fn call(gw: &Gateway, method: reqwest::Method, path: &str, secret: &str, body: Option<Value>) -> (u16, Value) {
@@ -37,11 +24,6 @@ async fn call(gw: &Gateway, method: reqwest::Method, path: &str, secret: &str, b
     let status = resp.status().as_u16();
     let bytes = resp.bytes().await.unwrap();
     (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-}
-
-async fn credits(gw: &Gateway, secret: &str) -> (i64, i64) {
-    let (_, me) = call(gw, reqwest::Method::GET, "/v1/me", secret, None).await;
-    (me["credits"]["available_mc"].as_i64().unwrap(), me["credits"]["held_mc"].as_i64().unwrap())
 }
 
 /// Polls the job until `status` is terminal (bounded), returning every status seen.
@@ -61,11 +43,6 @@ async fn until_done(gw: &Gateway, secret: &str, id: &str) -> (Value, Vec<String>
         assert!(Instant::now() < deadline, "the job never ended: {v}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-async fn ledger_clean(gw: &Gateway) {
-    let resp = gw.client.get(gw.endpoint("/v1/admin/ledger/check")).bearer_auth(ADMIN).send().await.unwrap();
-    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
 }
 
 #[tokio::test]

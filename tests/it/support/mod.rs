@@ -2,6 +2,7 @@
 //! per protocol lives in its own file, each a real HTTP server on port 0 with knobs for latency and failures.
 
 pub mod a1111;
+pub mod books;
 pub mod comfyui;
 pub mod fal;
 pub mod huggingface;

@@ -1,0 +1,37 @@
+//! Keys-mode helpers shared by the suites that check the books: the admin token, a fresh key with credits, a
+//! key's balance, and the ledger's invariant check.
+
+use serde_json::{Value, json};
+
+use super::Gateway;
+
+/// The admin token the keys-mode gateways of these suites start with (`EASEL_ADMIN_TOKEN`).
+pub const ADMIN: &str = "admin-secret";
+
+/// Creates a key with `credits` through the admin API and returns its secret.
+pub async fn key(gw: &Gateway, credits: f64) -> String {
+    let resp = gw
+        .client
+        .post(gw.endpoint("/v1/admin/keys"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": format!("k{}", rand::random::<u32>()), "credits": credits}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    resp.json::<Value>().await.unwrap()["secret"].as_str().unwrap().to_owned()
+}
+
+/// (available, held) millicredits of a key, as `/v1/me` reports them.
+pub async fn credits(gw: &Gateway, secret: &str) -> (i64, i64) {
+    let me: Value =
+        gw.client.get(gw.endpoint("/v1/me")).bearer_auth(secret).send().await.unwrap().json().await.unwrap();
+    (me["credits"]["available_mc"].as_i64().unwrap(), me["credits"]["held_mc"].as_i64().unwrap())
+}
+
+/// Fails the test if the ledger's invariants do not hold.
+pub async fn ledger_clean(gw: &Gateway) {
+    let resp = gw.client.get(gw.endpoint("/v1/admin/ledger/check")).bearer_auth(ADMIN).send().await.unwrap();
+    let status = resp.status();
+    assert_eq!(status, 200, "ledger drift: {}", resp.text().await.unwrap());
+}
