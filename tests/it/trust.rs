@@ -351,8 +351,10 @@ async fn soak_with_faults_and_disconnects_keeps_the_books_exact() {
                             .bearer_auth(&secret)
                             .json(&json!({"model": "m", "prompt": "p", "n": n, "response_format": "b64_json"}))
                             .send();
-                        // One in four leaves before the upstream can have answered (its floor is 20 ms).
-                        let leave = rng.random_bool(0.25).then(|| Duration::from_millis(rng.random_range(0..18)));
+                        // One in four leaves before the upstream can have answered: its floor is 30 ms, the latest
+                        // leave is at 8 ms, so even a timer that fires 20 ms late on a loaded machine leaves
+                        // before any answer exists.
+                        let leave = rng.random_bool(0.25).then(|| Duration::from_millis(rng.random_range(0..8)));
                         let resp = match leave {
                             Some(after) => match tokio::time::timeout(after, req).await {
                                 Ok(r) => r,
@@ -415,7 +417,7 @@ async fn soak_with_faults_and_disconnects_keeps_the_books_exact() {
     child.wait().unwrap();
 }
 
-/// An upstream for the soak: 20–40 ms per call; by call number, some answer 500 (retried elsewhere), some 400
+/// An upstream for the soak: 30–50 ms per call; by call number, some answer 500 (retried elsewhere), some 400
 /// (the client's fault, not retried), some never in time (1 s timeout), some with a body that is no image.
 async fn upstream_with_faults() -> Up {
     let s = Arc::new(Upstream::default());
@@ -432,7 +434,7 @@ async fn faulty(State(s): State<Arc<Upstream>>, req: Request) -> Response {
     }
     let _ = axum::body::to_bytes(req.into_body(), 1 << 20).await;
     let call = s.received.fetch_add(1, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(20 + u64::from(call % 21))).await;
+    tokio::time::sleep(Duration::from_millis(30 + u64::from(call % 21))).await;
     match call % 50 {
         0..=4 => (StatusCode::INTERNAL_SERVER_ERROR, "overloaded").into_response(),
         5 => (
