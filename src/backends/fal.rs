@@ -216,23 +216,8 @@ impl Backend for FalBackend {
 
     async fn submit_video(&self, call: VideoCall<'_>) -> Result<JobHandle, BackendError> {
         let req = call.request;
-        let mut input = Map::new();
-        input.insert("prompt".into(), json!(req.prompt));
         // Video models on fal (Kling, Wan, Veo) take the clip length as a string of seconds.
-        input.insert("duration".into(), json!(req.seconds.to_string()));
-        if let Some(size) = req.size {
-            input.insert("aspect_ratio".into(), json!(aspect_ratio(size.width, size.height)));
-        }
-        if let Some(r) = &req.reference {
-            input.insert("image_url".into(), json!(crate::media::data_url(&r.bytes, r.format)));
-        }
-        if let Some(n) = &req.negative_prompt {
-            input.insert("negative_prompt".into(), json!(n));
-        }
-        if let Some(seed) = req.seed {
-            input.insert("seed".into(), json!(seed));
-        }
-        crate::request::extra::merge(&mut input, req.extra.as_ref());
+        let input = super::jobs::video_input(req, json!(req.seconds.to_string()), "image_url");
 
         let endpoint = call.model.upstream_model.trim_matches('/');
         let (rb, url) = self.http.request(Method::POST, &format!("/{endpoint}"));
@@ -384,20 +369,6 @@ struct VideoOutput {
     video: Option<OutputImage>,
 }
 
-/// The aspect ratio fal's video models take, nearest to `width`x`height`.
-fn aspect_ratio(width: u32, height: u32) -> &'static str {
-    const RATIOS: &[(&str, f64)] =
-        &[("16:9", 16.0 / 9.0), ("4:3", 4.0 / 3.0), ("1:1", 1.0), ("3:4", 0.75), ("9:16", 9.0 / 16.0)];
-    let r = f64::from(width.max(1)) / f64::from(height.max(1));
-    let mut best: (&str, f64) = ("1:1", 1.0);
-    for &(name, value) in RATIOS {
-        if (r.ln() - value.ln()).abs() < (r.ln() - best.1.ln()).abs() {
-            best = (name, value);
-        }
-    }
-    best.0
-}
-
 #[derive(Debug, Deserialize)]
 struct Log {
     #[serde(default)]
@@ -432,9 +403,5 @@ mod tests {
         assert_eq!(st.logs.len(), 1);
         let o: Output = serde_json::from_value(json!({"images": [{"url": "https://v3.fal.media/x.png", "content_type": "image/png", "width": 8, "height": 8}], "seed": 5, "has_nsfw_concepts": [false], "prompt": "p"})).unwrap();
         assert_eq!(o.images[0].url, "https://v3.fal.media/x.png");
-        assert_eq!(aspect_ratio(1280, 720), "16:9");
-        assert_eq!(aspect_ratio(720, 1280), "9:16");
-        assert_eq!(aspect_ratio(1024, 1024), "1:1");
-        assert_eq!(aspect_ratio(1024, 768), "4:3");
     }
 }

@@ -101,6 +101,48 @@ pub struct JobOutput {
     pub mime: &'static str,
 }
 
+/// The fields most hosted video models take (fal's and Replicate's alike): `prompt`, `duration` (as given),
+/// `aspect_ratio` from the size, the reference image as a data URL under `reference_field`, `negative_prompt`,
+/// `seed`; then `extra` through the one merge rule (it can never change the duration or the size).
+pub fn video_input(
+    req: &GenerateVideo,
+    duration: serde_json::Value,
+    reference_field: &str,
+) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::json;
+    let mut input = serde_json::Map::new();
+    input.insert("prompt".into(), json!(req.prompt));
+    input.insert("duration".into(), duration);
+    if let Some(size) = req.size {
+        input.insert("aspect_ratio".into(), json!(aspect_ratio(size.width, size.height)));
+    }
+    if let Some(r) = &req.reference {
+        input.insert(reference_field.into(), json!(crate::media::data_url(&r.bytes, r.format)));
+    }
+    if let Some(n) = &req.negative_prompt {
+        input.insert("negative_prompt".into(), json!(n));
+    }
+    if let Some(seed) = req.seed {
+        input.insert("seed".into(), json!(seed));
+    }
+    crate::request::extra::merge(&mut input, req.extra.as_ref());
+    input
+}
+
+/// The aspect ratio hosted video models take (fal, Replicate), nearest to `width`x`height`.
+pub fn aspect_ratio(width: u32, height: u32) -> &'static str {
+    const RATIOS: &[(&str, f64)] =
+        &[("16:9", 16.0 / 9.0), ("4:3", 4.0 / 3.0), ("1:1", 1.0), ("3:4", 0.75), ("9:16", 9.0 / 16.0)];
+    let r = f64::from(width.max(1)) / f64::from(height.max(1));
+    let mut best: (&str, f64) = ("1:1", 1.0);
+    for &(name, value) in RATIOS {
+        if (r.ln() - value.ln()).abs() < (r.ln() - best.1.ln()).abs() {
+            best = (name, value);
+        }
+    }
+    best.0
+}
+
 /// Sniffs a video container: MP4/MOV (`ftyp` box), WebM/Matroska (EBML header), GIF.
 pub fn sniff_video(bytes: &[u8]) -> Option<&'static str> {
     if bytes.len() >= 12 && &bytes[4..8] == b"ftyp" {
@@ -118,6 +160,14 @@ pub fn sniff_video(bytes: &[u8]) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aspect_ratios_are_the_nearest_offered() {
+        assert_eq!(aspect_ratio(1280, 720), "16:9");
+        assert_eq!(aspect_ratio(720, 1280), "9:16");
+        assert_eq!(aspect_ratio(1024, 1024), "1:1");
+        assert_eq!(aspect_ratio(1024, 768), "4:3");
+    }
 
     #[test]
     fn sniffs_containers() {

@@ -179,11 +179,7 @@ impl Backend for ReplicateBackend {
             }
             _ => {}
         }
-        let urls = match &prediction.output {
-            Some(Value::String(s)) => vec![s.clone()],
-            Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
-            _ => Vec::new(),
-        };
+        let urls = output_urls(prediction.output.as_ref());
         if urls.is_empty() {
             return Err(self
                 .http
@@ -208,22 +204,7 @@ impl Backend for ReplicateBackend {
 
     async fn submit_video(&self, call: VideoCall<'_>) -> Result<JobHandle, BackendError> {
         let req = call.request;
-        let mut input = Map::new();
-        input.insert("prompt".into(), json!(req.prompt));
-        input.insert("duration".into(), json!(req.seconds));
-        if let Some(size) = req.size {
-            input.insert("aspect_ratio".into(), json!(aspect_ratio(size.width, size.height)));
-        }
-        if let Some(r) = &req.reference {
-            input.insert("start_image".into(), json!(crate::media::data_url(&r.bytes, r.format)));
-        }
-        if let Some(n) = &req.negative_prompt {
-            input.insert("negative_prompt".into(), json!(n));
-        }
-        if let Some(seed) = req.seed {
-            input.insert("seed".into(), json!(seed));
-        }
-        crate::request::extra::merge(&mut input, req.extra.as_ref());
+        let input = super::jobs::video_input(req, json!(req.seconds), "start_image");
 
         let model = call.model.upstream_model.as_str();
         let (path, body) = match model.split_once(':') {
@@ -283,11 +264,7 @@ impl Backend for ReplicateBackend {
                 Failure::JobFailed(format!("prediction {} is no longer known to Replicate", handle.upstream_id)),
             ));
         };
-        let urls: Vec<String> = match &p.output {
-            Some(Value::String(s)) => vec![s.clone()],
-            Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
-            _ => Vec::new(),
-        };
+        let urls = output_urls(p.output.as_ref());
         if urls.is_empty() {
             return Err(self
                 .http
@@ -348,15 +325,12 @@ struct Prediction {
     logs: Option<String>,
 }
 
-/// The aspect ratio Replicate's video models take, nearest to `width`x`height`.
-fn aspect_ratio(width: u32, height: u32) -> &'static str {
-    let r = f64::from(width.max(1)) / f64::from(height.max(1));
-    if r > 1.2 {
-        "16:9"
-    } else if r < 1.0 / 1.2 {
-        "9:16"
-    } else {
-        "1:1"
+/// A prediction's `output`: one URL, or a list of them (other shapes hold none).
+fn output_urls(output: Option<&Value>) -> Vec<String> {
+    match output {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -404,7 +378,5 @@ mod tests {
     fn reads_progress_bars_from_logs() {
         assert_eq!(progress("loading\n 10%|#         | 2/20\n 45%|####5     | 9/20 [00:04<00:05]\n"), Some(0.45));
         assert_eq!(progress("no bar here"), None);
-        assert_eq!(aspect_ratio(1280, 720), "16:9");
-        assert_eq!(aspect_ratio(720, 1280), "9:16");
     }
 }

@@ -1,7 +1,5 @@
 //! The caller's account (`/v1/me`, `/v1/usage`) and the admin API for keys and credits (`/v1/admin/*`).
 
-use std::time::Duration;
-
 use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, State};
@@ -16,9 +14,6 @@ use crate::error::Error;
 use crate::ledger::{KeyInfo, Principal, Store, fmt_credits, to_mc};
 use crate::state::AppState;
 
-/// Longest a balance read waits for the caller's answers to settle (normally a few milliseconds).
-const SETTLE_WAIT: Duration = Duration::from_secs(5);
-
 fn no_key() -> ApiError {
     Error::Unauthorized("this route describes an API key: run easel with `auth.mode: keys` and send one".into()).into()
 }
@@ -29,7 +24,7 @@ pub async fn me_handler(
     principal: Option<Extension<Principal>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Some(Extension(p)) = principal else { return Err(no_key()) };
-    state.settling.wait(Some(p.account_id), SETTLE_WAIT).await;
+    state.settling.wait(Some(p.account_id), crate::ledger::SETTLE_WAIT).await;
     let b = state.ledger.balance(p.account_id).await?;
     let models: Vec<serde_json::Value> = state
         .registry
@@ -53,7 +48,7 @@ pub async fn usage_handler(
     principal: Option<Extension<Principal>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Some(Extension(p)) = principal else { return Err(no_key()) };
-    state.settling.wait(Some(p.account_id), SETTLE_WAIT).await;
+    state.settling.wait(Some(p.account_id), crate::ledger::SETTLE_WAIT).await;
     let rows = state.ledger.usage(p.key_id).await?;
     Ok(Json(json!({"object": "list", "key": p.name, "data": rows})))
 }
@@ -121,7 +116,7 @@ pub async fn grant_handler(
 
 /// `GET /v1/admin/ledger/check`: the invariants; 200 when clean, 500 with the drift otherwise.
 pub async fn ledger_check_handler(State(state): State<AppState>) -> Result<Response, ApiError> {
-    state.settling.wait(None, SETTLE_WAIT).await;
+    state.settling.wait(None, crate::ledger::SETTLE_WAIT).await;
     let drift = state.ledger.check().await?;
     crate::telemetry::metrics::ledger_drift(drift.len());
     let status = if drift.is_empty() { StatusCode::OK } else { StatusCode::INTERNAL_SERVER_ERROR };

@@ -228,14 +228,9 @@ impl<S: Send + Sync> FromRequest<S> for EditBody {
                     let name = field.name().unwrap_or("").to_owned();
                     match name.as_str() {
                         "image" | "image[]" | "mask" => {
-                            let file_name = field.file_name().map(str::to_owned);
-                            let mut buf = bytes::BytesMut::new();
-                            while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, limit))? {
-                                buf.extend_from_slice(&chunk);
-                            }
                             let param = if name == "mask" { "mask" } else { "image" };
                             let index = if param == "mask" { 0 } else { images.len() };
-                            let img = input_image(buf.freeze(), param, index, file_name)?;
+                            let img = file_part(&mut field, param, index, limit).await?;
                             if param == "mask" {
                                 if mask.is_some() {
                                     return Err(RequestError::param("mask", "`mask` is given more than once").into());
@@ -295,6 +290,21 @@ impl<S: Send + Sync> FromRequest<S> for EditBody {
             other => Err(Error::UnsupportedMediaType(other.to_owned()).into()),
         }
     }
+}
+
+/// Reads one multipart file part (bounded by the route's limit) as an input image for `param`.
+async fn file_part(
+    field: &mut axum::extract::multipart::Field<'_>,
+    param: &'static str,
+    index: usize,
+    limit: usize,
+) -> Result<InputImage, ApiError> {
+    let file_name = field.file_name().map(str::to_owned);
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, limit))? {
+        buf.extend_from_slice(&chunk);
+    }
+    input_image(buf.freeze(), param, index, file_name)
 }
 
 fn check_fidelity(v: &str) -> Result<(), ApiError> {
@@ -370,11 +380,6 @@ impl<S: Send + Sync> FromRequest<S> for VideoBody {
                 while let Some(mut field) = multipart.next_field().await.map_err(|e| multipart_error(e, limit))? {
                     let name = field.name().unwrap_or("").to_owned();
                     if name == "input_reference" {
-                        let file_name = field.file_name().map(str::to_owned);
-                        let mut buf = bytes::BytesMut::new();
-                        while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, limit))? {
-                            buf.extend_from_slice(&chunk);
-                        }
                         if reference.is_some() {
                             return Err(RequestError::param(
                                 "input_reference",
@@ -382,8 +387,8 @@ impl<S: Send + Sync> FromRequest<S> for VideoBody {
                             )
                             .into());
                         }
-                        reference =
-                            Some(ImageSource::Inline(input_image(buf.freeze(), "input_reference", 0, file_name)?));
+                        let img = file_part(&mut field, "input_reference", 0, limit).await?;
+                        reference = Some(ImageSource::Inline(img));
                     } else if field.file_name().is_some() {
                         return Err(RequestError::param(
                             &name,

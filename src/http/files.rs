@@ -2,8 +2,6 @@
 //! (`?exp=…&sig=…`, as easel hands them out) works without a key until it expires; without a signature, keys mode
 //! serves an output only to the key that made it (another key gets the same 404 as a missing file).
 
-use std::time::Duration;
-
 use axum::Extension;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderValue, header};
@@ -16,9 +14,6 @@ use crate::ledger::{Principal, Store};
 use crate::request::RequestError;
 use crate::state::AppState;
 use crate::storage::signing::SignatureProblem;
-
-/// Longest an owner's read waits for the answer that made the file to settle (ownership is recorded then).
-const SETTLE_WAIT: Duration = Duration::from_secs(5);
 
 pub async fn get_handler(
     State(state): State<AppState>,
@@ -57,7 +52,7 @@ pub async fn get_handler(
                     Error::Unauthorized("an unsigned file URL needs the API key that made the file".into()).into()
                 );
             };
-            state.settling.wait(Some(who.account_id), SETTLE_WAIT).await;
+            state.settling.wait(Some(who.account_id), crate::ledger::SETTLE_WAIT).await;
             if state.ledger.output_owner(&id).await? != Some(who.key_id) {
                 return Err(Error::FileNotFound(id).into());
             }

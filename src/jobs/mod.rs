@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -83,10 +83,6 @@ impl Jobs {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Runs until `stop`: claim due jobs, advance each.
 pub async fn run(state: AppState, stop: CancellationToken) {
     loop {
@@ -121,13 +117,20 @@ async fn advance(state: &AppState, job: JobRecord) {
         return;
     }
     let backend = job.backend.as_deref().and_then(|b| state.backends.get(b)).cloned();
+    let name = job.backend.as_deref().unwrap_or("?");
     let (Some(backend), Some(handle)) = (backend, crate::pipeline::videos::handle_of(&job)) else {
-        let why = format!("backend `{}` is no longer configured", job.backend.as_deref().unwrap_or("?"));
+        let why = format!("backend `{name}` that took this job is no longer in the configuration");
         finish(state, &job, end("failed", JobErrorCode::BackendRemoved, why)).await;
         return;
     };
+    if !backend.adapter.supports_videos() {
+        // Same name, another kind (the configuration changed): it cannot know this job.
+        let why = format!("backend `{name}` is now kind `{}`, which runs no jobs", backend.cfg.kind);
+        finish(state, &job, end("failed", JobErrorCode::BackendRemoved, why)).await;
+        return;
+    }
     let adapter = &backend.adapter;
-    if job.cancel_requested || now_ms() > job.deadline_at {
+    if job.cancel_requested || crate::ledger::now_ms() > job.deadline_at {
         // Cancel upstream first; a job that finished meanwhile is still delivered.
         if let Err(e) = adapter.cancel_job(&handle).await {
             tracing::warn!(job = %id, error = %e, "Cancelling a job upstream failed.");
@@ -156,14 +159,20 @@ async fn advance(state: &AppState, job: JobRecord) {
         Ok(Err(e)) => {
             tracing::warn!(job = %id, error = %e, "Polling a job failed; trying again later.");
             let backoff = every * (1 << job.poll_failures.clamp(0, 6));
-            let change =
-                JobChange { poll_failed: Some(true), next_poll_at: Some(now_ms() + backoff), ..JobChange::default() };
+            let change = JobChange {
+                poll_failed: Some(true),
+                next_poll_at: Some(crate::ledger::now_ms() + backoff),
+                ..JobChange::default()
+            };
             update(state, &id, epoch, &change).await;
             return;
         }
         Err(_) => {
-            let change =
-                JobChange { poll_failed: Some(true), next_poll_at: Some(now_ms() + every), ..JobChange::default() };
+            let change = JobChange {
+                poll_failed: Some(true),
+                next_poll_at: Some(crate::ledger::now_ms() + every),
+                ..JobChange::default()
+            };
             update(state, &id, epoch, &change).await;
             return;
         }
@@ -171,7 +180,7 @@ async fn advance(state: &AppState, job: JobRecord) {
     for line in &poll.logs {
         tracing::debug!(job = %id, backend = %backend.cfg.name, message = %line, "Job log.");
     }
-    let next = Some(now_ms() + every);
+    let next = Some(crate::ledger::now_ms() + every);
     match poll.state {
         JobState::Queued { position } => {
             let change = JobChange {

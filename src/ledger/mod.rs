@@ -269,6 +269,14 @@ pub trait Store: Send + Sync {
     fn usage(&self, key_id: i64) -> impl Future<Output = Result<Vec<UsageRow>, LedgerError>> + Send;
 }
 
+/// Now, in Unix milliseconds: the one clock of the ledger's and the jobs' timestamps.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Longest a read of a key's balance or outputs waits for that key's answers to settle (normally milliseconds).
+pub const SETTLE_WAIT: Duration = Duration::from_secs(5);
+
 /// Settlements in flight, per account. An answer's hold is settled just after its body is handed to the client, so
 /// a balance read right after could see it still held; readers wait (bounded) for their account's settlements.
 #[derive(Debug, Default)]

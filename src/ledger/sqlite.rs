@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
@@ -13,7 +13,7 @@ use tokio::sync::Mutex;
 
 use super::{
     ANONYMOUS_KEY, Balance, Drift, HoldOutcome, IdemClaim, JobChange, JobEnd, JobRecord, KeyInfo, LedgerError,
-    Millicredits, NewJob, NewKey, Principal, Store, StoredResponse, UsageRow, hash_secret, new_secret,
+    Millicredits, NewJob, NewKey, Principal, Store, StoredResponse, UsageRow, hash_secret, new_secret, now_ms,
 };
 
 /// How long a completed idempotency record is kept.
@@ -94,10 +94,6 @@ async fn insert_job(
     .execute(&mut *tx)
     .await?;
     Ok(())
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The file path of a `sqlite://PATH` (or `sqlite:PATH`) URL.

@@ -25,9 +25,6 @@ use crate::routing::BackendHandle;
 use crate::state::AppState;
 use crate::telemetry::metrics as m;
 
-/// Longest a key's read of its own output waits for the answer that made it to settle.
-const SETTLE_WAIT: Duration = Duration::from_secs(5);
-
 /// Who is asking, as the HTTP layer saw it.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -179,9 +176,13 @@ pub async fn edit_images(
     charged(state, caller, req, Some(Arc::new(EditInputs { images: resolved, mask })), fingerprint, base_url).await
 }
 
-/// SHA-256 over the path and the normalized request (the parsed fields, so JSON, multipart and form bodies hash
+/// For an Idempotency-Key: SHA-256 over the path and the normalized request (the parsed fields, so JSON, multipart and form bodies hash
 /// the same; each input image by its own SHA-256).
 pub(crate) fn fingerprint(caller: &Caller, wire: &impl serde::Serialize, inputs: &[&ImageSource]) -> [u8; 32] {
+    // Only an Idempotency-Key compares fingerprints: without one, hashing (megabytes of edit inputs) is wasted.
+    if caller.idempotency_key.is_none() {
+        return [0; 32];
+    }
     let mut h = Sha256::new();
     h.update(b"POST ");
     h.update(caller.path.as_bytes());
@@ -316,7 +317,7 @@ pub(crate) async fn resolve_input(
                 || RequestError::param(param, format!("file `{id}` was not issued by this gateway (or was deleted)"));
             // With keys, only the key that made an output may use it; another key is told it does not exist.
             if let Some(who) = &caller.principal {
-                state.settling.wait(Some(who.account_id), SETTLE_WAIT).await;
+                state.settling.wait(Some(who.account_id), crate::ledger::SETTLE_WAIT).await;
                 if state.ledger.output_owner(&id).await? != Some(who.key_id) {
                     return Err(missing().into());
                 }

@@ -7,7 +7,7 @@
 //! 4. Record the backend and its handle; from here the poller (`jobs`) drives the job to a terminal state, which
 //!    captures or releases the hold in the same transaction.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -25,10 +25,6 @@ use crate::state::AppState;
 
 /// How long a submit may take before easel stops waiting for the backend's answer.
 const SUBMIT_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
 
 /// Validates a `POST /v1/videos` body and runs [`create_video`].
 pub async fn create(
@@ -108,7 +104,7 @@ pub async fn create_video(
             "size": size.to_string(),
             "has_reference": req.reference.is_some(),
         }),
-        deadline_at: now_ms() + model.job_timeout.as_millis() as i64,
+        deadline_at: crate::ledger::now_ms() + model.job_timeout.as_millis() as i64,
     };
     let claim = caller.idempotency_key.as_ref().map(|key| IdemClaim {
         key: key.clone(),
@@ -176,7 +172,7 @@ pub async fn create_video(
         state: Some("queued"),
         backend: Some(handle.cfg.name.clone()),
         handle: serde_json::to_value(&upstream).ok(),
-        next_poll_at: Some(now_ms()),
+        next_poll_at: Some(crate::ledger::now_ms()),
         ..JobChange::default()
     };
     state.ledger.update_job(&id, 0, &change).await?;
@@ -266,7 +262,7 @@ pub fn output_file(job: &JobRecord, kind: &str) -> Option<String> {
         .and_then(|o| o["file"].as_str().map(str::to_owned))
 }
 
-/// Unused handles are not kept: this is what the poller reads back.
+/// The backend's handle stored with a submitted job (`None` before the submit returned).
 pub fn handle_of(job: &JobRecord) -> Option<JobHandle> {
     job.handle.clone().and_then(|h| serde_json::from_value(h).ok())
 }

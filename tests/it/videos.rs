@@ -2,8 +2,6 @@
 //! (held while running, captured once on success, released on failure, cancel and deadline), idempotent
 //! creates, owners, pagination, bad inputs, and a real binary killed with SIGKILL mid-job.
 
-use std::time::{Duration, Instant};
-
 use serde_json::{Value, json};
 
 use crate::support::books::{ADMIN, credits, key, ledger_clean};
@@ -26,23 +24,20 @@ async fn call(gw: &Gateway, method: reqwest::Method, path: &str, secret: &str, b
     (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
 }
 
-/// Polls the job until `status` is terminal (bounded), returning every status seen.
+/// Follows the job's event stream until it ends (no polling, no sleeps); returns the final job and every status
+/// the events carried, in order, without repeats.
 async fn until_done(gw: &Gateway, secret: &str, id: &str) -> (Value, Vec<String>) {
-    let deadline = Instant::now() + TEST_TIMEOUT;
-    let mut seen = Vec::new();
-    loop {
-        let (status, v) = call(gw, reqwest::Method::GET, &format!("/v1/videos/{id}"), secret, None).await;
-        assert_eq!(status, 200, "{v}");
-        let s = v["status"].as_str().unwrap().to_owned();
-        if seen.last() != Some(&s) {
-            seen.push(s.clone());
+    let seen = events(gw, secret, &format!("/v1/jobs/{id}/events"), None).await;
+    let mut statuses: Vec<String> = Vec::new();
+    for (_, _, data) in &seen {
+        let s = data["status"].as_str().unwrap().to_owned();
+        if statuses.last() != Some(&s) {
+            statuses.push(s);
         }
-        if s == "completed" || s == "failed" {
-            return (v, seen);
-        }
-        assert!(Instant::now() < deadline, "the job never ended: {v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let last = seen.last().map(|e| e.2.clone()).expect("the stream sent no event");
+    assert!(matches!(last["status"].as_str(), Some("completed" | "failed")), "the stream ended early: {last}");
+    (last, statuses)
 }
 
 #[tokio::test]
@@ -291,23 +286,12 @@ async fn a_job_survives_a_sigkill_and_is_charged_once() {
     child.wait().unwrap();
 
     let (mut child, url) = start_binary(dir.path(), &env);
-    let deadline = Instant::now() + TEST_TIMEOUT;
-    let done = loop {
-        let v: Value = client
-            .get(format!("{url}/v1/videos/{id}"))
-            .bearer_auth(&secret)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if v["status"] == "completed" || v["status"] == "failed" {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "the job never ended after the restart: {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    // The restarted easel's event stream for the job ends with its terminal state.
+    let stream = client.get(format!("{url}/v1/jobs/{id}/events")).bearer_auth(&secret).send();
+    let text = tokio::time::timeout(TEST_TIMEOUT, async { stream.await.unwrap().text().await.unwrap() }).await.unwrap();
+    let last = text.split("\n\n").filter(|f| !f.trim().is_empty()).last().expect("no event after the restart");
+    let data = last.lines().find_map(|l| l.strip_prefix("data:")).expect("an event without data");
+    let done: Value = serde_json::from_str(data.trim()).unwrap();
     assert_eq!(done["status"], "completed", "{done}");
     let me: Value = client.get(format!("{url}/v1/me")).bearer_auth(&secret).send().await.unwrap().json().await.unwrap();
     assert_eq!(
