@@ -66,6 +66,11 @@ impl Progress {
         }
     }
 
+    /// How much of the work is done (0–1), when the backend reports steps and somebody listens.
+    pub fn fraction(&self) -> Option<f64> {
+        self.listener.as_ref().and_then(|l| l.state.lock().ok().and_then(|s| s.fraction))
+    }
+
     /// A preview of the image being made. Kept when the client still wants one at this point of the run (the
     /// previews asked for are spread evenly over the steps when the backend reports steps).
     pub fn preview(&self, bytes: Bytes, format: ImageFormat) {

@@ -91,7 +91,14 @@ impl Backend for SimulatedBackend {
         // image, smaller and blurred, sharper at every step.
         for step in 1..=STEPS {
             if !latency.is_zero() {
-                tokio::time::sleep(latency / STEPS).await;
+                // Like a real backend that can stop work, a cancelled call ends now.
+                tokio::select! {
+                    () = tokio::time::sleep(latency / STEPS) => {}
+                    () = call.cancel.cancelled() => {
+                        let why = Failure::JobFailed("cancelled: the client went away".into());
+                        return Err(BackendError::new(&self.cfg.name, self.cfg.kind, self.url(), why));
+                    }
+                }
             }
             call.progress.step(&self.cfg.name, f64::from(step), f64::from(STEPS));
             if step < STEPS

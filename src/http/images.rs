@@ -34,6 +34,14 @@ pub async fn generations_handler(
     ImageBody(body): ImageBody<ImagesRequest>,
 ) -> Result<Response, ApiError> {
     let base = super::base_url(&state, &headers);
+    if respond_async(&headers) {
+        let (caller, _) = caller(&headers, principal, "/v1/images/generations", None)?;
+        let task = tokio::spawn(async move {
+            let job = crate::pipeline::image_jobs::submit(&state, &caller, body, Vec::new(), None, false).await?;
+            Ok::<_, Error>(accepted(&state, &job, &base).await)
+        });
+        return Ok(task.await.map_err(|e| Error::Internal(format!("the request task failed: {e}")))??);
+    }
     let (listen, meta) = streaming(&body, false);
     let (caller, previews) = caller(&headers, principal, "/v1/images/generations", listen)?;
     let gone_on_drop = caller.gone.clone().drop_guard();
@@ -53,6 +61,15 @@ pub async fn edits_handler(
     body: EditBody,
 ) -> Result<Response, ApiError> {
     let base = super::base_url(&state, &headers);
+    if respond_async(&headers) {
+        let (caller, _) = caller(&headers, principal, "/v1/images/edits", None)?;
+        let task = tokio::spawn(async move {
+            let job =
+                crate::pipeline::image_jobs::submit(&state, &caller, body.fields, body.images, body.mask, true).await?;
+            Ok::<_, Error>(accepted(&state, &job, &base).await)
+        });
+        return Ok(task.await.map_err(|e| Error::Internal(format!("the request task failed: {e}")))??);
+    }
     let (listen, meta) = streaming(&body.fields, true);
     let (caller, previews) = caller(&headers, principal, "/v1/images/edits", listen)?;
     let gone_on_drop = caller.gone.clone().drop_guard();
@@ -63,6 +80,25 @@ pub async fn edits_handler(
         Some(rx) => stream(task, rx, meta, gone_on_drop).await,
         None => respond(task.await),
     }
+}
+
+/// Whether the client asked for a job instead of waiting (`Prefer: respond-async`, RFC 7240).
+fn respond_async(headers: &HeaderMap) -> bool {
+    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).any(|v| {
+        v.split(',').any(|p| p.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("respond-async")))
+    })
+}
+
+/// `202 Accepted` for a job: `Location` names it, `Preference-Applied` says the preference was honoured.
+async fn accepted(state: &AppState, job: &crate::ledger::JobRecord, base: &str) -> Response {
+    let body = super::jobs::public(state, job, base).await;
+    let mut resp = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
+    let headers = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)) {
+        headers.insert(header::LOCATION, v);
+    }
+    headers.insert("preference-applied", HeaderValue::from_static("respond-async"));
+    resp
 }
 
 /// For `stream: true`: how many previews to listen for (the pipeline validates `partial_images`; an out-of-range

@@ -8,6 +8,7 @@ pub mod error;
 pub mod extract;
 mod files;
 mod images;
+mod jobs;
 mod models;
 mod ops;
 mod videos;
@@ -57,9 +58,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/videos/{id}", get(videos::get_handler).delete(videos::delete_handler))
         .route("/v1/videos/{id}/content", get(videos::content_handler))
         .route("/v1/videos/{id}/cancel", post(videos::cancel_handler))
-        .route("/v1/jobs/{id}", get(videos::get_handler))
-        .route("/v1/jobs/{id}/events", get(videos::events_handler))
-        .route("/v1/videos/{id}/events", get(videos::events_handler))
+        .route("/v1/jobs/{id}", get(jobs::get_handler).delete(jobs::delete_handler))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel_handler))
+        .route("/v1/jobs/{id}/events", get(jobs::events_handler))
+        .route("/v1/videos/{id}/events", get(jobs::events_handler))
         .route("/v1/gateway/status", get(ops::status_handler))
         .route("/healthz", get(ops::healthz_handler))
         .route("/readyz", get(ops::readyz_handler))
@@ -261,6 +263,7 @@ fn static_route(route: &str) -> &'static str {
         "/v1/videos/{id}/content",
         "/v1/videos/{id}/cancel",
         "/v1/jobs/{id}",
+        "/v1/jobs/{id}/cancel",
         "/v1/jobs/{id}/events",
         "/v1/videos/{id}/events",
     ];

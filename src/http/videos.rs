@@ -3,7 +3,6 @@
 
 use axum::Extension;
 use axum::Json;
-use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -13,13 +12,13 @@ use super::extract::VideoBody;
 use super::images::caller;
 use crate::api::videos::{Video, VideoDeleted, VideoError, VideoList};
 use crate::error::Error;
-use crate::ledger::{JobRecord, Principal, Store};
+use crate::ledger::{JobRecord, Principal};
 use crate::pipeline::videos;
 use crate::request::RequestError;
 use crate::state::AppState;
 
 /// The public status of an internal job state.
-fn status(state: &str) -> &'static str {
+pub(super) fn status(state: &str) -> &'static str {
     match state {
         "pending" | "submitting" | "queued" => "queued",
         "running" | "finalizing" | "unknown" => "in_progress",
@@ -67,7 +66,7 @@ pub async fn create_handler(
     Ok(Json(video(&job)))
 }
 
-/// `GET /v1/videos/{id}` and `GET /v1/jobs/{id}`.
+/// `GET /v1/videos/{id}`.
 pub async fn get_handler(
     State(state): State<AppState>,
     principal: Option<Extension<Principal>>,
@@ -75,7 +74,12 @@ pub async fn get_handler(
     Path(id): Path<String>,
 ) -> Result<Json<Video>, ApiError> {
     let (caller, _) = caller(&headers, principal, "/v1/videos", None)?;
-    Ok(Json(video(&videos::owned_job(&state, &caller, &id).await?)))
+    let job = videos::owned_job(&state, &caller, &id).await?;
+    if job.object != "video" {
+        // An image job: it has no `video` object (GET /v1/jobs/{id} answers for it).
+        return Err(Error::JobNotFound(id).into());
+    }
+    Ok(Json(video(&job)))
 }
 
 /// `GET /v1/videos?limit&order&after`.
@@ -191,68 +195,4 @@ pub async fn content_handler(
         bytes,
     )
         .into_response())
-}
-
-/// The event a job's current state stands for, with its id: ids only grow through a job's life (`queued` 1,
-/// `started` 2, `progress` 100 + percent, `completed`/`failed` 1000), so `Last-Event-ID` resumes after what a
-/// client saw without replaying it.
-fn job_event(job: &JobRecord) -> (u32, &'static str) {
-    match job.state.as_str() {
-        "pending" | "submitting" | "queued" => (1, "queued"),
-        "succeeded" => (1000, "completed"),
-        "failed" | "canceled" => (1000, "failed"),
-        _ if job.progress > 0 => (100 + job.progress.clamp(0, 99) as u32, "progress"),
-        _ => (2, "started"),
-    }
-}
-
-/// How long an event stream waits for a change before it looks again (changes made by another instance).
-const EVENT_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// `GET /v1/jobs/{id}/events` (and `/v1/videos/{id}/events`): Server-Sent Events for one job — `queued`,
-/// `started`, `progress`, `completed` (with the job), `failed` (with its error) — each `data` the job object,
-/// resumable with `Last-Event-ID`. Watching changes nothing: a job outlives its watchers.
-pub async fn events_handler(
-    State(state): State<AppState>,
-    principal: Option<Extension<Principal>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let (caller, _) = caller(&headers, principal, "/v1/jobs", None)?;
-    let job = videos::owned_job(&state, &caller, &id).await?;
-    let last: u32 =
-        headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
-    let stream = futures_util::stream::unfold((state, Some(job), last, false), |(state, job, last, done)| async move {
-        if done {
-            return None;
-        }
-        let mut job = match job {
-            Some(j) => j,
-            None => return None,
-        };
-        loop {
-            let (event_id, name) = job_event(&job);
-            if event_id > last {
-                let data = serde_json::to_string(&video(&job)).unwrap_or_default();
-                let frame = format!("id: {event_id}\nevent: {name}\ndata: {data}\n\n");
-                let end = job.is_terminal();
-                return Some((
-                    Ok::<_, std::convert::Infallible>(Bytes::from(frame)),
-                    (state, Some(job), event_id, end),
-                ));
-            }
-            if job.is_terminal() {
-                return None;
-            }
-            state.jobs.next_change(EVENT_RECHECK).await;
-            job = match state.ledger.job(&job.id).await {
-                Ok(Some(j)) => j,
-                _ => return None,
-            };
-        }
-    });
-    let mut resp = Response::new(Body::from_stream(stream));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    Ok(resp)
 }

@@ -4,7 +4,8 @@
 //! A running job keeps its backend's admission slot until it ends.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -12,12 +13,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::Permit;
 use crate::backends::jobs::{JobErrorCode, JobState, OutputKind};
+use crate::backends::progress::Preview;
 use crate::ledger::{JobChange, JobEnd, JobRecord, Store};
 use crate::state::AppState;
 use crate::telemetry::metrics as m;
 
 /// How long a claimed job is this instance's before another poller may take it over.
-const LEASE: Duration = Duration::from_secs(60);
+pub(crate) const LEASE: Duration = Duration::from_secs(60);
 /// Jobs claimed per round.
 const BATCH: u32 = 16;
 /// Longest wait between rounds when nothing wakes the runner.
@@ -35,6 +37,20 @@ pub struct Jobs {
     changed: Notify,
     /// This process's name as a lease owner.
     owner: String,
+    /// Image jobs running inside this process.
+    local: Mutex<HashMap<String, LocalRun>>,
+    /// Fires when the process stops: image jobs running here are abandoned (not ended) and run again later.
+    pub(crate) stopping: CancellationToken,
+}
+
+/// An image job this process is running: how to stop it, the lease epoch it holds (a cancel request makes the
+/// runner claim the job again, which moves the epoch), and its newest preview.
+#[derive(Debug)]
+struct LocalRun {
+    cancel: CancellationToken,
+    epoch: Arc<AtomicI64>,
+    /// (sequence number, preview): event streams send a preview once per number.
+    preview: Option<(u64, Preview)>,
 }
 
 impl Jobs {
@@ -67,6 +83,49 @@ impl Jobs {
         by
     }
 
+    /// Registers an image job this process starts running at `epoch`; `None` when it runs here already (then the
+    /// run takes the new epoch, and a cancel request reaches it).
+    fn start_local(&self, job: &JobRecord) -> Option<(CancellationToken, Arc<AtomicI64>)> {
+        let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(run) = local.get(&job.id) {
+            run.epoch.store(job.lease_epoch, Ordering::SeqCst);
+            if job.cancel_requested {
+                run.cancel.cancel();
+            }
+            return None;
+        }
+        let run = LocalRun {
+            cancel: CancellationToken::new(),
+            epoch: Arc::new(AtomicI64::new(job.lease_epoch)),
+            preview: None,
+        };
+        let handles = (run.cancel.clone(), run.epoch.clone());
+        local.insert(job.id.clone(), run);
+        Some(handles)
+    }
+
+    /// The image job stopped running here.
+    pub(crate) fn end_local(&self, job: &str) {
+        self.local.lock().unwrap_or_else(PoisonError::into_inner).remove(job);
+    }
+
+    /// Keeps `preview` as the newest of a job running here.
+    pub(crate) fn set_preview(&self, job: &str, preview: Preview) {
+        let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(run) = local.get_mut(job) {
+            let seq = run.preview.as_ref().map_or(1, |(n, _)| n + 1);
+            run.preview = Some((seq, preview));
+        }
+        drop(local);
+        self.changed();
+    }
+
+    /// The newest preview of a job running here, if it is newer than `after`.
+    pub fn preview_after(&self, job: &str, after: u64) -> Option<(u64, Preview)> {
+        let local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
+        local.get(job).and_then(|r| r.preview.clone()).filter(|(n, _)| *n > after)
+    }
+
     /// Makes the runner look for due jobs now.
     pub fn wake(&self) {
         self.bell.notify_one();
@@ -94,7 +153,10 @@ pub async fn run(state: AppState, stop: CancellationToken) {
             Err(e) => tracing::error!(error = %e, "Claiming due jobs failed."),
         }
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => {
+                state.jobs.stopping.cancel();
+                return;
+            }
             () = state.jobs.bell.notified() => {}
             () = tokio::time::sleep(IDLE) => {}
         }
@@ -105,6 +167,14 @@ pub async fn run(state: AppState, stop: CancellationToken) {
 async fn advance(state: &AppState, job: JobRecord) {
     let id = job.id.clone();
     let epoch = job.lease_epoch;
+    if job.object == "job" {
+        // An image job runs inside easel, in its own task (the runner goes on polling the others).
+        if let Some((cancel, epoch)) = state.jobs.start_local(&job) {
+            let work = crate::pipeline::image_jobs::run(state.clone(), job, cancel, epoch);
+            state.tasks.spawn(work);
+        }
+        return;
+    }
     let end = |state_: &'static str, code: JobErrorCode, message: String| JobEnd::Failed {
         state: state_,
         code: code.as_str(),
@@ -255,7 +325,12 @@ async fn update(state: &AppState, id: &str, epoch: i64, change: &JobChange) {
 }
 
 async fn finish(state: &AppState, job: &JobRecord, end: JobEnd) {
-    let (id, epoch) = (job.id.as_str(), job.lease_epoch);
+    end_at(state, job, job.lease_epoch, end).await;
+}
+
+/// Ends `job` at lease `epoch`: the terminal state and the hold's capture or release commit together.
+pub(crate) async fn end_at(state: &AppState, job: &JobRecord, epoch: i64, end: JobEnd) {
+    let id = job.id.as_str();
     match state.ledger.end_job(id, epoch, &end).await {
         Ok(true) => {
             state.jobs.free_slot(id);

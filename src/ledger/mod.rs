@@ -246,6 +246,14 @@ pub trait Store: Send + Sync {
     /// Ends a job at `epoch` and captures or releases its hold, in one transaction (`Ok(false)` if fenced out or
     /// already ended).
     fn end_job(&self, id: &str, epoch: i64, end: &JobEnd) -> impl Future<Output = Result<bool, LedgerError>> + Send;
+    /// Extends this poller's lease on a job it still holds at `epoch`; `None` when another poller holds it now (or
+    /// it ended), else whether its owner asked to cancel it.
+    fn renew_job(
+        &self,
+        id: &str,
+        epoch: i64,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Option<bool>, LedgerError>> + Send;
     /// Marks a job for cancellation and makes it due now (the poller cancels upstream and releases).
     fn request_cancel(&self, id: &str) -> impl Future<Output = Result<(), LedgerError>> + Send;
     /// Deletes a terminal job's row (its outputs are deleted by the caller).
@@ -350,6 +358,9 @@ pub struct NewJob {
     pub request: serde_json::Value,
     /// Unix milliseconds after which easel cancels the job upstream and refunds it.
     pub deadline_at: i64,
+    /// The runner takes the job up at once (image jobs run inside easel); otherwise the submit drives it and the
+    /// runner looks at it only at its deadline, or after a restart.
+    pub due_now: bool,
 }
 
 /// A job as stored.
@@ -409,6 +420,14 @@ pub enum JobEnd {
     Succeeded { units: i64, outputs: serde_json::Value },
     /// Failed or canceled: release the hold.
     Failed { state: &'static str, code: &'static str, message: String },
+}
+
+/// The stored file ids in a job's `outputs`: a list of `{"file"}` (videos) or `{"images": [{"file"}]}` (images).
+pub fn output_files(outputs: &serde_json::Value) -> Vec<String> {
+    let list = outputs.get("images").unwrap_or(outputs);
+    list.as_array()
+        .map(|a| a.iter().filter_map(|o| o["file"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
 }
 
 /// The reserved key name of [`Store::anonymous`]; hidden from key listings.

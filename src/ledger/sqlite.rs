@@ -80,7 +80,7 @@ async fn insert_job(
 ) -> Result<(), LedgerError> {
     sqlx::query(
         "INSERT INTO jobs (id, object, key_id, account_id, model, hold_id, request, state, next_poll_at, deadline_at, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?9, ?9, ?8, ?8)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?10, ?9, ?8, ?8)",
     )
     .bind(&job.id)
     .bind(job.object)
@@ -91,6 +91,7 @@ async fn insert_job(
     .bind(job.request.to_string())
     .bind(now)
     .bind(job.deadline_at)
+    .bind(if job.due_now { now } else { job.deadline_at })
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -820,8 +821,19 @@ impl Store for SqliteStore {
         let Some(row) = row else { return Ok(false) };
         let hold_id: String = row.try_get(0)?;
         match end {
-            JobEnd::Succeeded { units, .. } => {
+            JobEnd::Succeeded { units, outputs } => {
                 self.resolve(&mut tx, &hold_id, Some(*units), "job succeeded").await?;
+                // The job's key owns what it made (edits may name these files; unsigned reads need the owner).
+                for file in super::output_files(outputs) {
+                    sqlx::query(
+                        "INSERT OR IGNORE INTO outputs (id, key_id, hold_id, created_at) SELECT ?1, key_id, id, ?3 FROM holds WHERE id = ?2",
+                    )
+                    .bind(file)
+                    .bind(&hold_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
             }
             JobEnd::Failed { code, .. } => {
                 self.resolve(&mut tx, &hold_id, None, code).await?;
@@ -830,6 +842,20 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(true)
+    }
+
+    async fn renew_job(&self, id: &str, epoch: i64, lease: Duration) -> Result<Option<bool>, LedgerError> {
+        let _w = self.write.lock().await;
+        let row = sqlx::query(
+            "UPDATE jobs SET lease_until = ?3 WHERE id = ?1 AND lease_epoch = ?2 AND state NOT IN ('succeeded', 'failed', 'canceled')
+             RETURNING cancel_requested",
+        )
+        .bind(id)
+        .bind(epoch)
+        .bind(now_ms() + lease.as_millis() as i64)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| r.try_get::<i64, _>(0).map(|c| c != 0)).transpose().map_err(Into::into)
     }
 
     async fn request_cancel(&self, id: &str) -> Result<(), LedgerError> {

@@ -167,13 +167,37 @@ pub async fn edit_images(
         Some(m) => Some(resolve_input(state, caller, m, 0).await?),
         None => None,
     };
-    // `size` absent or `auto` on an edit: keep the input's size.
+    infer_edit_size(&mut req, &resolved);
+    charged(state, caller, req, Some(Arc::new(EditInputs { images: resolved, mask })), fingerprint, base_url).await
+}
+
+/// `size` absent or `auto` on an edit: keep the (first) input's size.
+pub(crate) fn infer_edit_size(req: &mut GenerateImage, inputs: &[InputImage]) {
     if req.size.is_none()
-        && let Some((w, h)) = resolved.first().and_then(|i| crate::media::dimensions(&i.bytes))
+        && let Some((w, h)) = inputs.first().and_then(|i| crate::media::dimensions(&i.bytes))
     {
         req.size = Some(Size::new(w, h));
     }
-    charged(state, caller, req, Some(Arc::new(EditInputs { images: resolved, mask })), fingerprint, base_url).await
+}
+
+/// A model can edit when one of its backends can; otherwise 400 `unsupported_operation` naming them.
+pub(crate) fn check_can_edit(state: &AppState, model: &ModelConfig) -> Result<(), Error> {
+    let mut backends = model.backends.iter().filter_map(|b| state.backends.get(&b.name));
+    if backends.any(|h| h.adapter.supports_edits()) {
+        return Ok(());
+    }
+    let kinds: Vec<String> = model
+        .backends
+        .iter()
+        .filter_map(|b| state.backends.get(&b.name))
+        .map(|h| format!("`{}` ({})", h.cfg.name, h.cfg.kind))
+        .collect();
+    Err(RequestError::param(
+        "model",
+        format!("model `{}` cannot edit images: its backends {} do not support edits", model.id, kinds.join(", ")),
+    )
+    .with_code("unsupported_operation")
+    .into())
 }
 
 /// For an Idempotency-Key: SHA-256 over the path and the normalized request (the parsed fields, so JSON, multipart and form bodies hash
@@ -334,7 +358,7 @@ pub(crate) async fn resolve_input(
 
 /// Runs the upstream calls and delivers the images; returns the response, how many images it holds and the ids
 /// of those it stored.
-async fn produce(
+pub(crate) async fn produce(
     state: &AppState,
     req: GenerateImage,
     model: &Arc<ModelConfig>,
@@ -345,25 +369,7 @@ async fn produce(
     let gone = &caller.gone;
     // 1. The model must be able to do it.
     if edit.is_some() {
-        let can = model.backends.iter().filter_map(|b| state.backends.get(&b.name)).any(|h| h.adapter.supports_edits());
-        if !can {
-            let kinds: Vec<String> = model
-                .backends
-                .iter()
-                .filter_map(|b| state.backends.get(&b.name))
-                .map(|h| format!("`{}` ({})", h.cfg.name, h.cfg.kind))
-                .collect();
-            return Err(RequestError::param(
-                "model",
-                format!(
-                    "model `{}` cannot edit images: its backends {} do not support edits",
-                    model.id,
-                    kinds.join(", ")
-                ),
-            )
-            .with_code("unsupported_operation")
-            .into());
-        }
+        check_can_edit(state, model)?;
     }
     let size = req.size_or(model.default_size);
 

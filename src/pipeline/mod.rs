@@ -2,6 +2,7 @@
 //! response. Handlers call these and nothing else.
 
 pub mod dispatch;
+pub mod image_jobs;
 pub mod images;
 pub mod text;
 pub mod videos;

@@ -105,6 +105,7 @@ pub async fn create_video(
             "has_reference": req.reference.is_some(),
         }),
         deadline_at: crate::ledger::now_ms() + model.job_timeout.as_millis() as i64,
+        due_now: false,
     };
     let claim = caller.idempotency_key.as_ref().map(|key| IdemClaim {
         key: key.clone(),
@@ -236,20 +237,12 @@ pub async fn delete(state: &AppState, caller: &Caller, id: &str) -> Result<(), E
         .with_code("job_not_finished")
         .into());
     }
-    for file in output_files(&job) {
+    let files = job.outputs.as_ref().map(crate::ledger::output_files).unwrap_or_default();
+    for file in files {
         state.files.delete(&file).await?;
     }
     state.ledger.delete_job(id).await?;
     Ok(())
-}
-
-/// The stored file ids of a job's outputs.
-fn output_files(job: &JobRecord) -> Vec<String> {
-    job.outputs
-        .as_ref()
-        .and_then(|o| o.as_array())
-        .map(|a| a.iter().filter_map(|o| o["file"].as_str().map(str::to_owned)).collect())
-        .unwrap_or_default()
 }
 
 /// The stored file of a completed job's output of `kind` (`video` or `thumbnail`).

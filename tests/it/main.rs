@@ -13,6 +13,7 @@ mod config_cli;
 mod edits;
 mod health;
 mod huggingface;
+mod image_jobs;
 mod images_api;
 mod invokeai;
 mod ledger;
