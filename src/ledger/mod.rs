@@ -246,6 +246,21 @@ pub trait Store: Send + Sync {
     /// Ends a job at `epoch` and captures or releases its hold, in one transaction (`Ok(false)` if fenced out or
     /// already ended).
     fn end_job(&self, id: &str, epoch: i64, end: &JobEnd) -> impl Future<Output = Result<bool, LedgerError>> + Send;
+    /// Leases up to `limit` webhook deliveries that are due (not delivered, not given up, lease free or lapsed)
+    /// to `owner` for `lease`.
+    fn claim_webhooks(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<OutboxRow>, LedgerError>> + Send;
+    /// Records an attempt's outcome if `owner` still holds the delivery (`Ok(false)` otherwise).
+    fn settle_webhook(
+        &self,
+        id: &str,
+        owner: &str,
+        outcome: &WebhookOutcome,
+    ) -> impl Future<Output = Result<bool, LedgerError>> + Send;
     /// Marks a job for cancellation and makes it due now (the poller cancels upstream and releases).
     fn request_cancel(&self, id: &str) -> impl Future<Output = Result<(), LedgerError>> + Send;
     /// Deletes a terminal job's row (its outputs are deleted by the caller).
@@ -350,6 +365,8 @@ pub struct NewJob {
     pub request: serde_json::Value,
     /// Unix milliseconds after which easel cancels the job upstream and refunds it.
     pub deadline_at: i64,
+    /// Where to POST the job's terminal event (checked by `jobs::webhooks::parse_target`).
+    pub webhook_url: Option<String>,
 }
 
 /// A job as stored.
@@ -380,6 +397,8 @@ pub struct JobRecord {
     pub created_at: i64,
     pub updated_at: i64,
     pub completed_at: Option<i64>,
+    /// The client's webhook target, if it named one.
+    pub webhook_url: Option<String>,
 }
 
 impl JobRecord {
@@ -409,6 +428,34 @@ pub enum JobEnd {
     Succeeded { units: i64, outputs: serde_json::Value },
     /// Failed or canceled: release the hold.
     Failed { state: &'static str, code: &'static str, message: String },
+}
+
+/// A webhook delivery leased to one deliverer.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// The event id (`evt_…`), sent as `webhook-id`.
+    pub id: String,
+    pub job_id: String,
+    pub url: String,
+    /// The event, exactly as it is sent.
+    pub payload: String,
+    /// Attempts made before this one.
+    pub attempts: i64,
+}
+
+/// What became of one delivery attempt.
+#[derive(Debug, Clone)]
+pub enum WebhookOutcome {
+    Delivered,
+    /// Try again at this Unix millisecond.
+    Retry {
+        at: i64,
+        error: String,
+    },
+    /// No attempt is left.
+    GaveUp {
+        error: String,
+    },
 }
 
 /// The reserved key name of [`Store::anonymous`]; hidden from key listings.
