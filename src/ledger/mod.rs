@@ -276,7 +276,8 @@ pub trait Store: Send + Sync {
     fn output_owner(&self, id: &str) -> impl Future<Output = Result<Option<i64>, LedgerError>> + Send;
     /// Returns the whole hold and forgets the Idempotency-Key, in one transaction.
     fn release(&self, hold_id: &str, reason: &str) -> impl Future<Output = Result<(), LedgerError>> + Send;
-    /// Releases every open sync hold (their process is gone) and in-progress idempotency records; returns how many.
+    /// Releases every open sync hold (their process is gone) and in-progress idempotency records, and frees the
+    /// leases of jobs and webhook deliveries; returns how many holds were released.
     fn recover(&self) -> impl Future<Output = Result<u64, LedgerError>> + Send;
     /// Releases sync holds whose lease ran out while this process lives (a settle that failed); returns how many.
     fn reap_expired(&self) -> impl Future<Output = Result<u64, LedgerError>> + Send;

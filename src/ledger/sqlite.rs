@@ -982,6 +982,13 @@ impl Store for SqliteStore {
         .bind(now_ms())
         .execute(&mut *tx)
         .await?;
+        // Webhook deliveries the dead process was attempting are due again (their event id stays the same).
+        sqlx::query(
+            "UPDATE webhook_outbox SET lease_owner = NULL, lease_until = NULL
+             WHERE lease_owner IS NOT NULL AND delivered_at IS NULL AND gave_up_at IS NULL",
+        )
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(open.len() as u64)
     }
