@@ -138,9 +138,6 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
         p.push(("models".into(), "no models are defined: add at least one under `models:`".into()));
     }
 
-    if !p.is_empty() {
-        return Err(p);
-    }
     let hooks = &raw.jobs.webhooks;
     let webhooks = super::WebhooksConfig {
         secret: hooks.secret.clone().map(Secret::new),
@@ -160,6 +157,9 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
     }
     let jobs = super::JobsConfig { webhooks };
 
+    if !p.is_empty() {
+        return Err(p);
+    }
     Ok(Config { origin: origin.to_owned(), server, storage, auth, defaults, health, backends, models, jobs })
 }
 

@@ -245,7 +245,11 @@ pub async fn run(state: AppState, stop: CancellationToken) {
         match state.ledger.claim_webhooks(&owner, LEASE, BATCH).await {
             Ok(rows) => {
                 let rounds = rows.into_iter().map(|row| attempt(&state, &cfg, &client, &signer, &owner, row));
-                futures_util::future::join_all(rounds).await;
+                // Shutdown does not wait for slow receivers: an abandoned attempt is due again after a restart.
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = futures_util::future::join_all(rounds) => {}
+                }
             }
             Err(e) => tracing::error!(error = %e, "Claiming due webhooks failed."),
         }

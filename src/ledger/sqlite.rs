@@ -852,6 +852,12 @@ impl Store for SqliteStore {
     }
 
     async fn claim_webhooks(&self, owner: &str, lease: Duration, limit: u32) -> Result<Vec<OutboxRow>, LedgerError> {
+        // A read first: the deliverer asks often, and a write transaction for nothing would queue behind others.
+        let due = "SELECT 1 FROM webhook_outbox WHERE delivered_at IS NULL AND gave_up_at IS NULL
+                   AND next_attempt_at <= ?1 AND (lease_until IS NULL OR lease_until < ?1) LIMIT 1";
+        if sqlx::query(due).bind(now_ms()).fetch_optional(&self.pool).await?.is_none() {
+            return Ok(Vec::new());
+        }
         let _w = self.write.lock().await;
         let now = now_ms();
         let rows = sqlx::query(
