@@ -48,6 +48,7 @@ impl Server {
             background.clone(),
         ));
         tracker.spawn(crate::jobs::run(self.state.clone(), background.clone()));
+        tracker.spawn(crate::jobs::webhooks::run(self.state.clone(), background.clone()));
         tracker.spawn({
             let (state, cancel) = (self.state.clone(), background.clone());
             async move {

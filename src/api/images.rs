@@ -30,6 +30,8 @@ pub struct ImagesRequest {
     pub steps: Option<u32>,
     pub guidance_scale: Option<f64>,
     pub extra: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Where to POST the job's terminal event (only with `Prefer: respond-async`).
+    pub webhook_url: Option<String>,
 }
 
 /// How each field of [`ImagesRequest`] is typed, for turning form text into JSON values.
@@ -46,7 +48,7 @@ pub enum FieldType {
 pub fn field_type(name: &str) -> Option<FieldType> {
     Some(match name {
         "model" | "prompt" | "size" | "quality" | "style" | "response_format" | "output_format" | "background"
-        | "moderation" | "user" | "negative_prompt" => FieldType::Text,
+        | "moderation" | "user" | "negative_prompt" | "webhook_url" => FieldType::Text,
         "n" | "output_compression" | "partial_images" | "seed" | "steps" => FieldType::Integer,
         "guidance_scale" => FieldType::Number,
         "stream" => FieldType::Boolean,

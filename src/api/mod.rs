@@ -3,5 +3,6 @@
 pub mod chat;
 pub mod error;
 pub mod images;
+pub mod jobs;
 pub mod models;
 pub mod videos;

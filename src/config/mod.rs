@@ -45,6 +45,40 @@ pub struct Config {
     pub backends: Vec<Arc<BackendConfig>>,
     /// In file order (the order of `/v1/models`).
     pub models: Vec<Arc<ModelConfig>>,
+    pub jobs: JobsConfig,
+}
+
+/// Settings of durable jobs as a whole.
+#[derive(Debug, Clone, Default)]
+pub struct JobsConfig {
+    pub webhooks: WebhooksConfig,
+}
+
+/// Client webhooks: how they are signed, which targets are allowed, and how deliveries are retried.
+#[derive(Debug, Clone)]
+pub struct WebhooksConfig {
+    /// Signs deliveries; `None` = a key generated into the files directory on first start.
+    pub secret: Option<Secret>,
+    /// Loopback, link-local and private targets are refused unless this is set.
+    pub allow_private: bool,
+    /// The first retry's delay; later ones are 6, 24, 120 and then 720 times it (5s, 30s, 2m, 10m, 1h, 1h, …).
+    pub backoff: Duration,
+    /// Attempts before a delivery is given up.
+    pub max_attempts: u32,
+    /// How long one attempt may take.
+    pub timeout: Duration,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            allow_private: false,
+            backoff: Duration::from_secs(5),
+            max_attempts: 8,
+            timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -23,6 +23,32 @@ pub struct RawConfig {
     pub backends: BTreeMap<String, RawBackend>,
     #[serde(default)]
     pub models: Vec<RawModel>,
+    #[serde(default)]
+    pub jobs: RawJobs,
+}
+
+/// Settings of durable jobs as a whole.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJobs {
+    #[serde(default)]
+    pub webhooks: RawWebhooks,
+}
+
+/// Client webhooks (`webhook_url` on a job).
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhooks {
+    /// Signing key (Standard Webhooks, HMAC-SHA256); absent = generated once into `<files>/.webhook-secret`.
+    pub secret: Option<String>,
+    /// Accept loopback, link-local and private addresses as targets (default false).
+    pub allow_private: Option<bool>,
+    /// The first retry's delay; each later one is longer, e.g. `5s`.
+    pub backoff: Option<String>,
+    /// Attempts before a delivery is given up.
+    pub max_attempts: Option<u32>,
+    /// How long one attempt may take, e.g. `10s`.
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

@@ -83,3 +83,27 @@ fn comments_are_not_interpolated() {
     let text = "# set ${NOTHING} here\nbackends:\n  sim: {kind: simulated}  # ${ALSO_NOTHING\nmodels:\n  - id: m\n    backends: [sim]\n";
     load(text, &MapEnv::default()).unwrap();
 }
+
+#[test]
+fn webhook_settings_default_interpolate_and_are_checked() {
+    let cfg = load(MINIMAL, &MapEnv::default()).unwrap();
+    let w = &cfg.jobs.webhooks;
+    assert!(w.secret.is_none() && !w.allow_private);
+    assert_eq!((w.backoff, w.max_attempts, w.timeout), (Duration::from_secs(5), 8, Duration::from_secs(10)));
+
+    let text = format!(
+        "{MINIMAL}jobs:\n  webhooks:\n    secret: ${{HOOK_SECRET}}\n    allow_private: true\n    backoff: 50ms\n"
+    );
+    let env = MapEnv::new([("HOOK_SECRET", "0123456789abcdef0123456789abcdef")]);
+    let cfg = load(&text, &env).unwrap();
+    let w = &cfg.jobs.webhooks;
+    assert_eq!(w.secret.as_ref().map(Secret::expose), Some("0123456789abcdef0123456789abcdef"));
+    assert!(w.allow_private);
+    assert_eq!(w.backoff, Duration::from_millis(50));
+
+    let text = format!("{MINIMAL}jobs:\n  webhooks:\n    secret: short\n    backoff: soon\n    max_attempts: 0\n");
+    let err = load(&text, &MapEnv::default()).unwrap_err();
+    for path in ["jobs.webhooks.secret", "jobs.webhooks.backoff", "jobs.webhooks.max_attempts"] {
+        assert!(err.problems.iter().any(|p| p.path == path), "no problem at {path}: {err}");
+    }
+}

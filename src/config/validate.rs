@@ -138,10 +138,29 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
         p.push(("models".into(), "no models are defined: add at least one under `models:`".into()));
     }
 
+    let hooks = &raw.jobs.webhooks;
+    let webhooks = super::WebhooksConfig {
+        secret: hooks.secret.clone().map(Secret::new),
+        allow_private: hooks.allow_private.unwrap_or(false),
+        backoff: duration(&mut p, "jobs.webhooks.backoff", hooks.backoff.as_deref(), 5),
+        max_attempts: positive(&mut p, "jobs.webhooks.max_attempts", hooks.max_attempts, 8),
+        timeout: duration(&mut p, "jobs.webhooks.timeout", hooks.timeout.as_deref(), 10),
+    };
+    if webhooks.secret.as_ref().is_some_and(|s| s.expose().len() < 24) {
+        p.push(("jobs.webhooks.secret".into(), "must be at least 24 characters (e.g. `openssl rand -hex 32`)".into()));
+    }
+    if webhooks.backoff.is_zero() {
+        p.push(("jobs.webhooks.backoff".into(), "must be longer than 0s".into()));
+    }
+    if webhooks.timeout.is_zero() {
+        p.push(("jobs.webhooks.timeout".into(), "must be longer than 0s".into()));
+    }
+    let jobs = super::JobsConfig { webhooks };
+
     if !p.is_empty() {
         return Err(p);
     }
-    Ok(Config { origin: origin.to_owned(), server, storage, auth, defaults, health, backends, models })
+    Ok(Config { origin: origin.to_owned(), server, storage, auth, defaults, health, backends, models, jobs })
 }
 
 /// Backend kinds whose adapters make videos (the job operations).

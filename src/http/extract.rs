@@ -162,7 +162,7 @@ fn insert_field(fields: &mut Map<String, Value>, name: &str, text: &str) -> Resu
 /// The JSON type of each `POST /v1/videos` field sent as multipart text (`seconds` stays a string, as OpenAI's).
 fn video_field_type(name: &str) -> Option<FieldType> {
     match name {
-        "model" | "prompt" | "seconds" | "size" | "negative_prompt" => Some(FieldType::Text),
+        "model" | "prompt" | "seconds" | "size" | "negative_prompt" | "webhook_url" => Some(FieldType::Text),
         "seed" => Some(FieldType::Integer),
         "extra" => Some(FieldType::Object),
         _ => None,

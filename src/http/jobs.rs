@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 
 use super::error::ApiError;
 use super::images::caller;
-use super::videos::{status, video};
 use crate::api::images::{ImageData, ImageItem, ImagesResponse, Partial};
+use crate::api::videos::video;
 use crate::ledger::{JobRecord, Principal, Store};
 use crate::pipeline::videos;
 use crate::request::ResponseFormat;
@@ -24,29 +24,11 @@ pub async fn public(state: &AppState, job: &JobRecord, base: &str) -> Value {
     if job.object == "video" {
         return serde_json::to_value(video(job)).unwrap_or(Value::Null);
     }
-    let status = status(&job.state);
-    let error = (status == "failed").then(|| {
-        json!({
-            "code": job.error_code.clone().unwrap_or_else(|| "upstream_failed".into()),
-            "message": job.error_message.clone().unwrap_or_default(),
-        })
-    });
-    let result = match (&job.outputs, status) {
-        (Some(outputs), "completed") => images_result(state, job, outputs, base).await,
+    let result = match (&job.outputs, job.state.as_str()) {
+        (Some(outputs), "succeeded") => images_result(state, job, outputs, base).await,
         _ => Value::Null,
     };
-    json!({
-        "id": job.id,
-        "object": "job",
-        "status": status,
-        "progress": if status == "completed" { 100 } else { job.progress.min(99) },
-        "model": job.model,
-        "created_at": job.created_at / 1000,
-        "completed_at": job.completed_at.map(|t| t / 1000),
-        "queue_position": if status == "queued" { job.queue_position } else { None },
-        "error": error,
-        "result": result,
-    })
+    crate::api::jobs::job_object(job, result)
 }
 
 /// The images response of a completed image job, in the `response_format` its request asked for.

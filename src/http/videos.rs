@@ -1,5 +1,5 @@
-//! `/v1/videos*` and `/v1/jobs/{id}`: thin handlers over `pipeline::videos`, and the one mapping from a stored job
-//! to OpenAI's `video` object (internal states → `queued`, `in_progress`, `completed`, `failed`).
+//! `/v1/videos*` and `/v1/jobs/{id}`: thin handlers over `pipeline::videos`; the mapping from a stored job to
+//! OpenAI's `video` object is `api::videos::video`.
 
 use axum::Extension;
 use axum::Json;
@@ -10,47 +10,12 @@ use axum::response::{IntoResponse, Response};
 use super::error::ApiError;
 use super::extract::VideoBody;
 use super::images::caller;
-use crate::api::videos::{Video, VideoDeleted, VideoError, VideoList};
+use crate::api::videos::{Video, VideoDeleted, VideoList, status, video};
 use crate::error::Error;
-use crate::ledger::{JobRecord, Principal};
+use crate::ledger::Principal;
 use crate::pipeline::videos;
 use crate::request::RequestError;
 use crate::state::AppState;
-
-/// The public status of an internal job state.
-pub(super) fn status(state: &str) -> &'static str {
-    match state {
-        "pending" | "submitting" | "queued" => "queued",
-        "running" | "finalizing" | "unknown" => "in_progress",
-        "succeeded" => "completed",
-        _ => "failed",
-    }
-}
-
-/// A stored job as OpenAI's `video` object.
-pub fn video(job: &JobRecord) -> Video {
-    let text = |k: &str| job.request[k].as_str().map(str::to_owned);
-    let status = status(&job.state);
-    Video {
-        id: job.id.clone(),
-        object: "video",
-        model: job.model.clone(),
-        status,
-        progress: if status == "completed" { 100 } else { job.progress.min(99) },
-        created_at: job.created_at / 1000,
-        completed_at: job.completed_at.map(|t| t / 1000),
-        expires_at: None,
-        prompt: text("prompt"),
-        size: text("size"),
-        seconds: text("seconds"),
-        remixed_from_video_id: None,
-        error: (status == "failed").then(|| VideoError {
-            code: job.error_code.clone().unwrap_or_else(|| "upstream_failed".into()),
-            message: job.error_message.clone().unwrap_or_default(),
-        }),
-        queue_position: if status == "queued" { job.queue_position } else { None },
-    }
-}
 
 /// `POST /v1/videos`.
 pub async fn create_handler(

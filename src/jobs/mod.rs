@@ -3,6 +3,8 @@
 //! and deadlines cancel upstream first. Jobs live in the ledger's database, so a restarted easel resumes them.
 //! A running job keeps its backend's admission slot until it ends.
 
+pub mod webhooks;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};

@@ -254,6 +254,21 @@ pub trait Store: Send + Sync {
         epoch: i64,
         lease: Duration,
     ) -> impl Future<Output = Result<Option<bool>, LedgerError>> + Send;
+    /// Leases up to `limit` webhook deliveries that are due (not delivered, not given up, lease free or lapsed)
+    /// to `owner` for `lease`.
+    fn claim_webhooks(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<OutboxRow>, LedgerError>> + Send;
+    /// Records an attempt's outcome if `owner` still holds the delivery (`Ok(false)` otherwise).
+    fn settle_webhook(
+        &self,
+        id: &str,
+        owner: &str,
+        outcome: &WebhookOutcome,
+    ) -> impl Future<Output = Result<bool, LedgerError>> + Send;
     /// Marks a job for cancellation and makes it due now (the poller cancels upstream and releases).
     fn request_cancel(&self, id: &str) -> impl Future<Output = Result<(), LedgerError>> + Send;
     /// Deletes a terminal job's row (its outputs are deleted by the caller).
@@ -269,7 +284,8 @@ pub trait Store: Send + Sync {
     fn output_owner(&self, id: &str) -> impl Future<Output = Result<Option<i64>, LedgerError>> + Send;
     /// Returns the whole hold and forgets the Idempotency-Key, in one transaction.
     fn release(&self, hold_id: &str, reason: &str) -> impl Future<Output = Result<(), LedgerError>> + Send;
-    /// Releases every open sync hold (their process is gone) and in-progress idempotency records; returns how many.
+    /// Releases every open sync hold (their process is gone) and in-progress idempotency records, and frees the
+    /// leases of jobs and webhook deliveries; returns how many holds were released.
     fn recover(&self) -> impl Future<Output = Result<u64, LedgerError>> + Send;
     /// Releases sync holds whose lease ran out while this process lives (a settle that failed); returns how many.
     fn reap_expired(&self) -> impl Future<Output = Result<u64, LedgerError>> + Send;
@@ -361,6 +377,8 @@ pub struct NewJob {
     /// The runner takes the job up at once (image jobs run inside easel); otherwise the submit drives it and the
     /// runner looks at it only at its deadline, or after a restart.
     pub due_now: bool,
+    /// Where to POST the job's terminal event (checked by `jobs::webhooks::parse_target`).
+    pub webhook_url: Option<String>,
 }
 
 /// A job as stored.
@@ -391,6 +409,8 @@ pub struct JobRecord {
     pub created_at: i64,
     pub updated_at: i64,
     pub completed_at: Option<i64>,
+    /// The client's webhook target, if it named one.
+    pub webhook_url: Option<String>,
 }
 
 impl JobRecord {
@@ -428,6 +448,34 @@ pub fn output_files(outputs: &serde_json::Value) -> Vec<String> {
     list.as_array()
         .map(|a| a.iter().filter_map(|o| o["file"].as_str().map(str::to_owned)).collect())
         .unwrap_or_default()
+}
+
+/// A webhook delivery leased to one deliverer.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// The event id (`evt_…`), sent as `webhook-id`.
+    pub id: String,
+    pub job_id: String,
+    pub url: String,
+    /// The event, exactly as it is sent.
+    pub payload: String,
+    /// Attempts made before this one.
+    pub attempts: i64,
+}
+
+/// What became of one delivery attempt.
+#[derive(Debug, Clone)]
+pub enum WebhookOutcome {
+    Delivered,
+    /// Try again at this Unix millisecond.
+    Retry {
+        at: i64,
+        error: String,
+    },
+    /// No attempt is left.
+    GaveUp {
+        error: String,
+    },
 }
 
 /// The reserved key name of [`Store::anonymous`]; hidden from key listings.

@@ -13,7 +13,8 @@ use tokio::sync::Mutex;
 
 use super::{
     ANONYMOUS_KEY, Balance, Drift, HoldOutcome, IdemClaim, JobChange, JobEnd, JobRecord, KeyInfo, LedgerError,
-    Millicredits, NewJob, NewKey, Principal, Store, StoredResponse, UsageRow, hash_secret, new_secret, now_ms,
+    Millicredits, NewJob, NewKey, OutboxRow, Principal, Store, StoredResponse, UsageRow, WebhookOutcome, hash_secret,
+    new_secret, now_ms,
 };
 
 /// How long a completed idempotency record is kept.
@@ -39,7 +40,7 @@ pub struct SqliteStore {
 /// The columns `job_record` reads, in order.
 const JOB_COLUMNS: &str = "id, object, key_id, account_id, model, hold_id, request, state, backend, handle, progress, \
      queue_position, lease_epoch, poll_failures, deadline_at, cancel_requested, error_code, error_message, outputs, \
-     created_at, updated_at, completed_at";
+     created_at, updated_at, completed_at, webhook_url";
 
 fn job_record(r: &sqlx::sqlite::SqliteRow) -> Result<JobRecord, LedgerError> {
     let json = |s: Option<String>| s.and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
@@ -66,6 +67,7 @@ fn job_record(r: &sqlx::sqlite::SqliteRow) -> Result<JobRecord, LedgerError> {
         created_at: r.try_get(19)?,
         updated_at: r.try_get(20)?,
         completed_at: r.try_get(21)?,
+        webhook_url: r.try_get(22)?,
     })
 }
 
@@ -79,8 +81,8 @@ async fn insert_job(
     now: i64,
 ) -> Result<(), LedgerError> {
     sqlx::query(
-        "INSERT INTO jobs (id, object, key_id, account_id, model, hold_id, request, state, next_poll_at, deadline_at, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?10, ?9, ?8, ?8)",
+        "INSERT INTO jobs (id, object, key_id, account_id, model, hold_id, request, state, next_poll_at, deadline_at, created_at, updated_at, webhook_url)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?10, ?9, ?8, ?8, ?11)",
     )
     .bind(&job.id)
     .bind(job.object)
@@ -92,6 +94,7 @@ async fn insert_job(
     .bind(now)
     .bind(job.deadline_at)
     .bind(if job.due_now { now } else { job.deadline_at })
+    .bind(job.webhook_url.as_deref())
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -802,12 +805,13 @@ impl Store for SqliteStore {
             JobEnd::Succeeded { outputs, .. } => ("succeeded", None, None, Some(outputs.to_string()), 100),
             JobEnd::Failed { state, code, message } => (*state, Some(*code), Some(message.as_str()), None, 0),
         };
-        let row = sqlx::query(
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE jobs SET state = ?3, error_code = ?4, error_message = ?5, outputs = ?6,
                     progress = CASE WHEN ?7 = 100 THEN 100 ELSE progress END,
                     lease_owner = NULL, lease_until = NULL, updated_at = ?8, completed_at = ?8
-             WHERE id = ?1 AND lease_epoch = ?2 AND state NOT IN ('succeeded', 'failed', 'canceled') RETURNING hold_id",
-        )
+             WHERE id = ?1 AND lease_epoch = ?2 AND state NOT IN ('succeeded', 'failed', 'canceled')
+             RETURNING {JOB_COLUMNS}"
+        )))
         .bind(id)
         .bind(epoch)
         .bind(state)
@@ -819,26 +823,41 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else { return Ok(false) };
-        let hold_id: String = row.try_get(0)?;
+        let job = job_record(&row)?;
         match end {
             JobEnd::Succeeded { units, outputs } => {
-                self.resolve(&mut tx, &hold_id, Some(*units), "job succeeded").await?;
+                self.resolve(&mut tx, &job.hold_id, Some(*units), "job succeeded").await?;
                 // The job's key owns what it made (edits may name these files; unsigned reads need the owner).
                 for file in super::output_files(outputs) {
                     sqlx::query(
                         "INSERT OR IGNORE INTO outputs (id, key_id, hold_id, created_at) SELECT ?1, key_id, id, ?3 FROM holds WHERE id = ?2",
                     )
                     .bind(file)
-                    .bind(&hold_id)
+                    .bind(&job.hold_id)
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
                 }
             }
             JobEnd::Failed { code, .. } => {
-                self.resolve(&mut tx, &hold_id, None, code).await?;
+                self.resolve(&mut tx, &job.hold_id, None, code).await?;
                 sqlx::query("DELETE FROM idempotency_records WHERE job_id = ?1").bind(id).execute(&mut *tx).await?;
             }
+        }
+        // The client's webhook event commits with the terminal state: never lost, never written twice.
+        if let Some(url) = &job.webhook_url {
+            let (event_id, payload) = crate::jobs::webhooks::event(&job, now);
+            sqlx::query(
+                "INSERT INTO webhook_outbox (id, job_id, url, payload, next_attempt_at, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+            )
+            .bind(event_id)
+            .bind(id)
+            .bind(url)
+            .bind(payload)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(true)
@@ -856,6 +875,66 @@ impl Store for SqliteStore {
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| r.try_get::<i64, _>(0).map(|c| c != 0)).transpose().map_err(Into::into)
+    }
+
+    async fn claim_webhooks(&self, owner: &str, lease: Duration, limit: u32) -> Result<Vec<OutboxRow>, LedgerError> {
+        // A read first: the deliverer asks often, and a write transaction for nothing would queue behind others.
+        let due = "SELECT 1 FROM webhook_outbox WHERE delivered_at IS NULL AND gave_up_at IS NULL
+                   AND next_attempt_at <= ?1 AND (lease_until IS NULL OR lease_until < ?1) LIMIT 1";
+        if sqlx::query(due).bind(now_ms()).fetch_optional(&self.pool).await?.is_none() {
+            return Ok(Vec::new());
+        }
+        let _w = self.write.lock().await;
+        let now = now_ms();
+        let rows = sqlx::query(
+            "UPDATE webhook_outbox SET lease_owner = ?1, lease_until = ?2
+             WHERE id IN (SELECT id FROM webhook_outbox WHERE delivered_at IS NULL AND gave_up_at IS NULL
+                          AND next_attempt_at <= ?3 AND (lease_until IS NULL OR lease_until < ?3)
+                          ORDER BY next_attempt_at LIMIT ?4)
+             RETURNING id, job_id, url, payload, attempts",
+        )
+        .bind(owner)
+        .bind(now + lease.as_millis() as i64)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OutboxRow {
+                    id: r.try_get(0)?,
+                    job_id: r.try_get(1)?,
+                    url: r.try_get(2)?,
+                    payload: r.try_get(3)?,
+                    attempts: r.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn settle_webhook(&self, id: &str, owner: &str, outcome: &WebhookOutcome) -> Result<bool, LedgerError> {
+        let _w = self.write.lock().await;
+        let now = now_ms();
+        let (delivered, next, gave_up, error) = match outcome {
+            WebhookOutcome::Delivered => (Some(now), None, None, None),
+            WebhookOutcome::Retry { at, error } => (None, Some(*at), None, Some(error.as_str())),
+            WebhookOutcome::GaveUp { error } => (None, None, Some(now), Some(error.as_str())),
+        };
+        let done = sqlx::query(
+            "UPDATE webhook_outbox SET attempts = attempts + 1, lease_owner = NULL, lease_until = NULL,
+                    delivered_at = ?3, next_attempt_at = COALESCE(?4, next_attempt_at), gave_up_at = ?5,
+                    last_error = COALESCE(?6, last_error)
+             WHERE id = ?1 AND lease_owner = ?2 AND delivered_at IS NULL AND gave_up_at IS NULL",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(delivered)
+        .bind(next)
+        .bind(gave_up)
+        .bind(error)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn request_cancel(&self, id: &str) -> Result<(), LedgerError> {
@@ -933,6 +1012,13 @@ impl Store for SqliteStore {
              WHERE state NOT IN ('succeeded', 'failed', 'canceled')",
         )
         .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        // Webhook deliveries the dead process was attempting are due again (their event id stays the same).
+        sqlx::query(
+            "UPDATE webhook_outbox SET lease_owner = NULL, lease_until = NULL
+             WHERE lease_owner IS NOT NULL AND delivered_at IS NULL AND gave_up_at IS NULL",
+        )
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

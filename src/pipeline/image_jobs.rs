@@ -42,7 +42,7 @@ fn operation(edit: bool) -> &'static str {
 pub async fn submit(
     state: &AppState,
     caller: &Caller,
-    wire: ImagesRequest,
+    mut wire: ImagesRequest,
     images: Vec<ImageSource>,
     mask: Option<ImageSource>,
     edit: bool,
@@ -56,6 +56,9 @@ pub async fn submit(
         )
         .into());
     }
+    let allow_private = state.config.jobs.webhooks.allow_private;
+    let webhook = wire.webhook_url.take();
+    let webhook = webhook.as_deref().map(|u| crate::jobs::webhooks::parse_target(u, allow_private)).transpose()?;
     let stored_wire = serde_json::to_value(&wire).map_err(|e| Error::Internal(format!("storing a request: {e}")))?;
     let mut req = GenerateImage::from_wire(wire, &state.config.defaults)?;
     let what = if edit { "image edits" } else { "image generation" };
@@ -109,6 +112,7 @@ pub async fn submit(
         }),
         deadline_at: crate::ledger::now_ms() + model.job_timeout.as_millis() as i64,
         due_now: true,
+        webhook_url: webhook.map(String::from),
     };
     let claim = caller.idempotency_key.as_ref().map(|key| IdemClaim {
         key: key.clone(),

@@ -50,6 +50,9 @@ pub async fn create(
     if let Some(e) = &wire.extra {
         crate::request::extra::check(e)?;
     }
+    let allow_private = state.config.jobs.webhooks.allow_private;
+    let webhook =
+        wire.webhook_url.as_deref().map(|u| crate::jobs::webhooks::parse_target(u, allow_private)).transpose()?;
     let reference = match reference {
         Some(src) => {
             let img = super::images::resolve_input(state, caller, src, 0).await?;
@@ -67,7 +70,7 @@ pub async fn create(
         seed: wire.seed,
         extra: wire.extra,
     };
-    create_video(state, caller, req, fingerprint).await
+    create_video(state, caller, req, fingerprint, webhook).await
 }
 
 /// Creates a video job and submits it; returns the job as stored after the submit.
@@ -76,6 +79,7 @@ pub async fn create_video(
     caller: &Caller,
     req: GenerateVideo,
     fingerprint: [u8; 32],
+    webhook: Option<url::Url>,
 ) -> Result<JobRecord, Error> {
     // 1. The model and the price.
     let model = state.registry.resolve(req.model.as_deref(), ModelType::Video, "video generation")?;
@@ -106,6 +110,7 @@ pub async fn create_video(
         }),
         deadline_at: crate::ledger::now_ms() + model.job_timeout.as_millis() as i64,
         due_now: false,
+        webhook_url: webhook.map(String::from),
     };
     let claim = caller.idempotency_key.as_ref().map(|key| IdemClaim {
         key: key.clone(),

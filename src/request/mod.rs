@@ -136,6 +136,12 @@ pub struct GenerateImage {
 impl GenerateImage {
     /// Checks everything that does not depend on the model.
     pub fn from_wire(w: ImagesRequest, defaults: &Defaults) -> Result<Self, RequestError> {
+        if w.webhook_url.is_some() {
+            return Err(RequestError::param(
+                "webhook_url",
+                "`webhook_url` needs a job: send the request with the header `Prefer: respond-async`",
+            ));
+        }
         let prompt = match w.prompt {
             Some(p) if !p.trim().is_empty() => p,
             Some(_) => return Err(RequestError::param("prompt", "`prompt` must not be empty")),

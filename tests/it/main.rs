@@ -27,3 +27,4 @@ mod text;
 mod trust;
 mod video_backends;
 mod videos;
+mod webhooks;

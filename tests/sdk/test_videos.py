@@ -61,3 +61,17 @@ def test_with_keys_a_video_is_its_owners(easel_keys):
     with pytest.raises(openai.NotFoundError):
         client_for(easel_keys, bob).videos.retrieve(mine.id)
     assert client_for(easel_keys, bob).videos.list().data == []
+
+
+def test_a_webhook_url_goes_through_extra_body(easel):
+    client = client_for(easel)
+    # The target is checked before anything is held: a private address is refused by default.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.videos.create(model="sim-video", prompt="p", seconds="1",
+                             extra_body={"webhook_url": "http://169.254.169.254/latest"})
+    assert e.value.body["param"] == "webhook_url"
+    assert "allow_private" in e.value.message
+    # A public one is taken; the job runs as usual (its event waits in the outbox until the target answers).
+    video = client.videos.create_and_poll(model="sim-video", prompt="p", seconds="1", poll_interval_ms=50,
+                                          extra_body={"webhook_url": "https://hooks.example.com/easel"})
+    assert video.status == "completed", video

@@ -1,0 +1,30 @@
+//! easel's `job` object (`GET /v1/jobs/{id}` for jobs that are not videos): what a stored job shows its owner.
+
+use serde_json::{Value, json};
+
+use super::videos::status;
+use crate::ledger::JobRecord;
+
+/// A stored job as the `job` object; `result` is the images response once completed (`null` otherwise, and in
+/// webhook events, which point at `GET /v1/jobs/{id}` instead of carrying images).
+pub fn job_object(job: &JobRecord, result: Value) -> Value {
+    let status = status(&job.state);
+    let error = (status == "failed").then(|| {
+        json!({
+            "code": job.error_code.clone().unwrap_or_else(|| "upstream_failed".into()),
+            "message": job.error_message.clone().unwrap_or_default(),
+        })
+    });
+    json!({
+        "id": job.id,
+        "object": "job",
+        "status": status,
+        "progress": if status == "completed" { 100 } else { job.progress.min(99) },
+        "model": job.model,
+        "created_at": job.created_at / 1000,
+        "completed_at": job.completed_at.map(|t| t / 1000),
+        "queue_position": if status == "queued" { job.queue_position } else { None },
+        "error": error,
+        "result": result,
+    })
+}
