@@ -15,8 +15,7 @@ use super::raw::{RawBackend, RawConfig, RawCredits, RawModel, RawModelBackend, R
 use super::{
     AuthConfig, AuthMode, BackendConfig, BackendKind, Capability, Config, Defaults, FailureMode, HealthCheck,
     HealthConfig, HostPattern, ModelBackend, ModelConfig, ModelType, ProcessConfig, QueueConfig, Secret, ServerConfig,
-    StopSignal,
-    SimulatedFailure, SimulationConfig, StorageConfig, TemplateConfig, TokenCredits,
+    SimulatedFailure, SimulationConfig, StopSignal, StorageConfig, TemplateConfig, TokenCredits,
 };
 use crate::backends::workflow::Workflow;
 use crate::request::{ResponseFormat, Size};
@@ -410,16 +409,18 @@ fn process(
         }
     }
     let port = match url {
-        Some(u) => match u.port() {
-            Some(port) => port,
-            None => {
-                p.push((
+        Some(u) => {
+            match u.port() {
+                Some(port) => port,
+                None => {
+                    p.push((
                     format!("{at}"),
                     format!("the backend's url `{u}` must name the port the process listens on, e.g. http://127.0.0.1:8188"),
                 ));
-                0
+                    0
+                }
             }
-        },
+        }
         None => 0,
     };
     let stop = raw.stop.clone().unwrap_or_default();

@@ -20,8 +20,11 @@ pub async fn processes_handler(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     if let Some(unknown) = query.keys().find(|k| k.as_str() != "lines") {
-        return Err(RequestError::param(unknown, format!("unknown query parameter `{unknown}`; only `lines` is accepted"))
-            .into());
+        return Err(RequestError::param(
+            unknown,
+            format!("unknown query parameter `{unknown}`; only `lines` is accepted"),
+        )
+        .into());
     }
     let lines = match query.get("lines") {
         None => DEFAULT_LINES,

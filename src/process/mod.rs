@@ -190,9 +190,8 @@ impl Processes {
             d.up = true;
             epoch = d.epoch;
         });
-        let end = rx
-            .wait_for(|s| s.epoch >= epoch && matches!(s.state, State::Ready | State::Failed | State::Stopped))
-            .await;
+        let end =
+            rx.wait_for(|s| s.epoch >= epoch && matches!(s.state, State::Ready | State::Failed | State::Stopped)).await;
         Some(end.map_or(State::Stopped, |s| s.state))
     }
 

@@ -24,8 +24,7 @@ impl Holder {
 
 /// The process listening on `port` (any address, IPv4 or IPv6), if one is.
 pub fn holder(port: u16) -> Option<Holder> {
-    let inodes: Vec<u64> =
-        ["/proc/net/tcp", "/proc/net/tcp6"].iter().flat_map(|f| listening_inodes(f, port)).collect();
+    let inodes: Vec<u64> = ["/proc/net/tcp", "/proc/net/tcp6"].iter().flat_map(|f| listening_inodes(f, port)).collect();
     if inodes.is_empty() {
         return None;
     }
