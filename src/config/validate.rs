@@ -414,7 +414,7 @@ fn process(
                 Some(port) => port,
                 None => {
                     p.push((
-                    format!("{at}"),
+                    at.clone(),
                     format!("the backend's url `{u}` must name the port the process listens on, e.g. http://127.0.0.1:8188"),
                 ));
                     0
