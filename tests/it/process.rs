@@ -204,3 +204,17 @@ async fn after_a_sigkill_of_easel_the_next_start_kills_the_leftover_group() {
     easel.wait().unwrap();
     assert!(!alive(new) && !alive(new_grandchild), "easel stopped its group on shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_not_ready_in_time_is_killed_and_marked_failed() {
+    let port = free_port();
+    let yaml = config(port, &["--start-delay", "60"], "").replace("ready_timeout: 20s", "ready_timeout: 1s");
+    let gw = spawn_gateway_env(&yaml, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let starting = wait_for(&gw.client, &gw.url, "starting", |f| f["pid"].is_u64()).await;
+    let pid = starting["pid"].as_u64().unwrap() as u32;
+    let fake = wait_for(&gw.client, &gw.url, "failed", |f| f["state"] == "failed").await;
+    let error = fake["error"].as_str().unwrap();
+    assert!(error.contains("was not ready 1s after starting"), "{error}");
+    assert_eq!(fake["restarts"], 0, "a start that never became ready is not retried: {fake}");
+    wait_gone(pid, "the process that never became ready").await;
+}
