@@ -18,6 +18,7 @@
 //! - [`ledger`]: API keys, credit holds and settlement, idempotency records (SQLite).
 //! - [`jobs`]: the job runner: durable video jobs polled on the backend that took them, settled once.
 //! - [`health`]: background probes per backend, with thresholds; feeds routing and `/readyz`.
+//! - [`process`]: managed backend processes (`process:`): spawn, readiness, restarts, group stop, leftovers.
 //! - [`media`]: image format sniffing, transcoding and base64.
 //! - [`storage`]: stored outputs under unguessable ids.
 //! - [`telemetry`]: logging setup and the metric names, declared once.
@@ -34,6 +35,7 @@ pub mod jobs;
 pub mod ledger;
 pub mod media;
 pub mod pipeline;
+pub mod process;
 pub mod request;
 pub mod routing;
 pub mod server;

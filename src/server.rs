@@ -26,6 +26,7 @@ impl Server {
     pub async fn build(config: Config) -> Result<Self, String> {
         let state = AppState::build(config).await?;
         check_ledger(&state).await;
+        state.processes.launch().await;
         crate::health::probe_all(&state.backend_list, state.config.health.timeout).await;
         Ok(Self { state })
     }
@@ -81,6 +82,7 @@ impl Server {
             }
         };
         background.cancel();
+        self.state.processes.shutdown().await;
         tracker.close();
         tracker.wait().await;
         result

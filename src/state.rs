@@ -49,6 +49,8 @@ pub struct Runtime {
     pub settling: Arc<Settling>,
     /// The job runner's slots and wake-up bell.
     pub jobs: crate::jobs::Jobs,
+    /// Supervisors of backends with a `process:` block.
+    pub processes: crate::process::Processes,
 }
 
 impl AppState {
@@ -86,6 +88,11 @@ impl AppState {
             backends.insert(cfg.name.clone(), Arc::clone(&handle));
             backend_list.push(handle);
         }
+        let processes = crate::process::Processes::new(
+            &backend_list,
+            crate::process::state_file_path(&config.storage.files),
+            config.health.timeout,
+        );
         let registry = Registry::new(config.models.clone());
         let metrics = crate::telemetry::metrics::install();
         Ok(Self {
@@ -104,6 +111,7 @@ impl AppState {
                 tasks: TaskTracker::new(),
                 settling: Arc::default(),
                 jobs: crate::jobs::Jobs::new(),
+                processes,
             }),
         })
     }

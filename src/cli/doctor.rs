@@ -55,12 +55,69 @@ async fn examine(cfg: &config::Config) -> (String, bool) {
             out.push_str(&format!("database {}: FAILED: {e}\n", cfg.storage.database));
         }
     }
+    let live = if cfg.backends.iter().any(|b| b.process.is_some()) { live_processes(cfg).await } else { None };
     for b in &cfg.backends {
         let (text, good) = backend(b).await;
         ok &= good;
         out.push_str(&text);
+        if let Some(p) = &b.process {
+            out.push_str(&managed(cfg, b, p, live.as_ref()));
+        }
     }
     (out, ok)
+}
+
+/// The running easel's `GET /v1/admin/processes?lines=10` (needs `EASEL_ADMIN_TOKEN`), when it answers.
+async fn live_processes(cfg: &config::Config) -> Option<Value> {
+    let token = cfg.auth.admin_token.as_ref()?;
+    let client = reqwest::Client::builder().timeout(PROBE_TIMEOUT).build().ok()?;
+    let url = format!("http://{}/v1/admin/processes?lines=10", cfg.server.listen);
+    let resp = client.get(url).bearer_auth(token.expose()).send().await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.json().await.ok()
+}
+
+/// What doctor knows about a managed backend: its command, whether the program is found, the state file's record,
+/// who holds its port, and (from a running easel) its state and last output lines.
+fn managed(cfg: &config::Config, b: &BackendConfig, p: &config::ProcessConfig, live: Option<&Value>) -> String {
+    use crate::process::{os, port, state_file_path, statefile::StateFile};
+    let mut out = format!("  process: {} (port {})\n", os::display_cmd(&p.cmd), p.port);
+    if let Some(program) = p.cmd.first()
+        && !program.contains('/')
+        && !std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(program).is_file()))
+    {
+        out.push_str(&format!("  warning: `{program}` is not on PATH; starting it will fail\n"));
+    }
+    let recorded = StateFile::read(&state_file_path(&cfg.storage.files)).remove(&b.name);
+    let ours = recorded.as_ref().filter(|e| os::start_time(e.pid) == Some(e.start_ticks) && os::runs(e.pid, &e.cmd));
+    match ours {
+        Some(e) => out.push_str(&format!("  running: pid {} since {}\n", e.pid, e.started_at)),
+        None => match port::holder(p.port) {
+            Some(h) => out.push_str(&format!("  warning: {} (not started by easel)\n", h.describe(p.port))),
+            None => out.push_str("  running: no\n"),
+        },
+    }
+    let entry =
+        live.and_then(|v| v["data"].as_array()).and_then(|list| list.iter().find(|e| e["backend"] == b.name.as_str()));
+    match entry {
+        Some(e) => {
+            out.push_str(&format!(
+                "  state: {} (restarts {}{})\n",
+                e["state"].as_str().unwrap_or("unknown"),
+                e["restarts"],
+                e["error"].as_str().map(|m| format!("; {m}")).unwrap_or_default()
+            ));
+            for line in e["lines"].as_array().into_iter().flatten() {
+                out.push_str(&format!("    | {}\n", line.as_str().unwrap_or_default()));
+            }
+        }
+        None => {
+            out.push_str("  state: unknown (no running easel answered /v1/admin/processes; set EASEL_ADMIN_TOKEN)\n")
+        }
+    }
+    out
 }
 
 async fn backend(b: &std::sync::Arc<BackendConfig>) -> (String, bool) {

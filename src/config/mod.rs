@@ -237,6 +237,63 @@ pub struct BackendConfig {
     pub allow_output_hosts: Vec<HostPattern>,
     /// A configured probe that replaces the kind's own.
     pub health_check: Option<HealthCheck>,
+    /// A managed server process; `None` = external (probed, never started or stopped).
+    pub process: Option<ProcessConfig>,
+}
+
+/// `process:` on a backend: how easel runs, probes, restarts and stops the server behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessConfig {
+    /// argv; never empty.
+    pub cmd: Vec<String>,
+    pub cwd: Option<PathBuf>,
+    pub env: BTreeMap<String, String>,
+    /// The port from the backend's `url` the process must listen on.
+    pub port: u16,
+    /// Longest the kind's native probe may take to pass after spawning (default 120s).
+    pub ready_timeout: Duration,
+    /// Sent to the process group to stop it (default TERM).
+    pub stop_signal: StopSignal,
+    /// Run instead of signalling; the group is still killed after `grace`.
+    pub stop_cmd: Option<Vec<String>>,
+    /// Time between the stop signal and SIGKILL to the group (default 10s).
+    pub grace: Duration,
+    /// Restarts after unexpected exits before the backend is marked failed (default 3).
+    pub restart_max: u32,
+    /// First restart delay, doubled per consecutive restart (default 5s, capped at 5m).
+    pub restart_backoff: Duration,
+    /// Staying ready this long forgets earlier crashes (default 60s).
+    pub restart_reset_after: Duration,
+}
+
+/// The signal a managed process group is stopped with before SIGKILL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    Term,
+    Int,
+    Hup,
+    Quit,
+}
+
+impl StopSignal {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim_start_matches("SIG").to_ascii_uppercase().as_str() {
+            "TERM" => Some(Self::Term),
+            "INT" => Some(Self::Int),
+            "HUP" => Some(Self::Hup),
+            "QUIT" => Some(Self::Quit),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Term => "TERM",
+            Self::Int => "INT",
+            Self::Hup => "HUP",
+            Self::Quit => "QUIT",
+        }
+    }
 }
 
 /// `health: { path, expect_status }` on a backend.

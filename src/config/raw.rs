@@ -130,6 +130,8 @@ pub struct RawBackend {
     pub allow_output_hosts: Option<Vec<String>>,
     /// Overrides the kind's own health probe: `GET {url}{path}` must answer `expect_status`.
     pub health: Option<RawHealthCheck>,
+    /// A managed server process easel starts, supervises and stops; absent = external (probed, never started).
+    pub process: Option<RawProcess>,
 
     // --- comfyui, invokeai, fal, replicate ---
     /// How often job status is polled when progress events are not available.
@@ -156,6 +158,41 @@ pub struct RawHealthCheck {
     pub path: Option<String>,
     /// The status a healthy server answers (default 200).
     pub expect_status: Option<u16>,
+}
+
+/// `process:` on a backend.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProcess {
+    /// The argv list: binary first, then its arguments.
+    pub cmd: Option<Vec<String>>,
+    pub cwd: Option<String>,
+    pub env: Option<BTreeMap<String, String>>,
+    /// Longest the native probe may take to pass after spawning.
+    pub ready_timeout: Option<String>,
+    pub stop: Option<RawProcessStop>,
+    pub restart: Option<RawProcessRestart>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProcessStop {
+    /// `TERM` (default), `INT`, `HUP` or `QUIT`, sent to the whole process group.
+    pub signal: Option<String>,
+    /// Run instead of signalling (e.g. `[docker, stop, comfy]`); the group is still killed after `grace`.
+    pub cmd: Option<Vec<String>>,
+    pub grace: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProcessRestart {
+    /// Restarts after unexpected exits before the backend is marked failed (0 = never restart).
+    pub max: Option<u32>,
+    /// The first delay; doubled per consecutive restart.
+    pub backoff: Option<String>,
+    /// Staying ready this long forgets earlier crashes.
+    pub reset_after: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

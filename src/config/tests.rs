@@ -107,3 +107,59 @@ fn webhook_settings_default_interpolate_and_are_checked() {
         assert!(err.problems.iter().any(|p| p.path == path), "no problem at {path}: {err}");
     }
 }
+
+fn with_process(backend: &str) -> String {
+    format!("backends:\n  gpu:\n{backend}models:\n  - id: m\n    backends: [gpu]\n")
+}
+
+#[test]
+fn a_process_block_gets_its_defaults_and_the_port_from_the_url() {
+    let text = with_process(
+        "    kind: a1111\n    url: http://127.0.0.1:8188\n    process:\n      cmd: [python, main.py, --port, \"8188\"]\n      cwd: /opt/ComfyUI\n      env: { CUDA_VISIBLE_DEVICES: \"0\" }\n",
+    );
+    let cfg = load(&text, &MapEnv::default()).unwrap();
+    let p = cfg.backends[0].process.clone().unwrap();
+    assert_eq!(p.cmd, ["python", "main.py", "--port", "8188"]);
+    assert_eq!(p.cwd.as_deref(), Some(Path::new("/opt/ComfyUI")));
+    assert_eq!(p.env["CUDA_VISIBLE_DEVICES"], "0");
+    assert_eq!(p.port, 8188);
+    assert_eq!(p.ready_timeout, Duration::from_secs(120));
+    assert_eq!((p.stop_signal, p.stop_cmd.clone(), p.grace), (StopSignal::Term, None, Duration::from_secs(10)));
+    assert_eq!((p.restart_max, p.restart_backoff), (3, Duration::from_secs(5)));
+    assert!(load(MINIMAL, &MapEnv::default()).unwrap().backends[0].process.is_none());
+}
+
+#[test]
+fn a_bad_process_block_names_every_problem() {
+    let text = with_process(
+        "    kind: openai\n    url: http://127.0.0.1/v1\n    process:\n      cmd: []\n      ready_timeout: soon\n      stop: { signal: KILLALL, cmd: [docker, stop, x] }\n",
+    );
+    let err = load(&text, &MapEnv::default()).unwrap_err();
+    let msg = |path: &str| {
+        err.problems
+            .iter()
+            .find(|p| p.path == path)
+            .unwrap_or_else(|| panic!("no problem at {path}: {err}"))
+            .message
+            .clone()
+    };
+    assert!(msg("backends.gpu.process.cmd").contains("must list the program"), "{err}");
+    assert!(msg("backends.gpu.process").contains("must name the port"), "{err}");
+    assert!(msg("backends.gpu.process.ready_timeout").contains("not a duration"), "{err}");
+    assert!(msg("backends.gpu.process.stop.signal").contains("TERM, INT, HUP, QUIT"), "{err}");
+    assert!(msg("backends.gpu.process.stop").contains("not both"), "{err}");
+
+    let missing = with_process("    kind: simulated\n    process: { cwd: /tmp }\n");
+    let err = load(&missing, &MapEnv::default()).unwrap_err();
+    assert!(err.to_string().contains("has no local server"), "{err}");
+    let no_cmd = with_process("    kind: a1111\n    url: http://127.0.0.1:7860\n    process: { cwd: /tmp }\n");
+    let err = load(&no_cmd, &MapEnv::default()).unwrap_err();
+    assert!(err.to_string().contains("`cmd` is required"), "{err}");
+}
+
+#[test]
+fn two_managed_backends_cannot_share_a_port() {
+    let text = "backends:\n  a:\n    kind: a1111\n    url: http://127.0.0.1:7860\n    process: { cmd: [a] }\n  b:\n    kind: a1111\n    url: http://localhost:7860\n    process: { cmd: [b] }\nmodels:\n  - id: m\n    backends: [a, b]\n";
+    let err = load(text, &MapEnv::default()).unwrap_err();
+    assert!(err.to_string().contains("both run a process on port 7860"), "{err}");
+}

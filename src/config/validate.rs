@@ -11,11 +11,11 @@ use reqwest::header::{HeaderName, HeaderValue};
 use serde_json_path::JsonPath;
 use url::Url;
 
-use super::raw::{RawBackend, RawConfig, RawCredits, RawModel, RawModelBackend};
+use super::raw::{RawBackend, RawConfig, RawCredits, RawModel, RawModelBackend, RawProcess};
 use super::{
     AuthConfig, AuthMode, BackendConfig, BackendKind, Capability, Config, Defaults, FailureMode, HealthCheck,
-    HealthConfig, HostPattern, ModelBackend, ModelConfig, ModelType, QueueConfig, Secret, ServerConfig,
-    SimulatedFailure, SimulationConfig, StorageConfig, TemplateConfig, TokenCredits,
+    HealthConfig, HostPattern, ModelBackend, ModelConfig, ModelType, ProcessConfig, QueueConfig, Secret, ServerConfig,
+    SimulatedFailure, SimulationConfig, StopSignal, StorageConfig, TemplateConfig, TokenCredits,
 };
 use crate::backends::workflow::Workflow;
 use crate::request::{ResponseFormat, Size};
@@ -115,8 +115,19 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
     let mut backends = Vec::new();
     for (name, b) in raw.backends {
         let serves_text = text_backends.contains(&name);
-        if let Some(cfg) = backend(&mut p, &name, b, serves_text) {
+        if let Some(cfg) = backend(&mut p, &name, b, serves_text, base) {
             backends.push(Arc::new(cfg));
+        }
+    }
+    let mut ports: BTreeMap<u16, &str> = BTreeMap::new();
+    for b in &backends {
+        if let Some(proc_cfg) = &b.process
+            && let Some(other) = ports.insert(proc_cfg.port, &b.name)
+        {
+            p.push((
+                format!("backends.{}.process", b.name),
+                format!("backends `{other}` and `{}` both run a process on port {}", b.name, proc_cfg.port),
+            ));
         }
     }
     let known: BTreeMap<&str, &BackendConfig> = backends.iter().map(|b| (b.name.as_str(), b.as_ref())).collect();
@@ -167,7 +178,7 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
 const VIDEO_KINDS: &[BackendKind] =
     &[BackendKind::Fal, BackendKind::Replicate, BackendKind::OpenAi, BackendKind::Simulated];
 
-fn backend(p: &mut Problems, name: &str, b: RawBackend, serves_text: bool) -> Option<BackendConfig> {
+fn backend(p: &mut Problems, name: &str, b: RawBackend, serves_text: bool, base: &Path) -> Option<BackendConfig> {
     let at = format!("backends.{name}");
     let start = p.len();
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
@@ -348,6 +359,8 @@ fn backend(p: &mut Problems, name: &str, b: RawBackend, serves_text: bool) -> Op
         }
     };
 
+    let process = b.process.as_ref().and_then(|raw| process(p, &at, base, kind, url.as_ref(), raw));
+
     if p.len() > start {
         return None;
     }
@@ -369,6 +382,101 @@ fn backend(p: &mut Problems, name: &str, b: RawBackend, serves_text: bool) -> Op
         queue_id,
         allow_output_hosts,
         health_check,
+        process,
+    })
+}
+
+/// Checks a `process:` block without touching the file system beyond `cwd` resolution.
+fn process(
+    p: &mut Problems,
+    at: &str,
+    base: &Path,
+    kind: BackendKind,
+    url: Option<&Url>,
+    raw: &RawProcess,
+) -> Option<ProcessConfig> {
+    let at = format!("{at}.process");
+    let start = p.len();
+    if matches!(kind, BackendKind::Simulated | BackendKind::Fal | BackendKind::Replicate) {
+        p.push((at.clone(), format!("kind `{kind}` has no local server for easel to run; remove `process`")));
+        return None;
+    }
+    let argv = |p: &mut Problems, field: &str, v: Option<&Vec<String>>| -> Option<Vec<String>> {
+        let v = v?;
+        if v.is_empty() || v[0].trim().is_empty() {
+            p.push((
+                format!("{at}.{field}"),
+                "must list the program and its arguments, e.g. [python, main.py, --port, \"8188\"]".into(),
+            ));
+            return None;
+        }
+        Some(v.clone())
+    };
+    let cmd = match argv(p, "cmd", raw.cmd.as_ref()) {
+        Some(c) => c,
+        None if raw.cmd.is_none() => {
+            p.push((at.clone(), "`cmd` is required: the program and its arguments as a list".into()));
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
+    let cwd = raw.cwd.as_deref().map(|c| base.join(c));
+    let env = raw.env.clone().unwrap_or_default();
+    for k in env.keys() {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            p.push((format!("{at}.env"), format!("`{k}` is not an environment variable name")));
+        }
+    }
+    let port = match url {
+        Some(u) => {
+            match u.port() {
+                Some(port) => port,
+                None => {
+                    p.push((
+                    at.clone(),
+                    format!("the backend's url `{u}` must name the port the process listens on, e.g. http://127.0.0.1:8188"),
+                ));
+                    0
+                }
+            }
+        }
+        None => 0,
+    };
+    let stop = raw.stop.clone().unwrap_or_default();
+    let stop_signal = match stop.signal.as_deref() {
+        None => StopSignal::Term,
+        Some(s) => StopSignal::parse(s).unwrap_or_else(|| {
+            p.push((format!("{at}.stop.signal"), format!("`{s}` is not one of: TERM, INT, HUP, QUIT")));
+            StopSignal::Term
+        }),
+    };
+    if stop.signal.is_some() && stop.cmd.is_some() {
+        p.push((format!("{at}.stop"), "give either `signal` or `cmd`, not both".into()));
+    }
+    let stop_cmd = argv(p, "stop.cmd", stop.cmd.as_ref());
+    let restart = raw.restart.clone().unwrap_or_default();
+    let ready_timeout = duration(p, &format!("{at}.ready_timeout"), raw.ready_timeout.as_deref(), 120);
+    let grace = duration(p, &format!("{at}.stop.grace"), stop.grace.as_deref(), 10);
+    let restart_backoff = duration(p, &format!("{at}.restart.backoff"), restart.backoff.as_deref(), 5);
+    let restart_reset_after = duration(p, &format!("{at}.restart.reset_after"), restart.reset_after.as_deref(), 60);
+    if ready_timeout.is_zero() {
+        p.push((format!("{at}.ready_timeout"), "must be longer than 0s".into()));
+    }
+    if p.len() > start {
+        return None;
+    }
+    Some(ProcessConfig {
+        cmd,
+        cwd,
+        env,
+        port,
+        ready_timeout,
+        stop_signal,
+        stop_cmd,
+        grace,
+        restart_max: restart.max.unwrap_or(3),
+        restart_backoff,
+        restart_reset_after,
     })
 }
 

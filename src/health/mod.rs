@@ -218,24 +218,30 @@ impl Health {
 pub async fn probe_all(backends: &[Arc<BackendHandle>], timeout: Duration) {
     let probes = backends.iter().map(|b| async move {
         let started = Instant::now();
-        let probe = async {
-            match &b.cfg.health_check {
-                Some(check) => configured_probe(&b.cfg, check, &b.health, timeout).await,
-                None => b.adapter.probe().await,
-            }
-        };
-        let result = match tokio::time::timeout(timeout, probe).await {
-            Ok(r) => r,
-            Err(_) => Err(BackendError::new(
-                &b.cfg.name,
-                b.cfg.kind,
-                b.cfg.endpoint(""),
-                crate::backends::Failure::Timeout(timeout),
-            )),
-        };
+        let result = probe_one(b, timeout).await;
         b.health.record_probe(&result, started.elapsed());
     });
     futures_util::future::join_all(probes).await;
+}
+
+/// One probe of one backend (its configured `health` check, else the kind's native probe), bounded by `timeout`;
+/// records nothing.
+pub async fn probe_one(b: &BackendHandle, timeout: Duration) -> Result<ProbeReport, BackendError> {
+    let probe = async {
+        match &b.cfg.health_check {
+            Some(check) => configured_probe(&b.cfg, check, &b.health, timeout).await,
+            None => b.adapter.probe().await,
+        }
+    };
+    match tokio::time::timeout(timeout, probe).await {
+        Ok(r) => r,
+        Err(_) => Err(BackendError::new(
+            &b.cfg.name,
+            b.cfg.kind,
+            b.cfg.endpoint(""),
+            crate::backends::Failure::Timeout(timeout),
+        )),
+    }
 }
 
 /// `GET {url}{path}` with the backend's headers and key; healthy when the status is `expect_status`.

@@ -2,6 +2,7 @@
 //! OpenAI-shaped rejections, and the single error → status mapping in [`error`].
 
 mod account;
+mod admin;
 mod auth;
 mod chat;
 pub mod error;
@@ -73,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/keys/{key}", axum::routing::delete(account::revoke_key_handler))
         .route("/v1/admin/keys/{key}/credits", post(account::grant_handler))
         .route("/v1/admin/ledger/check", get(account::ledger_check_handler))
+        .route("/v1/admin/processes", get(admin::processes_handler))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Inside `observe`: authentication answers are measured and logged like any other.
@@ -258,6 +260,7 @@ fn static_route(route: &str) -> &'static str {
         "/v1/admin/keys/{key}",
         "/v1/admin/keys/{key}/credits",
         "/v1/admin/ledger/check",
+        "/v1/admin/processes",
         "/v1/videos",
         "/v1/videos/{id}",
         "/v1/videos/{id}/content",

@@ -20,6 +20,7 @@ mod ledger;
 mod limits;
 mod openai;
 mod outbound;
+mod process;
 mod queue_providers;
 mod streaming;
 mod template;

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""A fake OpenAI-compatible image server for easel's managed-process tests (standard library only).
+
+Serves GET /v1/models and POST /v1/images/generations on 127.0.0.1:--port. Flags make it misbehave the way
+real GPU servers do: slow to load, crash, ignore SIGTERM, leave a grandchild in its process group.
+"""
+
+import argparse
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+# A 1x1 PNG.
+PNG_B64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--start-delay", type=float, default=0.0, help="seconds before the port is bound")
+    ap.add_argument("--crash-after", type=float, default=None, help="exit with status 3 after this many seconds")
+    ap.add_argument("--ignore-sigterm", action="store_true")
+    ap.add_argument("--grandchild", default=None, help="spawn a grandchild ignoring SIGTERM; write its pid here")
+    ap.add_argument("--lines", type=int, default=0, help="print this many numbered lines at start")
+    args = ap.parse_args()
+
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    print(f"fake backend pid {os.getpid()} starting on port {args.port}", flush=True)
+    for i in range(args.lines):
+        print(f"fake line {i}", flush=True)
+    print("fake stderr line", file=sys.stderr, flush=True)
+    if args.grandchild:
+        code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)"
+        child = subprocess.Popen([sys.executable, "-c", code])
+        tmp = args.grandchild + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(str(child.pid))
+        os.rename(tmp, args.grandchild)
+    if args.start_delay:
+        time.sleep(args.start_delay)
+    if args.crash_after is not None:
+        def crash():
+            print("fake backend crashing", flush=True)
+            os._exit(3)
+        threading.Timer(args.crash_after, crash).start()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *_):
+            pass
+
+        def answer(self, status, body):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/v1/models":
+                self.answer(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+            else:
+                self.answer(404, {"error": {"message": "not found"}})
+
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length", "0"))
+            self.rfile.read(length)
+            if self.path == "/v1/images/generations":
+                self.answer(200, {"created": int(time.time()), "data": [{"b64_json": PNG_B64}]})
+            else:
+                self.answer(404, {"error": {"message": "not found"}})
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    print("fake backend ready", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
