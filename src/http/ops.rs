@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::admission::GateStatus;
 use crate::health::Snapshot;
+use crate::ledger::Store;
 use crate::state::AppState;
 
 /// `GET /healthz`: the process serves.
@@ -80,6 +81,10 @@ pub async fn health_handler(State(state): State<AppState>) -> Response {
 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics_handler(State(state): State<AppState>) -> Response {
+    match state.ledger.job_stats().await {
+        Ok(stats) => crate::telemetry::metrics::job_stats(&stats, crate::ledger::now_ms()),
+        Err(e) => tracing::warn!(error = %e, "Reading job counts for /metrics failed."),
+    }
     ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], state.metrics.render())
         .into_response()
 }

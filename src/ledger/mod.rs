@@ -246,6 +246,8 @@ pub trait Store: Send + Sync {
     /// Ends a job at `epoch` and captures or releases its hold, in one transaction (`Ok(false)` if fenced out or
     /// already ended).
     fn end_job(&self, id: &str, epoch: i64, end: &JobEnd) -> impl Future<Output = Result<bool, LedgerError>> + Send;
+    /// Unfinished jobs by object and state: how many, and the creation time (Unix ms) of the oldest.
+    fn job_stats(&self) -> impl Future<Output = Result<Vec<JobStat>, LedgerError>> + Send;
     /// Extends this poller's lease on a job it still holds at `epoch`; `None` when another poller holds it now (or
     /// it ended), else whether its owner asked to cancel it.
     fn renew_job(
@@ -440,6 +442,15 @@ pub enum JobEnd {
     Succeeded { units: i64, outputs: serde_json::Value },
     /// Failed or canceled: release the hold.
     Failed { state: &'static str, code: &'static str, message: String },
+}
+
+/// Unfinished jobs of one object kind in one state.
+#[derive(Debug, Clone)]
+pub struct JobStat {
+    pub object: String,
+    pub state: String,
+    pub count: i64,
+    pub oldest_created_at: i64,
 }
 
 /// The stored file ids in a job's `outputs`: a list of `{"file"}` (videos) or `{"images": [{"file"}]}` (images).

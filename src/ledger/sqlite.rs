@@ -12,7 +12,7 @@ use sqlx::{Row, SqlitePool};
 use tokio::sync::Mutex;
 
 use super::{
-    ANONYMOUS_KEY, Balance, Drift, HoldOutcome, IdemClaim, JobChange, JobEnd, JobRecord, KeyInfo, LedgerError,
+    ANONYMOUS_KEY, Balance, Drift, HoldOutcome, IdemClaim, JobChange, JobEnd, JobRecord, JobStat, KeyInfo, LedgerError,
     Millicredits, NewJob, NewKey, OutboxRow, Principal, Store, StoredResponse, UsageRow, WebhookOutcome, hash_secret,
     new_secret, now_ms,
 };
@@ -861,6 +861,25 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(true)
+    }
+
+    async fn job_stats(&self) -> Result<Vec<JobStat>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT object, state, COUNT(*), MIN(created_at) FROM jobs
+             WHERE state NOT IN ('succeeded', 'failed', 'canceled') GROUP BY object, state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(JobStat {
+                    object: r.try_get(0)?,
+                    state: r.try_get(1)?,
+                    count: r.try_get(2)?,
+                    oldest_created_at: r.try_get(3)?,
+                })
+            })
+            .collect()
     }
 
     async fn renew_job(&self, id: &str, epoch: i64, lease: Duration) -> Result<Option<bool>, LedgerError> {

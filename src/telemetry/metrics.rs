@@ -19,6 +19,8 @@ pub const IMAGES_MISSING: &str = "easel_images_missing_total";
 pub const JOBS_ENDED: &str = "easel_jobs_ended_total";
 pub const JOB_POLLS: &str = "easel_job_polls_total";
 pub const JOBS_RUNNING: &str = "easel_jobs_running";
+pub const JOBS: &str = "easel_jobs";
+pub const JOB_OLDEST: &str = "easel_job_oldest_age_seconds";
 pub const UPSTREAM_CALLS: &str = "easel_backend_requests_total";
 pub const UPSTREAM_DURATION: &str = "easel_backend_request_duration_seconds";
 pub const FALLBACKS: &str = "easel_backend_fallbacks_total";
@@ -140,6 +142,22 @@ pub fn job_poll(backend: &str, ok: bool) {
 /// Jobs holding a slot on a backend right now.
 pub fn jobs_running(backend: &str, n: usize) {
     gauge!(JOBS_RUNNING, "backend" => backend.to_owned()).set(n as f64);
+}
+
+/// Unfinished jobs by object and state, and the age of the oldest per object, from the ledger (set at every
+/// scrape; states with no job read 0).
+pub fn job_stats(stats: &[crate::ledger::JobStat], now_ms: i64) {
+    const OBJECTS: [&str; 2] = ["video", "job"];
+    const STATES: [&str; 6] = ["pending", "submitting", "queued", "running", "finalizing", "unknown"];
+    for object in OBJECTS {
+        for state in STATES {
+            let n = stats.iter().find(|s| s.object == object && s.state == state).map_or(0, |s| s.count);
+            gauge!(JOBS, "object" => object, "state" => state).set(n as f64);
+        }
+        let oldest = stats.iter().filter(|s| s.object == object).map(|s| s.oldest_created_at).min();
+        let age = oldest.map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0);
+        gauge!(JOB_OLDEST, "object" => object).set(age);
+    }
 }
 
 /// Images a request asked for that its answer lacks (a partial result: some upstream calls failed).

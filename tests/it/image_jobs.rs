@@ -175,6 +175,11 @@ async fn failures_cancels_and_bad_requests_settle_exactly() {
         let chunk = tokio::time::timeout(TEST_TIMEOUT, body.next()).await.unwrap().unwrap().unwrap();
         text.push_str(&String::from_utf8_lossy(&chunk));
     }
+    // While it runs, the job gauges count it and the oldest job has an age.
+    let metrics = gw.client.get(gw.endpoint("/metrics")).bearer_auth(ADMIN).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("easel_jobs{object=\"job\",state=\"running\"} 1"), "{metrics}");
+    assert!(metrics.contains("easel_jobs{object=\"video\",state=\"running\"} 0"), "{metrics}");
+    assert!(metrics.contains("easel_job_oldest_age_seconds{object=\"job\"}"), "{metrics}");
     let cancel = gw.client.post(gw.endpoint(&format!("{location}/cancel"))).bearer_auth(&secret).send();
     assert_eq!(tokio::time::timeout(TEST_TIMEOUT, cancel).await.unwrap().unwrap().status(), 200);
     while !text.contains("event: failed") {
