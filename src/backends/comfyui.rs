@@ -13,6 +13,10 @@
 //! Binary preview frames on the socket (a server started with a preview method) feed streamed partial images.
 //!
 //! Health: `GET /system_stats`, with the queue depth from `GET /queue` in the probe's detail.
+//!
+//! Video models run as jobs (see [`video`]).
+
+mod video;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,8 +32,8 @@ use super::error::excerpt;
 use super::progress::Progress;
 use super::workflow::{WorkflowVars, fresh_seed};
 use super::{
-    Backend, BackendError, Failure, ImageCall, ImageOutput, InputImage, ProbeReport, image_from_bytes,
-    upload_edit_inputs,
+    Backend, BackendError, Failure, ImageCall, ImageOutput, InputImage, JobHandle, JobLookup, JobOutput, JobPoll,
+    ProbeReport, VideoCall, image_from_bytes, upload_edit_inputs,
 };
 use crate::config::BackendConfig;
 use crate::request::ImageFormat;
@@ -86,10 +90,15 @@ impl ComfyUiBackend {
     }
 
     /// Submits the prompt; a 400 becomes a `Rejected` naming each failing node.
-    async fn submit(&self, workflow: &Value, client_id: &str) -> Result<String, BackendError> {
+    /// `prompt_id` is the id easel chose (jobs); without one the server picks.
+    async fn submit(&self, workflow: &Value, client_id: &str, prompt_id: Option<&str>) -> Result<String, BackendError> {
         let (rb, url) = self.http.request(Method::POST, "/prompt");
+        let mut body = json!({"prompt": workflow, "client_id": client_id});
+        if let Some(id) = prompt_id {
+            body["prompt_id"] = json!(id);
+        }
         let resp = rb
-            .json(&json!({"prompt": workflow, "client_id": client_id}))
+            .json(&body)
             .send()
             .await
             .map_err(|e| self.http.error(&url, super::client::transport_failure(&e, self.http.cfg.timeout)))?;
@@ -272,7 +281,7 @@ impl Backend for ComfyUiBackend {
             }
             None => None,
         };
-        let prompt_id = self.submit(&graph, &client_id).await?;
+        let prompt_id = self.submit(&graph, &client_id, None).await?;
 
         let followed = async {
             let ended = match socket.as_mut() {
@@ -358,6 +367,30 @@ impl Backend for ComfyUiBackend {
 
     fn supports_edits(&self) -> bool {
         true
+    }
+
+    fn supports_videos(&self) -> bool {
+        true
+    }
+
+    async fn submit_video(&self, call: VideoCall<'_>) -> Result<JobHandle, BackendError> {
+        self.submit_video_job(call).await
+    }
+
+    async fn poll_job(&self, handle: &JobHandle) -> Result<JobPoll, BackendError> {
+        self.poll_video_job(handle).await
+    }
+
+    async fn fetch_outputs(&self, handle: &JobHandle) -> Result<Vec<JobOutput>, BackendError> {
+        self.fetch_video_outputs(handle).await
+    }
+
+    async fn cancel_job(&self, handle: &JobHandle) -> Result<(), BackendError> {
+        self.cancel_video_job(handle).await
+    }
+
+    async fn find_job(&self, client_ref: &str) -> Result<JobLookup, BackendError> {
+        self.find_video_job(client_ref).await
     }
 }
 
@@ -457,6 +490,14 @@ struct HistoryStatus {
 struct NodeOutput {
     #[serde(default)]
     images: Vec<OutputImage>,
+    /// `[true]` when `images` are animations or videos (SaveVideo, SaveWEBM, SaveAnimatedWEBP).
+    #[serde(default)]
+    animated: Vec<bool>,
+    /// Video lists of custom nodes (VideoHelperSuite writes `gifs`).
+    #[serde(default)]
+    gifs: Vec<OutputImage>,
+    #[serde(default)]
+    videos: Vec<OutputImage>,
 }
 
 #[derive(Debug, Deserialize)]

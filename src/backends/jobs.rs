@@ -83,6 +83,18 @@ pub struct JobPoll {
     pub logs: Vec<String>,
 }
 
+/// What a backend could tell about a job whose submit was never confirmed (easel stopped while submitting), looked
+/// up by the `client_ref` the submit carried.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobLookup {
+    /// The protocol has no way to find a job by easel's own id.
+    CannotTell,
+    /// The backend has no job of that id: the submit never arrived, nothing ran.
+    Absent,
+    /// The backend has it: poll it by this handle from now on.
+    Found(JobHandle),
+}
+
 /// What a finished job made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 pub use self::error::{BackendError, Failure};
-pub use self::jobs::{JobHandle, JobOutput, JobPoll, JobState, VideoCall};
+pub use self::jobs::{JobHandle, JobLookup, JobOutput, JobPoll, JobState, VideoCall};
 use crate::config::{BackendConfig, BackendKind, ModelConfig};
 use crate::request::{GenerateImage, ImageFormat, Size};
 
@@ -131,6 +131,13 @@ pub trait Backend {
         let _ = handle;
         async { Err(unsupported("jobs")) }
     }
+
+    /// Looks up a job whose submit easel never saw answered, by the [`VideoCall::client_ref`] it was submitted
+    /// with. Only backends whose submit carries an id easel chose can tell; the others cannot.
+    fn find_job(&self, client_ref: &str) -> impl Future<Output = Result<JobLookup, BackendError>> + Send {
+        let _ = client_ref;
+        async { Ok(JobLookup::CannotTell) }
+    }
 }
 
 /// The answer of a job operation's default body. The pipeline only calls job operations on backends whose
@@ -209,6 +216,10 @@ impl AnyBackend {
 
     pub async fn cancel_job(&self, handle: &JobHandle) -> Result<(), BackendError> {
         each_backend!(self, b => b.cancel_job(handle).await)
+    }
+
+    pub async fn find_job(&self, client_ref: &str) -> Result<JobLookup, BackendError> {
+        each_backend!(self, b => b.find_job(client_ref).await)
     }
 
     pub fn supports_edits(&self) -> bool {

@@ -4,8 +4,11 @@
 //! Every template can use exactly these variables: `prompt`, `negative_prompt` (empty string when none), `seed`
 //! (always an integer: the request's, else a fresh random one), `width`, `height`, `steps` (the request's or the
 //! model's, else 20), `cfg` (the request's `guidance_scale` or the model's, else 7.0), `batch_size`, and for edits
-//! `image` and `mask` (names of the uploaded inputs; `mask` is the empty string when the edit has none). Write
-//! strings as `{{ prompt | tojson }}` so quotes and newlines stay valid JSON.
+//! `image` and `mask` (names of the uploaded inputs; `mask` is the empty string when the edit has none). Video
+//! models (`type: video`) also get `seconds` (the clip length asked for), `fps` (the request's `extra.fps`, else
+//! 16, the rate most open video models are trained at) and `frames` (`seconds × fps`); their `image` is the
+//! uploaded `input_reference` and is only defined when one was sent. Write strings as `{{ prompt | tojson }}` so
+//! quotes and newlines stay valid JSON.
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +39,13 @@ pub struct WorkflowVars<'a> {
     pub image: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mask: Option<&'a str>,
+    /// Only set for videos: printing them in an image workflow is an undefined-variable error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fps: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frames: Option<u32>,
 }
 
 impl<'a> WorkflowVars<'a> {
@@ -60,8 +70,52 @@ impl<'a> WorkflowVars<'a> {
             batch_size,
             image,
             mask: if call.edit.is_some() { Some(mask.unwrap_or("")) } else { None },
+            seconds: None,
+            fps: None,
+            frames: None,
         }
     }
+
+    /// The variables of a video render: the request's prompt, size (else the model's default), seed, clip length
+    /// and frame rate, the model's steps and guidance, and the uploaded reference image when one was sent.
+    pub fn for_video(
+        req: &'a crate::request::video::GenerateVideo,
+        model: &'a crate::config::ModelConfig,
+        seed: u64,
+        image: Option<&'a str>,
+    ) -> Self {
+        let size = req.size.unwrap_or(model.default_size);
+        let fps = video_fps(req);
+        Self {
+            prompt: &req.prompt,
+            negative_prompt: req.negative_prompt.as_deref().or(model.negative_prompt.as_deref()).unwrap_or(""),
+            seed,
+            width: size.width,
+            height: size.height,
+            steps: model.steps.unwrap_or(DEFAULT_STEPS),
+            cfg: model.guidance_scale.unwrap_or(DEFAULT_CFG),
+            batch_size: 1,
+            image,
+            mask: None,
+            seconds: Some(req.seconds),
+            fps: Some(fps),
+            frames: Some(req.seconds.saturating_mul(fps)),
+        }
+    }
+}
+
+/// Frames per second of a video workflow when the request's `extra` sets no `fps`.
+pub const DEFAULT_FPS: u32 = 16;
+
+/// The request's `extra.fps` when it is a whole number in 1..=120, else [`DEFAULT_FPS`].
+pub fn video_fps(req: &crate::request::video::GenerateVideo) -> u32 {
+    req.extra
+        .as_ref()
+        .and_then(|e| e.get("fps"))
+        .and_then(serde_json::Value::as_u64)
+        .filter(|f| (1..=120).contains(f))
+        .and_then(|f| u32::try_from(f).ok())
+        .unwrap_or(DEFAULT_FPS)
 }
 
 /// A fresh seed when the request fixed none (a 32-bit value, which every node type accepts).
@@ -99,6 +153,9 @@ impl Workflow {
             batch_size: 1,
             image: Some("input.png"),
             mask: Some("mask.png"),
+            seconds: Some(4),
+            fps: Some(DEFAULT_FPS),
+            frames: Some(4 * DEFAULT_FPS),
         };
         let v = self.render(&sample)?;
         if !v.is_object() {
@@ -186,8 +243,21 @@ pub fn check_variables(name: &str, source: &str, allowed: &[&str]) -> Result<(),
 }
 
 /// The variables a workflow template may use.
-pub const WORKFLOW_VARIABLES: &[&str] =
-    &["prompt", "negative_prompt", "seed", "width", "height", "steps", "cfg", "batch_size", "image", "mask"];
+pub const WORKFLOW_VARIABLES: &[&str] = &[
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "width",
+    "height",
+    "steps",
+    "cfg",
+    "batch_size",
+    "image",
+    "mask",
+    "seconds",
+    "fps",
+    "frames",
+];
 
 fn template_error(name: &str, e: &minijinja::Error) -> String {
     match e.line() {
@@ -219,6 +289,9 @@ mod tests {
             batch_size: 1,
             image: None,
             mask: None,
+            seconds: None,
+            fps: None,
+            frames: None,
         };
         let v = w.render(&vars).unwrap();
         assert_eq!(v["6"]["inputs"]["text"], "say \"hi\"");

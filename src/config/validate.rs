@@ -176,7 +176,7 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
 
 /// Backend kinds whose adapters make videos (the job operations).
 const VIDEO_KINDS: &[BackendKind] =
-    &[BackendKind::Fal, BackendKind::Replicate, BackendKind::OpenAi, BackendKind::Simulated];
+    &[BackendKind::Fal, BackendKind::Replicate, BackendKind::OpenAi, BackendKind::ComfyUi, BackendKind::Simulated];
 
 fn backend(p: &mut Problems, name: &str, b: RawBackend, serves_text: bool, base: &Path) -> Option<BackendConfig> {
     let at = format!("backends.{name}");

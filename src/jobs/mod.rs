@@ -182,9 +182,31 @@ async fn advance(state: &AppState, job: JobRecord) {
         code: code.as_str(),
         message,
     };
-    // A job whose submit never finished (easel stopped in between): nothing is known upstream.
+    // A job whose submit never finished (easel stopped in between): a backend that knows the id easel chose
+    // may have it; else nothing is known upstream.
     if matches!(job.state.as_str(), "pending" | "submitting") {
-        let why = "easel stopped before the backend confirmed the submit; nothing was charged".to_owned();
+        let why = match adopt(state, &job).await {
+            Adopted::Yes => return,
+            Adopted::Later if job.poll_failures + 1 < MAX_POLL_FAILURES => {
+                let backoff = 1000 * (1 << job.poll_failures.clamp(0, 6));
+                let change = JobChange {
+                    poll_failed: Some(true),
+                    next_poll_at: Some(crate::ledger::now_ms() + backoff),
+                    ..JobChange::default()
+                };
+                update(state, &id, epoch, &change).await;
+                return;
+            }
+            Adopted::Later => format!(
+                "easel stopped before the backend confirmed the submit, and the backend did not answer {MAX_POLL_FAILURES} look-ups; nothing was charged"
+            ),
+            Adopted::Absent(names) => format!(
+                "easel stopped before the backend confirmed the submit, and {names} never received it; nothing was charged"
+            ),
+            Adopted::CannotTell => {
+                "easel stopped before the backend confirmed the submit; nothing was charged".to_owned()
+            }
+        };
         finish(state, &job, end("failed", JobErrorCode::UpstreamLost, why)).await;
         return;
     }
@@ -354,5 +376,60 @@ pub(crate) async fn end_at(state: &AppState, job: &JobRecord, epoch: i64, end: J
         Ok(false) => tracing::debug!(job = %id, "The job had already ended, or another poller holds it."),
         // The job stays claimed until its lease lapses; the next round ends it.
         Err(e) => tracing::error!(job = %id, error = %e, "Ending a job failed."),
+    }
+}
+
+/// What asking the model's backends about an unconfirmed submit found.
+enum Adopted {
+    /// One has it: the job now polls there.
+    Yes,
+    /// The named backends answered that they have no such job.
+    Absent(String),
+    /// No backend could tell.
+    CannotTell,
+    /// A backend that could tell did not answer: ask again later.
+    Later,
+}
+
+/// Asks each video backend of the job's model whether it has the job easel submitted as `job.id`; records the
+/// first one that does (backend, handle, state `queued`) so the next round polls it.
+async fn adopt(state: &AppState, job: &JobRecord) -> Adopted {
+    let Some(model) = state.config.models.iter().find(|m| m.id == job.model) else { return Adopted::CannotTell };
+    let (mut absent, mut unanswered) = (Vec::new(), false);
+    for b in &model.backends {
+        let Some(backend) = state.backends.get(&b.name).filter(|h| h.adapter.supports_videos()) else { continue };
+        let found = tokio::time::timeout(backend.cfg.timeout, backend.adapter.find_job(&job.id)).await;
+        match found {
+            Ok(Ok(crate::backends::JobLookup::Found(handle))) => {
+                tracing::info!(job = %job.id, backend = %b.name, upstream = %handle.upstream_id, "Adopted a job whose submit was never confirmed.");
+                let change = JobChange {
+                    state: Some("queued"),
+                    backend: Some(b.name.clone()),
+                    handle: serde_json::to_value(&handle).ok(),
+                    next_poll_at: Some(crate::ledger::now_ms()),
+                    ..JobChange::default()
+                };
+                update(state, &job.id, job.lease_epoch, &change).await;
+                state.jobs.wake();
+                return Adopted::Yes;
+            }
+            Ok(Ok(crate::backends::JobLookup::Absent)) => absent.push(format!("`{}`", b.name)),
+            Ok(Ok(crate::backends::JobLookup::CannotTell)) => {}
+            Ok(Err(e)) => {
+                unanswered = true;
+                tracing::warn!(job = %job.id, backend = %b.name, error = %e, "Looking up an unconfirmed job failed.");
+            }
+            Err(_) => {
+                unanswered = true;
+                tracing::warn!(job = %job.id, backend = %b.name, "Looking up an unconfirmed job timed out.");
+            }
+        }
+    }
+    if unanswered {
+        Adopted::Later
+    } else if absent.is_empty() {
+        Adopted::CannotTell
+    } else {
+        Adopted::Absent(format!("backend {}", absent.join(", ")))
     }
 }

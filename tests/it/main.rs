@@ -9,6 +9,7 @@ mod support;
 mod a1111;
 mod admission;
 mod comfyui;
+mod comfyui_video;
 mod config_cli;
 mod edits;
 mod health;

@@ -8,6 +8,13 @@
 //! missing file fails validation. Edit graphs (`LoadImage`, `ImageInvert`, `ImageCompositeMasked`, `SaveImage`)
 //! are really evaluated, so an output shows which input it came from. Knobs: run time, a run-time
 //! `execution_error`, dropping or refusing the socket, a `/prompt` status (with `Retry-After`) or stalled body.
+//!
+//! Video workflows (`CreateVideo` → `SaveVideo`) save a small real H.264 MP4 made by ComfyUI 0.8.0, listed in
+//! history as the real server lists it: `{"images": [{filename, subfolder: "video", type: "output"}], "animated":
+//! [true]}` under the SaveVideo node. A client-chosen `prompt_id` must be a canonical lowercase UUID (else 400
+//! `invalid_prompt_id`). `/queue` lists pending items in heap order (not sorted), `/interrupt {"prompt_id"}` stops
+//! only that prompt. More knobs: hold the queue (`paused`), accept a prompt and then stall the answer
+//! (`accept_then_stall`), and [`ComfyState::restart`] (queue and history are lost, as in-memory state is).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -36,6 +43,10 @@ pub struct Knobs {
     pub prompt_status: AtomicU32,
     /// Send `/prompt`'s headers, then never the body.
     pub stall_prompt_body: AtomicBool,
+    /// Queue the prompt, then never answer `/prompt` (the submit's answer is lost).
+    pub accept_then_stall: AtomicBool,
+    /// Start no queued prompt while set.
+    pub paused: AtomicBool,
 }
 
 #[derive(Default)]
@@ -51,6 +62,10 @@ pub struct Inner {
     pub prompts: Vec<Value>,
     pub deleted: Vec<String>,
     pub interrupts: u32,
+    /// The `prompt_id` of every `/interrupt` that named one.
+    pub interrupted_ids: Vec<String>,
+    /// Every `/prompt` body's `prompt_id` and `client_id`.
+    pub submitted_ids: Vec<(Option<String>, Option<String>)>,
     /// Every upload: (client file name, subfolder, overwrite field, stored name).
     pub uploads: Vec<(String, String, Option<String>, String)>,
     pub origins_refused: u32,
@@ -63,6 +78,25 @@ pub struct ComfyState {
     work: Notify,
     interrupt: AtomicBool,
     counter: AtomicU64,
+    /// Rung when a `/prompt` arrives (a permit is kept when nobody waits).
+    pub received: Notify,
+}
+
+impl ComfyState {
+    /// Lets held prompts run.
+    pub fn resume(&self) {
+        self.knobs.paused.store(false, Ordering::SeqCst);
+        self.work.notify_one();
+    }
+
+    /// What a restarted ComfyUI knows: nothing queued, no history (the running prompt is abandoned).
+    pub fn restart(&self) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.pending.clear();
+        inner.history.clear();
+        inner.running = None;
+        self.interrupt.store(true, Ordering::SeqCst);
+    }
 }
 
 pub struct FakeComfy {
@@ -79,6 +113,7 @@ pub async fn start() -> FakeComfy {
         work: Notify::new(),
         interrupt: AtomicBool::new(false),
         counter: AtomicU64::new(0),
+        received: Notify::new(),
     });
     let app = axum::Router::new()
         .route("/prompt", post(submit))
@@ -145,13 +180,19 @@ async fn submit(State(s): State<Arc<ComfyState>>, headers: HeaderMap, Json(body)
     let Some(prompt) = body.get("prompt").and_then(Value::as_object) else {
         return (StatusCode::BAD_REQUEST, Json(json!({"error": {"type": "no_prompt", "message": "No prompt provided", "details": "", "extra_info": {}}, "node_errors": {}}))).into_response();
     };
-    s.inner.lock().unwrap().prompts.push(body["prompt"].clone());
+    {
+        let mut inner = s.inner.lock().unwrap();
+        inner.prompts.push(body["prompt"].clone());
+        let field = |k: &str| body.get(k).and_then(Value::as_str).map(str::to_owned);
+        inner.submitted_ids.push((field("prompt_id"), field("client_id")));
+    }
     let status = s.knobs.prompt_status.load(Ordering::SeqCst);
     if status != 0 {
         let status = StatusCode::from_u16(status as u16).unwrap();
         return (status, [("retry-after", "17")], Json(json!({"error": "busy"}))).into_response();
     }
     if s.knobs.stall_prompt_body.load(Ordering::SeqCst) {
+        s.received.notify_one();
         let stalled = futures_util::stream::pending::<Result<axum::body::Bytes, std::io::Error>>();
         return Response::builder()
             .header("content-type", "application/json")
@@ -183,11 +224,23 @@ async fn submit(State(s): State<Arc<ComfyState>>, headers: HeaderMap, Json(body)
                 .into_response();
         }
     }
-    let id = uuid::Uuid::now_v7().to_string();
+    let id = match body.get("prompt_id") {
+        None | Some(Value::Null) => uuid::Uuid::now_v7().to_string(),
+        Some(v) => match v.as_str().filter(|p| uuid::Uuid::parse_str(p).is_ok_and(|u| u.to_string() == *p)) {
+            Some(p) => p.to_owned(),
+            None => {
+                return (StatusCode::BAD_REQUEST, Json(json!({"error": {"type": "invalid_prompt_id", "message": "Invalid prompt_id format", "details": "prompt_id must be a valid UUID", "extra_info": {}}, "node_errors": {}}))).into_response();
+            }
+        },
+    };
     let client = body.get("client_id").and_then(Value::as_str).unwrap_or("").to_owned();
     let number = s.counter.fetch_add(1, Ordering::SeqCst);
     s.inner.lock().unwrap().pending.push_back((id.clone(), client, body["prompt"].clone()));
     s.work.notify_one();
+    s.received.notify_one();
+    if s.knobs.accept_then_stall.load(Ordering::SeqCst) {
+        futures_util::future::pending::<()>().await;
+    }
     Json(json!({"prompt_id": id, "number": number, "node_errors": {}})).into_response()
 }
 
@@ -205,7 +258,8 @@ fn input(wf: &Value, name: &str) -> Option<u64> {
 
 async fn worker(s: Arc<ComfyState>) {
     loop {
-        let next = s.inner.lock().unwrap().pending.pop_front();
+        let next =
+            if s.knobs.paused.load(Ordering::SeqCst) { None } else { s.inner.lock().unwrap().pending.pop_front() };
         let Some((id, client, wf)) = next else {
             s.work.notified().await;
             continue;
@@ -219,18 +273,31 @@ async fn worker(s: Arc<ComfyState>) {
         }
         let run = u64::from(s.knobs.run_ms.load(Ordering::SeqCst));
         let mut interrupted = false;
-        for step in 1..=5u64 {
-            tokio::time::sleep(Duration::from_millis(run / 5)).await;
-            if s.interrupt.load(Ordering::SeqCst) {
-                interrupted = true;
-                break;
+        'steps: for step in 1..=5u64 {
+            // In slices, so an interrupt of a long run is seen at once.
+            let until = tokio::time::Instant::now() + Duration::from_millis(run / 5);
+            loop {
+                if s.interrupt.load(Ordering::SeqCst) {
+                    interrupted = true;
+                    break 'steps;
+                }
+                let now = tokio::time::Instant::now();
+                if now >= until {
+                    break;
+                }
+                tokio::time::sleep((until - now).min(Duration::from_millis(10))).await;
             }
             emit(&s, &client, "progress", json!({"value": step, "max": 5, "prompt_id": id, "node": "3"}));
             let (w, h) = (input(&wf, "width").unwrap_or(64) as u32, input(&wf, "height").unwrap_or(64) as u32);
             let frame = preview_frame(input(&wf, "seed").unwrap_or(0), step, w, h);
             let _ = s.events.send((client.clone(), Frame::Binary(frame)));
         }
+        if s.inner.lock().unwrap().running.as_deref() != Some(id.as_str()) {
+            continue; // restarted meanwhile: this prompt is forgotten
+        }
         let mut messages = vec![json!(["execution_start", {"prompt_id": id}])];
+        let video_node =
+            wf.as_object().unwrap().iter().find(|(_, n)| n["class_type"] == "SaveVideo").map(|(k, _)| k.clone());
         let entry = if interrupted {
             let d = json!({"prompt_id": id, "node_id": "9", "node_type": "SaveImage", "executed": []});
             emit(&s, &client, "execution_interrupted", d.clone());
@@ -241,6 +308,21 @@ async fn worker(s: Arc<ComfyState>) {
             emit(&s, &client, "execution_error", d.clone());
             messages.push(json!(["execution_error", d]));
             json!({"prompt": [0, id, wf, {"client_id": client}, ["9"]], "outputs": {}, "status": {"status_str": "error", "completed": false, "messages": messages}})
+        } else if let Some(node) = video_node {
+            let name = format!("easel_{:05}_.mp4", s.counter.fetch_add(1, Ordering::SeqCst));
+            s.inner.lock().unwrap().files.insert(format!("video/{name}"), MP4.to_vec());
+            let output =
+                json!({"images": [{"filename": name, "subfolder": "video", "type": "output"}], "animated": [true]});
+            emit(
+                &s,
+                &client,
+                "executed",
+                json!({"node": node, "display_node": node, "output": output, "prompt_id": id}),
+            );
+            emit(&s, &client, "execution_success", json!({"prompt_id": id, "timestamp": 2}));
+            messages.push(json!(["execution_success", {"prompt_id": id}]));
+            json!({"prompt": [0, id, wf, {"client_id": client}, [node]], "outputs": {node.clone(): output}, "status": {"status_str": "success", "completed": true, "messages": messages},
+                "meta": {node.clone(): {"node_id": node, "display_node": node, "parent_node": null, "real_node_id": node}}})
         } else {
             let seed = input(&wf, "seed").unwrap_or(0);
             let (w, h) = (input(&wf, "width").unwrap_or(64) as u32, input(&wf, "height").unwrap_or(64) as u32);
@@ -327,9 +409,14 @@ async fn history(State(s): State<Arc<ComfyState>>, Path(id): Path<String>) -> Js
 
 async fn view(State(s): State<Arc<ComfyState>>, Query(q): Query<HashMap<String, String>>) -> Response {
     let name = q.get("filename").cloned().unwrap_or_default();
-    match s.inner.lock().unwrap().files.get(&name) {
+    let key = match q.get("subfolder").map(String::as_str) {
+        None | Some("") => name.clone(),
+        Some(sub) => format!("{sub}/{name}"),
+    };
+    let mime = if name.ends_with(".mp4") { "video/mp4" } else { "image/png" };
+    match s.inner.lock().unwrap().files.get(&key) {
         Some(bytes) if q.get("type").map(String::as_str) == Some("output") => {
-            ([("content-type", "image/png")], bytes.clone()).into_response()
+            ([("content-type", mime)], bytes.clone()).into_response()
         }
         _ => StatusCode::NOT_FOUND.into_response(),
     }
@@ -437,8 +524,9 @@ fn encode(img: &image::RgbaImage) -> Vec<u8> {
 async fn queue(State(s): State<Arc<ComfyState>>) -> Json<Value> {
     let inner = s.inner.lock().unwrap();
     let running: Vec<Value> = inner.running.iter().map(|id| json!([0, id, {}, {}, ["9"]])).collect();
+    // Heap order, as the real server lists it: not sorted by `number`.
     let pending: Vec<Value> =
-        inner.pending.iter().enumerate().map(|(i, (id, _, _))| json!([i + 1, id, {}, {}, ["9"]])).collect();
+        inner.pending.iter().enumerate().rev().map(|(i, (id, _, _))| json!([i + 1, id, {}, {}, ["9"]])).collect();
     Json(json!({"queue_running": running, "queue_pending": pending}))
 }
 
@@ -453,8 +541,26 @@ async fn queue_delete(State(s): State<Arc<ComfyState>>, Json(body): Json<Value>)
     StatusCode::OK
 }
 
-async fn interrupt(State(s): State<Arc<ComfyState>>) -> StatusCode {
-    s.inner.lock().unwrap().interrupts += 1;
-    s.interrupt.store(true, Ordering::SeqCst);
+/// No body (or no `prompt_id`): interrupt whatever runs; `{"prompt_id"}`: only if that prompt is running.
+async fn interrupt(State(s): State<Arc<ComfyState>>, body: axum::body::Bytes) -> StatusCode {
+    let named = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("prompt_id").and_then(Value::as_str).map(str::to_owned));
+    let mut inner = s.inner.lock().unwrap();
+    inner.interrupts += 1;
+    let runs = match &named {
+        Some(id) => {
+            inner.interrupted_ids.push(id.clone());
+            inner.running.as_deref() == Some(id.as_str())
+        }
+        None => true,
+    };
+    if runs {
+        s.interrupt.store(true, Ordering::SeqCst);
+    }
     StatusCode::OK
 }
+
+/// A 16x16, 2-frame H.264 MP4 at 8 fps, as ComfyUI 0.8.0's `CreateVideo` → `SaveVideo` (format mp4, codec h264)
+/// wrote it for a model-free workflow.
+const MP4: &[u8] = include_bytes!("comfyui-video.mp4");
