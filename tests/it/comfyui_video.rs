@@ -187,7 +187,8 @@ async fn cancels_delete_a_queued_prompt_and_interrupt_a_running_one() {
     assert_eq!(resp.unwrap().status(), 200);
     let done = watch(&gw.url, &secret, &first, ended).await;
     assert_eq!(done["error"]["code"], "canceled", "{done}");
-    assert_eq!(comfy.state.inner.lock().unwrap().interrupted_ids, vec![sent_prompt_id(&comfy, 0)]);
+    let first_prompt = sent_prompt_id(&comfy, 0);
+    assert_eq!(comfy.state.inner.lock().unwrap().interrupted_ids, vec![first_prompt]);
     assert_eq!(credits(&gw, &secret).await, (100_000, 0), "both refunded");
     ledger_clean(&gw).await;
 }
@@ -203,7 +204,8 @@ async fn a_deadline_interrupts_the_prompt_and_a_forgotten_prompt_is_lost() {
     let (_, v) = create(&gw, &secret, json!({"model": "slow", "prompt": "p", "seconds": "1"})).await;
     let done = watch(&gw.url, &secret, v["id"].as_str().unwrap(), ended).await;
     assert_eq!(done["error"]["code"], "timeout", "{done}");
-    assert_eq!(comfy.state.inner.lock().unwrap().interrupted_ids, vec![sent_prompt_id(&comfy, 0)]);
+    let first_prompt = sent_prompt_id(&comfy, 0);
+    assert_eq!(comfy.state.inner.lock().unwrap().interrupted_ids, vec![first_prompt]);
 
     // ComfyUI restarts while a prompt waits: its queue and history are gone.
     comfy.state.knobs.paused.store(true, Ordering::SeqCst);
@@ -242,8 +244,12 @@ async fn killed_while_submitting(
         .post(format!("{url}/v1/videos"))
         .bearer_auth(&secret)
         .json(&json!({"model": "clip", "prompt": "p", "seconds": "1"}));
-    let pending = tokio::spawn(post.send());
-    tokio::time::timeout(TEST_TIMEOUT, comfy.state.received.notified()).await.expect("the submit never arrived");
+    let mut pending = tokio::spawn(post.send());
+    tokio::select! {
+        () = comfy.state.received.notified() => {}
+        r = &mut pending => panic!("easel answered before the submit reached ComfyUI: {:?}", r.unwrap().unwrap().text().await),
+        () = tokio::time::sleep(TEST_TIMEOUT) => panic!("the submit never arrived"),
+    }
     child.kill().unwrap();
     child.wait().unwrap();
     let _ = pending.await;
@@ -265,7 +271,8 @@ async fn books(url: &str, secret: &str) -> (Option<i64>, Option<i64>) {
     (me["credits"]["available_mc"].as_i64(), me["credits"]["held_mc"].as_i64())
 }
 
-#[tokio::test]
+// The fake ComfyUI must answer the binary's probes while `start_binary` blocks a thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_easel_adopts_the_prompt_its_unanswered_submit_queued() {
     let comfy = comfyui::start().await;
     comfy.state.knobs.run_ms.store(200, Ordering::SeqCst);
@@ -284,7 +291,8 @@ async fn a_restarted_easel_adopts_the_prompt_its_unanswered_submit_queued() {
     child.wait().unwrap();
 }
 
-#[tokio::test]
+// The fake ComfyUI must answer the binary's probes while `start_binary` blocks a thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_easel_ends_a_submit_comfyui_never_took_as_lost_and_refunds_it() {
     let comfy = comfyui::start().await;
     comfy.state.knobs.stall_prompt_body.store(true, Ordering::SeqCst);
