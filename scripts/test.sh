@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test: the Rust unit and end-to-end suites, then the OpenAI Python SDK suite against the built binary.
+# Runs every test: the Rust unit and end-to-end suites, then the OpenAI Python and Node SDK suites against the built
+# binary. The SDKs are installed outside the checkout (a venv and a node_modules under ~/.cache), only when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/easel-target}"
@@ -19,3 +20,12 @@ if ! cmp -s tests/sdk/requirements.txt "$VENV/.requirements" 2>/dev/null; then
   cp tests/sdk/requirements.txt "$VENV/.requirements"
 fi
 EASEL_BIN="$CARGO_TARGET_DIR/debug/easel" "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/sdk
+
+echo "== OpenAI Node SDK suite"
+NODE_DIR="${EASEL_NODE_DIR:-$HOME/.cache/easel-node}"
+mkdir -p "$NODE_DIR"
+if ! cmp -s tests/node/package.json "$NODE_DIR/package.json" 2>/dev/null || [[ ! -d "$NODE_DIR/node_modules/openai" ]]; then
+  cp tests/node/package.json "$NODE_DIR/package.json"
+  (cd "$NODE_DIR" && npm install --no-audit --no-fund --silent)
+fi
+EASEL_BIN="$CARGO_TARGET_DIR/debug/easel" NODE_PATH="$NODE_DIR/node_modules" node --test tests/node/

@@ -67,7 +67,8 @@ impl AppState {
         let mut prices = HashMap::new();
         for m in &config.models {
             let mc = m.credits.map_or(0, to_mc);
-            let id = ledger.upsert_price(&m.id, "image", mc).await.map_err(|e| e.to_string())?;
+            let (unit, price, output) = price_row(m, mc);
+            let id = ledger.upsert_price(&m.id, unit, price, output).await.map_err(|e| e.to_string())?;
             prices.insert(m.id.clone(), (id, mc));
         }
         let mut backends = HashMap::new();
@@ -132,5 +133,16 @@ impl std::ops::Deref for AppState {
     type Target = Runtime;
     fn deref(&self) -> &Runtime {
         &self.inner
+    }
+}
+
+/// The unit and prices a model's price row records: per 1K tokens (input, output), per second of video, per
+/// text or video request, or per image.
+fn price_row(m: &crate::config::ModelConfig, mc: crate::ledger::Millicredits) -> (&'static str, i64, i64) {
+    match (m.token_credits, m.credits_per_second) {
+        (Some(t), _) => ("1k_tokens", to_mc(t.input_per_1k), to_mc(t.output_per_1k)),
+        (None, Some(s)) => ("second", to_mc(s), 0),
+        (None, None) if m.kind != crate::config::ModelType::Image => ("request", mc, 0),
+        (None, None) => ("image", mc, 0),
     }
 }

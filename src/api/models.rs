@@ -24,6 +24,8 @@ pub struct ModelMeta {
     pub backends: Vec<BackendRef>,
     pub working_set: Option<String>,
     pub credits: Option<f64>,
+    /// What one use costs, with its unit; `None` when the model is free.
+    pub pricing: Option<Pricing>,
     /// `ready` (a backend can take it now), `loading` (backends known, none ready yet) or `unavailable`.
     pub status: &'static str,
     pub description: Option<String>,
@@ -39,4 +41,17 @@ pub struct BackendRef {
     pub name: String,
     pub kind: &'static str,
     pub healthy: bool,
+}
+
+/// A model's price: `unit` is `image`, `second`, `request` or `1k_tokens`; `credits` per unit, or for `1k_tokens`
+/// the input and output prices per 1K tokens.
+#[derive(Debug, Serialize)]
+pub struct Pricing {
+    pub unit: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_per_1k: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_per_1k: Option<f64>,
 }

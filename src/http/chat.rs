@@ -1,18 +1,17 @@
 //! Text route handlers (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`): take the body as bytes,
 //! run the text pipeline in its own task (so a disconnect cannot interrupt settlement), and write the upstream's
-//! answer: a whole body with its status, or its event stream relayed as it arrives.
+//! answer: a whole body with its status, or its event stream relayed as it arrives. An `Idempotency-Key` header is
+//! checked here as on the image routes; a replayed answer says so with `Idempotent-Replayed: true`.
 
 use axum::Extension;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
-use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
 use crate::error::Error;
 use crate::ledger::Principal;
-use crate::pipeline::images::Caller;
 use crate::pipeline::text::{TextOut, TextRoute};
 use crate::state::AppState;
 
@@ -20,42 +19,40 @@ use crate::state::AppState;
 pub async fn chat_handler(
     State(state): State<AppState>,
     principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    handle(state, principal, body, TextRoute::Chat).await
+    handle(state, principal, &headers, body, TextRoute::Chat).await
 }
 
 /// `POST /v1/completions`.
 pub async fn completions_handler(
     State(state): State<AppState>,
     principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    handle(state, principal, body, TextRoute::Completions).await
+    handle(state, principal, &headers, body, TextRoute::Completions).await
 }
 
 /// `POST /v1/embeddings`.
 pub async fn embeddings_handler(
     State(state): State<AppState>,
     principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    handle(state, principal, body, TextRoute::Embeddings).await
+    handle(state, principal, &headers, body, TextRoute::Embeddings).await
 }
 
 async fn handle(
     state: AppState,
     principal: Option<Extension<Principal>>,
+    headers: &HeaderMap,
     body: Bytes,
     route: TextRoute,
 ) -> Result<Response, ApiError> {
-    let caller = Caller {
-        principal: principal.map(|Extension(p)| p),
-        idempotency_key: None,
-        path: route.path(),
-        gone: CancellationToken::new(),
-        progress: std::sync::Arc::new(crate::backends::progress::Progress::silent()),
-    };
+    let (caller, _) = super::images::caller(headers, principal, route.path(), None)?;
     let _gone_on_drop = caller.gone.clone().drop_guard();
     let task = tokio::spawn(async move { crate::pipeline::text::text(&state, &caller, route, &body).await });
     let answer = task.await.map_err(|e| Error::Internal(format!("the request task failed: {e}")))??;
@@ -78,6 +75,9 @@ async fn handle(
         }
     }
     headers.insert(header::CONTENT_TYPE, content_type);
+    if answer.replayed {
+        headers.insert(header::HeaderName::from_static("idempotent-replayed"), HeaderValue::from_static("true"));
+    }
     if streaming {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         headers.insert(header::HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no"));

@@ -49,6 +49,7 @@ fn model_object(state: &AppState, m: &ModelConfig) -> ModelObject {
             backends,
             working_set: m.working_set.clone(),
             credits: m.credits,
+            pricing: pricing(m),
             status,
             description: m.description.clone(),
             default_size: m.default_size.to_string(),
@@ -56,5 +57,23 @@ fn model_object(state: &AppState, m: &ModelConfig) -> ModelObject {
             max_n: m.max_n,
             simulated,
         },
+    }
+}
+
+/// The model's price as it is charged: per 1K tokens, per second of video, or per request or image.
+fn pricing(m: &crate::config::ModelConfig) -> Option<crate::api::models::Pricing> {
+    use crate::api::models::Pricing;
+    let per = |unit, credits| Pricing { unit, credits: Some(credits), input_per_1k: None, output_per_1k: None };
+    match (m.token_credits, m.credits_per_second, m.credits) {
+        (Some(t), _, _) => Some(Pricing {
+            unit: "1k_tokens",
+            credits: None,
+            input_per_1k: Some(t.input_per_1k),
+            output_per_1k: Some(t.output_per_1k),
+        }),
+        (None, Some(s), _) => Some(per("second", s)),
+        (None, None, Some(c)) if m.kind != crate::config::ModelType::Image => Some(per("request", c)),
+        (None, None, Some(c)) => Some(per("image", c)),
+        (None, None, None) => None,
     }
 }

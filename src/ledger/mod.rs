@@ -174,12 +174,15 @@ pub trait Store: Send + Sync {
     fn anonymous(&self) -> impl Future<Output = Result<Principal, LedgerError>> + Send;
     fn authenticate(&self, secret: &str) -> impl Future<Output = Result<Option<Principal>, LedgerError>> + Send;
     fn balance(&self, account_id: i64) -> impl Future<Output = Result<Balance, LedgerError>> + Send;
-    /// Records the price of a model; returns the price row id (a new row when the price changed).
+    /// Records the price of a model; returns the price row id (a new row when the price changed). `unit` is
+    /// `image`, `second`, `request` or `1k_tokens`; only `1k_tokens` has an `output_price_mc` (else 0), and then
+    /// both prices are millicredits per 1K tokens (`price_mc` the input's).
     fn upsert_price(
         &self,
         model: &str,
         unit: &str,
         price_mc: Millicredits,
+        output_price_mc: Millicredits,
     ) -> impl Future<Output = Result<i64, LedgerError>> + Send;
     /// Claims the Idempotency-Key (if any) and holds `units × unit_mc`, in one transaction.
     fn hold(

@@ -609,23 +609,34 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn upsert_price(&self, model: &str, unit: &str, price_mc: Millicredits) -> Result<i64, LedgerError> {
+    async fn upsert_price(
+        &self,
+        model: &str,
+        unit: &str,
+        price_mc: Millicredits,
+        output_price_mc: Millicredits,
+    ) -> Result<i64, LedgerError> {
         let _w = self.write.lock().await;
-        let existing = sqlx::query("SELECT id FROM model_prices WHERE model = ?1 AND unit = ?2 AND price_mc = ?3")
-            .bind(model)
-            .bind(unit)
-            .bind(price_mc)
-            .fetch_optional(&self.pool)
-            .await?;
-        if let Some(r) = existing {
-            return Ok(r.try_get(0)?);
-        }
-        let id: i64 = sqlx::query(
-            "INSERT INTO model_prices (model, unit, price_mc, effective_from) VALUES (?1, ?2, ?3, ?4) RETURNING id",
+        let existing = sqlx::query(
+            "SELECT id FROM model_prices WHERE model = ?1 AND unit = ?2 AND price_mc = ?3 AND output_price_mc = ?4",
         )
         .bind(model)
         .bind(unit)
         .bind(price_mc)
+        .bind(output_price_mc)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(r) = existing {
+            return Ok(r.try_get(0)?);
+        }
+        let id: i64 = sqlx::query(
+            "INSERT INTO model_prices (model, unit, price_mc, output_price_mc, effective_from) VALUES (?1, ?2, ?3, ?4, ?5)
+             RETURNING id",
+        )
+        .bind(model)
+        .bind(unit)
+        .bind(price_mc)
+        .bind(output_price_mc)
         .bind(now_ms())
         .fetch_one(&self.pool)
         .await?
@@ -1159,13 +1170,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_price_per_1k_tokens_is_recorded_with_its_unit_and_both_prices() {
+        let (_d, s) = store().await;
+        let key = s.create_key("alice", 100_000, None).await.unwrap();
+        let who = s.authenticate(&key.secret).await.unwrap().unwrap();
+        let price = s.upsert_price("chat", "1k_tokens", 500, 1_500).await.unwrap();
+        assert_eq!(s.upsert_price("chat", "1k_tokens", 500, 1_500).await.unwrap(), price);
+        assert_ne!(s.upsert_price("chat", "1k_tokens", 500, 2_000).await.unwrap(), price, "a new output price");
+        assert!(s.upsert_price("chat", "image", 500, 1_500).await.is_err(), "only per-token prices have two");
+        let row = sqlx::query("SELECT unit, price_mc, output_price_mc FROM model_prices WHERE id = ?1")
+            .bind(price)
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+        let got: (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!(got, ("1k_tokens".to_owned(), 500, 1_500));
+        let HoldOutcome::Held { .. } = s.hold(&who, price, 1, 40, Duration::from_secs(60), None).await.unwrap() else {
+            panic!()
+        };
+        // The rebuilt table turned foreign keys off while swapping; every connection has them on again.
+        let on: i64 = sqlx::query("PRAGMA foreign_keys").fetch_one(&s.pool).await.unwrap().get(0);
+        assert_eq!(on, 1);
+        assert!(sqlx::query("PRAGMA foreign_key_check").fetch_all(&s.pool).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
     async fn hold_capture_release_keep_the_books_balanced() {
         let (_d, s) = store().await;
         let key = s.create_key("alice", 100_000, None).await.unwrap();
         let who = s.authenticate(&key.secret).await.unwrap().unwrap();
         assert!(s.authenticate("sk-easel-wrong").await.unwrap().is_none());
-        let price = s.upsert_price("m", "image", 10_000).await.unwrap();
-        assert_eq!(s.upsert_price("m", "image", 10_000).await.unwrap(), price, "same price, same row");
+        let price = s.upsert_price("m", "image", 10_000, 0).await.unwrap();
+        assert_eq!(s.upsert_price("m", "image", 10_000, 0).await.unwrap(), price, "same price, same row");
         let HoldOutcome::Held { hold_id } =
             s.hold(&who, price, 4, 10_000, Duration::from_secs(60), None).await.unwrap()
         else {
@@ -1195,7 +1231,7 @@ mod tests {
         let (_d, s) = store().await;
         let key = s.create_key("carol", 10_000, None).await.unwrap();
         let who = s.authenticate(&key.secret).await.unwrap().unwrap();
-        let price = s.upsert_price("chat", "image", 0).await.unwrap();
+        let price = s.upsert_price("chat", "request", 0, 0).await.unwrap();
         let HoldOutcome::Held { hold_id } = s.hold(&who, price, 1, 3_000, Duration::from_secs(60), None).await.unwrap()
         else {
             panic!()
@@ -1221,7 +1257,7 @@ mod tests {
         assert!(SqliteStore::open(&url, true).await.unwrap_err().to_string().contains("another `easel serve`"));
         let key = s.create_key("bob", 5_000, None).await.unwrap();
         let who = s.authenticate(&key.secret).await.unwrap().unwrap();
-        let price = s.upsert_price("m", "image", 1_000).await.unwrap();
+        let price = s.upsert_price("m", "image", 1_000, 0).await.unwrap();
         s.hold(&who, price, 3, 1_000, Duration::from_secs(60), None).await.unwrap();
         assert_eq!(s.reap_expired().await.unwrap(), 0, "a live lease is not reaped");
         s.hold(&who, price, 1, 1_000, Duration::ZERO, None).await.unwrap();

@@ -9,6 +9,11 @@
 //!    arrive ([`Relay`]), holding the admission slot until it ends, dropping only the usage chunk easel asked for.
 //! 5. Capture what `usage` says (never more than held). A stream cut before its end (the client left, the upstream
 //!    broke) is charged by the usage chunk if it already arrived, else released.
+//!
+//! An `Idempotency-Key` works as on the image routes for a whole answer: the first request claims the key with its
+//! hold, its answer is stored once captured, and the same key with the same body replays that answer (charged
+//! once); another body is refused. A stream cannot carry one (400): it is relayed as it arrives, so a cut stream
+//! has no complete answer to store, and a retry would be charged again without saying so.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,6 +22,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
+use sha2::{Digest, Sha256};
 
 use super::dispatch::dispatch;
 use super::images::Caller;
@@ -25,7 +31,7 @@ use crate::api::chat::{TextBody, Usage, UsageCarrier};
 use crate::backends::{BackendError, Failure};
 use crate::config::{Capability, ModelConfig, ModelType, TokenCredits};
 use crate::error::Error;
-use crate::ledger::{HoldOutcome, Millicredits, Store};
+use crate::ledger::{HoldOutcome, IdemClaim, Millicredits, Principal, Store, StoredResponse};
 use crate::request::RequestError;
 use crate::state::AppState;
 
@@ -66,6 +72,8 @@ pub struct TextAnswer {
     /// Upstream headers clients act on (rate limits, retry advice, processing time), passed on as they came.
     pub headers: Vec<(String, Vec<u8>)>,
     pub body: TextOut,
+    /// The stored answer of an earlier request with the same Idempotency-Key.
+    pub replayed: bool,
 }
 
 #[derive(Debug)]
@@ -94,7 +102,32 @@ pub async fn text(state: &AppState, caller: &Caller, route: TextRoute, raw: &[u8
             _ => body.max_tokens().unwrap_or(u64::from(model.max_output_tokens)),
         },
     };
-    let charge = hold(state, caller, &model, estimate).await?;
+    let claim = caller.idempotency_key.as_ref().map(|key| IdemClaim {
+        key: key.clone(),
+        method: "POST".into(),
+        path: route.path().into(),
+        fingerprint: fingerprint(route, raw),
+    });
+    if stream && claim.is_some() {
+        return Err(RequestError::new(
+            "an Idempotency-Key cannot be used with `stream: true`: a stream is relayed as it arrives and cannot be \
+             replayed; send the header with `stream: false`, or stream without it",
+        )
+        .with_code("idempotency_key_with_stream")
+        .into());
+    }
+    let charge = match hold(state, caller, &model, estimate, claim).await? {
+        Held::Charge(c) => c,
+        Held::Replay(r) => {
+            return Ok(TextAnswer {
+                status: r.status,
+                content_type: Some(r.content_type),
+                headers: Vec::new(),
+                body: TextOut::Whole(Bytes::from(r.body)),
+                replayed: true,
+            });
+        }
+    };
     let forward = Bytes::from(body.to_vec());
 
     let usable = |h: &crate::routing::BackendHandle| h.adapter.openai_text().is_some();
@@ -138,13 +171,28 @@ pub async fn text(state: &AppState, caller: &Caller, route: TextRoute, raw: &[u8
         Opened::Whole(bytes) => {
             let usage = serde_json::from_slice::<UsageCarrier>(&bytes).ok().and_then(|c| c.usage);
             if let Some(c) = charge {
-                c.settle(usage);
+                if c.record.is_some() {
+                    let ct = content_type.clone().unwrap_or_else(|| "application/json".into());
+                    c.settle_storing(usage, StoredResponse { status, content_type: ct, body: bytes.to_vec() }).await;
+                } else {
+                    c.settle(usage);
+                }
             }
             TextOut::Whole(bytes)
         }
         Opened::Stream { resp, permit, idle } => TextOut::Stream(Relay::new(resp, permit, idle, strip_usage, charge)),
     };
-    Ok(TextAnswer { status, content_type, headers, body })
+    Ok(TextAnswer { status, content_type, headers, body, replayed: false })
+}
+
+/// For an Idempotency-Key: SHA-256 over the path and the body as sent (a retry sends the same bytes).
+fn fingerprint(route: TextRoute, raw: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"POST ");
+    h.update(route.path().as_bytes());
+    h.update(b"\n");
+    h.update(raw);
+    h.finalize().into()
 }
 
 /// The upstream headers a client's SDK reads: rate limits, retry advice and processing time.
@@ -196,31 +244,51 @@ impl Pricing {
     }
 }
 
-/// Holds the estimate before any upstream call (402 when the balance is short); `None` without keys.
+/// What placing the hold gave.
+enum Held {
+    /// `None` without keys and without an Idempotency-Key.
+    Charge(Option<Charge>),
+    /// The Idempotency-Key's stored answer.
+    Replay(StoredResponse),
+}
+
+/// Holds the estimate (and claims the Idempotency-Key) before any upstream call (402 when the balance is short).
+/// Without keys (`auth.mode: none`) nothing is charged; an Idempotency-Key still works, through the ledger's
+/// anonymous principal and a free hold.
 async fn hold(
     state: &AppState,
     caller: &Caller,
     model: &Arc<ModelConfig>,
     estimate: Estimate,
-) -> Result<Option<Charge>, Error> {
-    let Some(who) = &caller.principal else { return Ok(None) };
+    claim: Option<IdemClaim>,
+) -> Result<Held, Error> {
+    let who = match (&caller.principal, &claim) {
+        (Some(p), _) => p.clone(),
+        (None, Some(_)) => state.ledger.anonymous().await?,
+        (None, None) => return Ok(Held::Charge(None)),
+    };
+    let free = caller.principal.is_none();
     if !who.may_use(&model.id) {
         let allowed = who.allowed_models.as_ref().map(|m| m.join(", ")).unwrap_or_default();
         return Err(Error::ModelNotAllowed { key: who.name.clone(), model: model.id.clone(), allowed });
     }
     let (price_id, unit_mc) = state.prices.get(&model.id).copied().unwrap_or((0, 0));
     let pricing = match model.token_credits {
+        _ if free => Pricing::PerRequest(0),
         Some(t) => Pricing::PerToken(t),
         None => Pricing::PerRequest(unit_mc),
     };
     let held_mc = pricing.cost(estimate.prompt_tokens, estimate.completion_tokens);
     let lease = lease(state, model);
-    let hold_id = match state.ledger.hold(who, price_id, 1, held_mc, lease, None).await? {
+    let hold_id = match state.ledger.hold(&who, price_id, 1, held_mc, lease, claim.as_ref()).await? {
         HoldOutcome::Held { hold_id } => hold_id,
-        // Only a request with an Idempotency-Key claim replays; text holds make none.
-        HoldOutcome::Replay { .. } => return Err(Error::Internal("a text hold was answered with a replay".into())),
+        HoldOutcome::Replay { status, content_type, body } => {
+            return Ok(Held::Replay(StoredResponse { status, content_type, body }));
+        }
     };
-    Ok(Some(Charge { state: state.clone(), hold_id, held_mc, pricing, account: who.account_id }))
+    let account = who.account_id;
+    let record = claim.map(|c| Box::new((who, c.key)));
+    Ok(Held::Charge(Some(Charge { state: state.clone(), hold_id, held_mc, pricing, account, record })))
 }
 
 /// How long a text hold may stay open: past the longest a stream may run, so the reaper never takes a live one.
@@ -237,18 +305,15 @@ struct Charge {
     held_mc: Millicredits,
     pricing: Pricing,
     account: i64,
+    /// Who claimed which Idempotency-Key with this hold.
+    record: Option<Box<(Principal, String)>>,
 }
 
 impl Charge {
     /// Captures what `usage` says (never more than held); without `usage`, a per-token model is charged the
     /// estimate that was held and a per-request model its price.
     fn settle(mut self, usage: Option<Usage>) {
-        let amount = match (self.pricing, usage) {
-            (Pricing::PerToken(_), Some(u)) => self.pricing.cost(u.prompt_tokens, u.completion_tokens),
-            (Pricing::PerToken(_), None) => self.held_mc,
-            (Pricing::PerRequest(mc), _) => mc,
-        }
-        .min(self.held_mc);
+        let amount = self.amount(usage);
         let (state, hold_id) = (self.state.clone(), std::mem::take(&mut self.hold_id));
         // Balance reads of this account wait for the capture (the client may ask right after the last byte).
         let guard = self.state.settling.begin(self.account);
@@ -258,6 +323,35 @@ impl Charge {
                 tracing::error!(hold = %hold_id, error = %e, "Capturing a hold failed.");
             }
         });
+    }
+
+    /// Like [`Charge::settle`], then stores `response` for the Idempotency-Key claimed with the hold, both done
+    /// before the answer goes out: a retry that follows the answer finds it stored. This runs in the request's own
+    /// task, which a disconnect does not interrupt.
+    async fn settle_storing(mut self, usage: Option<Usage>, response: StoredResponse) {
+        let amount = self.amount(usage);
+        let hold_id = std::mem::take(&mut self.hold_id);
+        if let Err(e) = self.state.ledger.capture_mc(&hold_id, amount).await {
+            // The hold stays open until the reaper releases it, which also forgets the claim.
+            tracing::error!(hold = %hold_id, error = %e, "Capturing a hold failed.");
+            return;
+        }
+        if let Some((who, key)) = self.record.take().map(|r| *r)
+            && let Err(e) = self.state.ledger.complete_claim(&who, &key, &response).await
+        {
+            tracing::error!(hold = %hold_id, error = %e, "Storing the answer for its Idempotency-Key failed.");
+        }
+    }
+
+    /// What `usage` costs (never more than held); without it, a per-token model is charged the estimate that
+    /// was held and a per-request model its price.
+    fn amount(&self, usage: Option<Usage>) -> Millicredits {
+        match (self.pricing, usage) {
+            (Pricing::PerToken(_), Some(u)) => self.pricing.cost(u.prompt_tokens, u.completion_tokens),
+            (Pricing::PerToken(_), None) => self.held_mc,
+            (Pricing::PerRequest(mc), _) => mc,
+        }
+        .min(self.held_mc)
     }
 
     async fn release(mut self, reason: String) {

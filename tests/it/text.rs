@@ -326,3 +326,92 @@ async fn a_stream_cut_before_its_usage_is_released_and_a_broken_upstream_is_told
     let resp = gw.client.get(gw.endpoint("/v1/admin/ledger/check")).bearer_auth(ADMIN).send().await.unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+async fn post_idem(gw: &Gateway, path: &str, key: Option<&str>, idem: &str, body: &Value) -> reqwest::Response {
+    let mut req = gw.client.post(gw.endpoint(path)).header("Idempotency-Key", idem).json(body);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    tokio::time::timeout(TEST_TIMEOUT, req.send()).await.unwrap().unwrap()
+}
+
+#[tokio::test]
+async fn an_idempotency_key_replays_a_whole_answer_charged_once_and_refuses_another_body() {
+    let up = text_server::start().await;
+    let gw = gateway(&config("keys", &[&up], "    credits: 2\n")).await;
+    let secret = key(&gw, 10.0).await;
+    for (path, body, idem) in [
+        ("/v1/chat/completions", chat_body(false, false), "chat-1"),
+        ("/v1/embeddings", json!({"model": "chat", "input": ["a", "b"]}), "emb-1"),
+    ] {
+        let calls = up.state.bodies.lock().unwrap().len();
+        let first = post_idem(&gw, path, Some(&secret), idem, &body).await;
+        assert_eq!(first.status(), 200);
+        assert!(first.headers().get("idempotent-replayed").is_none());
+        let first = read_all(first).await;
+        let before = balance(&gw, &secret).await;
+        let again = post_idem(&gw, path, Some(&secret), idem, &body).await;
+        assert_eq!(again.status(), 200, "{path}");
+        assert_eq!(again.headers()["idempotent-replayed"], "true");
+        assert_eq!(again.headers()["content-type"], "application/json");
+        assert_eq!(read_all(again).await, first, "{path}: the stored answer, byte for byte");
+        assert_eq!(balance(&gw, &secret).await, before, "{path}: a replay is not charged");
+        assert_eq!(up.state.bodies.lock().unwrap().len(), calls + 1, "{path}: one upstream call");
+        let mut other = body.clone();
+        other["user"] = json!("someone-else");
+        let resp = post_idem(&gw, path, Some(&secret), idem, &other).await;
+        assert_eq!(resp.status(), 422);
+        let err: Value = resp.json().await.unwrap();
+        assert_eq!(err["error"]["code"], "idempotency_key_mismatch", "{err}");
+        assert!(err["error"]["message"].as_str().unwrap().contains("different request"));
+    }
+    assert_eq!(balance(&gw, &secret).await, (6000, 0), "two answers at 2 credits each");
+}
+
+#[tokio::test]
+async fn an_idempotency_key_without_keys_replays_too() {
+    let up = text_server::start().await;
+    let gw = gateway(&config("none", &[&up], "")).await;
+    let body = json!({"model": "chat", "prompt": "Once upon a time"});
+    let first = read_all(post_idem(&gw, "/v1/completions", None, "c-1", &body).await).await;
+    let again = post_idem(&gw, "/v1/completions", None, "c-1", &body).await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(read_all(again).await, first);
+    assert_eq!(up.state.bodies.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_stream_with_an_idempotency_key_is_refused_before_any_upstream_call() {
+    let up = text_server::start().await;
+    let gw = gateway(&config("keys", &[&up], "    credits: 2\n")).await;
+    let secret = key(&gw, 10.0).await;
+    let resp = post_idem(&gw, "/v1/chat/completions", Some(&secret), "s-1", &chat_body(true, true)).await;
+    assert_eq!(resp.status(), 400);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "idempotency_key_with_stream", "{err}");
+    assert_eq!(err["error"]["type"], "invalid_request_error");
+    assert!(err["error"]["message"].as_str().unwrap().contains("stream: false"));
+    assert!(up.state.bodies.lock().unwrap().is_empty());
+    assert_eq!(balance(&gw, &secret).await, (10_000, 0));
+    // A malformed key is refused as on the image routes.
+    let resp = post_idem(&gw, "/v1/chat/completions", Some(&secret), "", &chat_body(false, false)).await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"]["code"], "invalid_idempotency_key");
+}
+
+#[tokio::test]
+async fn models_show_text_prices_per_1k_tokens_and_per_request() {
+    let up = text_server::start().await;
+    let mut yaml = config("none", &[&up], "    credits: {input_per_1k: 0.5, output_per_1k: 1.5}\n");
+    yaml.push_str("  - id: flat\n    type: text\n    backends: [llm0]\n    credits: 2\n");
+    let gw = gateway(&yaml).await;
+    let v: Value = gw.client.get(gw.endpoint("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let meta = |id: &str| {
+        v["data"].as_array().unwrap().iter().find(|m| m["id"] == id).unwrap_or_else(|| panic!("{id}: {v}"))["meta"]
+            .clone()
+    };
+    assert_eq!(meta("chat")["pricing"], json!({"unit": "1k_tokens", "input_per_1k": 0.5, "output_per_1k": 1.5}));
+    assert_eq!(meta("flat")["pricing"], json!({"unit": "request", "credits": 2.0}));
+    assert_eq!(meta("flat")["credits"], json!(2.0));
+    assert_eq!(meta("sim")["pricing"], Value::Null, "a free model has no price");
+}
