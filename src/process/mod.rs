@@ -162,6 +162,12 @@ impl Processes {
     /// Kills groups a previous easel left (see [`StateFile::reap_leftovers`]), starts one supervising task per
     /// managed backend, and asks each to start (lifecycle `always`).
     pub async fn launch(&self) {
+        self.launch_except(&std::collections::BTreeSet::new()).await;
+    }
+
+    /// [`Processes::launch`], but the backends in `held` only get their supervisor: they start when asked (a
+    /// working set's host starts them).
+    pub async fn launch_except(&self, held: &std::collections::BTreeSet<String>) {
         let Some(first) = self.members.values().next() else { return };
         for line in first.files.reap_leftovers().await {
             tracing::warn!("{line}");
@@ -169,6 +175,9 @@ impl Processes {
         for (name, m) in self.members.iter() {
             warn_if_not_on_path(name, &m.cfg);
             tokio::spawn(supervise(Arc::clone(m)));
+            if held.contains(name) {
+                continue;
+            }
             m.desired.send_modify(|d| {
                 d.up = true;
                 d.epoch += 1;
