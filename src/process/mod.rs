@@ -583,7 +583,11 @@ async fn supervise(m: Arc<Member>) {
             Ok(d) => d.epoch,
             Err(_) => return,
         };
-        m.set(|s| s.epoch = epoch);
+        // Starting in the same update as the new epoch, so `start` never mistakes the old `stopped` for its answer.
+        m.set(|s| {
+            s.epoch = epoch;
+            s.state = State::Starting;
+        });
         if let End::Failed = m.run(&mut desired).await {
             // Stay failed until a new `start` (a new epoch) or a `stop`.
             let next = desired.wait_for(|d| !d.up || d.epoch != epoch).await;

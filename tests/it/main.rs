@@ -29,3 +29,4 @@ mod trust;
 mod video_backends;
 mod videos;
 mod webhooks;
+mod working_sets;
