@@ -220,3 +220,29 @@ async fn a_set_that_dies_while_loading_fails_with_a_cooldown_and_no_respawn() {
     assert_eq!(models["data"][0]["meta"]["status"], "unavailable", "{models}");
     shutdown_without_orphans(gw, &[&a]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activate_answers_202_then_409_for_another_set_while_the_swap_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Fake::new(dir.path(), "fa", &["--start-delay", "1"]);
+    let b = Fake::new(dir.path(), "fb", &[]);
+    let sets = "  one: { host: gpu0, backends: [fa] }\n  two: { host: gpu0, backends: [fb] }\n";
+    let cfg = config("{ mode: manual }", &[&a, &b], sets, &[("ma", "fa", "one"), ("mb", "fb", "two")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let activate =
+        |set: &str| gw.client.post(gw.endpoint(&format!("/v1/admin/working-sets/{set}/activate"))).bearer_auth(ADMIN);
+    let resp = activate("one").send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    wait_until("fa to be spawned", || a.starts() == 1).await;
+    let resp = activate("two").send().await.unwrap();
+    assert_eq!(resp.status(), 409);
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("already switching to working set `one`"), "{body}");
+    let anonymous = gw.client.post(gw.endpoint("/v1/admin/working-sets/one/activate")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    // The target set's own requests wait for it in manual mode too.
+    let (s, _, body) = gen_image(&gw, "ma").await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(b.starts(), 0);
+    shutdown_without_orphans(gw, &[&a, &b]).await;
+}
