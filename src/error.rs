@@ -22,6 +22,9 @@ pub enum Error {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    /// The model's working set cannot serve it now (inactive, switching, failed).
+    #[error(transparent)]
+    WorkingSet(#[from] crate::sets::SetError),
     /// No key, an unknown key or a revoked key (or a wrong admin token).
     #[error("{0}")]
     Unauthorized(String),

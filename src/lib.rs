@@ -19,6 +19,7 @@
 //! - [`jobs`]: the job runner: durable video jobs polled on the backend that took them, settled once.
 //! - [`health`]: background probes per backend, with thresholds; feeds routing and `/readyz`.
 //! - [`process`]: managed backend processes (`process:`): spawn, readiness, restarts, group stop, leftovers.
+//! - [`sets`]: working sets: one actor per host swaps its managed backends as a unit without killing work.
 //! - [`media`]: image format sniffing, transcoding and base64.
 //! - [`storage`]: stored outputs under unguessable ids.
 //! - [`telemetry`]: logging setup and the metric names, declared once.
@@ -39,6 +40,7 @@ pub mod process;
 pub mod request;
 pub mod routing;
 pub mod server;
+pub mod sets;
 pub mod state;
 pub mod storage;
 pub mod telemetry;

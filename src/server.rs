@@ -26,7 +26,7 @@ impl Server {
     pub async fn build(config: Config) -> Result<Self, String> {
         let state = AppState::build(config).await?;
         check_ledger(&state).await;
-        state.processes.launch().await;
+        state.processes.launch_except(&state.sets.members()).await;
         crate::health::probe_all(&state.backend_list, state.config.health.timeout).await;
         Ok(Self { state })
     }
@@ -49,6 +49,7 @@ impl Server {
             background.clone(),
         ));
         tracker.spawn(crate::jobs::run(self.state.clone(), background.clone()));
+        self.state.sets.run(&self.state.processes, &self.state.backends, &tracker, &background);
         tracker.spawn(crate::jobs::webhooks::run(self.state.clone(), background.clone()));
         tracker.spawn({
             let (state, cancel) = (self.state.clone(), background.clone());

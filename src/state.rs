@@ -51,6 +51,8 @@ pub struct Runtime {
     pub jobs: crate::jobs::Jobs,
     /// Supervisors of backends with a `process:` block.
     pub processes: crate::process::Processes,
+    /// Hosts and their working sets (one actor per host, started by the server).
+    pub sets: crate::sets::Sets,
 }
 
 impl AppState {
@@ -94,6 +96,7 @@ impl AppState {
             crate::process::state_file_path(&config.storage.files),
             config.health.timeout,
         );
+        let sets = crate::sets::Sets::new(&config);
         let registry = Registry::new(config.models.clone());
         let metrics = crate::telemetry::metrics::install();
         Ok(Self {
@@ -113,6 +116,7 @@ impl AppState {
                 settling: Arc::default(),
                 jobs: crate::jobs::Jobs::new(),
                 processes,
+                sets,
             }),
         })
     }

@@ -29,12 +29,24 @@ def main():
     ap.add_argument("--ignore-sigterm", action="store_true")
     ap.add_argument("--grandchild", default=None, help="spawn a grandchild ignoring SIGTERM; write its pid here")
     ap.add_argument("--lines", type=int, default=0, help="print this many numbered lines at start")
+    ap.add_argument("--gen-secs", type=float, default=0.0, help="seconds one image generation takes")
+    ap.add_argument("--record", default=None, help="append `start PID`, `gen begin`, `gen done`, `exit` lines here")
+    ap.add_argument("--fail-start", action="store_true", help="exit with status 1 while loading")
     args = ap.parse_args()
+
+    def record(line):
+        if args.record:
+            with open(args.record, "a") as f:
+                f.write(line + "\n")
 
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
-        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+        def on_term(*_):
+            record("exit")
+            os._exit(0)
+        signal.signal(signal.SIGTERM, on_term)
+    record(f"start {os.getpid()}")
     print(f"fake backend pid {os.getpid()} starting on port {args.port}", flush=True)
     for i in range(args.lines):
         print(f"fake line {i}", flush=True)
@@ -46,6 +58,10 @@ def main():
         with open(tmp, "w") as f:
             f.write(str(child.pid))
         os.rename(tmp, args.grandchild)
+    if args.fail_start:
+        time.sleep(0.2)
+        print("fake backend: CUDA out of memory while loading", flush=True)
+        os._exit(1)
     if args.start_delay:
         time.sleep(args.start_delay)
     if args.crash_after is not None:
@@ -76,6 +92,9 @@ def main():
             length = int(self.headers.get("Content-Length", "0"))
             self.rfile.read(length)
             if self.path == "/v1/images/generations":
+                record("gen begin")
+                time.sleep(args.gen_secs)
+                record("gen done")
                 self.answer(200, {"created": int(time.time()), "data": [{"b64_json": PNG_B64}]})
             else:
                 self.answer(404, {"error": {"message": "not found"}})

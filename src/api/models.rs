@@ -23,10 +23,14 @@ pub struct ModelMeta {
     pub kind: &'static str,
     pub backends: Vec<BackendRef>,
     pub working_set: Option<String>,
+    /// The host the model's working set runs on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     pub credits: Option<f64>,
     /// What one use costs, with its unit; `None` when the model is free.
     pub pricing: Option<Pricing>,
-    /// `ready` (a backend can take it now), `loading` (backends known, none ready yet) or `unavailable`.
+    /// `ready` (a backend can take it now), `loading` (backends known, none ready yet, or its working set is
+    /// starting), `inactive` (its working set is not active) or `unavailable`.
     pub status: &'static str,
     pub description: Option<String>,
     pub default_size: String,

@@ -46,6 +46,56 @@ pub struct Config {
     /// In file order (the order of `/v1/models`).
     pub models: Vec<Arc<ModelConfig>>,
     pub jobs: JobsConfig,
+    /// Sorted by name.
+    pub hosts: Vec<HostConfig>,
+    /// Sorted by name.
+    pub working_sets: Vec<WorkingSetConfig>,
+}
+
+/// `hosts.<name>`: a GPU (or GPU group) with at most one active working set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostConfig {
+    pub name: String,
+    pub mode: HostMode,
+    /// Activated at startup.
+    pub default_set: Option<String>,
+    /// How long a waiter for another set waits while the active set still has work (default 60s).
+    pub patience: Duration,
+    /// Longest a request waits for a swap before 503 (default 300s).
+    pub max_wait: Duration,
+    /// Swap waiters per host before 429 (default 32).
+    pub queue_depth: u32,
+    /// A drain that outlasts this aborts the swap; nothing is killed (default 30m).
+    pub drain_timeout: Duration,
+    /// Above zero: go idle when nothing ran this long (default 0 = never).
+    pub idle_ttl: Duration,
+    /// Wait after a failed start before trying again; doubles per failure, capped at 5m (default 15s).
+    pub failure_cooldown: Duration,
+}
+
+/// Whether a request for an inactive set may start a swap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostMode {
+    Auto,
+    Manual,
+}
+
+impl HostMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Manual => "manual",
+        }
+    }
+}
+
+/// `working_sets.<name>`: managed backends that run together on one host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkingSetConfig {
+    pub name: String,
+    pub host: String,
+    /// Sorted, each named once; all have a `process:` block.
+    pub backends: Vec<String>,
 }
 
 /// Settings of durable jobs as a whole.

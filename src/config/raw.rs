@@ -25,6 +25,37 @@ pub struct RawConfig {
     pub models: Vec<RawModel>,
     #[serde(default)]
     pub jobs: RawJobs,
+    /// GPU hosts: each runs at most one working set at a time.
+    #[serde(default)]
+    pub hosts: BTreeMap<String, RawHost>,
+    /// Named groups of managed backends that run together on one host.
+    #[serde(default)]
+    pub working_sets: BTreeMap<String, RawWorkingSet>,
+}
+
+/// `hosts.<name>`: one GPU (or GPU group) that runs at most one working set.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHost {
+    /// `auto` (a request for an inactive set may swap) or `manual` (409).
+    pub mode: Option<String>,
+    /// Activated at startup; absent = idle until asked.
+    pub default_set: Option<String>,
+    pub patience: Option<String>,
+    pub max_wait: Option<String>,
+    pub queue_depth: Option<u32>,
+    pub drain_timeout: Option<String>,
+    pub idle_ttl: Option<String>,
+    pub failure_cooldown: Option<String>,
+}
+
+/// `working_sets.<name>`: `{host, backends}`.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWorkingSet {
+    pub host: Option<String>,
+    #[serde(default)]
+    pub backends: Vec<String>,
 }
 
 /// Settings of durable jobs as a whole.

@@ -163,3 +163,73 @@ fn two_managed_backends_cannot_share_a_port() {
     let err = load(text, &MapEnv::default()).unwrap_err();
     assert!(err.to_string().contains("both run a process on port 7860"), "{err}");
 }
+
+const SETS: &str = "\
+hosts:
+  gpu0: { default_set: creative }
+  gpu1: { mode: manual, patience: 5s }
+backends:
+  comfy: { kind: openai, url: 'http://127.0.0.1:18188/v1', process: { cmd: [comfy] } }
+  llm: { kind: openai, url: 'http://127.0.0.1:18083/v1', process: { cmd: [llm] } }
+  coder: { kind: openai, url: 'http://127.0.0.1:18084/v1', process: { cmd: [coder] } }
+  ext: { kind: simulated }
+working_sets:
+  creative: { host: gpu0, backends: [comfy, llm] }
+  coding: { host: gpu0, backends: [coder, comfy] }
+models:
+  - { id: sdxl, backends: [comfy], working_set: creative }
+  - { id: sim, backends: [ext] }
+";
+
+#[test]
+fn hosts_and_working_sets_load_with_defaults() {
+    let cfg = load(SETS, &MapEnv::default()).unwrap();
+    let gpu0 = &cfg.hosts[0];
+    assert_eq!((gpu0.name.as_str(), gpu0.mode), ("gpu0", HostMode::Auto));
+    assert_eq!(gpu0.default_set.as_deref(), Some("creative"));
+    assert_eq!(gpu0.patience, Duration::from_secs(60));
+    assert_eq!(gpu0.max_wait, Duration::from_secs(300));
+    assert_eq!(gpu0.queue_depth, 32);
+    assert_eq!(gpu0.drain_timeout, Duration::from_secs(1800));
+    assert_eq!(gpu0.idle_ttl, Duration::ZERO);
+    assert_eq!(gpu0.failure_cooldown, Duration::from_secs(15));
+    assert_eq!(cfg.hosts[1].mode, HostMode::Manual);
+    assert_eq!(cfg.hosts[1].patience, Duration::from_secs(5));
+    let coding = &cfg.working_sets[0];
+    assert_eq!(coding.name, "coding");
+    assert_eq!(coding.backends, ["coder", "comfy"]);
+}
+
+#[test]
+fn working_set_mistakes_are_reported_where_they_are() {
+    let bad = SETS
+        .replace("gpu0: { default_set: creative }", "gpu0: { default_set: painting, mode: sometimes }")
+        .replace(
+            "coding: { host: gpu0, backends: [coder, comfy] }",
+            "coding: { host: gpu1, backends: [coder, comfy, ghost, ext] }",
+        )
+        .replace(
+            "working_set: creative }",
+            "working_set: nope }\n  - { id: llm, type: text, backends: [llm, coder], working_set: creative }",
+        );
+    let err = load(&bad, &MapEnv::default()).unwrap_err();
+    let text = err.to_string();
+    for needle in [
+        "working set `painting` is not defined",
+        "`sometimes` is not one of: auto, manual",
+        "backend `ghost` is not defined",
+        "backend `ext` has no `process:` block",
+        "belongs to sets of one host only",
+        "working set `nope` is not defined",
+        "uses managed backend `coder`, which is not in its working set `creative`",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in {text}");
+    }
+    let host = err.problems.iter().find(|p| p.path == "working_sets.creative.host");
+    assert!(host.is_none(), "{text}");
+    let unknown = SETS.replace("host: gpu0, backends: [comfy, llm]", "host: gpu9, backends: [comfy, llm]");
+    let err = load(&unknown, &MapEnv::default()).unwrap_err();
+    let p = err.problems.iter().find(|p| p.path == "working_sets.creative.host").unwrap();
+    assert!(p.message.contains("host `gpu9` is not declared under `hosts:` (declared: gpu0, gpu1)"), "{p}");
+    assert!(p.at.starts_with("easel.yaml:"), "{p}");
+}

@@ -11,11 +11,12 @@ use reqwest::header::{HeaderName, HeaderValue};
 use serde_json_path::JsonPath;
 use url::Url;
 
-use super::raw::{RawBackend, RawConfig, RawCredits, RawModel, RawModelBackend, RawProcess};
+use super::raw::{RawBackend, RawConfig, RawCredits, RawHost, RawModel, RawModelBackend, RawProcess, RawWorkingSet};
 use super::{
     AuthConfig, AuthMode, BackendConfig, BackendKind, Capability, Config, Defaults, FailureMode, HealthCheck,
-    HealthConfig, HostPattern, ModelBackend, ModelConfig, ModelType, ProcessConfig, QueueConfig, Secret, ServerConfig,
-    SimulatedFailure, SimulationConfig, StopSignal, StorageConfig, TemplateConfig, TokenCredits,
+    HealthConfig, HostConfig, HostMode, HostPattern, ModelBackend, ModelConfig, ModelType, ProcessConfig, QueueConfig,
+    Secret, ServerConfig, SimulatedFailure, SimulationConfig, StopSignal, StorageConfig, TemplateConfig, TokenCredits,
+    WorkingSetConfig,
 };
 use crate::backends::workflow::Workflow;
 use crate::request::{ResponseFormat, Size};
@@ -168,10 +169,170 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
     }
     let jobs = super::JobsConfig { webhooks };
 
+    let (hosts, working_sets) = sets(&mut p, raw.hosts, raw.working_sets, &known, &models);
+
     if !p.is_empty() {
         return Err(p);
     }
-    Ok(Config { origin: origin.to_owned(), server, storage, auth, defaults, health, backends, models, jobs })
+    Ok(Config {
+        origin: origin.to_owned(),
+        server,
+        storage,
+        auth,
+        defaults,
+        health,
+        backends,
+        models,
+        jobs,
+        hosts,
+        working_sets,
+    })
+}
+
+/// Checks `hosts:` and `working_sets:` against each other, the backends and the models: every set names a
+/// declared host and managed backends; a managed backend lies in sets of one host only; a host's `default_set`
+/// is one of its sets; a model's `working_set` exists and holds every managed backend the model uses.
+fn sets(
+    p: &mut Problems,
+    raw_hosts: BTreeMap<String, RawHost>,
+    raw_sets: BTreeMap<String, RawWorkingSet>,
+    known: &BTreeMap<&str, &BackendConfig>,
+    models: &[Arc<ModelConfig>],
+) -> (Vec<HostConfig>, Vec<WorkingSetConfig>) {
+    let mut sets = Vec::new();
+    // Managed backend → (host, first set naming it).
+    let mut owner: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for (name, s) in raw_sets {
+        let at = format!("working_sets.{name}");
+        let host = match s.host {
+            Some(h) if raw_hosts.contains_key(&h) => h,
+            Some(h) => {
+                let hosts: Vec<&str> = raw_hosts.keys().map(String::as_str).collect();
+                p.push((
+                    format!("{at}.host"),
+                    format!("host `{h}` is not declared under `hosts:` (declared: {})", list(&hosts)),
+                ));
+                continue;
+            }
+            None => {
+                p.push((at, "needs `host:` (a name under `hosts:`)".into()));
+                continue;
+            }
+        };
+        if s.backends.is_empty() {
+            p.push((format!("{at}.backends"), "names no backends: list the managed backends of this set".into()));
+        }
+        let mut members = BTreeSet::new();
+        for b in s.backends {
+            let Some(cfg) = known.get(b.as_str()) else {
+                let names: Vec<&str> = known.keys().copied().collect();
+                p.push((format!("{at}.backends"), format!("backend `{b}` is not defined (defined: {})", list(&names))));
+                continue;
+            };
+            if cfg.process.is_none() {
+                p.push((
+                    format!("{at}.backends"),
+                    format!("backend `{b}` has no `process:` block, so easel cannot start or stop it with the set"),
+                ));
+                continue;
+            }
+            match owner.get(&b) {
+                Some((h, other)) if *h != host => p.push((
+                    format!("{at}.backends"),
+                    format!(
+                        "backend `{b}` is already in working set `{other}` on host `{h}`; a managed backend belongs \
+                         to sets of one host only"
+                    ),
+                )),
+                Some(_) => {}
+                None => {
+                    owner.insert(b.clone(), (host.clone(), name.clone()));
+                }
+            }
+            members.insert(b);
+        }
+        sets.push(WorkingSetConfig { name, host, backends: members.into_iter().collect() });
+    }
+
+    let mut hosts = Vec::new();
+    for (name, h) in raw_hosts {
+        let at = format!("hosts.{name}");
+        let mode = match h.mode.as_deref() {
+            None | Some("auto") => HostMode::Auto,
+            Some("manual") => HostMode::Manual,
+            Some(other) => {
+                p.push((format!("{at}.mode"), format!("`{other}` is not one of: auto, manual")));
+                HostMode::Auto
+            }
+        };
+        if let Some(d) = &h.default_set {
+            match sets.iter().find(|s| s.name == *d) {
+                Some(s) if s.host == name => {}
+                Some(s) => p.push((
+                    format!("{at}.default_set"),
+                    format!("working set `{d}` runs on host `{}`, not `{name}`", s.host),
+                )),
+                None => {
+                    let mine: Vec<&str> = sets.iter().filter(|s| s.host == name).map(|s| s.name.as_str()).collect();
+                    p.push((
+                        format!("{at}.default_set"),
+                        format!("working set `{d}` is not defined (sets on this host: {})", list(&mine)),
+                    ));
+                }
+            }
+        }
+        let cooldown = duration(p, &format!("{at}.failure_cooldown"), h.failure_cooldown.as_deref(), 15);
+        let max_wait = duration(p, &format!("{at}.max_wait"), h.max_wait.as_deref(), 300);
+        let drain_timeout = duration(p, &format!("{at}.drain_timeout"), h.drain_timeout.as_deref(), 30 * 60);
+        for (key, d) in [("failure_cooldown", cooldown), ("max_wait", max_wait), ("drain_timeout", drain_timeout)] {
+            if d.is_zero() {
+                p.push((format!("{at}.{key}"), "must be longer than 0s".into()));
+            }
+        }
+        hosts.push(HostConfig {
+            mode,
+            default_set: h.default_set.clone(),
+            patience: duration(p, &format!("{at}.patience"), h.patience.as_deref(), 60),
+            max_wait,
+            queue_depth: positive(p, &format!("{at}.queue_depth"), h.queue_depth, 32),
+            drain_timeout,
+            idle_ttl: duration(p, &format!("{at}.idle_ttl"), h.idle_ttl.as_deref(), 0),
+            failure_cooldown: cooldown,
+            name,
+        });
+    }
+
+    for (i, m) in models.iter().enumerate() {
+        let managed: Vec<&str> = m
+            .backends
+            .iter()
+            .map(|b| b.name.as_str())
+            .filter(|b| known.get(b).is_some_and(|c| c.process.is_some()))
+            .collect();
+        let Some(ws) = &m.working_set else { continue };
+        let at = format!("models[{i}].working_set");
+        let Some(set) = sets.iter().find(|s| s.name == *ws) else {
+            let names: Vec<&str> = sets.iter().map(|s| s.name.as_str()).collect();
+            p.push((
+                at,
+                format!("working set `{ws}` is not defined under `working_sets:` (defined: {})", list(&names)),
+            ));
+            continue;
+        };
+        for b in managed {
+            if !set.backends.iter().any(|x| x == b) {
+                p.push((
+                    at.clone(),
+                    format!("model `{}` uses managed backend `{b}`, which is not in its working set `{ws}`", m.id),
+                ));
+            }
+        }
+    }
+    (hosts, sets)
+}
+
+fn list(names: &[&str]) -> String {
+    if names.is_empty() { "none".into() } else { names.join(", ") }
 }
 
 /// Backend kinds whose adapters make videos (the job operations).

@@ -13,6 +13,7 @@ use crate::backends::{BackendError, Failure};
 use crate::error::Error;
 use crate::ledger::LedgerError;
 use crate::routing::RoutingError;
+use crate::sets::SetError;
 
 /// An error on its way out.
 #[derive(Debug)]
@@ -37,11 +38,21 @@ struct Shape {
     retry_after: Option<Duration>,
     /// Adds `WWW-Authenticate: Bearer` (401s).
     bearer_challenge: bool,
+    /// Adds `x-should-retry: false`: only an operator can fix it.
+    no_retry: bool,
 }
 
 impl Shape {
     fn new(status: StatusCode, kind: &'static str, code: &'static str) -> Self {
-        Self { status, kind, code: Some(code), param: None, retry_after: None, bearer_challenge: false }
+        Self {
+            status,
+            kind,
+            code: Some(code),
+            param: None,
+            retry_after: None,
+            bearer_challenge: false,
+            no_retry: false,
+        }
     }
     fn retry(mut self, after: Duration) -> Self {
         self.retry_after = Some(after);
@@ -79,6 +90,7 @@ fn shape(e: &Error) -> Shape {
             }
         },
         Error::Backend(b) => backend_shape(b),
+        Error::WorkingSet(w) => set_shape(w),
         Error::Storage(_) => Shape::new(StatusCode::INTERNAL_SERVER_ERROR, SERVER, "storage_error"),
         Error::FileNotFound(_) => Shape::new(StatusCode::NOT_FOUND, INVALID, "file_not_found"),
         Error::JobNotFound(_) => Shape::new(StatusCode::NOT_FOUND, INVALID, "not_found"),
@@ -116,6 +128,27 @@ fn shape(e: &Error) -> Shape {
         Error::ClientGone => {
             Shape::new(StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST), INVALID, "client_closed_request")
         }
+    }
+}
+
+fn set_shape(w: &SetError) -> Shape {
+    let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+    let shape = match w {
+        SetError::Inactive { .. } => Shape {
+            param: Some("model".into()),
+            no_retry: true,
+            ..Shape::new(StatusCode::CONFLICT, INVALID, "working_set_inactive")
+        },
+        SetError::Full { .. } => Shape::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "backend_busy"),
+        SetError::Switching { .. } => Shape::new(unavailable, SERVER, "working_set_switching"),
+        SetError::Failed { .. } => Shape::new(unavailable, SERVER, "working_set_failed"),
+        SetError::Busy { .. } => Shape::new(unavailable, SERVER, "working_set_busy"),
+        SetError::Conflict { .. } => Shape::new(StatusCode::CONFLICT, INVALID, "working_set_switching"),
+        SetError::UnknownSet(_) => Shape::new(StatusCode::NOT_FOUND, INVALID, "working_set_not_found"),
+    };
+    match w.retry_after() {
+        Some(after) => shape.retry(after),
+        None => shape,
     }
 }
 
@@ -164,6 +197,9 @@ impl IntoResponse for ApiError {
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
             }
+        }
+        if shape.no_retry {
+            resp.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
         }
         if shape.bearer_challenge {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

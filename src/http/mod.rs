@@ -12,6 +12,7 @@ mod images;
 mod jobs;
 mod models;
 mod ops;
+mod sets;
 mod videos;
 
 use std::pin::Pin;
@@ -75,6 +76,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/keys/{key}/credits", post(account::grant_handler))
         .route("/v1/admin/ledger/check", get(account::ledger_check_handler))
         .route("/v1/admin/processes", get(admin::processes_handler))
+        .route("/v1/admin/hosts", get(sets::hosts_handler))
+        .route("/v1/admin/working-sets/{name}/activate", post(sets::activate_handler))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Inside `observe`: authentication answers are measured and logged like any other.
@@ -261,6 +264,8 @@ fn static_route(route: &str) -> &'static str {
         "/v1/admin/keys/{key}/credits",
         "/v1/admin/ledger/check",
         "/v1/admin/processes",
+        "/v1/admin/hosts",
+        "/v1/admin/working-sets/{name}/activate",
         "/v1/videos",
         "/v1/videos/{id}",
         "/v1/videos/{id}/content",

@@ -37,6 +37,8 @@ fn model_object(state: &AppState, m: &ModelConfig) -> ModelObject {
     } else {
         "unavailable"
     };
+    let status = state.sets.status(m).unwrap_or(status);
+    let host = state.sets.of(m).map(|(host, _)| host);
     let simulated = !backends.is_empty() && backends.iter().all(|b| b.kind == BackendKind::Simulated.as_str());
     let created = state.started_unix();
     ModelObject {
@@ -48,6 +50,7 @@ fn model_object(state: &AppState, m: &ModelConfig) -> ModelObject {
             kind: m.kind.as_str(),
             backends,
             working_set: m.working_set.clone(),
+            host,
             credits: m.credits,
             pricing: pricing(m),
             status,

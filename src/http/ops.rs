@@ -123,5 +123,7 @@ pub async fn status_handler(State(state): State<AppState>) -> Json<serde_json::V
         "backends": backends,
         // Jobs (videos) holding a backend slot while they run upstream, per backend.
         "jobs_running": state.jobs.running(),
+        // Hosts with their working sets (empty without `hosts:`).
+        "hosts": state.sets.views(),
     }))
 }

@@ -54,6 +54,13 @@ where
     Op: FnMut(Arc<BackendHandle>, Permit) -> Fut,
     Fut: Future<Output = Result<T, BackendError>>,
 {
+    // A model in a working set waits here for its set (or learns why it cannot run); the pass counts this
+    // request as work on the set's backends until dispatch ends.
+    let _pass = tokio::select! {
+        biased;
+        () = gone.cancelled() => return Err(Error::ClientGone),
+        r = state.sets.ready_for(model) => r?,
+    };
     let candidates = routing::candidates(model, &state.backends, capability)?;
     let mut last: Option<Error> = None;
     for (attempt, Candidate { handle, trial }) in candidates.into_iter().take(MAX_ATTEMPTS).enumerate() {

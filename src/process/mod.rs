@@ -162,6 +162,12 @@ impl Processes {
     /// Kills groups a previous easel left (see [`StateFile::reap_leftovers`]), starts one supervising task per
     /// managed backend, and asks each to start (lifecycle `always`).
     pub async fn launch(&self) {
+        self.launch_except(&std::collections::BTreeSet::new()).await;
+    }
+
+    /// [`Processes::launch`], but the backends in `held` only get their supervisor: they start when asked (a
+    /// working set's host starts them).
+    pub async fn launch_except(&self, held: &std::collections::BTreeSet<String>) {
         let Some(first) = self.members.values().next() else { return };
         for line in first.files.reap_leftovers().await {
             tracing::warn!("{line}");
@@ -169,6 +175,9 @@ impl Processes {
         for (name, m) in self.members.iter() {
             warn_if_not_on_path(name, &m.cfg);
             tokio::spawn(supervise(Arc::clone(m)));
+            if held.contains(name) {
+                continue;
+            }
             m.desired.send_modify(|d| {
                 d.up = true;
                 d.epoch += 1;
@@ -574,7 +583,11 @@ async fn supervise(m: Arc<Member>) {
             Ok(d) => d.epoch,
             Err(_) => return,
         };
-        m.set(|s| s.epoch = epoch);
+        // Starting in the same update as the new epoch, so `start` never mistakes the old `stopped` for its answer.
+        m.set(|s| {
+            s.epoch = epoch;
+            s.state = State::Starting;
+        });
         if let End::Failed = m.run(&mut desired).await {
             // Stay failed until a new `start` (a new epoch) or a `stop`.
             let next = desired.wait_for(|d| !d.up || d.epoch != epoch).await;

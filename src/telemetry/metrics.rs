@@ -33,6 +33,8 @@ pub const ADMISSION_INFLIGHT: &str = "easel_admission_inflight";
 pub const ADMISSION_QUEUED: &str = "easel_admission_queue_depth";
 pub const ADMISSION_QUEUE_WAIT: &str = "easel_admission_queue_wait_seconds";
 pub const ADMISSION_REJECTED: &str = "easel_admission_rejected_total";
+pub const WORKING_SET_ACTIVE: &str = "easel_working_set_active";
+pub const SWAPS: &str = "easel_swaps_total";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
@@ -210,4 +212,14 @@ pub fn job_progress(backend: &str, done: f64, total: f64) {
 /// Broken ledger invariants found by the last check; must be 0.
 pub fn ledger_drift(problems: usize) {
     gauge!(LEDGER_DRIFT).set(problems as f64);
+}
+
+/// 1 for the working set a host has active, 0 for its others.
+pub fn working_set_active(host: &str, set: &str, active: bool) {
+    gauge!(WORKING_SET_ACTIVE, "host" => host.to_owned(), "set" => set.to_owned()).set(if active { 1.0 } else { 0.0 });
+}
+
+/// A swap (or first activation) ended: `ok`, `failed` or `aborted`.
+pub fn swap(outcome: &'static str) {
+    counter!(SWAPS, "outcome" => outcome).increment(1);
 }

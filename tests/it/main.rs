@@ -30,3 +30,4 @@ mod trust;
 mod video_backends;
 mod videos;
 mod webhooks;
+mod working_sets;

@@ -1,0 +1,590 @@
+//! Working sets: one actor per host starts and stops its managed backends as a unit, swaps between sets without
+//! killing work, and tells requests whether their model can run now, after a swap, or not at all.
+
+pub mod scheduler;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use self::scheduler::{Action, Event, Host, Outcome, Phase, Settings};
+use crate::config::{BackendKind, Config, HostConfig, ModelConfig};
+use crate::process::Processes;
+use crate::routing::BackendHandle;
+use crate::telemetry::metrics as m;
+
+/// How often an actor looks at its members' work.
+const TICK: Duration = Duration::from_millis(100);
+/// Longest a backend's own busy signal may take to answer.
+const NATIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a request cannot run on its working set now.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SetError {
+    #[error(
+        "model `{model}` is in working set `{set}`; host `{host}` has {active} active (mode manual); switch with \
+         `POST /v1/admin/working-sets/{set}/activate`"
+    )]
+    Inactive { model: String, set: String, host: String, active: String },
+    #[error("model `{model}` waits for working set `{set}` on host `{host}`, and the swap queue is full")]
+    Full { model: String, set: String, host: String, retry_after: Duration },
+    #[error("model `{model}` waited {waited}s for working set `{set}` to start on host `{host}`; try again shortly")]
+    Switching { model: String, set: String, host: String, waited: u64, retry_after: Duration },
+    #[error("working set `{set}` on host `{host}` failed to start ({error}); easel retries in {}s", retry_after.as_secs().max(1))]
+    Failed { set: String, host: String, error: String, retry_after: Duration },
+    #[error("the swap to working set `{set}` on host `{host}` was aborted: running work outlasted `drain_timeout`")]
+    Busy { set: String, host: String, retry_after: Duration },
+    #[error("host `{host}` is already switching to working set `{target}`; wait for it, then ask again")]
+    Conflict { host: String, target: String },
+    #[error("no working set `{0}`")]
+    UnknownSet(String),
+}
+
+impl SetError {
+    /// `Retry-After`, clamped to 1–60 s so every client honours it.
+    pub fn retry_after(&self) -> Option<Duration> {
+        let d = match self {
+            Self::Full { retry_after, .. }
+            | Self::Switching { retry_after, .. }
+            | Self::Failed { retry_after, .. }
+            | Self::Busy { retry_after, .. } => *retry_after,
+            Self::Inactive { .. } | Self::Conflict { .. } | Self::UnknownSet(_) => return None,
+        };
+        Some(d.clamp(Duration::from_secs(1), Duration::from_secs(60)))
+    }
+}
+
+/// Held while a request runs on a working set's backends: counts as their in-flight work for drains.
+#[derive(Debug)]
+pub struct Pass {
+    counters: Vec<Arc<AtomicU32>>,
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        for c in &self.counters {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A host's name and the receiving end of its actor's channel (taken once by [`Sets::run`]).
+type Inbox = (String, mpsc::UnboundedReceiver<Msg>);
+
+enum Msg {
+    Request { id: u64, set: String, needs: BTreeSet<String>, reply: oneshot::Sender<Outcome> },
+    Activate { id: u64, set: String, reply: Option<oneshot::Sender<Outcome>> },
+    Cancel { id: u64 },
+    Started { ok: bool, error: Option<String> },
+    Stopped,
+}
+
+/// What `GET /v1/admin/hosts` shows for one host.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostView {
+    pub host: String,
+    pub mode: &'static str,
+    #[serde(flatten)]
+    pub phase: Phase,
+    pub active_set: Option<String>,
+    pub target_set: Option<String>,
+    /// Seconds in the current phase.
+    pub elapsed_s: f64,
+    /// Waiters per set: count and oldest wait in seconds.
+    pub demand: BTreeMap<String, serde_json::Value>,
+    pub swap_queue_depth: usize,
+    pub members: Vec<MemberView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberView {
+    pub backend: String,
+    pub process: &'static str,
+    pub in_flight: u32,
+}
+
+struct HostShared {
+    cfg: HostConfig,
+    tx: mpsc::UnboundedSender<Msg>,
+    view: Mutex<Option<HostView>>,
+    /// What the actor knows, for quick reads (model status).
+    snapshot: Mutex<(Phase, BTreeSet<String>, BTreeMap<String, Duration>)>,
+}
+
+/// Every host's actor handle, plus which set each model belongs to. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Sets {
+    hosts: Arc<BTreeMap<String, Arc<HostShared>>>,
+    /// Set → (host, members).
+    sets: Arc<BTreeMap<String, (String, BTreeSet<String>)>>,
+    /// Easel's requests on each managed backend that passed the set check (dispatch is running).
+    passes: Arc<HashMap<String, Arc<AtomicU32>>>,
+    next_id: Arc<AtomicU64>,
+    receivers: Arc<Mutex<Vec<Inbox>>>,
+}
+
+impl std::fmt::Debug for Sets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sets").field("hosts", &self.hosts.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+/// A model's place: host, set and the managed backends it needs.
+struct Place<'a> {
+    host: &'a Arc<HostShared>,
+    set: &'a str,
+    needs: BTreeSet<String>,
+}
+
+impl Sets {
+    /// One (not yet running) actor per host; [`Sets::run`] starts them.
+    pub fn new(config: &Config) -> Self {
+        let mut hosts = BTreeMap::new();
+        let mut receivers = Vec::new();
+        for h in &config.hosts {
+            let (tx, rx) = mpsc::unbounded_channel();
+            receivers.push((h.name.clone(), rx));
+            let shared = HostShared {
+                cfg: h.clone(),
+                tx,
+                view: Mutex::new(None),
+                snapshot: Mutex::new((Phase::Idle, BTreeSet::new(), BTreeMap::new())),
+            };
+            hosts.insert(h.name.clone(), Arc::new(shared));
+        }
+        let sets = config
+            .working_sets
+            .iter()
+            .map(|s| (s.name.clone(), (s.host.clone(), s.backends.iter().cloned().collect())))
+            .collect();
+        let passes = config
+            .working_sets
+            .iter()
+            .flat_map(|s| s.backends.iter())
+            .map(|b| (b.clone(), Arc::new(AtomicU32::new(0))))
+            .collect();
+        Self {
+            hosts: Arc::new(hosts),
+            sets: Arc::new(sets),
+            passes: Arc::new(passes),
+            next_id: Arc::default(),
+            receivers: Arc::new(Mutex::new(receivers)),
+        }
+    }
+
+    /// Managed backends that belong to a working set: their host's actor starts them, not easel's launch.
+    pub fn members(&self) -> BTreeSet<String> {
+        self.sets.values().flat_map(|(_, m)| m.iter().cloned()).collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+    }
+
+    fn place<'a>(&'a self, model: &'a ModelConfig) -> Option<Place<'a>> {
+        let set = model.working_set.as_deref()?;
+        let (host, members) = self.sets.get(set)?;
+        let host = self.hosts.get(host)?;
+        let needs: BTreeSet<String> =
+            model.backends.iter().map(|b| b.name.clone()).filter(|b| members.contains(b)).collect();
+        if needs.is_empty() {
+            return None;
+        }
+        Some(Place { host, set, needs })
+    }
+
+    /// `(host, set)` of a model in a working set.
+    pub fn of(&self, model: &ModelConfig) -> Option<(String, String)> {
+        let set = model.working_set.as_deref()?;
+        let (host, _) = self.sets.get(set)?;
+        Some((host.clone(), set.to_owned()))
+    }
+
+    /// `/v1/models` `meta.status` for a model in a working set: `ready`, `loading`, `inactive` or `unavailable`.
+    pub fn status(&self, model: &ModelConfig) -> Option<&'static str> {
+        let place = self.place(model)?;
+        let snap = place.host.snapshot.lock().ok()?;
+        let (phase, running, failed) = &*snap;
+        let leaving = match phase {
+            Phase::Draining { leaving, .. } | Phase::Stopping { leaving, .. } => Some(leaving),
+            _ => None,
+        };
+        let up = place.needs.iter().all(|b| running.contains(b) && !leaving.is_some_and(|l| l.contains(b)));
+        Some(if up {
+            "ready"
+        } else if failed.contains_key(place.set) {
+            "unavailable"
+        } else if matches!(phase, Phase::Starting { set, .. } if set == place.set)
+            || matches!(phase, Phase::Draining { to: Some(t), .. } | Phase::Stopping { to: Some(t), .. } if t == place.set)
+        {
+            "loading"
+        } else {
+            "inactive"
+        })
+    }
+
+    /// Waits until `model`'s working set serves it (or says why not). `None` for a model outside working sets.
+    /// The returned [`Pass`] must live as long as the request's work on the backend.
+    pub async fn ready_for(&self, model: &ModelConfig) -> Result<Option<Pass>, SetError> {
+        let Some(place) = self.place(model) else { return Ok(None) };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        let started = Instant::now();
+        let msg = Msg::Request { id, set: place.set.to_owned(), needs: place.needs.clone(), reply };
+        if place.host.tx.send(msg).is_err() {
+            return Err(SetError::Switching {
+                model: model.id.clone(),
+                set: place.set.to_owned(),
+                host: place.host.cfg.name.clone(),
+                waited: 0,
+                retry_after: Duration::from_secs(5),
+            });
+        }
+        // A request that goes away stops waiting; the swap goes on.
+        let guard = CancelOnDrop { tx: &place.host.tx, id, armed: true };
+        let outcome = rx.await;
+        let mut guard = guard;
+        guard.armed = false;
+        let host = place.host.cfg.name.clone();
+        let set = place.set.to_owned();
+        match outcome {
+            Ok(Outcome::Ready) => {
+                // The actor counted the pass before it answered, so no drain can miss this request.
+                let counters = place.needs.iter().filter_map(|b| self.passes.get(b).cloned()).collect();
+                Ok(Some(Pass { counters }))
+            }
+            Ok(Outcome::Inactive { active }) => Err(SetError::Inactive {
+                model: model.id.clone(),
+                set,
+                host,
+                active: active.map_or_else(|| "no set".to_owned(), |a| format!("`{a}`")),
+            }),
+            Ok(Outcome::Full { retry_after }) => {
+                Err(SetError::Full { model: model.id.clone(), set, host, retry_after })
+            }
+            Ok(Outcome::Switching { retry_after }) => Err(SetError::Switching {
+                model: model.id.clone(),
+                set,
+                host,
+                waited: started.elapsed().as_secs(),
+                retry_after,
+            }),
+            Ok(Outcome::Failed { retry_after, error }) => Err(SetError::Failed { set, host, error, retry_after }),
+            Ok(Outcome::Busy { retry_after }) => Err(SetError::Busy { set, host, retry_after }),
+            Ok(Outcome::Conflict { target }) => Err(SetError::Conflict { host, target }),
+            Ok(Outcome::Gone) | Err(_) => Err(SetError::Switching {
+                model: model.id.clone(),
+                set,
+                host,
+                waited: started.elapsed().as_secs(),
+                retry_after: Duration::from_secs(5),
+            }),
+        }
+    }
+
+    /// Admin: make `set` active. With `wait`, returns once it is (or failed); else at once after it was accepted.
+    pub async fn activate(&self, set: &str, wait: bool) -> Result<bool, SetError> {
+        let Some((host, _)) = self.sets.get(set) else { return Err(SetError::UnknownSet(set.to_owned())) };
+        let Some(h) = self.hosts.get(host) else { return Err(SetError::UnknownSet(set.to_owned())) };
+        if let Some(target) = h.view.lock().ok().and_then(|v| v.as_ref().and_then(|v| v.target_set.clone()))
+            && target != set
+        {
+            return Err(SetError::Conflict { host: host.clone(), target });
+        }
+        let already = h
+            .view
+            .lock()
+            .ok()
+            .is_some_and(|v| v.as_ref().is_some_and(|v| matches!(&v.phase, Phase::Active { set: s } if s == set)));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        let _ = h.tx.send(Msg::Activate { id, set: set.to_owned(), reply: Some(reply) });
+        if !wait {
+            return Ok(already);
+        }
+        match rx.await {
+            Ok(Outcome::Ready) => Ok(true),
+            Ok(Outcome::Conflict { target }) => Err(SetError::Conflict { host: host.clone(), target }),
+            Ok(Outcome::Failed { retry_after, error }) => {
+                Err(SetError::Failed { set: set.to_owned(), host: host.clone(), error, retry_after })
+            }
+            Ok(Outcome::Busy { retry_after }) => {
+                Err(SetError::Busy { set: set.to_owned(), host: host.clone(), retry_after })
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Every host as the admin sees it.
+    pub fn views(&self) -> Vec<HostView> {
+        self.hosts.values().filter_map(|h| h.view.lock().ok().and_then(|v| v.clone())).collect()
+    }
+
+    /// Starts one actor per host (and activates its `default_set`); they end with `cancel`.
+    pub fn run(
+        &self,
+        processes: &Processes,
+        backends: &HashMap<String, Arc<BackendHandle>>,
+        tasks: &tokio_util::task::TaskTracker,
+        cancel: &CancellationToken,
+    ) {
+        let receivers = self.receivers.lock().map(|mut r| std::mem::take(&mut *r)).unwrap_or_default();
+        for (name, rx) in receivers {
+            let Some(shared) = self.hosts.get(&name).cloned() else { continue };
+            let sets: BTreeMap<String, BTreeSet<String>> = self
+                .sets
+                .iter()
+                .filter(|(_, (h, _))| *h == name)
+                .map(|(s, (_, members))| (s.clone(), members.clone()))
+                .collect();
+            let members: BTreeSet<String> = sets.values().flatten().cloned().collect();
+            let actor = Actor {
+                host: Host::new(Settings {
+                    mode: shared.cfg.mode,
+                    patience: shared.cfg.patience,
+                    max_wait: shared.cfg.max_wait,
+                    queue_depth: shared.cfg.queue_depth,
+                    drain_timeout: shared.cfg.drain_timeout,
+                    failure_cooldown: shared.cfg.failure_cooldown,
+                    sets,
+                }),
+                shared: Arc::clone(&shared),
+                processes: processes.clone(),
+                members: members.iter().filter_map(|b| backends.get(b).cloned()).collect(),
+                passes: Arc::clone(&self.passes),
+                replies: HashMap::new(),
+                epoch: Instant::now(),
+                phase_since: Instant::now(),
+                http: reqwest::Client::builder().timeout(NATIVE_TIMEOUT).build().unwrap_or_default(),
+            };
+            if let Some(set) = &shared.cfg.default_set {
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let _ = shared.tx.send(Msg::Activate { id, set: set.clone(), reply: None });
+            }
+            tasks.spawn(actor.run(rx, cancel.clone()));
+        }
+    }
+}
+
+struct CancelOnDrop<'a> {
+    tx: &'a mpsc::UnboundedSender<Msg>,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.tx.send(Msg::Cancel { id: self.id });
+        }
+    }
+}
+
+/// The only task that starts or stops a host's processes.
+struct Actor {
+    host: Host,
+    shared: Arc<HostShared>,
+    processes: Processes,
+    members: Vec<Arc<BackendHandle>>,
+    passes: Arc<HashMap<String, Arc<AtomicU32>>>,
+    /// Waiter id → (reply, what it needs).
+    replies: HashMap<u64, (Option<oneshot::Sender<Outcome>>, BTreeSet<String>)>,
+    epoch: Instant,
+    phase_since: Instant,
+    http: reqwest::Client,
+}
+
+impl Actor {
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>, cancel: CancellationToken) {
+        let mut every = tokio::time::interval(TICK);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.publish();
+        loop {
+            let event = tokio::select! {
+                () = cancel.cancelled() => return,
+                msg = rx.recv() => match msg {
+                    None => return,
+                    Some(msg) => self.event(msg),
+                },
+                _ = every.tick() => {
+                    let busy = self.busy().await;
+                    Some(Event::Tick { now: self.now(), busy })
+                }
+            };
+            let Some(event) = event else { continue };
+            let before = self.host.phase.clone();
+            let actions = self.host.step(event);
+            self.act(actions);
+            match (&before, &self.host.phase) {
+                (Phase::Starting { .. }, Phase::Active { .. }) => m::swap("ok"),
+                (Phase::Starting { .. }, Phase::Stopping { .. } | Phase::Idle) => m::swap("failed"),
+                (Phase::Draining { .. }, Phase::Active { .. } | Phase::Idle) => m::swap("aborted"),
+                _ => {}
+            }
+            if std::mem::discriminant(&self.host.phase) != std::mem::discriminant(&before) {
+                self.phase_since = Instant::now();
+                tracing::info!(host = %self.shared.cfg.name, phase = ?self.host.phase, "Working set phase.");
+            }
+            self.publish();
+        }
+    }
+
+    fn event(&mut self, msg: Msg) -> Option<Event> {
+        let now = self.now();
+        Some(match msg {
+            Msg::Request { id, set, needs, reply } => {
+                self.replies.insert(id, (Some(reply), needs.clone()));
+                Event::Request { id, set, needs, now }
+            }
+            Msg::Activate { id, set, reply } => {
+                self.replies.insert(id, (reply, BTreeSet::new()));
+                Event::Activate { id, set, now }
+            }
+            Msg::Cancel { id } => Event::Cancel { id },
+            Msg::Started { ok, error } => Event::Started { ok, error, now },
+            Msg::Stopped => Event::Stopped { now },
+        })
+    }
+
+    fn act(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Reply(id, outcome) => {
+                    let Some((reply, needs)) = self.replies.remove(&id) else { continue };
+                    let counters: Vec<Arc<AtomicU32>> =
+                        needs.iter().filter_map(|b| self.passes.get(b).cloned()).collect();
+                    let ready = outcome == Outcome::Ready;
+                    if ready {
+                        for c in &counters {
+                            c.fetch_add(1, Ordering::AcqRel);
+                        }
+                    }
+                    let delivered = reply.is_some_and(|r| r.send(outcome).is_ok());
+                    if ready && !delivered {
+                        for c in &counters {
+                            c.fetch_sub(1, Ordering::AcqRel);
+                        }
+                    }
+                }
+                Action::Start(backends) => {
+                    let (processes, tx) = (self.processes.clone(), self.shared.tx.clone());
+                    tokio::spawn(async move {
+                        let runs = backends.iter().map(|b| processes.start(b));
+                        let ends = futures_util::future::join_all(runs).await;
+                        let failed: Vec<&String> = backends
+                            .iter()
+                            .zip(&ends)
+                            .filter(|(_, e)| **e != Some(crate::process::State::Ready))
+                            .map(|(b, _)| b)
+                            .collect();
+                        let error = (!failed.is_empty()).then(|| {
+                            let snaps = processes.snapshots(1);
+                            failed
+                                .iter()
+                                .map(|b| {
+                                    let why = snaps
+                                        .iter()
+                                        .find(|s| &s.backend == *b)
+                                        .and_then(|s| s.error.clone().or_else(|| s.last_exit.clone()))
+                                        .unwrap_or_else(|| "not ready".into());
+                                    format!("backend `{b}`: {why}")
+                                })
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        });
+                        let _ = tx.send(Msg::Started { ok: failed.is_empty(), error });
+                    });
+                }
+                Action::Stop(backends) => {
+                    let (processes, tx) = (self.processes.clone(), self.shared.tx.clone());
+                    tokio::spawn(async move {
+                        futures_util::future::join_all(backends.iter().map(|b| processes.stop(b))).await;
+                        let _ = tx.send(Msg::Stopped);
+                    });
+                }
+            }
+        }
+    }
+
+    /// Running members with work: easel's (permits held or queued, passes) or their own (native busy signal).
+    async fn busy(&self) -> BTreeSet<String> {
+        let mut busy = BTreeSet::new();
+        let draining = matches!(self.host.phase, Phase::Draining { .. });
+        for b in &self.members {
+            let name = &b.cfg.name;
+            if !self.host.running.contains(name) {
+                continue;
+            }
+            let easel = b.gates.values().map(|g| g.inflight() + g.queued()).sum::<u32>()
+                + self.passes.get(name).map_or(0, |c| c.load(Ordering::Acquire));
+            if easel > 0 || (draining && self.native_busy(b).await) {
+                busy.insert(name.clone());
+            }
+        }
+        busy
+    }
+
+    /// ComfyUI's `GET /queue` (running or pending entries). Other kinds report nothing here.
+    async fn native_busy(&self, b: &BackendHandle) -> bool {
+        if b.cfg.kind != BackendKind::ComfyUi {
+            return false;
+        }
+        let url = b.cfg.endpoint("/queue");
+        let Ok(resp) = self.http.get(url).send().await else { return false };
+        let Ok(v) = resp.json::<serde_json::Value>().await else { return false };
+        let non_empty = |k: &str| v.get(k).and_then(|x| x.as_array()).is_some_and(|a| !a.is_empty());
+        non_empty("queue_running") || non_empty("queue_pending")
+    }
+
+    fn publish(&self) {
+        let now = self.now();
+        let h = &self.host;
+        let failed: BTreeMap<String, Duration> =
+            h.settings.sets.keys().filter_map(|s| h.failed(s, now).map(|(left, _)| (s.clone(), left))).collect();
+        for set in h.settings.sets.keys() {
+            let on = h.active() == Some(set.as_str()) && matches!(h.phase, Phase::Active { .. });
+            m::working_set_active(&self.shared.cfg.name, set, on);
+        }
+        let view = HostView {
+            host: self.shared.cfg.name.clone(),
+            mode: self.shared.cfg.mode.as_str(),
+            phase: h.phase.clone(),
+            active_set: h.active().map(str::to_owned),
+            target_set: h.target().map(str::to_owned),
+            elapsed_s: self.phase_since.elapsed().as_secs_f64(),
+            demand: h
+                .demand()
+                .into_iter()
+                .map(|(s, d)| {
+                    let oldest = now.saturating_sub(d.oldest).as_secs_f64();
+                    (s, serde_json::json!({"count": d.count, "oldest_s": oldest}))
+                })
+                .collect(),
+            swap_queue_depth: h.waiting(),
+            members: self
+                .members
+                .iter()
+                .map(|b| MemberView {
+                    backend: b.cfg.name.clone(),
+                    process: self.processes.state(&b.cfg.name).map_or("external", |s| s.as_str()),
+                    in_flight: b.gates.values().map(|g| g.inflight()).sum(),
+                })
+                .collect(),
+        };
+        if let Ok(mut v) = self.shared.view.lock() {
+            *v = Some(view);
+        }
+        if let Ok(mut s) = self.shared.snapshot.lock() {
+            *s = (h.phase.clone(), h.running.clone(), failed);
+        }
+    }
+}

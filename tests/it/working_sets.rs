@@ -1,0 +1,248 @@
+//! Working sets on a host, with real child processes (tests/fake_backend.py): a cold set starts once for many
+//! requests, a swap waits for running work and keeps shared members, manual mode refuses with 409, a set that
+//! dies while loading fails with a cooldown, and no process outlives the gateway.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{Gateway, TEST_TIMEOUT, spawn_gateway_env};
+
+const ADMIN: &str = "admin-secret";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A managed fake backend: name, port, extra flags, record file.
+struct Fake {
+    name: &'static str,
+    port: u16,
+    flags: Vec<&'static str>,
+    record: PathBuf,
+    process_extra: &'static str,
+}
+
+impl Fake {
+    fn new(dir: &Path, name: &'static str, flags: &[&'static str]) -> Self {
+        Self { name, port: free_port(), flags: flags.to_vec(), record: dir.join(name), process_extra: "" }
+    }
+
+    fn yaml(&self) -> String {
+        let script = format!("{}/tests/fake_backend.py", env!("CARGO_MANIFEST_DIR"));
+        let mut cmd = vec!["python3".to_owned(), script, "--port".into(), self.port.to_string()];
+        cmd.extend(["--record".to_owned(), self.record.display().to_string()]);
+        cmd.extend(self.flags.iter().map(|f| (*f).to_owned()));
+        let cmd = serde_json::to_string(&cmd).unwrap();
+        format!(
+            "  {}:\n    kind: openai\n    url: http://127.0.0.1:{}/v1\n    timeout: 20s\n    concurrency: {{ images: 4 }}\n    process: {{ cmd: {cmd}, ready_timeout: 20s, stop: {{ grace: 2s }}{} }}\n",
+            self.name, self.port, self.process_extra
+        )
+    }
+
+    fn lines(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.record).unwrap_or_default().lines().map(str::to_owned).collect()
+    }
+
+    fn starts(&self) -> usize {
+        self.lines().iter().filter(|l| l.starts_with("start ")).count()
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.lines().iter().filter_map(|l| l.strip_prefix("start ")).map(|p| p.parse().unwrap()).collect()
+    }
+}
+
+/// `hosts:` + backends + sets + one model per `(model, backend, set)`.
+fn config(host: &str, fakes: &[&Fake], sets: &str, models: &[(&str, &str, &str)]) -> String {
+    let mut y = format!("hosts:\n  gpu0: {host}\nbackends:\n");
+    for f in fakes {
+        y.push_str(&f.yaml());
+    }
+    y.push_str("working_sets:\n");
+    y.push_str(sets);
+    y.push_str("models:\n");
+    for (id, backend, set) in models {
+        y.push_str(&format!(
+            "  - {{ id: {id}, backends: [{backend}], upstream_model: fake-model, working_set: {set} }}\n"
+        ));
+    }
+    y
+}
+
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + TEST_TIMEOUT;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Shuts the gateway down and checks that no fake it ever started still runs.
+async fn shutdown_without_orphans(gw: Gateway, fakes: &[&Fake]) {
+    drop(gw);
+    for f in fakes {
+        for pid in f.pids() {
+            wait_until(&format!("{} (pid {pid}) to exit", f.name), || !alive(pid)).await;
+        }
+    }
+}
+
+async fn hosts(gw: &Gateway) -> Value {
+    let resp = gw.client.get(gw.endpoint("/v1/admin/hosts")).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
+async fn gen_image(gw: &Gateway, model: &str) -> (u16, reqwest::header::HeaderMap, Value) {
+    gw.post_json("/v1/images/generations", json!({"model": model, "prompt": "a cat"})).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_set_starts_once_for_twenty_concurrent_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Fake::new(dir.path(), "fa", &["--start-delay", "0.5"]);
+    let cfg = config("{}", &[&a], "  one: { host: gpu0, backends: [fa] }\n", &[("ma", "fa", "one")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let models: Value = gw.client.get(gw.endpoint("/v1/models")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"][0]["meta"]["status"], "inactive", "{models}");
+    assert_eq!(models["data"][0]["meta"]["host"], "gpu0", "{models}");
+    assert_eq!(a.starts(), 0, "nothing starts before it is needed");
+
+    let all = futures_util::future::join_all((0..20).map(|_| gen_image(&gw, "ma"))).await;
+    for (s, _, body) in &all {
+        assert_eq!(*s, 200, "{body}");
+    }
+    assert_eq!(a.starts(), 1, "{:?}", a.lines());
+    let h = hosts(&gw).await;
+    assert_eq!(h["data"][0]["state"], "active", "{h}");
+    assert_eq!(h["data"][0]["active_set"], "one", "{h}");
+    let models: Value = gw.client.get(gw.endpoint("/v1/models")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"][0]["meta"]["status"], "ready", "{models}");
+    shutdown_without_orphans(gw, &[&a]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_waits_for_the_running_job_and_keeps_the_shared_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = Fake::new(dir.path(), "shared", &[]);
+    let a = Fake::new(dir.path(), "fa", &["--gen-secs", "1.5"]);
+    let b = Fake::new(dir.path(), "fb", &[]);
+    let sets = "  one: { host: gpu0, backends: [shared, fa] }\n  two: { host: gpu0, backends: [shared, fb] }\n";
+    let models = [("ma", "fa", "one"), ("mb", "fb", "two"), ("ms", "shared", "one")];
+    let cfg = config("{ default_set: one, patience: 0s }", &[&shared, &a, &b], sets, &models);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    wait_until("the default set to start", || a.starts() == 1 && shared.starts() == 1).await;
+    let (s, _, body) = gen_image(&gw, "ms").await;
+    assert_eq!(s, 200, "{body}");
+    let shared_pid = shared.pids()[0];
+
+    // A long job on the leaving member, then a request for the other set.
+    let slow = tokio::spawn({
+        let (client, url) = (gw.client.clone(), gw.endpoint("/v1/images/generations"));
+        async move { client.post(url).json(&json!({"model": "ma", "prompt": "slow"})).send().await.unwrap().status() }
+    });
+    wait_until("the slow job to begin", || a.lines().iter().any(|l| l == "gen begin")).await;
+    let (s, _, body) = gen_image(&gw, "mb").await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(slow.await.unwrap(), 200, "the running job was not killed by the swap");
+    let lines = a.lines();
+    let done = lines.iter().position(|l| l == "gen done").unwrap();
+    let exit = lines.iter().position(|l| l == "exit").unwrap_or(usize::MAX);
+    assert!(done < exit, "fa stopped before its job finished: {lines:?}");
+    // The shared member kept its process.
+    assert_eq!(shared.starts(), 1, "{:?}", shared.lines());
+    assert!(alive(shared_pid));
+    let (s, _, body) = gen_image(&gw, "ms").await;
+    assert_eq!(s, 200, "{body}");
+    let h = hosts(&gw).await;
+    assert_eq!(h["data"][0]["active_set"], "two", "{h}");
+    let metrics = gw.client.get(gw.endpoint("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("easel_working_set_active{host=\"gpu0\",set=\"two\"} 1"), "{metrics}");
+    shutdown_without_orphans(gw, &[&shared, &a, &b]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_mode_answers_409_until_the_admin_activates_the_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Fake::new(dir.path(), "fa", &[]);
+    let cfg = config("{ mode: manual }", &[&a], "  one: { host: gpu0, backends: [fa] }\n", &[("ma", "fa", "one")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let (s, headers, body) = gen_image(&gw, "ma").await;
+    assert_eq!(s, 409, "{body}");
+    assert_eq!(body["error"]["code"], "working_set_inactive", "{body}");
+    assert_eq!(headers["x-should-retry"], "false");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("POST /v1/admin/working-sets/one/activate") && msg.contains("mode manual"), "{msg}");
+    assert_eq!(a.starts(), 0);
+
+    let url = gw.endpoint("/v1/admin/working-sets/one/activate?wait=true");
+    let resp = gw.client.post(&url).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let again = gw.client.post(&url).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(again.status(), 200, "activating the active set is idempotent");
+    let missing = gw.endpoint("/v1/admin/working-sets/nope/activate");
+    let resp = gw.client.post(missing).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let (s, _, body) = gen_image(&gw, "ma").await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(a.starts(), 1);
+    shutdown_without_orphans(gw, &[&a]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_that_dies_while_loading_fails_with_a_cooldown_and_no_respawn() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Fake::new(dir.path(), "fa", &["--fail-start"]);
+    a.process_extra = ", restart: { max: 0 }";
+    let cfg =
+        config("{ failure_cooldown: 20s }", &[&a], "  one: { host: gpu0, backends: [fa] }\n", &[("ma", "fa", "one")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let (s, headers, body) = gen_image(&gw, "ma").await;
+    assert_eq!(s, 503, "{body}");
+    assert_eq!(body["error"]["code"], "working_set_failed", "{body}");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((15..=20).contains(&retry), "Retry-After {retry}");
+    // During the cooldown: answered at once, nothing is spawned again.
+    let (s, headers, body) = gen_image(&gw, "ma").await;
+    assert_eq!(s, 503, "{body}");
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(a.starts(), 1, "{:?}", a.lines());
+    let models: Value = gw.client.get(gw.endpoint("/v1/models")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"][0]["meta"]["status"], "unavailable", "{models}");
+    shutdown_without_orphans(gw, &[&a]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activate_answers_202_then_409_for_another_set_while_the_swap_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Fake::new(dir.path(), "fa", &["--start-delay", "1"]);
+    let b = Fake::new(dir.path(), "fb", &[]);
+    let sets = "  one: { host: gpu0, backends: [fa] }\n  two: { host: gpu0, backends: [fb] }\n";
+    let cfg = config("{ mode: manual }", &[&a, &b], sets, &[("ma", "fa", "one"), ("mb", "fb", "two")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let activate =
+        |set: &str| gw.client.post(gw.endpoint(&format!("/v1/admin/working-sets/{set}/activate"))).bearer_auth(ADMIN);
+    let resp = activate("one").send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    wait_until("fa to be spawned", || a.starts() == 1).await;
+    let resp = activate("two").send().await.unwrap();
+    assert_eq!(resp.status(), 409);
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("already switching to working set `one`"), "{body}");
+    let anonymous = gw.client.post(gw.endpoint("/v1/admin/working-sets/one/activate")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    // The target set's own requests wait for it in manual mode too.
+    let (s, _, body) = gen_image(&gw, "ma").await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(b.starts(), 0);
+    shutdown_without_orphans(gw, &[&a, &b]).await;
+}
