@@ -141,3 +141,25 @@ def test_keys_typed_exceptions_and_idempotency(easel_keys):
     assert err.value.status_code == 402
     assert err.value.body["code"] == "insufficient_credits"
     assert "balance is 1 credits" in err.value.message
+
+
+def test_an_image_job_through_the_sdks_own_request_methods(easel):
+    c = client(easel)
+    job = c.post(
+        "/images/generations",
+        cast_to=dict,
+        body={"model": "easel-sim", "prompt": "a lighthouse", "n": 2, "response_format": "b64_json"},
+        options={"headers": {"Prefer": "respond-async"}},
+    )
+    assert job["object"] == "job" and job["status"] == "queued", job
+    seen = {}
+
+    def done():
+        seen["job"] = c.get(f"/jobs/{job['id']}", cast_to=dict)
+        return seen["job"]["status"] in ("completed", "failed")
+
+    wait_until("the image job ends", done)
+    result = seen["job"]["result"]
+    assert seen["job"]["status"] == "completed", seen["job"]
+    assert len(result["data"]) == 2
+    assert png_size(base64.b64decode(result["data"][0]["b64_json"])) == (64, 64)
