@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use serde_json::{Value, json};
 
-use crate::support::books::{ADMIN, credits, key, ledger_clean};
+use crate::support::books::{ADMIN, credits, key, key_at, ledger_clean};
 use crate::support::{Gateway, TEST_TIMEOUT, comfyui, spawn_gateway_env, start_binary};
 
 const WORKFLOW: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/workflows/comfyui-video.json");
@@ -229,17 +229,7 @@ async fn killed_while_submitting(
     let env = [("EASEL_ADMIN_TOKEN", ADMIN)];
     let (mut child, url) = start_binary(dir, &env);
     let client = reqwest::Client::new();
-    let made: Value = client
-        .post(format!("{url}/v1/admin/keys"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "k", "credits": 100}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let secret = made["secret"].as_str().unwrap().to_owned();
+    let secret = key_at(&url, 100.0).await;
     let post = client
         .post(format!("{url}/v1/videos"))
         .bearer_auth(&secret)

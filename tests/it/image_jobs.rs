@@ -6,8 +6,8 @@
 use base64::Engine;
 use serde_json::{Value, json};
 
-use crate::support::books::{ADMIN, credits, key, ledger_clean};
-use crate::support::{Gateway, TEST_TIMEOUT, spawn_gateway_env, start_binary};
+use crate::support::books::{ADMIN, credits, key, key_at, ledger_clean};
+use crate::support::{Gateway, TEST_TIMEOUT, job_events, spawn_gateway_env, start_binary};
 
 fn config(latency: &str, admission: &str) -> String {
     format!(
@@ -37,18 +37,7 @@ async fn get(gw: &Gateway, secret: &str, path: &str) -> (u16, Value) {
 
 /// Every event of a job's stream until it ends: (id, name, data).
 async fn events(gw: &Gateway, secret: &str, id: &str) -> Vec<(u32, String, Value)> {
-    let req = gw.client.get(gw.endpoint(&format!("/v1/jobs/{id}/events"))).bearer_auth(secret);
-    let resp = tokio::time::timeout(TEST_TIMEOUT, req.send()).await.unwrap().unwrap();
-    let text = tokio::time::timeout(TEST_TIMEOUT, resp.text()).await.unwrap().unwrap();
-    text.split("\n\n")
-        .filter(|f| !f.trim().is_empty())
-        .map(|frame| {
-            let field = |name: &str| {
-                frame.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default().to_owned()
-            };
-            (field("id:").parse().unwrap(), field("event:"), serde_json::from_str(&field("data:")).unwrap())
-        })
-        .collect()
+    job_events(gw, secret, &format!("/v1/jobs/{id}/events"), None).await
 }
 
 fn png(b64: &str) -> image::DynamicImage {
@@ -268,17 +257,7 @@ async fn an_image_job_survives_a_sigkill_and_is_charged_once() {
     let env = [("EASEL_ADMIN_TOKEN", ADMIN)];
     let (mut child, url) = start_binary(dir.path(), &env);
     let client = reqwest::Client::new();
-    let made: Value = client
-        .post(format!("{url}/v1/admin/keys"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "k", "credits": 10}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let secret = made["secret"].as_str().unwrap().to_owned();
+    let secret = key_at(&url, 10.0).await;
     let resp = client
         .post(format!("{url}/v1/images/generations"))
         .bearer_auth(&secret)

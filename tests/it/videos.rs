@@ -4,8 +4,8 @@
 
 use serde_json::{Value, json};
 
-use crate::support::books::{ADMIN, credits, key, ledger_clean};
-use crate::support::{Gateway, TEST_TIMEOUT, spawn_gateway, spawn_gateway_env, start_binary};
+use crate::support::books::{ADMIN, credits, key, key_at, ledger_clean};
+use crate::support::{Gateway, TEST_TIMEOUT, job_events, spawn_gateway, spawn_gateway_env, start_binary};
 
 fn config(latency: &str, extra_backend: &str, extra_model: &str) -> String {
     format!(
@@ -27,7 +27,7 @@ async fn call(gw: &Gateway, method: reqwest::Method, path: &str, secret: &str, b
 /// Follows the job's event stream until it ends (no polling, no sleeps); returns the final job and every status
 /// the events carried, in order, without repeats.
 async fn until_done(gw: &Gateway, secret: &str, id: &str) -> (Value, Vec<String>) {
-    let seen = events(gw, secret, &format!("/v1/jobs/{id}/events"), None).await;
+    let seen = job_events(gw, secret, &format!("/v1/jobs/{id}/events"), None).await;
     let mut statuses: Vec<String> = Vec::new();
     for (_, _, data) in &seen {
         let s = data["status"].as_str().unwrap().to_owned();
@@ -257,19 +257,7 @@ async fn a_job_survives_a_sigkill_and_is_charged_once() {
     let env = [("EASEL_ADMIN_TOKEN", ADMIN)];
     let (mut child, url) = start_binary(dir.path(), &env);
     let client = reqwest::Client::new();
-    let secret = client
-        .post(format!("{url}/v1/admin/keys"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "k", "credits": 100}))
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap()["secret"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let secret = key_at(&url, 100.0).await;
     let job: Value = client
         .post(format!("{url}/v1/videos"))
         .bearer_auth(&secret)
@@ -345,26 +333,6 @@ async fn a_fal_video_goes_through_the_whole_gateway() {
     ledger_clean(&gw).await;
 }
 
-/// Reads a whole SSE body into (id, event, data) triples.
-async fn events(gw: &Gateway, secret: &str, path: &str, last: Option<&str>) -> Vec<(u32, String, Value)> {
-    let mut req = gw.client.get(gw.endpoint(path)).bearer_auth(secret);
-    if let Some(l) = last {
-        req = req.header("Last-Event-ID", l);
-    }
-    let resp = tokio::time::timeout(TEST_TIMEOUT, req.send()).await.unwrap().unwrap();
-    assert_eq!(resp.headers()["content-type"], "text/event-stream");
-    let text = tokio::time::timeout(TEST_TIMEOUT, resp.text()).await.unwrap().unwrap();
-    text.split("\n\n")
-        .filter(|f| !f.trim().is_empty())
-        .map(|frame| {
-            let field = |name: &str| {
-                frame.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default().to_owned()
-            };
-            (field("id:").parse().unwrap(), field("event:"), serde_json::from_str(&field("data:")).unwrap())
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn job_events_stream_live_and_resume_after_the_last_id() {
     let gw = spawn_gateway_env(&config("600ms", "", ""), &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
@@ -378,7 +346,7 @@ async fn job_events_stream_live_and_resume_after_the_last_id() {
     )
     .await;
     let id = v["id"].as_str().unwrap().to_owned();
-    let seen = events(&gw, &secret, &format!("/v1/jobs/{id}/events"), None).await;
+    let seen = job_events(&gw, &secret, &format!("/v1/jobs/{id}/events"), None).await;
     let names: Vec<&str> = seen.iter().map(|e| e.1.as_str()).collect();
     assert_eq!(names.last(), Some(&"completed"), "{names:?}");
     assert!(names.contains(&"progress"), "live progress while it ran: {names:?}");
@@ -390,8 +358,8 @@ async fn job_events_stream_live_and_resume_after_the_last_id() {
     let last = seen.last().unwrap();
     assert_eq!((last.2["status"].as_str(), last.2["id"].as_str()), (Some("completed"), Some(id.as_str())));
     // Resuming after the end sends nothing more; resuming from the start sends the end again.
-    assert!(events(&gw, &secret, &format!("/v1/videos/{id}/events"), Some("1000")).await.is_empty());
-    let again = events(&gw, &secret, &format!("/v1/videos/{id}/events"), Some("1")).await;
+    assert!(job_events(&gw, &secret, &format!("/v1/videos/{id}/events"), Some("1000")).await.is_empty());
+    let again = job_events(&gw, &secret, &format!("/v1/videos/{id}/events"), Some("1")).await;
     assert_eq!(again.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(), vec!["completed"]);
     // Another key cannot watch it.
     let other = key(&gw, 1.0).await;

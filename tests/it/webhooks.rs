@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use crate::support::books::{ADMIN, credits, key, ledger_clean};
+use crate::support::books::{ADMIN, credits, key, key_at, ledger_clean};
 use crate::support::{Gateway, TEST_TIMEOUT, spawn_gateway_env, start_binary};
 
 const SECRET: &str = "a-test-webhook-secret-of-some-length";
@@ -257,17 +257,7 @@ async fn a_restart_between_the_terminal_commit_and_the_delivery_still_delivers()
     let env = [("EASEL_ADMIN_TOKEN", ADMIN)];
     let (mut child, url) = start_binary(dir.path(), &env);
     let client = reqwest::Client::new();
-    let made: Value = client
-        .post(format!("{url}/v1/admin/keys"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "k", "credits": 100}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let secret = made["secret"].as_str().unwrap().to_owned();
+    let secret = key_at(&url, 100.0).await;
     let job: Value = client
         .post(format!("{url}/v1/videos"))
         .bearer_auth(&secret)

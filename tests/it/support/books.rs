@@ -35,3 +35,16 @@ pub async fn ledger_clean(gw: &Gateway) {
     let status = resp.status();
     assert_eq!(status, 200, "ledger drift: {}", resp.text().await.unwrap());
 }
+
+/// Creates a key with `credits` on an easel started as a binary at `url` (see `start_binary`); returns its secret.
+pub async fn key_at(url: &str, credits: f64) -> String {
+    let resp = reqwest::Client::new()
+        .post(format!("{url}/v1/admin/keys"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": format!("k{}", rand::random::<u32>()), "credits": credits}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    resp.json::<Value>().await.unwrap()["secret"].as_str().unwrap().to_owned()
+}

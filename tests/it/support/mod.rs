@@ -132,3 +132,28 @@ pub fn start_binary(dir: &Path, env: &[(&str, &str)]) -> (std::process::Child, S
     let url = rx.recv_timeout(TEST_TIMEOUT).expect("easel did not start");
     (child, url)
 }
+
+/// Reads a whole SSE body into (id, event, data) triples.
+pub async fn job_events(
+    gw: &Gateway,
+    secret: &str,
+    path: &str,
+    last: Option<&str>,
+) -> Vec<(u32, String, serde_json::Value)> {
+    let mut req = gw.client.get(gw.endpoint(path)).bearer_auth(secret);
+    if let Some(l) = last {
+        req = req.header("Last-Event-ID", l);
+    }
+    let resp = tokio::time::timeout(TEST_TIMEOUT, req.send()).await.unwrap().unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let text = tokio::time::timeout(TEST_TIMEOUT, resp.text()).await.unwrap().unwrap();
+    text.split("\n\n")
+        .filter(|f| !f.trim().is_empty())
+        .map(|frame| {
+            let field = |name: &str| {
+                frame.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default().to_owned()
+            };
+            (field("id:").parse().unwrap(), field("event:"), serde_json::from_str(&field("data:")).unwrap())
+        })
+        .collect()
+}
