@@ -352,8 +352,9 @@ async fn finish(state: &AppState, job: &JobRecord, end: JobEnd) {
     end_at(state, job, job.lease_epoch, end).await;
 }
 
-/// Ends `job` at lease `epoch`: the terminal state and the hold's capture or release commit together.
-pub(crate) async fn end_at(state: &AppState, job: &JobRecord, epoch: i64, end: JobEnd) {
+/// Ends `job` at lease `epoch`: the terminal state and the hold's capture or release commit together. `false`
+/// when this poller did not end it (already ended, fenced out by another poller, or the write failed).
+pub(crate) async fn end_at(state: &AppState, job: &JobRecord, epoch: i64, end: JobEnd) -> bool {
     let id = job.id.as_str();
     match state.ledger.end_job(id, epoch, &end).await {
         Ok(true) => {
@@ -372,10 +373,17 @@ pub(crate) async fn end_at(state: &AppState, job: &JobRecord, epoch: i64, end: J
                     tracing::info!(job = %id, code, message, "Job ended without output.")
                 }
             }
+            true
         }
-        Ok(false) => tracing::debug!(job = %id, "The job had already ended, or another poller holds it."),
+        Ok(false) => {
+            tracing::debug!(job = %id, "The job had already ended, or another poller holds it.");
+            false
+        }
         // The job stays claimed until its lease lapses; the next round ends it.
-        Err(e) => tracing::error!(job = %id, error = %e, "Ending a job failed."),
+        Err(e) => {
+            tracing::error!(job = %id, error = %e, "Ending a job failed.");
+            false
+        }
     }
 }
 

@@ -235,7 +235,10 @@ pub async fn run(state: AppState, job: JobRecord, cancel: CancellationToken, epo
         }
         Outcome::End(end) => {
             state.jobs.end_local(&id);
-            crate::jobs::end_at(&state, &job, epoch_now, end).await;
+            if !crate::jobs::end_at(&state, &job, epoch_now, end).await {
+                // Another poller holds the job now (or ending failed and it runs again): it needs the inputs.
+                return;
+            }
             let (inputs, mask) = input_files(&job);
             for f in inputs.iter().chain(mask.iter()) {
                 if let Err(e) = state.files.delete(f).await {
