@@ -101,6 +101,15 @@ impl Gate {
         self.slots.available_permits() == 0
     }
 
+    /// A slot now if one is free, without queueing: for work that runs anyway and should be counted (a job
+    /// resumed after a restart, running upstream already).
+    pub fn try_admit(self: &Arc<Self>) -> Option<Permit> {
+        if self.draining.load(Ordering::Acquire) {
+            return None;
+        }
+        Arc::clone(&self.slots).try_acquire_owned().ok().map(|p| self.permit(p, Duration::ZERO))
+    }
+
     /// Waits for a slot (bounded by the queue depth and wait), or says when to retry.
     pub async fn admit(self: &Arc<Self>) -> Result<Permit, AdmissionError> {
         if self.draining.load(Ordering::Acquire) {

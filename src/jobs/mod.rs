@@ -67,6 +67,10 @@ impl Jobs {
         m::jobs_running(backend, slots.values().filter(|(b, _)| b == backend).count());
     }
 
+    fn holds_slot(&self, job: &str) -> bool {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner).contains_key(job)
+    }
+
     fn free_slot(&self, job: &str) {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((backend, permit)) = slots.remove(job) {
@@ -224,6 +228,13 @@ async fn advance(state: &AppState, job: JobRecord) {
         return;
     }
     let adapter = &backend.adapter;
+    // A job resumed after a restart runs upstream without the slot it took at submit: count it again as soon as
+    // one is free (it never waits for one — the backend is busy with it either way).
+    if !state.jobs.holds_slot(&id)
+        && let Some(permit) = backend.gate(crate::config::Capability::Videos).and_then(|g| g.try_admit())
+    {
+        state.jobs.hold_slot(&id, &backend.cfg.name, permit);
+    }
     if job.cancel_requested || crate::ledger::now_ms() > job.deadline_at {
         // Cancel upstream first; a job that finished meanwhile is still delivered.
         if let Err(e) = adapter.cancel_job(&handle).await {

@@ -253,7 +253,7 @@ async fn pages_follow_the_cursor_and_no_keys_mode_works() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_survives_a_sigkill_and_is_charged_once() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("easel.yaml"), config("1500ms", "", "")).unwrap();
+    std::fs::write(dir.path().join("easel.yaml"), config("5s", "", "")).unwrap();
     let env = [("EASEL_ADMIN_TOKEN", ADMIN)];
     let (mut child, url) = start_binary(dir.path(), &env);
     let client = reqwest::Client::new();
@@ -274,6 +274,24 @@ async fn a_job_survives_a_sigkill_and_is_charged_once() {
     child.wait().unwrap();
 
     let (mut child, url) = start_binary(dir.path(), &env);
+    // The resumed job takes its backend's video slot again (it runs upstream; new work must count it).
+    let deadline = std::time::Instant::now() + TEST_TIMEOUT;
+    loop {
+        let status: Value = client
+            .get(format!("{url}/v1/gateway/status"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if status["jobs_running"]["sim"] == 1 && status["backends"]["sim"]["admission"]["videos"]["inflight"] == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the resumed job never took a slot: {status}");
+        tokio::task::yield_now().await;
+    }
     // The restarted easel's event stream for the job ends with its terminal state.
     let stream = client.get(format!("{url}/v1/jobs/{id}/events")).bearer_auth(&secret).send();
     let text = tokio::time::timeout(TEST_TIMEOUT, async { stream.await.unwrap().text().await.unwrap() }).await.unwrap();
