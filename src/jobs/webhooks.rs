@@ -9,7 +9,6 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use metrics::counter;
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use url::{Host, Url};
 
@@ -32,8 +31,6 @@ const IDLE: Duration = Duration::from_millis(250);
 const MAX_ANSWER: usize = 4096;
 /// Where a generated signing secret is kept, inside the files directory.
 const SECRET_FILE: &str = ".webhook-secret";
-/// SHA-256's block size, as HMAC needs it.
-const BLOCK: usize = 64;
 
 /// Checks a client's webhook target: an absolute http(s) URL of at most 2048 characters, without userinfo, and
 /// (unless `allow_private`) not naming a loopback, link-local, private or otherwise internal address.
@@ -131,9 +128,9 @@ impl Signer {
     /// A secret of the form `whsec_<base64>` (as Standard Webhooks libraries take it) signs with the decoded bytes;
     /// any other secret signs with its bytes as written.
     pub fn new(secret: &str) -> Self {
-        let key = secret.strip_prefix("whsec_").and_then(|b| B64.decode(b).ok()).unwrap_or_else(|| secret.into());
-        let key = if key.len() > BLOCK { Sha256::digest(&key).to_vec() } else { key };
-        Self { key }
+        let key: Vec<u8> =
+            secret.strip_prefix("whsec_").and_then(|b| B64.decode(b).ok()).unwrap_or_else(|| secret.into());
+        Self { key: crate::storage::signing::hmac_key(&key) }
     }
 
     /// The configured secret, or the one generated into `dir` on first use (`whsec_` + 32 random bytes, 0600).
@@ -141,53 +138,19 @@ impl Signer {
         if let Some(s) = secret {
             return Ok(Self::new(s));
         }
+        let fresh = || format!("whsec_{}", B64.encode(rand::random::<[u8; 32]>()));
         let path = dir.join(SECRET_FILE);
-        if let Ok(s) = tokio::fs::read_to_string(&path).await
-            && s.trim().starts_with("whsec_")
-        {
-            return Ok(Self::new(s.trim()));
-        }
-        let fresh = format!("whsec_{}", B64.encode(rand::random::<[u8; 32]>()));
-        let tmp = dir.join(format!("{SECRET_FILE}.tmp"));
-        write_private(&tmp, fresh.as_bytes()).await?;
-        tokio::fs::rename(&tmp, &path).await?;
-        Ok(Self::new(&fresh))
+        let secret = crate::storage::signing::stored_secret(&path, |s| s.starts_with("whsec_"), fresh).await?;
+        Ok(Self::new(&secret))
     }
 
     /// `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`.
     pub fn signature(&self, id: &str, timestamp: i64, body: &str) -> String {
         let ts = timestamp.to_string();
-        let mac = hmac(&self.key, &[id.as_bytes(), b".", ts.as_bytes(), b".", body.as_bytes()]);
+        let mac =
+            crate::storage::signing::hmac(&self.key, &[id.as_bytes(), b".", ts.as_bytes(), b".", body.as_bytes()]);
         format!("v1,{}", B64.encode(mac))
     }
-}
-
-/// HMAC-SHA256 (RFC 2104) of the concatenated `parts`; `key` is at most one block.
-fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    let mut ipad = [0x36u8; BLOCK];
-    let mut opad = [0x5cu8; BLOCK];
-    for (i, k) in key.iter().take(BLOCK).enumerate() {
-        ipad[i] ^= k;
-        opad[i] ^= k;
-    }
-    let mut inner = Sha256::new().chain_update(ipad);
-    for p in parts {
-        inner.update(p);
-    }
-    Sha256::new().chain_update(opad).chain_update(inner.finalize()).finalize().into()
-}
-
-#[cfg(unix)]
-async fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use tokio::io::AsyncWriteExt;
-    let mut f = tokio::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).await?;
-    f.write_all(data).await?;
-    f.sync_all().await
-}
-
-#[cfg(not(unix))]
-async fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    tokio::fs::write(path, data).await
 }
 
 /// The delay before the attempt after `failed` failed ones: 1, 6, 24, 120, then 720 times the base.

@@ -121,17 +121,11 @@ pub async fn submit(
         fingerprint,
     });
     let forget_inputs = |state: &AppState| {
-        let files: Vec<String> = job.request["inputs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .chain(job.request.get("mask"))
-            .filter_map(|v| v.as_str().map(str::to_owned))
-            .collect();
+        let (inputs, mask) = input_files(&job.request);
         let state = state.clone();
         async move {
-            for f in files {
-                let _ = state.files.delete(&f).await;
+            for f in inputs.iter().chain(mask.iter()) {
+                let _ = state.files.delete(f).await;
             }
         }
     };
@@ -163,13 +157,13 @@ pub async fn submit(
     state.ledger.job(&id).await?.ok_or(Error::JobNotFound(id))
 }
 
-/// The stored inputs of an image job (edits), for its run and for cleaning up after it.
-fn input_files(job: &JobRecord) -> (Vec<String>, Option<String>) {
-    let inputs = job.request["inputs"]
+/// The stored inputs of an image job's request (edits), for its run and for cleaning up after it.
+fn input_files(request: &serde_json::Value) -> (Vec<String>, Option<String>) {
+    let inputs = request["inputs"]
         .as_array()
         .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
         .unwrap_or_default();
-    (inputs, job.request["mask"].as_str().map(str::to_owned))
+    (inputs, request["mask"].as_str().map(str::to_owned))
 }
 
 /// How a run ended that does not end the job.
@@ -239,7 +233,7 @@ pub async fn run(state: AppState, job: JobRecord, cancel: CancellationToken, epo
                 // Another poller holds the job now (or ending failed and it runs again): it needs the inputs.
                 return;
             }
-            let (inputs, mask) = input_files(&job);
+            let (inputs, mask) = input_files(&job.request);
             for f in inputs.iter().chain(mask.iter()) {
                 if let Err(e) = state.files.delete(f).await {
                     tracing::warn!(job = %id, file = %f, error = %e, "Deleting a finished job's input failed.");
@@ -275,7 +269,7 @@ async fn execute(
     req.response_format = ResponseFormat::Url;
     req.stream = None;
     let edit_inputs = if edit {
-        let (inputs, mask) = input_files(job);
+        let (inputs, mask) = input_files(&job.request);
         let mut images = Vec::with_capacity(inputs.len());
         for (i, f) in inputs.iter().enumerate() {
             match state.files.get(f).await {

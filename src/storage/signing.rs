@@ -39,8 +39,7 @@ pub enum SignatureProblem {
 
 impl UrlSigner {
     pub fn new(secret: &[u8], ttl: Duration) -> Self {
-        let key = if secret.len() > BLOCK { Sha256::digest(secret).to_vec() } else { secret.to_vec() };
-        Self { key, ttl }
+        Self { key: hmac_key(secret), ttl }
     }
 
     /// The configured secret, or the key generated into `dir` on first use (32 random bytes, hex, mode 0600).
@@ -49,21 +48,13 @@ impl UrlSigner {
             return Ok(Self::new(s.as_bytes(), ttl));
         }
         let path = dir.join(KEY_FILE);
-        match tokio::fs::read_to_string(&path).await {
-            Ok(hex) if hex.trim().len() >= 64 => return Ok(Self::new(hex.trim().as_bytes(), ttl)),
-            Ok(_) | Err(_) => {}
-        }
-        let fresh: [u8; 32] = rand::random();
-        let hex = to_hex(&fresh);
-        let tmp = dir.join(format!("{KEY_FILE}.tmp"));
-        write_private(&tmp, hex.as_bytes()).await.map_err(|e| StorageError {
-            path: tmp.display().to_string(),
-            message: format!("cannot write the URL signing key: {e}"),
-        })?;
-        tokio::fs::rename(&tmp, &path).await.map_err(|e| StorageError {
-            path: path.display().to_string(),
-            message: format!("cannot store the URL signing key: {e}"),
-        })?;
+        let hex =
+            stored_secret(&path, |k| k.len() >= 64, || to_hex(&rand::random::<[u8; 32]>())).await.map_err(|e| {
+                StorageError {
+                    path: path.display().to_string(),
+                    message: format!("cannot store the URL signing key: {e}"),
+                }
+            })?;
         Ok(Self::new(hex.as_bytes(), ttl))
     }
 
@@ -93,8 +84,33 @@ impl UrlSigner {
     }
 }
 
-/// HMAC-SHA256 (RFC 2104) of the concatenated `parts`; `key` is at most one block.
-fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+/// An HMAC-SHA256 key from a secret: a secret longer than one block is hashed first (RFC 2104).
+pub(crate) fn hmac_key(secret: &[u8]) -> Vec<u8> {
+    if secret.len() > BLOCK { Sha256::digest(secret).to_vec() } else { secret.to_vec() }
+}
+
+/// The secret kept in the file at `path`, if it is there and `valid`; otherwise `fresh()`, written there first
+/// (mode 0600, through a temporary file and a rename, so a crash never leaves half a secret).
+pub(crate) async fn stored_secret(
+    path: &Path,
+    valid: impl Fn(&str) -> bool,
+    fresh: impl FnOnce() -> String,
+) -> std::io::Result<String> {
+    if let Ok(s) = tokio::fs::read_to_string(path).await
+        && valid(s.trim())
+    {
+        return Ok(s.trim().to_owned());
+    }
+    let secret = fresh();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    write_private(Path::new(&tmp), secret.as_bytes()).await?;
+    tokio::fs::rename(&tmp, path).await?;
+    Ok(secret)
+}
+
+/// HMAC-SHA256 (RFC 2104) of the concatenated `parts`; `key` comes from [`hmac_key`] (at most one block).
+pub(crate) fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     let mut ipad = [0x36u8; BLOCK];
     let mut opad = [0x5cu8; BLOCK];
     for (i, k) in key.iter().take(BLOCK).enumerate() {
