@@ -39,12 +39,7 @@ pub async fn get_handler(
     Path(id): Path<String>,
 ) -> Result<Json<Video>, ApiError> {
     let (caller, _) = caller(&headers, principal, "/v1/videos", None)?;
-    let job = videos::owned_job(&state, &caller, &id).await?;
-    if job.object != "video" {
-        // An image job: it has no `video` object (GET /v1/jobs/{id} answers for it).
-        return Err(Error::JobNotFound(id).into());
-    }
-    Ok(Json(video(&job)))
+    Ok(Json(video(&videos::owned_video(&state, &caller, &id).await?)))
 }
 
 /// `GET /v1/videos?limit&order&after`.
@@ -99,6 +94,7 @@ pub async fn delete_handler(
     Path(id): Path<String>,
 ) -> Result<Json<VideoDeleted>, ApiError> {
     let (caller, _) = caller(&headers, principal, "/v1/videos", None)?;
+    videos::owned_video(&state, &caller, &id).await?;
     videos::delete(&state, &caller, &id).await?;
     Ok(Json(VideoDeleted { id, object: "video.deleted", deleted: true }))
 }
@@ -111,6 +107,7 @@ pub async fn cancel_handler(
     Path(id): Path<String>,
 ) -> Result<Json<Video>, ApiError> {
     let (caller, _) = caller(&headers, principal, "/v1/videos", None)?;
+    videos::owned_video(&state, &caller, &id).await?;
     Ok(Json(video(&videos::cancel(&state, &caller, &id).await?)))
 }
 
@@ -134,7 +131,7 @@ pub async fn content_handler(
             RequestError::param("variant", format!("`variant` must be video or thumbnail, not `{variant}`")).into()
         );
     }
-    let job = videos::owned_job(&state, &caller, &id).await?;
+    let job = videos::owned_video(&state, &caller, &id).await?;
     if job.state != "succeeded" {
         return Err(RequestError::param(
             "video_id",

@@ -209,6 +209,15 @@ pub async fn owned_job(state: &AppState, caller: &Caller, id: &str) -> Result<Jo
     }
 }
 
+/// A video job the caller owns; an image job is not a video (`/v1/jobs/{id}` serves it), so it is "not found"
+/// under `/v1/videos`.
+pub async fn owned_video(state: &AppState, caller: &Caller, id: &str) -> Result<JobRecord, Error> {
+    match owned_job(state, caller, id).await? {
+        job if job.object == "video" => Ok(job),
+        _ => Err(Error::JobNotFound(id.to_owned())),
+    }
+}
+
 /// The caller's video jobs, newest first unless `ascending`, after the cursor.
 pub async fn list_videos(
     state: &AppState,

@@ -88,6 +88,9 @@ async fn an_async_generation_is_a_job_with_live_progress_previews_and_the_images
     let other = key(&gw, 1.0).await;
     assert_eq!(get(&gw, &other, &location).await.0, 404);
     assert_eq!(get(&gw, &secret, &format!("/v1/videos/{id}")).await.0, 404);
+    assert_eq!(get(&gw, &secret, &format!("/v1/videos/{id}/content")).await.0, 404);
+    let cancel = gw.client.post(gw.endpoint(&format!("/v1/videos/{id}/cancel"))).bearer_auth(&secret).send().await;
+    assert_eq!(cancel.unwrap().status(), 404, "an image job is not a video");
 }
 
 #[tokio::test]
