@@ -128,10 +128,19 @@ impl ComfyUiBackend {
     }
 
     /// Follows the job on the socket; `None` when the socket went away and polling must take over.
-    async fn follow_socket<S>(&self, socket: &mut S, prompt_id: &str, progress: &Progress) -> Option<Ended>
+    /// `nodes` is the size of the graph: progress counts the nodes done, and the sampler's steps inside the node
+    /// running, so graphs without a sampler (image filters, video assembly) report progress too.
+    async fn follow_socket<S>(
+        &self,
+        socket: &mut S,
+        prompt_id: &str,
+        nodes: usize,
+        progress: &Progress,
+    ) -> Option<Ended>
     where
         S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
     {
+        let mut graph = GraphProgress::new(nodes);
         while let Some(msg) = socket.next().await {
             let text = match msg {
                 Ok(Message::Text(text)) => text,
@@ -156,12 +165,27 @@ impl ComfyUiBackend {
                     let (v, max) =
                         (event.data["value"].as_f64().unwrap_or(0.0), event.data["max"].as_f64().unwrap_or(0.0));
                     progress.step(&self.http.cfg.name, v, max);
+                    let (done, total) = graph.inside(v, max);
+                    progress.overall(done, total);
                     tracing::debug!(backend = %self.http.cfg.name, prompt_id, step = v, of = max, "ComfyUI progress.");
                 }
                 "executing"
                     if event.data.get("node").is_some_and(Value::is_null) && event.data.get("prompt_id").is_some() =>
                 {
                     return Some(Ended::Done);
+                }
+                "executing" => {
+                    if let Some(node) = event.data.get("node").and_then(Value::as_str) {
+                        let (done, total) = graph.started(node);
+                        progress.overall(done, total);
+                        tracing::debug!(backend = %self.http.cfg.name, prompt_id, node, done, of = total, "ComfyUI node started.");
+                    }
+                }
+                "execution_cached" => {
+                    let cached = event.data.get("nodes").and_then(Value::as_array);
+                    for node in cached.into_iter().flatten().filter_map(Value::as_str) {
+                        graph.cached(node);
+                    }
                 }
                 "execution_error" => return Some(Ended::Failed(execution_error(&event.data))),
                 "execution_interrupted" => {
@@ -233,6 +257,49 @@ impl ComfyUiBackend {
     }
 }
 
+/// How far a prompt is, from the socket's node events: nodes finished (cached, or run and followed by another),
+/// plus the fraction of the running node that its sampler steps tell. Never goes backwards.
+#[derive(Debug)]
+struct GraphProgress {
+    total: usize,
+    done: std::collections::HashSet<String>,
+    running: Option<String>,
+    /// The highest fraction reported so far (0–1).
+    shown: f64,
+}
+
+impl GraphProgress {
+    fn new(total: usize) -> Self {
+        Self { total, done: std::collections::HashSet::new(), running: None, shown: 0.0 }
+    }
+
+    fn cached(&mut self, node: &str) {
+        self.done.insert(node.to_owned());
+    }
+
+    /// `node` starts: the one running before it is done. `(done, total)` for [`Progress::overall`].
+    fn started(&mut self, node: &str) -> (f64, f64) {
+        if let Some(before) = self.running.replace(node.to_owned()) {
+            self.done.insert(before);
+        }
+        self.report(0.0)
+    }
+
+    /// A sampler step inside the running node: `value` of `max`.
+    fn inside(&mut self, value: f64, max: f64) -> (f64, f64) {
+        let inner = if max > 0.0 { (value / max).clamp(0.0, 1.0) } else { 0.0 };
+        self.report(inner)
+    }
+
+    fn report(&mut self, inner: f64) -> (f64, f64) {
+        // A graph easel could not count (or events naming nodes it did not send) still ends below 1.
+        let total = self.total.max(self.done.len() + usize::from(self.running.is_some())).max(1) as f64;
+        let fraction = ((self.done.len() as f64 + inner) / total).min(1.0);
+        self.shown = self.shown.max(fraction);
+        (self.shown * total, total)
+    }
+}
+
 /// A binary socket frame that carries a preview: a big-endian u32 event type (1 = preview image), a big-endian
 /// u32 image format (1 = JPEG, 2 = PNG), then the image bytes. Other frames (and broken ones) are `None`.
 fn preview_frame(frame: &[u8]) -> Option<(bytes::Bytes, ImageFormat)> {
@@ -285,7 +352,10 @@ impl Backend for ComfyUiBackend {
 
         let followed = async {
             let ended = match socket.as_mut() {
-                Some(s) => self.follow_socket(s, &prompt_id, call.progress).await,
+                Some(s) => {
+                    let nodes = graph.as_object().map_or(0, serde_json::Map::len);
+                    self.follow_socket(s, &prompt_id, nodes, call.progress).await
+                }
                 None => None,
             };
             match ended {
@@ -516,6 +586,23 @@ fn output_type() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_events_make_progress_that_never_goes_back() {
+        let mut g = GraphProgress::new(4);
+        g.cached("1");
+        assert_eq!(g.started("2"), (1.0, 4.0));
+        assert_eq!(g.inside(5.0, 10.0), (1.5, 4.0));
+        assert_eq!(g.started("3"), (2.0, 4.0));
+        // A sampler restarting its count inside the same node cannot move progress back.
+        assert_eq!(g.inside(0.0, 10.0), (2.0, 4.0));
+        assert_eq!(g.started("4"), (3.0, 4.0));
+        // Nodes easel did not count (a graph of unknown size) stretch the total instead of passing 1.
+        let mut g = GraphProgress::new(0);
+        assert_eq!(g.started("a"), (0.0, 1.0));
+        let (done, total) = g.started("b");
+        assert!(done < total, "{done} of {total}");
+    }
 
     #[test]
     fn describes_validation_and_runtime_failures() {

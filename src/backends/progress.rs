@@ -34,8 +34,11 @@ struct Listener {
 #[derive(Debug, Default)]
 struct Seen {
     sent: u32,
-    /// The last reported fraction of the work done, when the backend says how many steps there are.
+    /// The last reported fraction of the sampler's steps, when the backend says how many there are: previews
+    /// come from the sampler, so they are spread over its steps.
     fraction: Option<f64>,
+    /// The fraction of the whole run, when the backend tells more than sampler steps (ComfyUI's node events).
+    overall: Option<f64>,
 }
 
 impl Progress {
@@ -66,9 +69,21 @@ impl Progress {
         }
     }
 
-    /// How much of the work is done (0–1), when the backend reports steps and somebody listens.
+    /// `done` of `total` units of the whole run (ComfyUI: nodes), for a backend whose sampler steps are only a
+    /// part of it. Feeds [`Progress::fraction`], not the spreading of previews.
+    pub fn overall(&self, done: f64, total: f64) {
+        if let Some(l) = &self.listener
+            && total > 0.0
+            && let Ok(mut s) = l.state.lock()
+        {
+            s.overall = Some((done / total).clamp(0.0, 1.0));
+        }
+    }
+
+    /// How much of the work is done (0–1), when the backend reports it and somebody listens: the whole run's
+    /// fraction where the backend tells it, else the sampler's.
     pub fn fraction(&self) -> Option<f64> {
-        self.listener.as_ref().and_then(|l| l.state.lock().ok().and_then(|s| s.fraction))
+        self.listener.as_ref().and_then(|l| l.state.lock().ok().and_then(|s| s.overall.or(s.fraction)))
     }
 
     /// A preview of the image being made. Kept when the client still wants one at this point of the run (the

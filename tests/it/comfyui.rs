@@ -293,3 +293,30 @@ async fn prompt_busy_answers_pass_on_retry_after() {
         assert_eq!(body["error"]["code"], code, "{body}");
     }
 }
+
+#[tokio::test]
+async fn a_graph_without_a_sampler_reports_progress_by_nodes_on_the_job_stream() {
+    let comfy = support::comfyui::start().await;
+    comfy.state.knobs.no_sampler.store(true, Ordering::SeqCst);
+    comfy.state.knobs.run_ms.store(1_500, Ordering::SeqCst);
+    let gw = spawn_gateway(&config(&comfy.url, "comfyui-model-free.json", "10s")).await;
+    let resp = gw
+        .client
+        .post(gw.endpoint("/v1/images/generations"))
+        .header("Prefer", "respond-async")
+        .json(&json!({"model": "free", "prompt": "p"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let job: serde_json::Value = resp.json().await.unwrap();
+    let id = job["id"].as_str().unwrap();
+    let seen = support::job_events(&gw, "none", &format!("/v1/jobs/{id}/events"), None).await;
+    let names: Vec<&str> = seen.iter().map(|e| e.1.as_str()).collect();
+    assert_eq!(names.last(), Some(&"completed"), "{names:?}");
+    // Three nodes; the run is spent in the second, one node done: a third of the way.
+    let partial: Vec<i64> =
+        seen.iter().filter(|e| e.1 == "progress").filter_map(|e| e.2["progress"].as_i64()).collect();
+    assert!(partial.contains(&33), "node progress reaches the stream before the end: {seen:?}");
+    assert!(partial.windows(2).all(|w| w[0] <= w[1]), "{partial:?}");
+}

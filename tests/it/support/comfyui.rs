@@ -1,5 +1,6 @@
 //! A fake ComfyUI (HTTP + WebSocket) on 127.0.0.1:0, faithful to the protocol notes: `/prompt` with validation
-//! (`node_errors` 400s), a one-at-a-time queue worker that emits `execution_start`, `progress`, `executed`,
+//! (`node_errors` 400s), a one-at-a-time queue worker that emits `execution_start`, `executing {node}` for each
+//! node in turn, `progress` (unless `no_sampler`), `executed`,
 //! `execution_success` and `executing {node: null}` to the submitting client's socket (each `progress` followed by
 //! a binary JPEG preview frame, as a server started with a preview method sends), `/history` (`{}` until
 //! done), `/view`, `/upload/image`, `/queue` (list and delete), `/interrupt`, `/system_stats`, and 403 when an
@@ -47,6 +48,8 @@ pub struct Knobs {
     pub accept_then_stall: AtomicBool,
     /// Start no queued prompt while set.
     pub paused: AtomicBool,
+    /// Send no `progress` steps (a graph without a sampler: only node events tell how far it is).
+    pub no_sampler: AtomicBool,
 }
 
 #[derive(Default)]
@@ -271,6 +274,14 @@ async fn worker(s: Arc<ComfyState>) {
         if s.knobs.drop_ws.load(Ordering::SeqCst) {
             let _ = s.events.send((client.clone(), Frame::Close));
         }
+        // Node events as ComfyUI sends them: `executing` for each node in turn; the run's time is spent in the
+        // sampler (node 3 when there is one, else the second node).
+        let mut order: Vec<String> = wf.as_object().unwrap().keys().cloned().collect();
+        order.sort_by_key(|k| (k.parse::<u64>().unwrap_or(u64::MAX), k.clone()));
+        let runner = order.iter().position(|k| k == "3").unwrap_or(1.min(order.len().saturating_sub(1)));
+        for node in &order[..=runner] {
+            emit(&s, &client, "executing", json!({"node": node, "display_node": node, "prompt_id": id}));
+        }
         let run = u64::from(s.knobs.run_ms.load(Ordering::SeqCst));
         let mut interrupted = false;
         'steps: for step in 1..=5u64 {
@@ -287,13 +298,21 @@ async fn worker(s: Arc<ComfyState>) {
                 }
                 tokio::time::sleep((until - now).min(Duration::from_millis(10))).await;
             }
-            emit(&s, &client, "progress", json!({"value": step, "max": 5, "prompt_id": id, "node": "3"}));
+            if !s.knobs.no_sampler.load(Ordering::SeqCst) {
+                let node = &order[runner];
+                emit(&s, &client, "progress", json!({"value": step, "max": 5, "prompt_id": id, "node": node}));
+            }
             let (w, h) = (input(&wf, "width").unwrap_or(64) as u32, input(&wf, "height").unwrap_or(64) as u32);
             let frame = preview_frame(input(&wf, "seed").unwrap_or(0), step, w, h);
             let _ = s.events.send((client.clone(), Frame::Binary(frame)));
         }
         if s.inner.lock().unwrap().running.as_deref() != Some(id.as_str()) {
             continue; // restarted meanwhile: this prompt is forgotten
+        }
+        if !interrupted {
+            for node in &order[runner + 1..] {
+                emit(&s, &client, "executing", json!({"node": node, "display_node": node, "prompt_id": id}));
+            }
         }
         let mut messages = vec![json!(["execution_start", {"prompt_id": id}])];
         let video_node =
