@@ -4,6 +4,7 @@
 mod doctor;
 mod keys;
 mod serve;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +63,43 @@ enum Command {
     Migrate {
         #[arg(long, env = "EASEL_CONFIG")]
         config: Option<PathBuf>,
+    },
+    /// Check a running gateway from the outside: health, readiness, models, the error shape and, when asked, one
+    /// real request per type, the output URL, and the 429 behaviour. Prints a pass/fail table; exit 0 or 1.
+    Verify {
+        /// The gateway to check.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        base_url: String,
+        /// API key (or the gateway's static bearer token) to send.
+        #[arg(long, env = "EASEL_TOKEN")]
+        token: Option<String>,
+        /// Accept any TLS certificate (a self-signed one on a test box).
+        #[arg(long)]
+        insecure: bool,
+        /// Make one image and fetch its output URL.
+        #[arg(long)]
+        check_images: bool,
+        /// Make one video (waits for the job) and download it.
+        #[arg(long)]
+        check_videos: bool,
+        /// One chat completion, whole and streamed.
+        #[arg(long)]
+        check_text: bool,
+        /// Send N requests at once and check that every refusal is a 429 with Retry-After.
+        #[arg(long, value_name = "N")]
+        check_429: Option<u32>,
+        /// The image model to use (default: the first ready one listed).
+        #[arg(long)]
+        image_model: Option<String>,
+        /// The video model to use (default: the first ready one listed).
+        #[arg(long)]
+        video_model: Option<String>,
+        /// The text model to use (default: the first ready one listed).
+        #[arg(long)]
+        text_model: Option<String>,
+        /// Time limit for each generation, and for a video to finish (e.g. 90s, 10m).
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Check the credit ledger.
     Ledger {
@@ -142,7 +180,36 @@ pub fn run() -> ExitCode {
         Command::Doctor { config } => doctor::run(config),
         Command::Migrate { config } => keys::run(config, keys::Action::Migrate),
         Command::Ledger { config, command: LedgerCommand::Check } => keys::run(config, keys::Action::Check),
+        Command::Verify {
+            base_url,
+            token,
+            insecure,
+            check_images,
+            check_videos,
+            check_text,
+            check_429,
+            image_model,
+            video_model,
+            text_model,
+            timeout,
+        } => verify::run(verify::Options {
+            base_url,
+            token,
+            insecure,
+            images: check_images,
+            videos: check_videos,
+            text: check_text,
+            burst: check_429,
+            image_model,
+            video_model,
+            text_model,
+            timeout,
+        }),
     }
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration (e.g. 90s, 10m): {e}"))
 }
 
 fn check(path: Option<PathBuf>) -> ExitCode {

@@ -27,6 +27,7 @@ mod streaming;
 mod template;
 mod text;
 mod trust;
+mod verify;
 mod video_backends;
 mod videos;
 mod webhooks;
