@@ -233,6 +233,17 @@ fn check(path: Option<PathBuf>) -> ExitCode {
                 let names: Vec<&str> = m.backends.iter().map(|b| b.name.as_str()).collect();
                 out.push_str(&format!("    {} ({}) -> {}\n", m.id, m.kind.as_str(), names.join(", ")));
             }
+            if cfg.origin.starts_with("seed-")
+                && let Some(text) = config::compat_text(&ProcessEnv)
+            {
+                out.push_str(&format!("  compatibility mode; the configuration it stands for:\n{text}"));
+            }
+            if !cfg.routes.is_empty() {
+                out.push_str(&format!("  routes ({}):\n", cfg.routes.len()));
+                for r in &cfg.routes {
+                    out.push_str(&format!("    POST {} -> {}\n", r.path, r.model));
+                }
+            }
             write_stdout(&out);
             ExitCode::SUCCESS
         }

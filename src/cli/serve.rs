@@ -50,6 +50,9 @@ async fn serve(cfg: config::Config) -> Result<(), String> {
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let server = Server::build(cfg).await?;
     let models: Vec<String> = server.state().registry.all().iter().map(|m| m.id.clone()).collect();
+    if origin.starts_with("seed-") {
+        tracing::info!(config = %origin, "Compatibility mode: no configuration file; the configuration comes from environment variables (`easel config check` prints it).");
+    }
     tracing::info!(config = %origin, models = %models.join(","), "easel listening on http://{local}");
     server.run(listener, shutdown_signal()).await.map_err(|e| format!("server error: {e}"))
 }

@@ -4,8 +4,10 @@
 //! Order of precedence: `EASEL_<SECTION>__<KEY>` environment overrides > the file > built-in defaults. `${VAR}`
 //! and `${VAR:-default}` in the file are replaced before parsing (`$${` writes a literal `${`).
 
+mod compat;
 mod locate;
 pub mod raw;
+pub mod routes;
 pub mod source;
 mod validate;
 
@@ -22,6 +24,7 @@ use url::Url;
 
 pub use self::locate::{Segment, locate, parse_path};
 use self::raw::RawConfig;
+pub use self::routes::{RouteConfig, RouteField, RouteResponse};
 pub use self::source::{Environment, MapEnv, ProcessEnv};
 use crate::request::{ResponseFormat, Size};
 
@@ -48,6 +51,8 @@ pub struct Config {
     pub jobs: JobsConfig,
     /// Sorted by name.
     pub hosts: Vec<HostConfig>,
+    /// Extra inbound routes serving legacy image APIs (`routes:`).
+    pub routes: Vec<RouteConfig>,
     /// Sorted by name.
     pub working_sets: Vec<WorkingSetConfig>,
 }
@@ -160,12 +165,17 @@ pub struct AuthConfig {
     pub public_metrics: bool,
     /// From `EASEL_ADMIN_TOKEN`: guards `/v1/admin/*` (and `/v1/gateway/status` when keys are on).
     pub admin_token: Option<Secret>,
+    /// `auth.mode: static`: the one bearer token every non-public route needs (seed 004's
+    /// `GATEWAY_BEARER_TOKEN`); it also opens `/v1/gateway/status`.
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMode {
     None,
     Keys,
+    /// One static bearer token, no accounts and no credits.
+    Static,
 }
 
 #[derive(Debug, Clone)]
@@ -585,7 +595,12 @@ pub fn resolve_path(explicit: Option<&Path>) -> Option<PathBuf> {
     local.is_file().then_some(local)
 }
 
-/// Reads and validates the configuration at `path` (or the built-in default for `None`).
+/// The configuration text a compatibility mode's environment variables produce (for `easel config check`).
+pub fn compat_text(env: &dyn Environment) -> Option<String> {
+    compat::from_env(env).ok().flatten().map(|(text, _)| text)
+}
+
+/// Reads and validates the configuration at `path` (or, for `None`, a compatibility mode or the built-in default).
 pub fn load(path: Option<&Path>, env: &dyn Environment) -> Result<Config, ConfigError> {
     match path {
         Some(p) => {
@@ -595,7 +610,10 @@ pub fn load(path: Option<&Path>, env: &dyn Environment) -> Result<Config, Config
             let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
             from_str(&text, &origin, &base, env)
         }
-        None => from_str(BUILTIN_DEFAULT, "built-in default", Path::new("."), env),
+        None => match compat::from_env(env)? {
+            Some((text, origin)) => from_str(&text, &origin, Path::new("."), env),
+            None => from_str(BUILTIN_DEFAULT, "built-in default", Path::new("."), env),
+        },
     }
 }
 

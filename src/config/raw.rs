@@ -28,6 +28,9 @@ pub struct RawConfig {
     /// GPU hosts: each runs at most one working set at a time.
     #[serde(default)]
     pub hosts: BTreeMap<String, RawHost>,
+    /// Extra inbound routes for legacy image APIs.
+    #[serde(default)]
+    pub routes: Vec<super::routes::RawRoute>,
     /// Named groups of managed backends that run together on one host.
     #[serde(default)]
     pub working_sets: BTreeMap<String, RawWorkingSet>,
@@ -114,6 +117,8 @@ pub struct RawStorage {
 #[serde(deny_unknown_fields)]
 pub struct RawAuth {
     pub mode: Option<String>,
+    /// `mode: static`: the one bearer token.
+    pub token: Option<String>,
     /// Serve `/metrics` without a key (default true: scrapers rarely carry keys).
     pub public_metrics: Option<bool>,
 }

@@ -81,12 +81,29 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
     let mode = match raw.auth.mode.as_deref() {
         None | Some("none") => AuthMode::None,
         Some("keys") => AuthMode::Keys,
+        Some("static") => AuthMode::Static,
         Some(other) => {
-            p.push(("auth.mode".into(), format!("`{other}` is not one of: none, keys")));
+            p.push(("auth.mode".into(), format!("`{other}` is not one of: none, keys, static")));
             AuthMode::None
         }
     };
-    let auth = AuthConfig { mode, public_metrics: raw.auth.public_metrics.unwrap_or(true), admin_token };
+    let token = raw.auth.token.clone().filter(|t| !t.is_empty()).map(Secret::new);
+    match (mode, &token) {
+        (AuthMode::Static, None) => {
+            p.push((
+                "auth.token".into(),
+                "`mode: static` needs the token clients send (e.g. `${GATEWAY_BEARER_TOKEN}`)".into(),
+            ));
+        }
+        (AuthMode::Static, Some(t)) if t.expose().len() < 16 => {
+            p.push(("auth.token".into(), "must be at least 16 characters".into()));
+        }
+        (AuthMode::None | AuthMode::Keys, Some(_)) => {
+            p.push(("auth.token".into(), "is only used with `mode: static`".into()));
+        }
+        _ => {}
+    }
+    let auth = AuthConfig { mode, public_metrics: raw.auth.public_metrics.unwrap_or(true), admin_token, token };
 
     let response_format = match raw.defaults.response_format.as_deref() {
         None => ResponseFormat::Url,
@@ -170,6 +187,7 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
     let jobs = super::JobsConfig { webhooks };
 
     let (hosts, working_sets) = sets(&mut p, raw.hosts, raw.working_sets, &known, &models);
+    let routes = super::routes::validate(&mut p, raw.routes, &models);
 
     if !p.is_empty() {
         return Err(p);
@@ -186,6 +204,7 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
         jobs,
         hosts,
         working_sets,
+        routes,
     })
 }
 

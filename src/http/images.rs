@@ -321,13 +321,13 @@ pub const PARTIAL_HEADER: header::HeaderName = header::HeaderName::from_static("
 
 /// A whole response body that settles its hold: captured when hyper takes the body to write it to the client's
 /// connection, released (by the settlement's drop) when the response is dropped before that.
-struct SettledBody {
+pub(super) struct SettledBody {
     data: Option<Bytes>,
     settlement: Option<Settlement>,
 }
 
 impl SettledBody {
-    fn new(data: Bytes, settlement: Option<Settlement>) -> Self {
+    pub(super) fn new(data: Bytes, settlement: Option<Settlement>) -> Self {
         Self { data: Some(data), settlement }
     }
 }

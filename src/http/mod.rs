@@ -10,6 +10,7 @@ pub mod extract;
 mod files;
 mod images;
 mod jobs;
+mod legacy;
 mod models;
 mod ops;
 mod sets;
@@ -39,12 +40,15 @@ pub fn router(state: AppState) -> Router {
     let limit = state.config.server.max_body_bytes;
     crate::media::configure(state.config.server.max_image_pixels, state.config.server.decode_memory_bytes);
     // Image routes take large bodies (edits carry images); the limit is enforced while reading, never buffered past.
-    let images = Router::new()
+    let mut images = Router::new()
         .route("/v1/images/generations", post(images::generations_handler))
         .route("/v1/images/edits", post(images::edits_handler))
-        .route("/v1/videos", post(videos::create_handler).get(videos::list_handler))
-        .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::Extension(BodyLimit(limit)));
+        .route("/v1/videos", post(videos::create_handler).get(videos::list_handler));
+    // Legacy routes from `routes:` (validated at load: plain paths that never shadow easel's own).
+    for r in &state.config.routes {
+        images = images.route(&r.path, post(legacy::handler));
+    }
+    let images = images.layer(DefaultBodyLimit::max(limit)).layer(axum::Extension(BodyLimit(limit)));
     let text = Router::new()
         .route("/v1/chat/completions", post(chat::chat_handler))
         .route("/v1/completions", post(chat::completions_handler))

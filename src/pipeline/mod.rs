@@ -4,5 +4,6 @@
 pub mod dispatch;
 pub mod image_jobs;
 pub mod images;
+pub mod routes;
 pub mod text;
 pub mod videos;

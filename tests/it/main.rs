@@ -10,6 +10,7 @@ mod a1111;
 mod admission;
 mod comfyui;
 mod comfyui_video;
+mod compat;
 mod config_cli;
 mod edits;
 mod health;

@@ -9,7 +9,8 @@
 //! | `POST /raw` | the PNG bytes, `Content-Type: image/png` |
 //! | `GET /generate?prompt=…&width=…&height=…` | the PNG bytes |
 //! | `GET /files/{name}` | a PNG |
-//! | `GET /` | 404 `not found` (no health route, like most such servers) |
+//! | `GET /health` | `{"status": "healthy", "model_loaded": true, …}` (seed 003's server) |
+//! | `GET /` | 404 `not found` |
 //!
 //! A body that is not a JSON object with a string `prompt` gets 400 `{"error": "…"}`. Knobs (builder): latency,
 //! failing with a status and body (every call or every Nth), a required bearer token. Every request is captured.
@@ -156,6 +157,10 @@ async fn handle(State(s): State<Arc<CustomState>>, req: Request) -> Response {
         body: text.clone(),
     });
 
+    // Seed 003's text2image_server answers its own health route.
+    if method == Method::GET && path == "/health" {
+        return Json(json!({"status": "healthy", "model_loaded": true, "cuda_available": false})).into_response();
+    }
     if method == Method::GET && path.starts_with("/files/") {
         return png_response(4, 4);
     }
