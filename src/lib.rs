@@ -44,3 +44,4 @@ pub mod sets;
 pub mod state;
 pub mod storage;
 pub mod telemetry;
+pub mod tls;

@@ -18,17 +18,21 @@ const LEDGER_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_sec
 #[derive(Debug)]
 pub struct Server {
     state: AppState,
+    /// The certificate served when `server.tls` is set (checked at build, reloaded on SIGHUP).
+    certs: Option<std::sync::Arc<crate::tls::Certs>>,
 }
 
 impl Server {
     /// Builds adapters, gates and storage, then runs one round of health probes (bounded by `health.timeout`) so
     /// the first requests see real backend state.
     pub async fn build(config: Config) -> Result<Self, String> {
+        // A certificate that cannot be read is an error before anything else starts.
+        let certs = config.server.tls.as_ref().map(crate::tls::Certs::load).transpose()?;
         let state = AppState::build(config).await?;
         check_ledger(&state).await;
         state.processes.launch_except(&state.sets.members()).await;
         crate::health::probe_all(&state.backend_list, state.config.health.timeout).await;
-        Ok(Self { state })
+        Ok(Self { state, certs })
     }
 
     pub fn state(&self) -> &AppState {
@@ -69,12 +73,28 @@ impl Server {
         let app = crate::http::router(self.state.clone());
         let stop = CancellationToken::new();
         let stop_signal = stop.clone();
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let drained = async move {
             shutdown.await;
             stop_signal.cancel();
             tracing::info!("Shutting down: finishing in-flight requests.");
-        });
-        let serve = tokio::spawn(async move { serve.await });
+        };
+        let serve = match &self.certs {
+            Some(certs) => {
+                let tls_port = listener.local_addr()?.port();
+                if let Some(addr) = self.state.config.server.tls.as_ref().and_then(|t| t.redirect_http) {
+                    let plain = TcpListener::bind(addr).await?;
+                    let redirect = crate::tls::redirect_router(tls_port, self.state.config.server.public_url.clone());
+                    let until = stop.clone();
+                    tokio::spawn(async move {
+                        axum::serve(plain, redirect).with_graceful_shutdown(until.cancelled_owned()).await
+                    });
+                }
+                crate::tls::reload_on_sighup(certs.clone(), background.clone());
+                let tls = crate::tls::listen(listener, certs.clone(), stop.clone()).map_err(std::io::Error::other)?;
+                tokio::spawn(axum::serve(tls, app).with_graceful_shutdown(drained).into_future())
+            }
+            None => tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(drained).into_future()),
+        };
         let result = tokio::select! {
             r = serve => r.unwrap_or_else(|e| Err(std::io::Error::other(e))),
             () = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {

@@ -46,6 +46,7 @@ pub fn run(config_path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
 async fn serve(cfg: config::Config) -> Result<(), String> {
     let addr = cfg.server.listen;
     let origin = cfg.origin.clone();
+    let scheme = if cfg.server.tls.is_some() { "https" } else { "http" };
     let listener = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let server = Server::build(cfg).await?;
@@ -53,7 +54,7 @@ async fn serve(cfg: config::Config) -> Result<(), String> {
     if origin.starts_with("seed-") {
         tracing::info!(config = %origin, "Compatibility mode: no configuration file; the configuration comes from environment variables (`easel config check` prints it).");
     }
-    tracing::info!(config = %origin, models = %models.join(","), "easel listening on http://{local}");
+    tracing::info!(config = %origin, models = %models.join(","), "easel listening on {scheme}://{local}");
     server.run(listener, shutdown_signal()).await.map_err(|e| format!("server error: {e}"))
 }
 

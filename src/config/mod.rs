@@ -147,6 +147,16 @@ pub struct ServerConfig {
     pub max_image_pixels: u64,
     /// Memory budget shared by all image decodes in the process.
     pub decode_memory_bytes: usize,
+    /// HTTPS instead of plain HTTP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `server.tls`: PEM files (read at start and again on SIGHUP), and an optional plain-HTTP redirect listener.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub redirect_http: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]

@@ -100,6 +100,17 @@ pub struct RawServer {
     pub max_image_pixels: Option<u64>,
     /// Memory all image decodes together may use at once, e.g. `1GiB`; a decode waits for its share.
     pub decode_memory: Option<String>,
+    /// Serve HTTPS (HTTP/1.1 and HTTP/2) with this PEM certificate chain and key.
+    pub tls: Option<RawTls>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    /// Also listen here in plain HTTP, answering every request with a redirect to HTTPS.
+    pub redirect_http: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

@@ -51,6 +51,7 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
         shutdown_grace: duration(&mut p, "server.shutdown_grace", raw.server.shutdown_grace.as_deref(), 30),
         max_image_pixels: raw.server.max_image_pixels.unwrap_or(DEFAULT_MAX_IMAGE_PIXELS),
         decode_memory_bytes: bytes(&mut p, "server.decode_memory", raw.server.decode_memory.as_deref(), 1 << 30),
+        tls: raw.server.tls.as_ref().and_then(|t| tls(&mut p, t, base)),
     };
     if server.max_image_pixels == 0 {
         p.push(("server.max_image_pixels".into(), "must be at least 1".into()));
@@ -206,6 +207,27 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
         working_sets,
         routes,
     })
+}
+
+/// `server.tls`: both files (relative to the config file), and a redirect address that is not `server.listen`'s.
+fn tls(p: &mut Problems, t: &super::raw::RawTls, base: &Path) -> Option<super::TlsConfig> {
+    let file = |p: &mut Problems, key: &str, v: &Option<String>| match v.as_deref().filter(|s| !s.is_empty()) {
+        Some(s) => Some(base.join(s)),
+        None => {
+            p.push((format!("server.tls.{key}"), format!("is required: the PEM {key} file")));
+            None
+        }
+    };
+    let (cert, key) = (file(p, "cert", &t.cert), file(p, "key", &t.key));
+    let redirect_http =
+        t.redirect_http.as_deref().and_then(|s| match s.to_socket_addrs().ok().and_then(|mut a| a.next()) {
+            Some(a) => Some(a),
+            None => {
+                p.push(("server.tls.redirect_http".into(), format!("`{s}` is not a `host:port` address")));
+                None
+            }
+        });
+    Some(super::TlsConfig { cert: cert?, key: key?, redirect_http })
 }
 
 /// Checks `hosts:` and `working_sets:` against each other, the backends and the models: every set names a

@@ -27,6 +27,7 @@ mod queue_providers;
 mod streaming;
 mod template;
 mod text;
+mod tls;
 mod trust;
 mod verify;
 mod video_backends;

@@ -120,7 +120,7 @@ pub fn start_binary(dir: &Path, env: &[(&str, &str)]) -> (std::process::Child, S
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("listening on http://") {
+            if let Some(i) = line.find("listening on http").filter(|_| line.contains("://")) {
                 let url: String = line[i + "listening on ".len()..]
                     .chars()
                     .take_while(|c| !c.is_whitespace() && *c != '\u{1b}')
