@@ -351,6 +351,7 @@ impl Sets {
                     queue_depth: shared.cfg.queue_depth,
                     drain_timeout: shared.cfg.drain_timeout,
                     failure_cooldown: shared.cfg.failure_cooldown,
+                    idle_ttl: shared.cfg.idle_ttl,
                     sets,
                 }),
                 shared: Arc::clone(&shared),

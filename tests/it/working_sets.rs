@@ -246,3 +246,31 @@ async fn activate_answers_202_then_409_for_another_set_while_the_swap_runs() {
     assert_eq!(b.starts(), 0);
     shutdown_without_orphans(gw, &[&a, &b]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_ttl_stops_an_unused_set_and_the_next_request_starts_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Fake::new(dir.path(), "fa", &[]);
+    let cfg = config("{ idle_ttl: 1s }", &[&a], "  one: { host: gpu0, backends: [fa] }\n", &[("ma", "fa", "one")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let (s, _, body) = gen_image(&gw, "ma").await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(a.starts(), 1, "{:?}", a.lines());
+    let first = a.pids()[0];
+    // With no work for a second, the host goes idle and the process exits.
+    wait_until("the idle set's process to exit", || !alive(first)).await;
+    let deadline = tokio::time::Instant::now() + TEST_TIMEOUT;
+    loop {
+        let h = hosts(&gw).await;
+        if h["data"][0]["state"] == "idle" {
+            assert!(h["data"][0]["active_set"].is_null(), "{h}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "host never went idle: {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, _, body) = gen_image(&gw, "ma").await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(a.starts(), 2, "a request after idling starts the set again: {:?}", a.lines());
+    shutdown_without_orphans(gw, &[&a]).await;
+}
