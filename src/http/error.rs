@@ -145,6 +145,7 @@ fn set_shape(w: &SetError) -> Shape {
         SetError::Busy { .. } => Shape::new(unavailable, SERVER, "working_set_busy"),
         SetError::Conflict { .. } => Shape::new(StatusCode::CONFLICT, INVALID, "working_set_switching"),
         SetError::UnknownSet(_) => Shape::new(StatusCode::NOT_FOUND, INVALID, "working_set_not_found"),
+        SetError::UnknownHost(_) => Shape::new(StatusCode::NOT_FOUND, INVALID, "host_not_found"),
     };
     match w.retry_after() {
         Some(after) => shape.retry(after),

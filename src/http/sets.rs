@@ -1,4 +1,5 @@
-//! Working-set admin routes: `GET /v1/admin/hosts` and `POST /v1/admin/working-sets/{name}/activate`.
+//! Working-set admin routes: `GET /v1/admin/hosts`, `POST /v1/admin/working-sets/{name}/activate` and
+//! `POST /v1/admin/hosts/{host}/unload`.
 
 use std::collections::HashMap;
 
@@ -40,4 +41,12 @@ pub async fn activate_handler(
     let status = if active { StatusCode::OK } else { StatusCode::ACCEPTED };
     let body = json!({"working_set": name, "active": active, "status_url": "/v1/admin/hosts"});
     Ok((status, Json(body)).into_response())
+}
+
+/// Drains the host's active set, stops it and leaves the host idle: 202 with the status URL. Running work
+/// finishes first; nothing is killed.
+pub async fn unload_handler(State(state): State<AppState>, Path(host): Path<String>) -> Result<Response, ApiError> {
+    state.sets.unload(&host)?;
+    let body = json!({"host": host, "unloading": true, "status_url": "/v1/admin/hosts"});
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }

@@ -43,6 +43,8 @@ pub enum SetError {
     Conflict { host: String, target: String },
     #[error("no working set `{0}`")]
     UnknownSet(String),
+    #[error("no host `{0}`")]
+    UnknownHost(String),
 }
 
 impl SetError {
@@ -53,7 +55,7 @@ impl SetError {
             | Self::Switching { retry_after, .. }
             | Self::Failed { retry_after, .. }
             | Self::Busy { retry_after, .. } => *retry_after,
-            Self::Inactive { .. } | Self::Conflict { .. } | Self::UnknownSet(_) => return None,
+            Self::Inactive { .. } | Self::Conflict { .. } | Self::UnknownSet(_) | Self::UnknownHost(_) => return None,
         };
         Some(d.clamp(Duration::from_secs(1), Duration::from_secs(60)))
     }
@@ -80,6 +82,7 @@ enum Msg {
     Request { id: u64, set: String, needs: BTreeSet<String>, reply: oneshot::Sender<Outcome> },
     Activate { id: u64, set: String, reply: Option<oneshot::Sender<Outcome>> },
     Cancel { id: u64 },
+    Unload,
     Started { ok: bool, error: Option<String> },
     Stopped,
 }
@@ -320,6 +323,12 @@ impl Sets {
         }
     }
 
+    /// Admin: drain the host's active set (running work finishes, nothing is killed), stop it and go idle.
+    pub fn unload(&self, host: &str) -> Result<(), SetError> {
+        let h = self.hosts.get(host).ok_or_else(|| SetError::UnknownHost(host.to_owned()))?;
+        h.tx.send(Msg::Unload).map_err(|_| SetError::UnknownHost(host.to_owned()))
+    }
+
     /// Every host as the admin sees it.
     pub fn views(&self) -> Vec<HostView> {
         self.hosts.values().filter_map(|h| h.view.lock().ok().and_then(|v| v.clone())).collect()
@@ -351,6 +360,7 @@ impl Sets {
                     queue_depth: shared.cfg.queue_depth,
                     drain_timeout: shared.cfg.drain_timeout,
                     failure_cooldown: shared.cfg.failure_cooldown,
+                    idle_ttl: shared.cfg.idle_ttl,
                     sets,
                 }),
                 shared: Arc::clone(&shared),
@@ -450,6 +460,7 @@ impl Actor {
                 Event::Activate { id, set, now }
             }
             Msg::Cancel { id } => Event::Cancel { id },
+            Msg::Unload => Event::Unload { now },
             Msg::Started { ok, error } => Event::Started { ok, error, now },
             Msg::Stopped => Event::Stopped { now },
         })

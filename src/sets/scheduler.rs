@@ -20,6 +20,8 @@ pub struct Settings {
     pub queue_depth: u32,
     pub drain_timeout: Duration,
     pub failure_cooldown: Duration,
+    /// Zero = never; else an active set with no work and no waiters for this long is stopped (the host goes idle).
+    pub idle_ttl: Duration,
     /// Set name → members (sorted).
     pub sets: BTreeMap<String, BTreeSet<String>>,
 }
@@ -143,6 +145,8 @@ pub struct Host {
     /// How long the last successful swap took (for Retry-After).
     pub last_swap: Option<Duration>,
     swap_began: Option<Duration>,
+    /// When a member last had work, a request was answered `Ready`, or a set became active (for `idle_ttl`).
+    last_work: Duration,
 }
 
 /// Demand for one set: waiter count and the oldest waiter's arrival.
@@ -165,6 +169,7 @@ impl Host {
             forced: None,
             last_swap: None,
             swap_began: None,
+            last_work: Duration::ZERO,
         }
     }
 
@@ -254,6 +259,9 @@ impl Host {
                 return out;
             }
             Event::Tick { now, busy } => {
+                if !busy.is_empty() {
+                    self.last_work = now;
+                }
                 self.busy = busy;
                 self.fresh = true;
                 now
@@ -279,6 +287,7 @@ impl Host {
 
     fn request(&mut self, id: u64, set: String, needs: BTreeSet<String>, now: Duration, out: &mut Vec<Action>) {
         if self.serves(&needs) {
+            self.last_work = now;
             out.push(Action::Reply(id, Outcome::Ready));
             return;
         }
@@ -336,6 +345,7 @@ impl Host {
                 self.last_swap = Some(now.saturating_sub(began));
             }
             self.phase = Phase::Active { set };
+            self.last_work = now;
             return;
         }
         let error = error.unwrap_or_else(|| "a member did not become ready".into());
@@ -406,6 +416,7 @@ impl Host {
             let outcome = if w.admin {
                 matches!(&self.phase, Phase::Active { set } if *set == w.set).then_some(Outcome::Ready)
             } else if self.serves(&w.needs) {
+                self.last_work = now;
                 Some(Outcome::Ready)
             } else if now.saturating_sub(w.since) >= self.settings.max_wait {
                 Some(Outcome::Switching { retry_after: self.estimate() })
@@ -432,7 +443,10 @@ impl Host {
                     self.abort(from, to, now, out);
                 }
             }
-            Phase::Idle | Phase::Active { .. } => self.maybe_commit(now, out),
+            Phase::Idle | Phase::Active { .. } => {
+                self.maybe_commit(now, out);
+                self.maybe_idle(now, out);
+            }
             Phase::Stopping { .. } | Phase::Starting { .. } => {}
         }
     }
@@ -457,6 +471,18 @@ impl Host {
             } else {
                 i += 1;
             }
+        }
+    }
+
+    /// `idle_ttl`: an active set that had no work and no waiters for that long drains (nothing to wait for) and
+    /// stops; the next request starts it again. Only after a tick, so `busy` covers everything admitted so far.
+    fn maybe_idle(&mut self, now: Duration, out: &mut Vec<Action>) {
+        let ttl = self.settings.idle_ttl;
+        if ttl.is_zero() || !matches!(self.phase, Phase::Active { .. }) || !self.fresh {
+            return;
+        }
+        if self.waiters.is_empty() && self.busy.is_empty() && now.saturating_sub(self.last_work) >= ttl {
+            self.commit(None, now, out);
         }
     }
 

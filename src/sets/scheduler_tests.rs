@@ -25,6 +25,7 @@ fn settings(mode: HostMode) -> Settings {
         queue_depth: 4,
         drain_timeout: Duration::from_secs(1800),
         failure_cooldown: Duration::from_secs(15),
+        idle_ttl: Duration::ZERO,
         sets,
     }
 }
@@ -168,6 +169,34 @@ fn full_queue_and_max_wait() {
     assert!(out.iter().all(|a| matches!(a, Action::Reply(_, Outcome::Switching { .. }))));
 }
 
+#[test]
+fn idle_ttl_stops_an_unused_set_and_a_request_starts_it_again() {
+    let mut cfg = settings(HostMode::Auto);
+    cfg.idle_ttl = s(30);
+    let mut h = Host::new(cfg);
+    assert_eq!(h.step(req(1, "creative", &["comfy"], 0)), vec![Action::Start(names(&["comfy", "llm"]))]);
+    assert_eq!(h.step(ok(1)), vec![Action::Reply(1, Outcome::Ready)]);
+    // Work keeps it alive past the ttl counted from activation.
+    assert!(h.step(tick(20, &["comfy"])).is_empty());
+    assert!(h.step(tick(40, &[])).is_empty(), "only 20 s since the last work");
+    assert!(h.step(tick(49, &[])).is_empty());
+    assert!(h.step(tick(50, &[])).is_empty(), "drain begins: nothing to wait for");
+    assert!(matches!(h.phase, Phase::Draining { to: None, .. }), "{:?}", h.phase);
+    assert_eq!(h.step(tick(51, &[])), vec![Action::Stop(names(&["comfy", "llm"]))]);
+    assert!(h.step(Event::Stopped { now: s(52) }).is_empty());
+    assert_eq!(h.phase, Phase::Idle);
+    assert!(h.running.is_empty());
+    assert_eq!(h.step(req(2, "creative", &["llm"], 60)), vec![Action::Start(names(&["comfy", "llm"]))]);
+    assert_eq!(h.step(ok(61)), vec![Action::Reply(2, Outcome::Ready)]);
+}
+
+#[test]
+fn idle_ttl_zero_never_goes_idle() {
+    let mut h = active_creative();
+    assert!(h.step(tick(100_000, &[])).is_empty());
+    assert_eq!(h.phase, Phase::Active { set: "creative".into() });
+}
+
 /// A world around the scheduler: processes that start and stop later, work that runs on backends, requests that
 /// come and leave. Every action is checked against the invariants.
 struct World {
@@ -229,6 +258,7 @@ fn random_sequences_keep_the_invariants() {
         cfg.patience = s(rng.random_range(0..20));
         cfg.drain_timeout = s(rng.random_range(5..60));
         cfg.max_wait = s(rng.random_range(10..120));
+        cfg.idle_ttl = if seed % 3 == 0 { s(rng.random_range(1..30)) } else { Duration::ZERO };
         let mut w = World {
             host: Host::new(cfg),
             up: BTreeSet::new(),

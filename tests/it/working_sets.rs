@@ -246,3 +246,63 @@ async fn activate_answers_202_then_409_for_another_set_while_the_swap_runs() {
     assert_eq!(b.starts(), 0);
     shutdown_without_orphans(gw, &[&a, &b]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_ttl_stops_an_unused_set_and_the_next_request_starts_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Fake::new(dir.path(), "fa", &[]);
+    let cfg = config("{ idle_ttl: 1s }", &[&a], "  one: { host: gpu0, backends: [fa] }\n", &[("ma", "fa", "one")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let (s, _, body) = gen_image(&gw, "ma").await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(a.starts(), 1, "{:?}", a.lines());
+    let first = a.pids()[0];
+    // With no work for a second, the host goes idle and the process exits.
+    wait_until("the idle set's process to exit", || !alive(first)).await;
+    let deadline = tokio::time::Instant::now() + TEST_TIMEOUT;
+    loop {
+        let h = hosts(&gw).await;
+        if h["data"][0]["state"] == "idle" {
+            assert!(h["data"][0]["active_set"].is_null(), "{h}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "host never went idle: {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, _, body) = gen_image(&gw, "ma").await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(a.starts(), 2, "a request after idling starts the set again: {:?}", a.lines());
+    shutdown_without_orphans(gw, &[&a]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unload_drains_the_running_job_then_stops_the_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Fake::new(dir.path(), "fa", &["--gen-secs", "1.0"]);
+    let cfg = config("{}", &[&a], "  one: { host: gpu0, backends: [fa] }\n", &[("ma", "fa", "one")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let unload =
+        |host: &str| gw.client.post(gw.endpoint(&format!("/v1/admin/hosts/{host}/unload"))).bearer_auth(ADMIN).send();
+    let job = gen_image(&gw, "ma");
+    let admin = async {
+        wait_until("the job to start", || a.lines().iter().any(|l| l.starts_with("gen"))).await;
+        let resp = unload("gpu0").await.unwrap();
+        assert_eq!(resp.status(), 202);
+        let unknown = unload("nope").await.unwrap();
+        assert_eq!(unknown.status(), 404);
+        let v: Value = unknown.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "host_not_found", "{v}");
+    };
+    let ((s, _, body), ()) = tokio::join!(job, admin);
+    assert_eq!(s, 200, "the running job finishes before the set stops: {body}");
+    let first = a.pids()[0];
+    wait_until("the unloaded set's process to exit", || !alive(first)).await;
+    let deadline = tokio::time::Instant::now() + TEST_TIMEOUT;
+    while hosts(&gw).await["data"][0]["state"] != "idle" {
+        assert!(tokio::time::Instant::now() < deadline, "host never went idle");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resp = gw.client.post(gw.endpoint("/v1/admin/hosts/gpu0/unload")).send().await.unwrap();
+    assert_eq!(resp.status(), 401, "unload needs the admin key");
+    shutdown_without_orphans(gw, &[&a]).await;
+}
