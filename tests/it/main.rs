@@ -12,6 +12,7 @@ mod comfyui;
 mod comfyui_video;
 mod compat;
 mod config_cli;
+mod deploy;
 mod edits;
 mod health;
 mod huggingface;
