@@ -46,7 +46,15 @@ pub struct WorkflowVars<'a> {
     pub fps: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub frames: Option<u32>,
+    /// The model's `upstream_model` (a checkpoint name), so one workflow serves several models.
+    pub model: &'a str,
+    /// The request's `extra` object (empty when it sent none): `{{ extra.lora | default("none") | tojson }}`.
+    pub extra: &'a serde_json::Map<String, serde_json::Value>,
 }
+
+/// The `extra` of a request that sent none.
+static NO_EXTRA: std::sync::LazyLock<serde_json::Map<String, serde_json::Value>> =
+    std::sync::LazyLock::new(serde_json::Map::new);
 
 impl<'a> WorkflowVars<'a> {
     /// The variables of one render: the request's fields with the documented defaults, this render's seed and
@@ -73,6 +81,8 @@ impl<'a> WorkflowVars<'a> {
             seconds: None,
             fps: None,
             frames: None,
+            model: &call.model.upstream_model,
+            extra: req.extra.as_ref().unwrap_or(&NO_EXTRA),
         }
     }
 
@@ -100,6 +110,8 @@ impl<'a> WorkflowVars<'a> {
             seconds: Some(req.seconds),
             fps: Some(fps),
             frames: Some(req.seconds.saturating_mul(fps)),
+            model: &model.upstream_model,
+            extra: req.extra.as_ref().unwrap_or(&NO_EXTRA),
         }
     }
 }
@@ -156,6 +168,8 @@ impl Workflow {
             seconds: Some(4),
             fps: Some(DEFAULT_FPS),
             frames: Some(4 * DEFAULT_FPS),
+            model: "checkpoint.safetensors",
+            extra: &NO_EXTRA,
         };
         let v = self.render(&sample)?;
         if !v.is_object() {
@@ -257,6 +271,8 @@ pub const WORKFLOW_VARIABLES: &[&str] = &[
     "seconds",
     "fps",
     "frames",
+    "model",
+    "extra",
 ];
 
 fn template_error(name: &str, e: &minijinja::Error) -> String {
@@ -292,6 +308,8 @@ mod tests {
             seconds: None,
             fps: None,
             frames: None,
+            model: "ckpt",
+            extra: &NO_EXTRA,
         };
         let v = w.render(&vars).unwrap();
         assert_eq!(v["6"]["inputs"]["text"], "say \"hi\"");

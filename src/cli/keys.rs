@@ -28,6 +28,22 @@ pub fn run(config_path: Option<PathBuf>, action: Action) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // A key limited to a model that does not exist would be refused everywhere: say so now.
+    if let Action::Create { models: Some(models), .. } = &action {
+        let ids: Vec<String> = cfg.models.iter().map(|m| m.id.clone()).collect();
+        let unknown: Vec<String> = models
+            .iter()
+            .filter(|m| !ids.contains(m))
+            .map(|m| match crate::routing::nearest(m, &ids) {
+                Some(n) => format!("`{m}` (did you mean `{n}`?)"),
+                None => format!("`{m}`"),
+            })
+            .collect();
+        if !unknown.is_empty() {
+            eprintln!("--models: no model {} in {}; defined: {}", unknown.join(", "), cfg.origin, ids.join(", "));
+            return ExitCode::from(2);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

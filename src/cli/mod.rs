@@ -20,6 +20,10 @@ use crate::config::{self, ProcessEnv};
     about = "One OpenAI-compatible gateway for image, video and text generation backends."
 )]
 pub struct Cli {
+    /// Configuration file (default: $EASEL_CONFIG, else ./easel.yaml if present, else a compatibility mode's
+    /// environment variables, else the built-in default).
+    #[arg(short = 'c', long, env = "EASEL_CONFIG", global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -28,9 +32,6 @@ pub struct Cli {
 enum Command {
     /// Run the gateway.
     Serve {
-        /// Configuration file (default: ./easel.yaml if present, else the built-in default).
-        #[arg(long, env = "EASEL_CONFIG")]
-        config: Option<PathBuf>,
         /// Address to listen on, overriding `server.listen` (e.g. 127.0.0.1:0 for any free port).
         #[arg(long)]
         listen: Option<String>,
@@ -41,29 +42,19 @@ enum Command {
         command: ConfigCommand,
     },
     /// Probe every backend, tell what each server really is, and compare with the configuration.
-    Doctor {
-        #[arg(long, env = "EASEL_CONFIG")]
-        config: Option<PathBuf>,
-    },
+    Doctor,
     /// Manage API keys (works while `easel serve` runs on the same database).
     Keys {
-        #[arg(long, env = "EASEL_CONFIG", global = true)]
-        config: Option<PathBuf>,
         #[command(subcommand)]
         command: KeysCommand,
     },
     /// Manage credits.
     Credits {
-        #[arg(long, env = "EASEL_CONFIG", global = true)]
-        config: Option<PathBuf>,
         #[command(subcommand)]
         command: CreditsCommand,
     },
     /// Create or upgrade the database schema.
-    Migrate {
-        #[arg(long, env = "EASEL_CONFIG")]
-        config: Option<PathBuf>,
-    },
+    Migrate,
     /// Check a running gateway from the outside: health, readiness, models, the error shape and, when asked, one
     /// real request per type, the output URL, and the 429 behaviour. Prints a pass/fail table; exit 0 or 1.
     Verify {
@@ -101,10 +92,13 @@ enum Command {
         #[arg(long, default_value = "5m", value_parser = parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Print a shell completion script (e.g. `easel completions bash > /etc/bash_completion.d/easel`).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
     /// Check the credit ledger.
     Ledger {
-        #[arg(long, env = "EASEL_CONFIG", global = true)]
-        config: Option<PathBuf>,
         #[command(subcommand)]
         command: LedgerCommand,
     },
@@ -114,8 +108,10 @@ enum Command {
 enum KeysCommand {
     /// Create a key; its secret is printed once, alone on the last line.
     Create {
+        /// A name for the key (shown in lists, logs and usage).
         #[arg(long)]
         name: String,
+        /// Credits to start with.
         #[arg(long, default_value_t = 0.0)]
         credits: f64,
         /// Comma-separated model ids this key may use (default: all).
@@ -125,14 +121,19 @@ enum KeysCommand {
     /// List keys with their balances.
     List,
     /// Revoke a key (by name, id or prefix).
-    Revoke { key: String },
+    Revoke {
+        /// The key's name, id or prefix.
+        key: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum CreditsCommand {
     /// Add credits to a key (negative to take back).
     Grant {
+        /// The key's name, id or prefix.
         key: String,
+        /// Credits to add (negative to take back).
         #[arg(allow_negative_numbers = true)]
         credits: f64,
     },
@@ -147,10 +148,7 @@ enum LedgerCommand {
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Validate a configuration (no network): print every problem and exit 1, or a summary and exit 0.
-    Check {
-        #[arg(long, env = "EASEL_CONFIG")]
-        config: Option<PathBuf>,
-    },
+    Check,
 }
 
 /// Parses the command line and runs it.
@@ -163,10 +161,11 @@ pub fn run() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    let config = cli.config;
     match cli.command {
-        Command::Serve { config, listen } => serve::run(config, listen),
-        Command::Config { command: ConfigCommand::Check { config } } => check(config),
-        Command::Keys { config, command } => keys::run(
+        Command::Serve { listen } => serve::run(config, listen),
+        Command::Config { command: ConfigCommand::Check } => check(config),
+        Command::Keys { command } => keys::run(
             config,
             match command {
                 KeysCommand::Create { name, credits, models } => keys::Action::Create { name, credits, models },
@@ -174,12 +173,19 @@ pub fn run() -> ExitCode {
                 KeysCommand::Revoke { key } => keys::Action::Revoke { key },
             },
         ),
-        Command::Credits { config, command: CreditsCommand::Grant { key, credits } } => {
+        Command::Credits { command: CreditsCommand::Grant { key, credits } } => {
             keys::run(config, keys::Action::Grant { key, credits })
         }
-        Command::Doctor { config } => doctor::run(config),
-        Command::Migrate { config } => keys::run(config, keys::Action::Migrate),
-        Command::Ledger { config, command: LedgerCommand::Check } => keys::run(config, keys::Action::Check),
+        Command::Doctor => doctor::run(config),
+        Command::Migrate => keys::run(config, keys::Action::Migrate),
+        Command::Ledger { command: LedgerCommand::Check } => keys::run(config, keys::Action::Check),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "easel", &mut out);
+            write_stdout(&String::from_utf8_lossy(&out));
+            ExitCode::SUCCESS
+        }
         Command::Verify {
             base_url,
             token,
@@ -258,4 +264,30 @@ fn check(path: Option<PathBuf>) -> ExitCode {
 fn write_stdout(s: &str) {
     use std::io::Write;
     let _ = std::io::stdout().lock().write_all(s.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_and_subcommand_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {}", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "easel", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
 }

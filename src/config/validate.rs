@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,9 +60,19 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
         p.push(("server.decode_memory".into(), "must be at least 1MiB".into()));
     }
 
+    // Relative storage paths resolve against the config file's folder, as workflow paths do.
+    let beside =
+        |path: &str| -> PathBuf { if Path::new(path).is_absolute() { PathBuf::from(path) } else { base.join(path) } };
+    let database = raw.storage.database.unwrap_or_else(|| "sqlite://data/easel.db".into());
+    let database = match database.strip_prefix("sqlite://") {
+        Some(file) if !file.is_empty() && file != ":memory:" && !file.starts_with(':') => {
+            format!("sqlite://{}", beside(file).display())
+        }
+        _ => database,
+    };
     let storage = StorageConfig {
-        database: raw.storage.database.unwrap_or_else(|| "sqlite://data/easel.db".into()),
-        files: raw.storage.files.clone().unwrap_or_else(|| "data/files".into()).into(),
+        database,
+        files: beside(raw.storage.files.as_deref().unwrap_or("data/files")),
         signing_secret: raw.storage.signing_secret.clone().map(Secret::new),
         url_ttl: duration(&mut p, "storage.url_ttl", raw.storage.url_ttl.as_deref(), 24 * 3600),
     };

@@ -320,3 +320,28 @@ async fn a_graph_without_a_sampler_reports_progress_by_nodes_on_the_job_stream()
     assert!(partial.contains(&33), "node progress reaches the stream before the end: {seen:?}");
     assert!(partial.windows(2).all(|w| w[0] <= w[1]), "{partial:?}");
 }
+
+#[tokio::test]
+async fn one_workflow_serves_several_models_through_model_and_extra() {
+    let comfy = support::comfyui::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let wf = dir.path().join("shared.json");
+    std::fs::write(&wf, r#"{"1": {"class_type": "EmptyImage", "inputs": {"width": {{ width }}, "height": {{ height }}, "batch_size": {{ batch_size }}, "color": 0}},
+ "9": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": {{ model | tojson }}, "lora": {{ extra.lora | default("none") | tojson }}}}}"#).unwrap();
+    let wf = wf.to_str().unwrap();
+    let yaml = format!(
+        "backends:\n  comfy: {{kind: comfyui, url: '{}', poll_interval: 20ms}}\nmodels:\n  - {{id: a, backends: [comfy], workflow: {wf}, upstream_model: sd15.safetensors, default_size: 16x16}}\n  - {{id: b, backends: [comfy], workflow: {wf}, upstream_model: sdxl.safetensors, default_size: 16x16}}\n",
+        comfy.url
+    );
+    let gw = spawn_gateway(&yaml).await;
+    for (model, extra) in [("a", json!(null)), ("b", json!({"lora": "ink"}))] {
+        let (s, _, body) =
+            gw.post_json("/v1/images/generations", json!({"model": model, "prompt": "p", "extra": extra})).await;
+        assert_eq!(s, 200, "{body}");
+    }
+    let prompts = comfy.state.inner.lock().unwrap().prompts.clone();
+    assert_eq!(prompts[0]["9"]["inputs"]["filename_prefix"], "sd15.safetensors");
+    assert_eq!(prompts[0]["9"]["inputs"]["lora"], "none");
+    assert_eq!(prompts[1]["9"]["inputs"]["filename_prefix"], "sdxl.safetensors");
+    assert_eq!(prompts[1]["9"]["inputs"]["lora"], "ink");
+}

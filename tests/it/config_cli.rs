@@ -156,3 +156,38 @@ async fn doctor_tells_what_a_server_really_is() {
     );
     assert!(text.contains("database sqlite://data/easel.db: ok"), "{text}");
 }
+
+#[test]
+fn config_is_global_storage_sits_beside_the_file_and_keys_refuse_unknown_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("conf");
+    std::fs::create_dir(&conf).unwrap();
+    std::fs::write(
+        conf.join("easel.yaml"),
+        "auth: {mode: keys}\nbackends:\n  sim: {kind: simulated}\nmodels:\n  - {id: sdxl, backends: [sim]}\n",
+    )
+    .unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    // `-c` before or after the subcommand; relative storage paths resolve beside the file, not in the cwd.
+    let out = easel(&["-c", conf.join("easel.yaml").to_str().unwrap(), "migrate"], elsewhere.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(conf.join("data/easel.db").is_file(), "the database is created beside the config file");
+    assert!(!elsewhere.path().join("data").exists());
+    let path = conf.join("easel.yaml");
+    let out = easel(
+        &["keys", "create", "--name", "a", "--models", "sdx1,flux", "-c", path.to_str().unwrap()],
+        elsewhere.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`sdx1` (did you mean `sdxl`?)") && err.contains("`flux`"), "{err}");
+    let out = easel(&["keys", "list", "-c", path.to_str().unwrap()], elsewhere.path());
+    assert!(out.status.success());
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!listed.lines().any(|l| l.split_whitespace().nth(1) == Some("a")), "no key was made: {listed}");
+
+    let out = easel(&["completions", "bash"], elsewhere.path());
+    assert!(out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(script.contains("complete") && script.contains("easel") && script.contains("--check-images"), "{script}");
+}
