@@ -149,6 +149,16 @@ pub struct ServerConfig {
     pub decode_memory_bytes: usize,
     /// HTTPS instead of plain HTTP.
     pub tls: Option<TlsConfig>,
+    /// `server.cors`: `None` = no CORS headers (browsers on other origins are refused by the browser).
+    pub cors: Option<CorsConfig>,
+}
+
+/// Which browser origins may call the API.
+#[derive(Debug, Clone)]
+pub struct CorsConfig {
+    /// Empty = any origin (`*`).
+    pub origins: Vec<HeaderValue>,
+    pub max_age: Duration,
 }
 
 /// `server.tls`: PEM files (read at start and again on SIGHUP), and an optional plain-HTTP redirect listener.

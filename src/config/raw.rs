@@ -102,6 +102,17 @@ pub struct RawServer {
     pub decode_memory: Option<String>,
     /// Serve HTTPS (HTTP/1.1 and HTTP/2) with this PEM certificate chain and key.
     pub tls: Option<RawTls>,
+    /// Browser clients on other origins.
+    pub cors: Option<RawCors>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCors {
+    /// Origins allowed to call the API from a browser (`https://app.example.com`), or `["*"]`.
+    pub allow_origins: Option<Vec<String>>,
+    /// How long a browser may cache a preflight answer.
+    pub max_age: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

@@ -52,6 +52,7 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
         max_image_pixels: raw.server.max_image_pixels.unwrap_or(DEFAULT_MAX_IMAGE_PIXELS),
         decode_memory_bytes: bytes(&mut p, "server.decode_memory", raw.server.decode_memory.as_deref(), 1 << 30),
         tls: raw.server.tls.as_ref().and_then(|t| tls(&mut p, t, base)),
+        cors: raw.server.cors.as_ref().map(|c| cors(&mut p, c)),
     };
     if server.max_image_pixels == 0 {
         p.push(("server.max_image_pixels".into(), "must be at least 1".into()));
@@ -217,6 +218,35 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
         working_sets,
         routes,
     })
+}
+
+/// `server.cors`: origins are `scheme://host[:port]` exactly as browsers send them, or the one entry `*`.
+fn cors(p: &mut Problems, c: &super::raw::RawCors) -> super::CorsConfig {
+    let max_age = duration(p, "server.cors.max_age", c.max_age.as_deref(), 600);
+    let list = c.allow_origins.clone().unwrap_or_default();
+    if list.is_empty() {
+        p.push(("server.cors.allow_origins".into(), "list the origins (e.g. https://app.example.com) or `*`".into()));
+    }
+    if list.iter().any(|o| o == "*") {
+        if list.len() > 1 {
+            p.push(("server.cors.allow_origins".into(), "`*` allows every origin: list nothing else with it".into()));
+        }
+        return super::CorsConfig { origins: Vec::new(), max_age };
+    }
+    let mut origins = Vec::new();
+    for (i, o) in list.iter().enumerate() {
+        let ok = Url::parse(o).ok().filter(|u| {
+            matches!(u.scheme(), "http" | "https") && u.path() == "/" && !o.ends_with('/') && u.query().is_none()
+        });
+        match (ok, reqwest::header::HeaderValue::from_str(o)) {
+            (Some(_), Ok(v)) => origins.push(v),
+            _ => p.push((
+                format!("server.cors.allow_origins[{i}]"),
+                format!("`{o}` is not an origin like https://app.example.com (scheme and host, no path)"),
+            )),
+        }
+    }
+    super::CorsConfig { origins, max_age }
 }
 
 /// `server.tls`: both files (relative to the config file), and a redirect address that is not `server.listen`'s.

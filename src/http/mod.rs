@@ -91,7 +91,32 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(observe))
         // Outermost: whatever answer was chosen, the client may finish sending its body before it is read.
         .layer(middleware::from_fn(drain_unread))
+        // Preflights are answered before authentication (browsers send no key on them).
+        .layer(cors(&state))
         .with_state(state)
+}
+
+/// CORS from `server.cors`; without it, no CORS headers at all.
+fn cors(state: &AppState) -> tower::util::Either<tower_http::cors::CorsLayer, tower::layer::util::Identity> {
+    use axum::http::Method;
+    use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+    let Some(c) = &state.config.server.cors else {
+        return tower::util::Either::Right(tower::layer::util::Identity::new());
+    };
+    let origin = if c.origins.is_empty() { AllowOrigin::any() } else { AllowOrigin::list(c.origins.clone()) };
+    let layer = CorsLayer::new()
+        .allow_origin(origin)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+        .allow_headers(AllowHeaders::mirror_request())
+        .expose_headers([
+            header::RETRY_AFTER,
+            header::LOCATION,
+            header::HeaderName::from_static("x-request-id"),
+            header::HeaderName::from_static("idempotent-replayed"),
+            header::HeaderName::from_static("preference-applied"),
+        ])
+        .max_age(c.max_age);
+    tower::util::Either::Left(layer)
 }
 
 /// Where stored outputs are served from: `server.public_url`, else the `Host` the client used.

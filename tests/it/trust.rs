@@ -579,3 +579,52 @@ async fn without_a_configured_secret_one_is_generated_once_and_kept() {
     let (status, _, _) = gw.get("/v1/files/.url-signing-key").await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn cors_allows_only_the_configured_origins_and_preflights_need_no_key() {
+    let yaml = "server:\n  cors: {allow_origins: ['https://app.example.com']}\nauth: {mode: keys}\nbackends:\n  sim: {kind: simulated}\nmodels:\n  - {id: m, backends: [sim]}\n";
+    let gw = crate::support::spawn_gateway(yaml).await;
+    let preflight = |origin: &'static str| {
+        gw.client
+            .request(reqwest::Method::OPTIONS, gw.endpoint("/v1/images/generations"))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "POST")
+            .header("Access-Control-Request-Headers", "authorization, content-type, idempotency-key")
+            .send()
+    };
+    let ok = preflight("https://app.example.com").await.unwrap();
+    assert_eq!(ok.status(), 200, "a preflight carries no key and is still answered");
+    assert_eq!(ok.headers()["access-control-allow-origin"], "https://app.example.com");
+    assert!(ok.headers()["access-control-allow-headers"].to_str().unwrap().contains("idempotency-key"));
+    let other = preflight("https://evil.example.net").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none(), "another origin gets no grant");
+    // A real request from the allowed origin still needs its key, and the browser may read Retry-After etc.
+    let resp =
+        gw.client.get(gw.endpoint("/v1/models")).header("Origin", "https://app.example.com").send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers()["access-control-allow-origin"], "https://app.example.com");
+    assert!(resp.headers()["access-control-expose-headers"].to_str().unwrap().contains("retry-after"));
+
+    // Without `server.cors`: no CORS headers at all.
+    let plain =
+        crate::support::spawn_gateway("backends:\n  sim: {kind: simulated}\nmodels:\n  - {id: m, backends: [sim]}\n")
+            .await;
+    let resp = plain
+        .client
+        .get(plain.endpoint("/v1/models"))
+        .header("Origin", "https://app.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.headers().get("access-control-allow-origin").is_none());
+    // A path or a trailing slash is not an origin.
+    let e = easel::config::from_str(
+        "server:\n  cors: {allow_origins: ['https://a.example/x', '*']}\nbackends:\n  sim: {kind: simulated}\nmodels:\n  - {id: m, backends: [sim]}\n",
+        "t.yaml",
+        std::path::Path::new("."),
+        &easel::config::MapEnv::new([]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("server.cors.allow_origins"), "{e}");
+}
