@@ -744,8 +744,110 @@ fn parse(text: &str, origin: &str) -> Result<RawConfig, ConfigError> {
             _ => origin.to_owned(),
         };
         let path = if path == "." { String::new() } else { path };
-        ConfigError { problems: vec![Problem { at, path, message: yaml_message(&e.to_string()) }] }
+        let first = Problem { at, path, message: in_words(&yaml_message(&e.to_string())) };
+        ConfigError { problems: every_problem(text, origin, first) }
     })
+}
+
+/// The first problem, then every other one serde would stop at: each offending key is taken out of a copy of
+/// the tree and the rest checked again, so one run lists all unknown keys and type errors.
+fn every_problem(text: &str, origin: &str, first: Problem) -> Vec<Problem> {
+    let Ok(mut tree) = serde_saphyr::from_str::<serde_json::Value>(text) else { return vec![first] };
+    let mut problems = vec![first];
+    let mut removed: Vec<String> = Vec::new();
+    for _ in 0..64 {
+        let path = match serde_path_to_error::deserialize::<_, RawConfig>(&tree) {
+            Ok(_) => break,
+            Err(e) => {
+                let path = e.path().to_string();
+                let message = in_words(&e.into_inner().to_string());
+                // A required key taken out here is not the file's mistake.
+                let derived = message.starts_with("missing") && removed.iter().any(|r| path.starts_with(r.as_str()));
+                if !derived && !problems.iter().any(|p| p.path == path) {
+                    let at = match locate(text, &parse_path(&path)) {
+                        Some((line, col)) => format!("{origin}:{line}:{col}"),
+                        None => origin.to_owned(),
+                    };
+                    problems.push(Problem { at, path: path.clone(), message });
+                }
+                path
+            }
+        };
+        if path.is_empty() || path == "." || !remove_path(&mut tree, &parse_path(&path)) {
+            break;
+        }
+        removed.push(path);
+    }
+    problems
+}
+
+/// Takes the node at `path` out of `tree`; `false` when there is none.
+fn remove_path(tree: &mut serde_json::Value, path: &[Segment]) -> bool {
+    let Some((last, parents)) = path.split_last() else { return false };
+    let mut node = tree;
+    for seg in parents {
+        node = match (seg, node) {
+            (Segment::Key(k), serde_json::Value::Object(m)) => match m.get_mut(k) {
+                Some(n) => n,
+                None => return false,
+            },
+            (Segment::Index(i), serde_json::Value::Array(a)) => match a.get_mut(*i) {
+                Some(n) => n,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match (last, node) {
+        (Segment::Key(k), serde_json::Value::Object(m)) => m.remove(k).is_some(),
+        // An element of a list cannot go without shifting the others: blank it instead.
+        (Segment::Index(i), serde_json::Value::Array(a)) if *i < a.len() => {
+            a[*i] = serde_json::Value::Null;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// serde's wording in the words of a configuration file: "text", "a whole number", "a list", "a map".
+fn in_words(message: &str) -> String {
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let (key, tail) = rest.split_once('`').unwrap_or((rest, ""));
+        let expected: Vec<String> = tail
+            .trim_start_matches(", expected one of ")
+            .trim_start_matches(", expected ")
+            .split(", ")
+            .map(|k| k.trim_matches('`').to_owned())
+            .filter(|k| !k.is_empty())
+            .collect();
+        let hint =
+            crate::routing::nearest(key, &expected).map(|n| format!(" (did you mean `{n}`?)")).unwrap_or_default();
+        return format!("unknown key `{key}`{hint}; the keys here are: {}", expected.join(", "));
+    }
+    let words = |t: &str| -> String {
+        let t = t.trim();
+        match t {
+            "u8" | "u16" | "u32" | "u64" | "usize" | "i32" | "i64" | "an integer" => "a whole number".into(),
+            "f32" | "f64" | "a float" => "a number".into(),
+            "a boolean" | "bool" => "true or false".into(),
+            "a string" | "string" => "text".into(),
+            "a sequence" | "sequence" => "a list".into(),
+            "a map" | "map" => "a map".into(),
+            _ if t.starts_with("struct ") => "a map of settings".into(),
+            _ if t.starts_with("a sequence") => "a list".into(),
+            _ if t.starts_with("string ") => format!("the text {}", &t["string ".len()..]),
+            _ if t.starts_with("integer ") => format!("the number {}", &t["integer ".len()..]),
+            _ if t.starts_with("floating point ") => format!("the number {}", &t["floating point ".len()..]),
+            _ if t.starts_with("boolean ") => format!("`{}`", &t["boolean ".len()..]),
+            _ => t.to_owned(),
+        }
+    };
+    if let Some(rest) = message.strip_prefix("invalid type: ")
+        && let Some((got, want)) = rest.split_once(", expected ")
+    {
+        return format!("expected {}, got {}", words(want), words(got));
+    }
+    message.to_owned()
 }
 
 /// serde-saphyr's message without its `error: line L column C:` prefix and source snippet.

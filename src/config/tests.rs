@@ -25,7 +25,7 @@ fn unknown_keys_are_rejected_with_line_column_and_path() {
     let p = &err.problems[0];
     assert_eq!(p.at, "easel.yaml:4:5", "{p}");
     assert_eq!(p.path, "backends.sim.latncy");
-    assert!(p.message.contains("unknown field `latncy`"), "{p}");
+    assert!(p.message.contains("unknown key `latncy` (did you mean `latency`?)"), "{p}");
 }
 
 #[test]
@@ -232,4 +232,19 @@ fn working_set_mistakes_are_reported_where_they_are() {
     let p = err.problems.iter().find(|p| p.path == "working_sets.creative.host").unwrap();
     assert!(p.message.contains("host `gpu9` is not declared under `hosts:` (declared: gpu0, gpu1)"), "{p}");
     assert!(p.at.starts_with("easel.yaml:"), "{p}");
+}
+
+#[test]
+fn one_check_lists_every_unknown_key_and_type_error_in_words() {
+    let yaml = "server:\n  lisen: 1\nbackends:\n  sim:\n    kind: simulated\n    concurency: {images: 1}\n    timeout: [1]\nmodels:\n  - id: m\n    backends: [sim]\n    max_n: many\n";
+    let e = from_str(yaml, "easel.yaml", Path::new("."), &MapEnv::new([])).unwrap_err();
+    let got: Vec<(String, String, String)> =
+        e.problems.iter().map(|p| (p.at.clone(), p.path.clone(), p.message.clone())).collect();
+    assert_eq!(got.len(), 4, "{e}");
+    assert_eq!((got[0].0.as_str(), got[0].1.as_str()), ("easel.yaml:2:3", "server.lisen"));
+    assert!(got[0].2.starts_with("unknown key `lisen` (did you mean `listen`?)"), "{e}");
+    assert_eq!((got[1].0.as_str(), got[1].1.as_str()), ("easel.yaml:6:5", "backends.sim.concurency"));
+    assert_eq!((got[2].1.as_str(), got[2].2.as_str()), ("backends.sim.timeout", "expected text, got a list"));
+    assert_eq!((got[3].0.as_str(), got[3].1.as_str()), ("easel.yaml:11:5", "models[0].max_n"));
+    assert_eq!(got[3].2, "expected a whole number, got the text \"many\"");
 }

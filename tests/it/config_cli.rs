@@ -41,7 +41,10 @@ fn config_check_reports_every_problem_with_its_place() {
     let out = easel(&["config", "check", "--config", "typo.yaml"], dir.path());
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("typo.yaml:4:5: backends.sim.concurency: unknown field `concurency`"), "{err}");
+    assert!(
+        err.contains("typo.yaml:4:5: backends.sim.concurency: unknown key `concurency` (did you mean `concurrency`?)"),
+        "{err}"
+    );
 }
 
 #[test]
