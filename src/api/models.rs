@@ -21,6 +21,9 @@ pub struct ModelObject {
 pub struct ModelMeta {
     #[serde(rename = "type")]
     pub kind: &'static str,
+    /// Other ids that name this model.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
     pub backends: Vec<BackendRef>,
     pub working_set: Option<String>,
     /// The host the model's working set runs on.

@@ -522,6 +522,8 @@ impl ModelType {
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     pub id: String,
+    /// Other ids that name this model (unique across the registry).
+    pub aliases: Vec<String>,
     pub kind: ModelType,
     /// Preference order = fallback order.
     pub backends: Vec<ModelBackend>,

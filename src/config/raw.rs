@@ -290,6 +290,9 @@ pub struct RawFailure {
 #[serde(deny_unknown_fields)]
 pub struct RawModel {
     pub id: Option<String>,
+    /// Other ids clients may use for this model (`gpt-image-1`, `dall-e-3`).
+    #[serde(default)]
+    pub aliases: Vec<String>,
     #[serde(rename = "type")]
     pub kind: Option<String>,
     #[serde(default)]

@@ -164,6 +164,26 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
 
     let mut models = Vec::new();
     let mut seen = BTreeSet::new();
+    // Ids and aliases share one name space.
+    let mut names: BTreeMap<String, String> = BTreeMap::new();
+    for (i, m) in raw.models.iter().enumerate() {
+        if let Some(id) = &m.id {
+            names.entry(id.clone()).or_insert_with(|| format!("models[{i}]"));
+        }
+    }
+    for (i, m) in raw.models.iter().enumerate() {
+        for (j, a) in m.aliases.iter().enumerate() {
+            let here = format!("models[{i}]");
+            match names.get(a) {
+                // Its own id is reported by `model`.
+                Some(owner) if *owner == here => {}
+                Some(owner) => p.push((format!("{here}.aliases[{j}]"), format!("`{a}` already names {owner}"))),
+                None => {
+                    names.insert(a.clone(), here);
+                }
+            }
+        }
+    }
     for (i, m) in raw.models.into_iter().enumerate() {
         let at = format!("models[{i}]");
         if let Some(id) = &m.id
@@ -923,7 +943,15 @@ fn model(
     if p.len() > start {
         return None;
     }
+    for (i, a) in m.aliases.iter().enumerate() {
+        if a.is_empty() || a.chars().any(char::is_whitespace) {
+            p.push((format!("{at}.aliases[{i}]"), format!("`{a}` is not a valid model id (non-empty, no spaces)")));
+        } else if *a == id {
+            p.push((format!("{at}.aliases[{i}]"), format!("`{a}` is the model's own id")));
+        }
+    }
     Some(ModelConfig {
+        aliases: m.aliases,
         upstream_model: m.upstream_model.unwrap_or_else(|| id.clone()),
         id,
         kind,

@@ -96,6 +96,7 @@ fn shape(e: &Error) -> Shape {
         Error::JobNotFound(_) => Shape::new(StatusCode::NOT_FOUND, INVALID, "not_found"),
         Error::LinkRefused { code, .. } => Shape::new(StatusCode::FORBIDDEN, "permission_error", code),
         Error::RouteNotFound { .. } => Shape::new(StatusCode::NOT_FOUND, INVALID, "not_found"),
+        Error::UnsupportedEndpoint { .. } => Shape::new(StatusCode::NOT_FOUND, INVALID, "unsupported_endpoint"),
         Error::MethodNotAllowed { .. } => Shape::new(StatusCode::METHOD_NOT_ALLOWED, INVALID, "method_not_allowed"),
         Error::PayloadTooLarge { .. } => Shape::new(StatusCode::PAYLOAD_TOO_LARGE, INVALID, "request_too_large"),
         Error::UnsupportedMediaType(_) => {

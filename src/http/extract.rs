@@ -138,6 +138,10 @@ fn from_value<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
 fn field_error(path: &str, message: &str) -> RequestError {
     if let Some(rest) = message.strip_prefix("unknown field `") {
         let name = rest.split('`').next().unwrap_or("");
+        if let Some(use_instead) = near_miss(name) {
+            return RequestError::param(name, format!("unknown field `{name}`: this API calls it {use_instead}"))
+                .with_code("unknown_parameter");
+        }
         return RequestError::param(name, format!("unknown field `{name}`: this API has no such parameter (to pass a backend-specific option, put it in `extra`)"))
             .with_code("unknown_parameter");
     }
@@ -145,6 +149,23 @@ fn field_error(path: &str, message: &str) -> RequestError {
         return RequestError::new(format!("invalid request body: {message}"));
     }
     RequestError::param(path, format!("invalid `{path}`: {message}"))
+}
+
+/// Names other APIs (fal, Replicate, diffusers, A1111) use for a field OpenAI's has under another name.
+fn near_miss(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "model_id" | "model_name" => "`model`",
+        "num_images" | "num_outputs" | "batch_size" | "count" => "`n`",
+        "image_size" | "resolution" | "width" | "height" | "aspect_ratio" => {
+            "`size` (\"WIDTHxHEIGHT\", e.g. \"1024x768\")"
+        }
+        "negative" | "neg_prompt" => "`negative_prompt`",
+        "cfg_scale" | "cfg" | "guidance" => "`guidance_scale`",
+        "num_inference_steps" | "num_steps" => "`steps`",
+        "format" | "image_format" => "`output_format`",
+        "responseformat" | "format_response" => "`response_format`",
+        _ => return None,
+    })
 }
 
 fn strip_position(s: &str) -> String {

@@ -134,7 +134,11 @@ pub fn base_url(state: &AppState, headers: &HeaderMap) -> String {
 }
 
 async fn not_found(req: Request) -> ApiError {
-    Error::RouteNotFound { method: req.method().to_string(), path: req.uri().path().to_owned() }.into()
+    let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
+    if path.starts_with("/v1/") {
+        return Error::UnsupportedEndpoint { method, path }.into();
+    }
+    Error::RouteNotFound { method, path }.into()
 }
 
 async fn method_not_allowed(req: Request) -> ApiError {

@@ -48,6 +48,7 @@ fn model_object(state: &AppState, m: &ModelConfig) -> ModelObject {
         owned_by: "easel",
         meta: ModelMeta {
             kind: m.kind.as_str(),
+            aliases: m.aliases.clone(),
             backends,
             working_set: m.working_set.clone(),
             host,

@@ -68,7 +68,10 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(models: Vec<Arc<ModelConfig>>) -> Self {
-        let by_id = models.iter().map(|m| (m.id.clone(), Arc::clone(m))).collect();
+        let by_id = models
+            .iter()
+            .flat_map(|m| std::iter::once(&m.id).chain(&m.aliases).map(move |name| (name.clone(), Arc::clone(m))))
+            .collect();
         Self { models, by_id }
     }
 
@@ -105,7 +108,8 @@ impl Registry {
     }
 
     pub fn not_found(&self, requested: &str) -> RoutingError {
-        let available: Vec<String> = self.models.iter().map(|m| m.id.clone()).collect();
+        let available: Vec<String> =
+            self.models.iter().flat_map(|m| std::iter::once(&m.id).chain(&m.aliases)).cloned().collect();
         let nearest = nearest(requested, &available);
         RoutingError::ModelNotFound { requested: requested.to_owned(), available, nearest }
     }

@@ -247,7 +247,10 @@ async fn files_only_serves_issued_ids_and_routes_are_shaped() {
     }
     let (s, _, body) = gw.get("/v1/nothing").await;
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_error(s, &v, 404, "not_found", "/v1/nothing");
+    assert_error(s, &v, 404, "unsupported_endpoint", "easel does not serve GET /v1/nothing");
+    let (s, _, body) = gw.get("/nothing").await;
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_error(s, &v, 404, "not_found", "the API lives under /v1");
     let (s, _, body) = gw.get("/v1/images/generations").await;
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_error(s, &v, 405, "method_not_allowed", "GET");
@@ -285,4 +288,52 @@ async fn models_health_and_readiness() {
     assert_eq!(h["backends"]["sim"]["kind"], "simulated");
     assert!(h["backends"]["sim"]["last_check"].is_string());
     assert!(h["version"].is_string());
+}
+
+#[tokio::test]
+async fn aliases_name_a_model_everywhere_and_near_miss_fields_get_the_right_name() {
+    let yaml = "auth: {mode: keys}\nbackends:\n  sim: {kind: simulated}\nmodels:\n  - {id: house, aliases: [gpt-image-1, dall-e-3], backends: [sim], default_size: 16x16}\n  - {id: other, backends: [sim], default_size: 16x16}\n";
+    let gw = crate::support::spawn_gateway_env(yaml, &[("EASEL_ADMIN_TOKEN", "admin-secret")]).await;
+    // A key limited to `house` may use it by an alias.
+    let created: serde_json::Value = gw
+        .client
+        .post(gw.endpoint("/v1/admin/keys"))
+        .bearer_auth("admin-secret")
+        .json(&json!({"name": "k", "credits": 5, "models": ["house"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = created["secret"].as_str().unwrap_or_else(|| panic!("{created}")).to_owned();
+    let post = |body: serde_json::Value| {
+        gw.client.post(gw.endpoint("/v1/images/generations")).bearer_auth(&secret).json(&body).send()
+    };
+    let resp = post(json!({"model": "gpt-image-1", "prompt": "p"})).await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let resp = post(json!({"model": "other", "prompt": "p"})).await.unwrap();
+    assert_eq!(resp.status(), 403, "the alias grants nothing beyond its model");
+    let models: serde_json::Value =
+        gw.client.get(gw.endpoint("/v1/models")).bearer_auth(&secret).send().await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"][0]["meta"]["aliases"], json!(["gpt-image-1", "dall-e-3"]), "{models}");
+    let one = gw.client.get(gw.endpoint("/v1/models/dall-e-3")).bearer_auth(&secret).send().await.unwrap();
+    assert_eq!(one.json::<serde_json::Value>().await.unwrap()["id"], "house");
+
+    for (field, hint) in
+        [("num_images", "`n`"), ("image_size", "`size`"), ("cfg_scale", "`guidance_scale`"), ("model_id", "`model`")]
+    {
+        let resp = post(json!({"model": "house", "prompt": "p", field: 2})).await.unwrap();
+        let status = resp.status().as_u16();
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_error(status, &v, 400, "unknown_parameter", &format!("this API calls it {hint}"));
+        assert_eq!(v["error"]["param"], field);
+    }
+    // Aliases are unique across ids and aliases, checked at load.
+    let clash = "backends:\n  sim: {kind: simulated}\nmodels:\n  - {id: a, aliases: [b], backends: [sim]}\n  - {id: b, backends: [sim]}\n  - {id: c, aliases: [c], backends: [sim]}\n";
+    let e = easel::config::from_str(clash, "t.yaml", std::path::Path::new("."), &easel::config::MapEnv::new([]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("models[0].aliases[0]: `b` already names models[1]"), "{e}");
+    assert!(e.contains("models[2].aliases[0]: `c` is the model's own id"), "{e}");
 }

@@ -153,7 +153,7 @@ async fn a_refused_upload_is_read_to_the_end_before_the_answer() {
     assert_eq!(json["error"]["code"], "request_too_large", "{json}");
     let (status, json) = raw_exchange(&gw, &request_head("/v1/no/such/route", "", Some(UPLOAD)), &body, false).await;
     assert_eq!(status, 404, "{json}");
-    assert_eq!(json["error"]["code"], "not_found", "{json}");
+    assert_eq!(json["error"]["code"], "unsupported_endpoint", "{json}");
 }
 
 #[tokio::test]
