@@ -28,6 +28,10 @@ pub fn run(config_path: Option<PathBuf>, action: Action) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Err(why) = check_amounts(&action) {
+        eprintln!("{why}");
+        return ExitCode::from(2);
+    }
     // A key limited to a model that does not exist would be refused everywhere: say so now.
     if let Action::Create { models: Some(models), .. } = &action {
         let ids: Vec<String> = cfg.models.iter().map(|m| m.id.clone()).collect();
@@ -63,6 +67,41 @@ pub fn run(config_path: Option<PathBuf>, action: Action) -> ExitCode {
     }
 }
 
+/// Names and amounts the ledger can take exactly: a name, finite credits with at most three decimals (the
+/// ledger counts millicredits), none negative at creation, a grant that changes something.
+fn check_amounts(action: &Action) -> Result<(), String> {
+    let exact = |what: &str, c: f64| {
+        if !c.is_finite() || c.abs() > 1e12 {
+            return Err(format!("{what}: `{c}` is not an amount of credits"));
+        }
+        if ((c * 1000.0).round() - c * 1000.0).abs() > 1e-6 {
+            return Err(format!("{what}: `{c}` has more than 3 decimals; the ledger counts thousandths of a credit"));
+        }
+        Ok(())
+    };
+    match action {
+        Action::Create { name, credits, .. } => {
+            if name.trim().is_empty() {
+                return Err("--name must not be empty".into());
+            }
+            exact("--credits", *credits)?;
+            if *credits < 0.0 {
+                return Err("--credits must not be negative".into());
+            }
+        }
+        Action::Grant { credits, .. } => {
+            exact("credits", *credits)?;
+            if to_mc(*credits) == 0 {
+                return Err("credits: a grant of 0 changes nothing".into());
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+const LIST_HEADER: &str = "  id  name                 prefix           state    available balance  held      models\n";
+
 fn line(k: &KeyInfo) -> String {
     let models = k.allowed_models.as_ref().map_or_else(|| "all models".to_owned(), |m| m.join(","));
     let state = if k.revoked { "revoked" } else { "active" };
@@ -94,7 +133,14 @@ async fn act(database: &str, action: Action) -> Result<(String, ExitCode), Ledge
                 ExitCode::SUCCESS,
             )
         }
-        Action::List => (store.list_keys().await?.iter().map(line).collect(), ExitCode::SUCCESS),
+        Action::List => {
+            let keys = store.list_keys().await?;
+            if keys.is_empty() {
+                ("no keys (create one with `easel keys create --name NAME`)\n".to_owned(), ExitCode::SUCCESS)
+            } else {
+                (std::iter::once(LIST_HEADER.to_owned()).chain(keys.iter().map(line)).collect(), ExitCode::SUCCESS)
+            }
+        }
         Action::Revoke { key } => (format!("revoked: {}", line(&store.revoke_key(&key).await?)), ExitCode::SUCCESS),
         Action::Grant { key, credits } => (line(&store.grant(&key, to_mc(credits), "cli").await?), ExitCode::SUCCESS),
         Action::Migrate => (format!("{}: migrations applied\n", store.path.display()), ExitCode::SUCCESS),

@@ -112,7 +112,7 @@ enum KeysCommand {
         #[arg(long)]
         name: String,
         /// Credits to start with.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         credits: f64,
         /// Comma-separated model ids this key may use (default: all).
         #[arg(long, value_delimiter = ',')]

@@ -187,7 +187,29 @@ fn config_is_global_storage_sits_beside_the_file_and_keys_refuse_unknown_models(
     let out = easel(&["keys", "list", "-c", path.to_str().unwrap()], elsewhere.path());
     assert!(out.status.success());
     let listed = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(!listed.lines().any(|l| l.split_whitespace().nth(1) == Some("a")), "no key was made: {listed}");
+    assert!(listed.starts_with("no keys"), "no key was made: {listed}");
+    for (args, needle) in [
+        (vec!["keys", "create", "--name", " "], "--name must not be empty"),
+        (vec!["keys", "create", "--name", "b", "--credits", "-1"], "must not be negative"),
+        (vec!["keys", "create", "--name", "b", "--credits", "0.0001"], "more than 3 decimals"),
+        (vec!["credits", "grant", "b", "0"], "changes nothing"),
+    ] {
+        let mut all = args.clone();
+        all.extend(["-c", path.to_str().unwrap()]);
+        let out = easel(&all, elsewhere.path());
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out =
+        easel(&["keys", "create", "--name", "ok", "--credits", "1.5", "-c", path.to_str().unwrap()], elsewhere.path());
+    assert!(out.status.success());
+    let out = easel(&["keys", "list", "-c", path.to_str().unwrap()], elsewhere.path());
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(listed.starts_with("  id  name") && listed.contains(" ok "), "{listed}");
 
     let out = easel(&["completions", "bash"], elsewhere.path());
     assert!(out.status.success());
