@@ -85,7 +85,9 @@ impl Http {
     pub async fn send(&self, rb: RequestBuilder, url: &str) -> Result<Response, BackendError> {
         let (client, req) = rb.build_split();
         let mut req = req.map_err(|e| self.error(url, self.failure(&e)))?;
-        if !self.policy.is_own_origin(req.url()) {
+        if self.policy.is_own_origin(req.url()) {
+            request_headers(req.headers_mut());
+        } else {
             // A URL the backend handed back, on another host: the policy decides, and no secret goes along.
             self.policy.check(req.url()).map_err(|r| self.error(url, Failure::InvalidResponse(r.0)))?;
             let headers = req.headers_mut();
@@ -160,6 +162,9 @@ impl Http {
             for (k, v) in &self.cfg.headers {
                 rb = rb.header(k.clone(), v.clone());
             }
+            let mut ids = HeaderMap::new();
+            request_headers(&mut ids);
+            rb = rb.headers(ids);
         }
         let resp = rb.send().await.map_err(|e| self.error(url, self.failure(&e)))?;
         let status = resp.status();
@@ -233,6 +238,21 @@ impl Http {
                 Err(e) => return Err(self.error(url, self.failure(&e))),
             }
         }
+    }
+}
+
+/// Adds the current request's `X-Request-Id` and (when the client sent a valid one) `traceparent`, so a
+/// backend's logs can be matched with easel's. Called only for the backend's own origin: the ids are the
+/// client's and stay between easel and its backends.
+fn request_headers(headers: &mut HeaderMap) {
+    let Some(ctx) = crate::telemetry::context::current() else { return };
+    if let Ok(v) = reqwest::header::HeaderValue::from_str(&ctx.id) {
+        headers.insert("x-request-id", v);
+    }
+    if let Some(t) = ctx.traceparent.as_deref()
+        && let Ok(v) = reqwest::header::HeaderValue::from_str(t)
+    {
+        headers.insert("traceparent", v);
     }
 }
 

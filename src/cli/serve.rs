@@ -9,7 +9,10 @@ use crate::config::{self, ProcessEnv};
 use crate::server::Server;
 
 pub fn run(config_path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
-    crate::telemetry::init_logging();
+    if let Err(e) = crate::telemetry::init_logging() {
+        eprintln!("{e}");
+        return ExitCode::from(1);
+    }
     let path = config::resolve_path(config_path.as_deref());
     let mut cfg = match config::load(path.as_deref(), &ProcessEnv) {
         Ok(c) => c,

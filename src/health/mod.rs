@@ -92,7 +92,9 @@ impl Health {
 
     /// Records a probe result; the first one sets the state directly, later ones after the thresholds.
     pub fn record_probe(&self, result: &Result<ProbeReport, BackendError>, took: Duration) {
-        let healthy = self.with(|s| {
+        let (was, healthy, error) = self.with(|s| {
+            // Before the first probe a backend counts as up, so a first failing probe logs "down" once.
+            let was = s.healthy;
             s.last_check = Some(SystemTime::now());
             s.latency_ms = Some(took.as_millis() as u64);
             match result {
@@ -120,9 +122,18 @@ impl Health {
                 }
             }
             s.checked = true;
-            s.healthy
+            (was, s.healthy, s.error.clone())
         });
         m::backend_health(&self.name, healthy);
+        match (was, healthy) {
+            (true, false) => tracing::warn!(
+                backend = %self.name,
+                reason = error.as_deref().unwrap_or("unknown"),
+                "Backend is down."
+            ),
+            (false, true) => tracing::info!(backend = %self.name, "Backend is up again."),
+            _ => {}
+        }
     }
 
     /// Records the end of a live upstream call for the circuit breaker.

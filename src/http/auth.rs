@@ -59,6 +59,7 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
     };
     match state.ledger.authenticate(secret).await {
         Ok(Some(principal)) => {
+            crate::telemetry::context::note_key(&principal.name);
             req.extensions_mut().insert(principal);
             next.run(req).await
         }

@@ -54,7 +54,9 @@ async fn handle(
 ) -> Result<Response, ApiError> {
     let (caller, _) = super::images::caller(headers, principal, route.path(), None)?;
     let _gone_on_drop = caller.gone.clone().drop_guard();
-    let task = tokio::spawn(async move { crate::pipeline::text::text(&state, &caller, route, &body).await });
+    let task = tokio::spawn(crate::telemetry::context::propagate(async move {
+        crate::pipeline::text::text(&state, &caller, route, &body).await
+    }));
     let answer = task.await.map_err(|e| Error::Internal(format!("the request task failed: {e}")))??;
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
     let streaming = matches!(answer.body, TextOut::Stream(_));

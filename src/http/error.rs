@@ -185,8 +185,15 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let shape = shape(&self.0);
         let message = self.0.to_string();
+        let request_id = crate::telemetry::context::request_id();
         let body = ErrorBody {
-            error: ErrorObject { message: &message, kind: shape.kind, param: shape.param.as_deref(), code: shape.code },
+            error: ErrorObject {
+                message: &message,
+                kind: shape.kind,
+                param: shape.param.as_deref(),
+                code: shape.code,
+                request_id: request_id.as_deref(),
+            },
         };
         let json = serde_json::to_vec(&body).unwrap_or_else(|_| {
             br#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#.to_vec()

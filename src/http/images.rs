@@ -36,17 +36,18 @@ pub async fn generations_handler(
     let base = super::base_url(&state, &headers);
     if respond_async(&headers) {
         let (caller, _) = caller(&headers, principal, "/v1/images/generations", None)?;
-        let task = tokio::spawn(async move {
+        let task = tokio::spawn(crate::telemetry::context::propagate(async move {
             let job = crate::pipeline::image_jobs::submit(&state, &caller, body, Vec::new(), None, false).await?;
             Ok::<_, Error>(accepted(&state, &job, &base).await)
-        });
+        }));
         return Ok(task.await.map_err(|e| Error::Internal(format!("the request task failed: {e}")))??);
     }
     let (listen, meta) = streaming(&body, false);
     let (caller, previews) = caller(&headers, principal, "/v1/images/generations", listen)?;
     let gone_on_drop = caller.gone.clone().drop_guard();
-    let task =
-        tokio::spawn(async move { crate::pipeline::images::generate_images(&state, &caller, body, &base).await });
+    let task = tokio::spawn(crate::telemetry::context::propagate(async move {
+        crate::pipeline::images::generate_images(&state, &caller, body, &base).await
+    }));
     match previews {
         Some(rx) => stream(task, rx, meta, gone_on_drop).await,
         None => respond(task.await),
@@ -63,19 +64,19 @@ pub async fn edits_handler(
     let base = super::base_url(&state, &headers);
     if respond_async(&headers) {
         let (caller, _) = caller(&headers, principal, "/v1/images/edits", None)?;
-        let task = tokio::spawn(async move {
+        let task = tokio::spawn(crate::telemetry::context::propagate(async move {
             let job =
                 crate::pipeline::image_jobs::submit(&state, &caller, body.fields, body.images, body.mask, true).await?;
             Ok::<_, Error>(accepted(&state, &job, &base).await)
-        });
+        }));
         return Ok(task.await.map_err(|e| Error::Internal(format!("the request task failed: {e}")))??);
     }
     let (listen, meta) = streaming(&body.fields, true);
     let (caller, previews) = caller(&headers, principal, "/v1/images/edits", listen)?;
     let gone_on_drop = caller.gone.clone().drop_guard();
-    let task = tokio::spawn(async move {
+    let task = tokio::spawn(crate::telemetry::context::propagate(async move {
         crate::pipeline::images::edit_images(&state, &caller, body.fields, body.images, body.mask, &base).await
-    });
+    }));
     match previews {
         Some(rx) => stream(task, rx, meta, gone_on_drop).await,
         None => respond(task.await),

@@ -25,14 +25,17 @@ use axum::body::{Body, BodyDataStream, Bytes};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
 use futures_util::{Stream, StreamExt};
+use http_body::Body as _;
+use tracing::Instrument;
 
 use self::error::{ApiError, ServerFault};
 use self::extract::BodyLimit;
 use crate::error::Error;
 use crate::state::AppState;
+use crate::telemetry::context::RequestContext;
 use crate::telemetry::metrics as m;
 
 /// Builds the router for `state`.
@@ -145,31 +148,130 @@ async fn method_not_allowed(req: Request) -> ApiError {
     Error::MethodNotAllowed { method: req.method().to_string(), path: req.uri().path().to_owned() }.into()
 }
 
-/// Records request metrics and logs server-side failures once.
+/// The request id header, read from clients, set on every response and sent to backends.
+pub const REQUEST_ID: &str = "x-request-id";
+/// W3C trace context, passed through to backends when valid.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// Gives the request its context (request id, trace context, a slot for what handles it) and log span; sets
+/// `X-Request-Id` on the answer, whatever it is; records request metrics and the access-log line when the last
+/// response byte has gone (or the client left); logs server-side failures once.
 async fn observe(req: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = static_route(req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()));
     let method = req.method().clone();
-    let bytes_in = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let resp = next.run(req).await;
+    let (ctx, bytes_in) = {
+        let text = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let bytes_in: u64 = text(header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok()).unwrap_or(0);
+        (RequestContext::new(text(REQUEST_ID), text(TRACEPARENT)), bytes_in)
+    };
+    let span = tracing::info_span!("request", request_id = %ctx.id);
+    let resp = ctx.clone().scope(next.run(req)).instrument(span.clone()).await;
     let status = resp.status();
-    let bytes_out = resp
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let resp = openai_shaped(resp).await;
-    m::http_request(route, m::method_label(method.as_str()), status.as_u16(), started.elapsed(), bytes_in, bytes_out);
-    if let Some(ServerFault(message)) = resp.extensions().get::<ServerFault>() {
-        tracing::warn!(%method, route, status = status.as_u16(), error = %message, "Request failed.");
+    let mut resp = openai_shaped(resp, &ctx.id).await;
+    if let Ok(v) = HeaderValue::from_str(&ctx.id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
     }
-    resp.into_response()
+    if let Some(ServerFault(message)) = resp.extensions().get::<ServerFault>() {
+        span.in_scope(|| {
+            tracing::warn!(%method, route, status = status.as_u16(), error = %message, "Request failed.");
+        });
+    }
+    let finish =
+        Finish { ctx, method: m::method_label(method.as_str()), route, status: status.as_u16(), started, bytes_in };
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, Body::new(Metered { inner: body, sent: 0, finish: Some(finish) }))
+}
+
+/// What the access log and request metrics need once the response body has ended.
+struct Finish {
+    ctx: RequestContext,
+    method: &'static str,
+    route: &'static str,
+    status: u16,
+    started: Instant,
+    bytes_in: u64,
+}
+
+impl Finish {
+    /// One access-log line (target `easel::access`) and the request metrics. Never a secret: the key's name only.
+    fn done(self, sent: u64, complete: bool) {
+        let took = self.started.elapsed();
+        m::http_request(self.route, self.method, self.status, took, self.bytes_in, sent);
+        let h = self.ctx.handling();
+        tracing::info!(
+            target: "easel::access",
+            request_id = %self.ctx.id,
+            method = self.method,
+            route = self.route,
+            status = self.status,
+            bytes = sent,
+            duration_ms = took.as_millis() as u64,
+            model = h.model.as_deref().unwrap_or("-"),
+            backend = h.backend.as_deref().unwrap_or("-"),
+            key = h.key.as_deref().unwrap_or("-"),
+            complete,
+            "access"
+        );
+    }
+}
+
+/// A response body that counts the bytes it yields and finishes the request's record when it ends or is
+/// dropped (a client that leaves mid-stream), so streamed answers are measured too.
+struct Metered {
+    inner: Body,
+    sent: u64,
+    finish: Option<Finish>,
+}
+
+impl http_body::Body for Metered {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.sent += data.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.end(true);
+                }
+            }
+            Poll::Ready(None) => self.end(true),
+            Poll::Ready(Some(Err(_))) => self.end(false),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Metered {
+    fn end(&mut self, complete: bool) {
+        if let Some(f) = self.finish.take() {
+            f.done(self.sent, complete);
+        }
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        // Ended without an error when everything was sent (or there was nothing to send).
+        let complete = self.inner.is_end_stream();
+        self.end(complete);
+    }
 }
 
 /// Most of an unread request body easel reads and discards after answering early (413, 401, 404, ...), so a
@@ -242,7 +344,7 @@ async fn drain_unread(req: Request, next: Next) -> Response {
 
 /// Gives an error answer that is not easel's own (a framework rejection: a path or query that does not parse,
 /// a malformed header) OpenAI's error shape, keeping its status and text.
-async fn openai_shaped(resp: Response) -> Response {
+async fn openai_shaped(resp: Response, request_id: &str) -> Response {
     let status = resp.status();
     let is_json = resp
         .headers()
@@ -266,7 +368,13 @@ async fn openai_shaped(resp: Response) -> Response {
         _ => ("invalid_request_error", "invalid_request_error"),
     };
     let body = crate::api::error::ErrorBody {
-        error: crate::api::error::ErrorObject { message: &message, kind, param: None, code: Some(code) },
+        error: crate::api::error::ErrorObject {
+            message: &message,
+            kind,
+            param: None,
+            code: Some(code),
+            request_id: Some(request_id),
+        },
     };
     let json = serde_json::to_vec(&body).unwrap_or_default();
     let mut resp = Response::from_parts(parts, Body::from(json));

@@ -85,8 +85,9 @@ pub async fn metrics_handler(State(state): State<AppState>) -> Response {
         Ok(stats) => crate::telemetry::metrics::job_stats(&stats, crate::ledger::now_ms()),
         Err(e) => tracing::warn!(error = %e, "Reading job counts for /metrics failed."),
     }
-    ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], state.metrics.render())
-        .into_response()
+    let mut text = state.metrics.render();
+    text.push_str(&crate::telemetry::process::render());
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response()
 }
 
 #[derive(Serialize)]

@@ -26,7 +26,9 @@ pub async fn create_handler(
 ) -> Result<Json<Video>, ApiError> {
     let (caller, _) = caller(&headers, principal, "/v1/videos", None)?;
     // The submit runs in its own task: a client that leaves cannot leave a job half made.
-    let task = tokio::spawn(async move { videos::create(&state, &caller, body.fields, body.reference).await });
+    let task = tokio::spawn(crate::telemetry::context::propagate(async move {
+        videos::create(&state, &caller, body.fields, body.reference).await
+    }));
     let job = task.await.map_err(|e| Error::Internal(format!("the request task failed: {e}")))??;
     Ok(Json(video(&job)))
 }

@@ -61,6 +61,7 @@ where
         () = gone.cancelled() => return Err(Error::ClientGone),
         r = state.sets.ready_for(model) => r?,
     };
+    crate::telemetry::context::note_model(&model.id);
     let candidates = routing::candidates(model, &state.backends, capability)?;
     let mut last: Option<Error> = None;
     for (attempt, Candidate { handle, trial }) in candidates.into_iter().take(MAX_ATTEMPTS).enumerate() {
@@ -110,6 +111,7 @@ where
                 continue;
             }
         };
+        crate::telemetry::context::note_backend(&handle.cfg.name);
         let started = Instant::now();
         let limit = handle.cfg.timeout + TIMEOUT_SLACK;
         let result = match tokio::time::timeout(limit, operation(Arc::clone(&handle), permit)).await {

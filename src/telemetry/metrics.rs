@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::config::Capability;
@@ -35,6 +35,7 @@ pub const ADMISSION_QUEUE_WAIT: &str = "easel_admission_queue_wait_seconds";
 pub const ADMISSION_REJECTED: &str = "easel_admission_rejected_total";
 pub const WORKING_SET_ACTIVE: &str = "easel_working_set_active";
 pub const SWAPS: &str = "easel_swaps_total";
+pub const BUILD_INFO: &str = "easel_build_info";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
@@ -49,12 +50,50 @@ pub fn install() -> PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             match builder.install_recorder() {
-                Ok(handle) => handle,
+                Ok(handle) => {
+                    describe();
+                    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "profile" => PROFILE).set(1.0);
+                    handle
+                }
                 // Another recorder is installed (embedding application): render an empty, private one.
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
             }
         })
         .clone()
+}
+
+/// The build profile, for `easel_build_info`.
+const PROFILE: &str = if cfg!(debug_assertions) { "debug" } else { "release" };
+
+/// HELP text (and unit) for every family, so each one renders with `# HELP` and `# TYPE`.
+fn describe() {
+    describe_counter!(HTTP_REQUESTS, "HTTP requests answered, by route template, method and status.");
+    describe_histogram!(HTTP_DURATION, Unit::Seconds, "Time from request to the last response byte, by route.");
+    describe_counter!(HTTP_BYTES_IN, Unit::Bytes, "Request body bytes declared by clients (Content-Length), by route.");
+    describe_counter!(HTTP_BYTES_OUT, Unit::Bytes, "Response body bytes sent to clients, by route.");
+    describe_counter!(GENERATIONS, "Generation requests by model and outcome.");
+    describe_counter!(IMAGES, "Images returned to clients, by model.");
+    describe_counter!(IMAGES_MISSING, "Images asked for but missing from a partial answer, by model.");
+    describe_counter!(JOBS_ENDED, "Jobs that reached a terminal state, by model and outcome.");
+    describe_counter!(JOB_POLLS, "Upstream job status polls, by backend and outcome.");
+    describe_gauge!(JOBS_RUNNING, "Jobs holding a backend slot right now, by backend.");
+    describe_gauge!(JOBS, "Unfinished jobs by object and state.");
+    describe_gauge!(JOB_OLDEST, Unit::Seconds, "Age of the oldest unfinished job, by object.");
+    describe_counter!(UPSTREAM_CALLS, "Calls to backends, by backend, kind and outcome.");
+    describe_histogram!(UPSTREAM_DURATION, Unit::Seconds, "Duration of backend calls, by backend.");
+    describe_counter!(FALLBACKS, "Requests moved to the next backend, by the backend left and why.");
+    describe_gauge!(BACKEND_HEALTHY, "1 when the backend's health probes pass, else 0.");
+    describe_gauge!(BACKEND_CIRCUIT_OPEN, "1 while the backend's circuit breaker is open, else 0.");
+    describe_gauge!(JOB_PROGRESS, "Progress of the backend's current job, 0 to 1.");
+    describe_counter!(PROGRESS_EVENTS, "Progress events received from backends.");
+    describe_gauge!(LEDGER_DRIFT, "Broken ledger invariants found by the last check (should be 0).");
+    describe_gauge!(ADMISSION_INFLIGHT, "Requests holding an admission slot, by backend and capability.");
+    describe_gauge!(ADMISSION_QUEUED, "Requests waiting for an admission slot, by backend and capability.");
+    describe_histogram!(ADMISSION_QUEUE_WAIT, Unit::Seconds, "Time spent waiting for an admission slot.");
+    describe_counter!(ADMISSION_REJECTED, "Requests refused admission, by backend, capability and reason.");
+    describe_gauge!(WORKING_SET_ACTIVE, "1 for the working set a host has active, 0 for its others.");
+    describe_counter!(SWAPS, "Working-set swaps that ended, by outcome.");
+    describe_gauge!(BUILD_INFO, "Always 1; the labels say which easel build is running.");
 }
 
 /// One HTTP exchange. Labels are `'static` (route templates, method names), so recording allocates nothing.
