@@ -33,7 +33,9 @@ pub async fn handler(
     let started = std::time::Instant::now();
     let task = {
         let (state, route) = (state.clone(), route.clone());
-        tokio::spawn(async move { crate::pipeline::routes::run(&state, &caller, &route, body, &base).await })
+        tokio::spawn(crate::telemetry::context::propagate(async move {
+            crate::pipeline::routes::run(&state, &caller, &route, body, &base).await
+        }))
     };
     let delivered = task.await.map_err(|e| Error::Internal(format!("the request task failed: {e}")))??;
     drop(gone_on_drop.disarm());

@@ -21,6 +21,7 @@ mod images_api;
 mod invokeai;
 mod ledger;
 mod limits;
+mod observability;
 mod openai;
 mod outbound;
 mod process;

@@ -39,6 +39,9 @@ pub struct Received {
     pub authorization: Option<String>,
     /// The `X-Team` header (what configured `headers` are tested with).
     pub team: Option<String>,
+    /// `X-Request-Id` and `traceparent`, as forwarded by the gateway.
+    pub request_id: Option<String>,
+    pub traceparent: Option<String>,
     pub body: String,
 }
 
@@ -154,6 +157,8 @@ async fn handle(State(s): State<Arc<CustomState>>, req: Request) -> Response {
         content_type,
         authorization: authorization.clone(),
         team,
+        request_id: header("x-request-id"),
+        traceparent: header("traceparent"),
         body: text.clone(),
     });
 
