@@ -306,3 +306,36 @@ async fn unload_drains_the_running_job_then_stops_the_set() {
     assert_eq!(resp.status(), 401, "unload needs the admin key");
     shutdown_without_orphans(gw, &[&a]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_activation_interrupts_the_running_job_instead_of_draining() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Fake::new(dir.path(), "fa", &["--gen-secs", "30"]);
+    let b = Fake::new(dir.path(), "fb", &[]);
+    let sets = "  one: { host: gpu0, backends: [fa] }\n  two: { host: gpu0, backends: [fb] }\n";
+    let cfg = config("{ default_set: one }", &[&a, &b], sets, &[("ma", "fa", "one"), ("mb", "fb", "two")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    wait_until("the default set to start", || a.starts() == 1).await;
+    let slow = tokio::spawn({
+        let (client, url) = (gw.client.clone(), gw.endpoint("/v1/images/generations"));
+        async move { client.post(url).json(&json!({"model": "ma", "prompt": "slow"})).send().await.unwrap().status() }
+    });
+    wait_until("the slow job to begin", || a.lines().iter().any(|l| l == "gen begin")).await;
+    let url = gw.endpoint("/v1/admin/working-sets/two/activate?wait=true");
+    let bad = gw.client.post(&url).bearer_auth(ADMIN).body("{\"forse\": true}").send().await.unwrap();
+    assert_eq!(bad.status(), 400, "an unknown body key is refused");
+    let began = std::time::Instant::now();
+    let resp = gw.client.post(&url).bearer_auth(ADMIN).body("{\"force\": true}").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["force"], true, "{body}");
+    assert!(began.elapsed() < Duration::from_secs(15), "the swap waited for the job: {:?}", began.elapsed());
+    let status = slow.await.unwrap();
+    assert!(status.is_server_error(), "the interrupted job fails: {status}");
+    let lines = a.lines();
+    assert!(lines.iter().any(|l| l == "exit") && !lines.iter().any(|l| l == "gen done"), "{lines:?}");
+    assert_eq!(hosts(&gw).await["data"][0]["active_set"], "two");
+    let (s, _, body) = gen_image(&gw, "mb").await;
+    assert_eq!(s, 200, "{body}");
+    shutdown_without_orphans(gw, &[&a, &b]).await;
+}
