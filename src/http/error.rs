@@ -147,6 +147,10 @@ fn set_shape(w: &SetError) -> Shape {
         SetError::Conflict { .. } => Shape::new(StatusCode::CONFLICT, INVALID, "working_set_switching"),
         SetError::UnknownSet(_) => Shape::new(StatusCode::NOT_FOUND, INVALID, "working_set_not_found"),
         SetError::UnknownHost(_) => Shape::new(StatusCode::NOT_FOUND, INVALID, "host_not_found"),
+        SetError::NotManaged(_) => Shape::new(StatusCode::NOT_FOUND, INVALID, "backend_not_found"),
+        SetError::InUse { .. } => Shape::new(StatusCode::CONFLICT, INVALID, "backend_in_use"),
+        SetError::NotRunning { .. } => Shape::new(StatusCode::CONFLICT, INVALID, "backend_not_running"),
+        SetError::RestartFailed { .. } => Shape::new(StatusCode::BAD_GATEWAY, SERVER, "backend_restart_failed"),
     };
     match w.retry_after() {
         Some(after) => shape.retry(after),

@@ -1,5 +1,5 @@
-//! Working-set admin routes: `GET /v1/admin/hosts`, `POST /v1/admin/working-sets/{name}/activate` and
-//! `POST /v1/admin/hosts/{host}/unload`.
+//! Working-set admin routes: `GET /v1/admin/hosts`, `POST /v1/admin/working-sets/{name}/activate`,
+//! `POST /v1/admin/hosts/{host}/unload` and `POST /v1/admin/backends/{name}/restart`.
 
 use std::collections::HashMap;
 
@@ -73,4 +73,26 @@ pub async fn unload_handler(State(state): State<AppState>, Path(host): Path<Stri
     state.sets.unload(&host)?;
     let body = json!({"host": host, "unloading": true, "status_url": "/v1/admin/hosts"});
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// Restarts one managed backend (stop with grace, start, readiness probe) and answers 200 once it is ready. 409
+/// while it has requests in flight unless `force` (`?force=true` or `{"force": true}`), or while its host does not
+/// run it; 404 for a backend easel does not manage.
+pub async fn restart_handler(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if let Some(unknown) = query.keys().find(|k| k.as_str() != "force") {
+        return Err(RequestError::param(
+            unknown,
+            format!("unknown query parameter `{unknown}`; only `force` is accepted"),
+        )
+        .into());
+    }
+    let force = flag(&query, "force")? || body_force(&body)?;
+    let ready = state.sets.restart(&state.processes, &state.backends, &name, force).await?;
+    let body = json!({"backend": name, "state": ready.as_str(), "status_url": "/v1/admin/processes"});
+    Ok((StatusCode::OK, Json(body)).into_response())
 }

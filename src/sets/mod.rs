@@ -1,6 +1,7 @@
 //! Working sets: one actor per host starts and stops its managed backends as a unit, swaps between sets without
 //! killing work, and tells requests whether their model can run now, after a swap, or not at all.
 
+mod restart;
 pub mod scheduler;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -45,6 +46,16 @@ pub enum SetError {
     UnknownSet(String),
     #[error("no host `{0}`")]
     UnknownHost(String),
+    #[error("no managed backend `{0}` (only backends with a `process:` block can be restarted)")]
+    NotManaged(String),
+    #[error(
+        "backend `{backend}` has {in_flight} request(s) in flight; wait for them, or restart with `force` to cut them off"
+    )]
+    InUse { backend: String, in_flight: u32 },
+    #[error("backend `{backend}` is not running: {why}")]
+    NotRunning { backend: String, why: String },
+    #[error("backend `{backend}` did not come back after the restart: {error}")]
+    RestartFailed { backend: String, error: String },
 }
 
 impl SetError {
@@ -55,7 +66,14 @@ impl SetError {
             | Self::Switching { retry_after, .. }
             | Self::Failed { retry_after, .. }
             | Self::Busy { retry_after, .. } => *retry_after,
-            Self::Inactive { .. } | Self::Conflict { .. } | Self::UnknownSet(_) | Self::UnknownHost(_) => return None,
+            Self::Inactive { .. }
+            | Self::Conflict { .. }
+            | Self::UnknownSet(_)
+            | Self::UnknownHost(_)
+            | Self::NotManaged(_)
+            | Self::InUse { .. }
+            | Self::NotRunning { .. }
+            | Self::RestartFailed { .. } => return None,
         };
         Some(d.clamp(Duration::from_secs(1), Duration::from_secs(60)))
     }

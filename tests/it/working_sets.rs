@@ -339,3 +339,50 @@ async fn a_forced_activation_interrupts_the_running_job_instead_of_draining() {
     assert_eq!(s, 200, "{body}");
     shutdown_without_orphans(gw, &[&a, &b]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_refuses_a_busy_or_unmanaged_backend_and_force_restarts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Fake::new(dir.path(), "fa", &["--gen-secs", "4"]);
+    let b = Fake::new(dir.path(), "fb", &[]);
+    let sets = "  one: { host: gpu0, backends: [fa] }\n  two: { host: gpu0, backends: [fb] }\n";
+    let cfg = config("{ default_set: one }", &[&a, &b], sets, &[("ma", "fa", "one"), ("mb", "fb", "two")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    wait_until("the default set to start", || a.starts() == 1).await;
+    let restart = |name: &str, query: &str| {
+        gw.client.post(gw.endpoint(&format!("/v1/admin/backends/{name}/restart{query}"))).bearer_auth(ADMIN).send()
+    };
+    let code = |v: &Value| v["error"]["code"].as_str().unwrap_or_default().to_owned();
+    let resp = restart("nope", "").await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(code(&resp.json().await.unwrap()), "backend_not_found");
+    let resp = restart("fb", "").await.unwrap();
+    assert_eq!(resp.status(), 409, "a member of an inactive set is not started by a restart");
+    assert_eq!(code(&resp.json().await.unwrap()), "backend_not_running");
+    assert_eq!(b.starts(), 0);
+
+    let slow = tokio::spawn({
+        let (client, url) = (gw.client.clone(), gw.endpoint("/v1/images/generations"));
+        async move { client.post(url).json(&json!({"model": "ma", "prompt": "slow"})).send().await.unwrap().status() }
+    });
+    wait_until("the slow job to begin", || a.lines().iter().any(|l| l == "gen begin")).await;
+    let resp = restart("fa", "").await.unwrap();
+    assert_eq!(resp.status(), 409);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(code(&v), "backend_in_use", "{v}");
+    assert_eq!(a.starts(), 1);
+
+    let first = a.pids()[0];
+    let resp = restart("fa", "?force=true").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["state"], "ready", "{v}");
+    assert!(slow.await.unwrap().is_server_error(), "the cut-off request fails");
+    assert_eq!(a.starts(), 2, "{:?}", a.lines());
+    assert!(!alive(first), "the old process is gone");
+    let (s, _, body) = gen_image(&gw, "ma").await;
+    assert_eq!(s, 200, "{body}");
+    let anonymous = gw.client.post(gw.endpoint("/v1/admin/backends/fa/restart")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    shutdown_without_orphans(gw, &[&a, &b]).await;
+}
