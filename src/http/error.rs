@@ -185,16 +185,27 @@ fn backend_shape(b: &BackendError) -> Shape {
     }
 }
 
+impl ApiError {
+    /// The OpenAI-shaped body alone, for an error that must travel inside an answer already begun (an SSE
+    /// `error` event).
+    pub fn body(&self) -> Vec<u8> {
+        error_json(&shape(&self.0), &self.0.to_string())
+    }
+}
+
+fn error_json(shape: &Shape, message: &str) -> Vec<u8> {
+    let body =
+        ErrorBody { error: ErrorObject { message, kind: shape.kind, param: shape.param.as_deref(), code: shape.code } };
+    serde_json::to_vec(&body).unwrap_or_else(|_| {
+        br#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#.to_vec()
+    })
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let shape = shape(&self.0);
         let message = self.0.to_string();
-        let body = ErrorBody {
-            error: ErrorObject { message: &message, kind: shape.kind, param: shape.param.as_deref(), code: shape.code },
-        };
-        let json = serde_json::to_vec(&body).unwrap_or_else(|_| {
-            br#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#.to_vec()
-        });
+        let json = error_json(&shape, &message);
         let mut resp = (shape.status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json)
             .into_response();
         if let Some(after) = shape.retry_after {

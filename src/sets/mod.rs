@@ -249,6 +249,12 @@ impl Sets {
         })
     }
 
+    /// For a model whose working set does not serve it right now: how often a waiting stream gets an SSE comment.
+    pub fn keepalive(&self, model: &ModelConfig) -> Option<Duration> {
+        let place = self.place(model)?;
+        (self.status(model)? != "ready").then_some(place.host.cfg.keepalive)
+    }
+
     /// Waits until `model`'s working set serves it (or says why not). `None` for a model outside working sets.
     /// The returned [`Pass`] must live as long as the request's work on the backend.
     pub async fn ready_for(&self, model: &ModelConfig) -> Result<Option<Pass>, SetError> {

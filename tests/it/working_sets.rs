@@ -36,7 +36,7 @@ impl Fake {
         cmd.extend(self.flags.iter().map(|f| (*f).to_owned()));
         let cmd = serde_json::to_string(&cmd).unwrap();
         format!(
-            "  {}:\n    kind: openai\n    url: http://127.0.0.1:{}/v1\n    timeout: 20s\n    concurrency: {{ images: 4 }}\n    process: {{ cmd: {cmd}, ready_timeout: 20s, stop: {{ grace: 2s }}{} }}\n",
+            "  {}:\n    kind: openai\n    url: http://127.0.0.1:{}/v1\n    timeout: 20s\n    concurrency: {{ images: 4, text: 4 }}\n    process: {{ cmd: {cmd}, ready_timeout: 20s, stop: {{ grace: 2s }}{} }}\n",
             self.name, self.port, self.process_extra
         )
     }
@@ -385,4 +385,62 @@ async fn restart_refuses_a_busy_or_unmanaged_backend_and_force_restarts_it() {
     let anonymous = gw.client.post(gw.endpoint("/v1/admin/backends/fa/restart")).send().await.unwrap();
     assert_eq!(anonymous.status(), 401);
     shutdown_without_orphans(gw, &[&a, &b]).await;
+}
+
+/// A streamed chat request's status, content type and whole body.
+async fn stream_chat(gw: &Gateway, model: &str) -> (u16, String, String) {
+    let body = json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let mut resp = gw.client.post(gw.endpoint("/v1/chat/completions")).json(&body).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let ct = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    let mut text = String::new();
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    (status, ct, text)
+}
+
+fn text_model(cfg: &str, id: &str, backend: &str, set: &str) -> String {
+    format!(
+        "{cfg}  - {{ id: {id}, type: text, backends: [{backend}], upstream_model: fake-model, working_set: {set} }}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_waiting_for_its_set_gets_keepalives_then_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Fake::new(dir.path(), "fa", &["--start-delay", "1.5"]);
+    let cfg = config("{ keepalive: 200ms }", &[&a], "  one: { host: gpu0, backends: [fa] }\n", &[]);
+    let cfg = text_model(&cfg, "mt", "fa", "one");
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let (status, ct, text) = stream_chat(&gw, "mt").await;
+    assert_eq!(status, 200, "{text}");
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    let first_data = text.find("data:").unwrap_or_else(|| panic!("no data: {text}"));
+    let keepalives = text[..first_data].matches(": keepalive\n\n").count();
+    assert!(keepalives >= 2, "comments while the set started: {text:?}");
+    assert!(text.contains("\"content\": \"hi\"") && text.trim_end().ends_with("data: [DONE]"), "{text:?}");
+    assert_eq!(a.starts(), 1);
+    // Once the set is ready, a stream is relayed at once, without comments.
+    let (status, _, text) = stream_chat(&gw, "mt").await;
+    assert_eq!(status, 200);
+    assert!(text.starts_with("data:"), "{text:?}");
+    shutdown_without_orphans(gw, &[&a]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_set_fails_to_start_gets_an_error_event_after_the_200() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Fake::new(dir.path(), "fa", &["--fail-start"]);
+    a.process_extra = ", restart: { max: 0 }";
+    let cfg = config("{ keepalive: 100ms }", &[&a], "  one: { host: gpu0, backends: [fa] }\n", &[]);
+    let cfg = text_model(&cfg, "mt", "fa", "one");
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let (status, _, text) = stream_chat(&gw, "mt").await;
+    assert_eq!(status, 200, "{text}");
+    let event = text.split("\n\n").find(|e| e.starts_with("event: error\n")).unwrap_or_else(|| panic!("{text:?}"));
+    let data: Value = serde_json::from_str(event.trim_start_matches("event: error\ndata: ")).unwrap();
+    assert_eq!(data["error"]["code"], "working_set_failed", "{data}");
+    assert!(!text.contains("[DONE]"), "{text:?}");
+    shutdown_without_orphans(gw, &[&a]).await;
 }
