@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A fake OpenAI-compatible image server for easel's managed-process tests (standard library only).
 
-Serves GET /v1/models and POST /v1/images/generations on 127.0.0.1:--port. Flags make it misbehave the way
+Serves GET /v1/models, POST /v1/images/generations and a streamed POST /v1/chat/completions on 127.0.0.1:--port. Flags make it misbehave the way
 real GPU servers do: slow to load, crash, ignore SIGTERM, leave a grandchild in its process group.
 """
 
@@ -91,7 +91,17 @@ def main():
         def do_POST(self):
             length = int(self.headers.get("Content-Length", "0"))
             self.rfile.read(length)
-            if self.path == "/v1/images/generations":
+            if self.path == "/v1/chat/completions":
+                record("chat")
+                chunk = {"id": "c1", "object": "chat.completion.chunk", "model": "fake-model",
+                         "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]}
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+                self.wfile.flush()
+                self.close_connection = True
+            elif self.path == "/v1/images/generations":
                 record("gen begin")
                 time.sleep(args.gen_secs)
                 record("gen done")

@@ -76,6 +76,8 @@ pub struct HostConfig {
     pub idle_ttl: Duration,
     /// Wait after a failed start before trying again; doubles per failure, capped at 5m (default 15s).
     pub failure_cooldown: Duration,
+    /// How often a stream waiting for a swap gets an SSE comment line (default 10s).
+    pub keepalive: Duration,
 }
 
 /// Whether a request for an inactive set may start a swap.

@@ -50,6 +50,8 @@ pub struct RawHost {
     pub drain_timeout: Option<String>,
     pub idle_ttl: Option<String>,
     pub failure_cooldown: Option<String>,
+    /// SSE comment interval for a stream waiting for a swap.
+    pub keepalive: Option<String>,
 }
 
 /// `working_sets.<name>`: `{host, backends}`.

@@ -385,7 +385,13 @@ fn sets(
         let cooldown = duration(p, &format!("{at}.failure_cooldown"), h.failure_cooldown.as_deref(), 15);
         let max_wait = duration(p, &format!("{at}.max_wait"), h.max_wait.as_deref(), 300);
         let drain_timeout = duration(p, &format!("{at}.drain_timeout"), h.drain_timeout.as_deref(), 30 * 60);
-        for (key, d) in [("failure_cooldown", cooldown), ("max_wait", max_wait), ("drain_timeout", drain_timeout)] {
+        let keepalive = duration(p, &format!("{at}.keepalive"), h.keepalive.as_deref(), 10);
+        for (key, d) in [
+            ("failure_cooldown", cooldown),
+            ("max_wait", max_wait),
+            ("drain_timeout", drain_timeout),
+            ("keepalive", keepalive),
+        ] {
             if d.is_zero() {
                 p.push((format!("{at}.{key}"), "must be longer than 0s".into()));
             }
@@ -399,6 +405,7 @@ fn sets(
             drain_timeout,
             idle_ttl: duration(p, &format!("{at}.idle_ttl"), h.idle_ttl.as_deref(), 0),
             failure_cooldown: cooldown,
+            keepalive,
             name,
         });
     }

@@ -147,6 +147,10 @@ fn set_shape(w: &SetError) -> Shape {
         SetError::Conflict { .. } => Shape::new(StatusCode::CONFLICT, INVALID, "working_set_switching"),
         SetError::UnknownSet(_) => Shape::new(StatusCode::NOT_FOUND, INVALID, "working_set_not_found"),
         SetError::UnknownHost(_) => Shape::new(StatusCode::NOT_FOUND, INVALID, "host_not_found"),
+        SetError::NotManaged(_) => Shape::new(StatusCode::NOT_FOUND, INVALID, "backend_not_found"),
+        SetError::InUse { .. } => Shape::new(StatusCode::CONFLICT, INVALID, "backend_in_use"),
+        SetError::NotRunning { .. } => Shape::new(StatusCode::CONFLICT, INVALID, "backend_not_running"),
+        SetError::RestartFailed { .. } => Shape::new(StatusCode::BAD_GATEWAY, SERVER, "backend_restart_failed"),
     };
     match w.retry_after() {
         Some(after) => shape.retry(after),
@@ -181,23 +185,35 @@ fn backend_shape(b: &BackendError) -> Shape {
     }
 }
 
+impl ApiError {
+    /// The OpenAI-shaped body alone, for an error that must travel inside an answer already begun (an SSE
+    /// `error` event).
+    pub fn body(&self) -> Vec<u8> {
+        error_json(&shape(&self.0), &self.0.to_string())
+    }
+}
+
+fn error_json(shape: &Shape, message: &str) -> Vec<u8> {
+    let request_id = crate::telemetry::context::request_id();
+    let body = ErrorBody {
+        error: ErrorObject {
+            message,
+            kind: shape.kind,
+            param: shape.param.as_deref(),
+            code: shape.code,
+            request_id: request_id.as_deref(),
+        },
+    };
+    serde_json::to_vec(&body).unwrap_or_else(|_| {
+        br#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#.to_vec()
+    })
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let shape = shape(&self.0);
         let message = self.0.to_string();
-        let request_id = crate::telemetry::context::request_id();
-        let body = ErrorBody {
-            error: ErrorObject {
-                message: &message,
-                kind: shape.kind,
-                param: shape.param.as_deref(),
-                code: shape.code,
-                request_id: request_id.as_deref(),
-            },
-        };
-        let json = serde_json::to_vec(&body).unwrap_or_else(|_| {
-            br#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#.to_vec()
-        });
+        let json = error_json(&shape, &message);
         let mut resp = (shape.status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json)
             .into_response();
         if let Some(after) = shape.retry_after {

@@ -86,6 +86,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/hosts", get(sets::hosts_handler))
         .route("/v1/admin/working-sets/{name}/activate", post(sets::activate_handler))
         .route("/v1/admin/hosts/{host}/unload", post(sets::unload_handler))
+        .route("/v1/admin/backends/{name}/restart", post(sets::restart_handler))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Inside `observe`: authentication answers are measured and logged like any other.
@@ -409,6 +410,7 @@ fn static_route(route: &str) -> &'static str {
         "/v1/admin/hosts",
         "/v1/admin/working-sets/{name}/activate",
         "/v1/admin/hosts/{host}/unload",
+        "/v1/admin/backends/{name}/restart",
         "/v1/videos",
         "/v1/videos/{id}",
         "/v1/videos/{id}/content",

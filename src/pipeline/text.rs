@@ -80,6 +80,8 @@ pub struct TextAnswer {
 pub enum TextOut {
     Whole(Bytes),
     Stream(Relay),
+    /// The answer is still on its way (a stream waiting for its working set).
+    Waiting(Waiting),
 }
 
 /// Passes a text request to the model's backend and returns its answer.
@@ -128,10 +130,51 @@ pub async fn text(state: &AppState, caller: &Caller, route: TextRoute, raw: &[u8
             });
         }
     };
-    let forward = Bytes::from(body.to_vec());
+    let out = Outbound { route, forward: Bytes::from(body.to_vec()), stream, strip_usage };
 
+    // A stream whose model waits for its working set answers 200 now and keeps the connection warm while the
+    // host swaps; what comes later (the stream, or a failure as an `error` event) follows in the same body.
+    if stream && let Some(every) = state.sets.keepalive(&model) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (st, gone) = (state.clone(), caller.gone.clone());
+        spawn(state, async move {
+            let opened = open(&st, &model, &gone, out, charge).await;
+            let _ = tx.send(opened);
+        });
+        return Ok(TextAnswer {
+            status: 200,
+            content_type: Some("text/event-stream".into()),
+            headers: Vec::new(),
+            body: TextOut::Waiting(Waiting { answer: rx, every }),
+            replayed: false,
+        });
+    }
+    let (status, content_type, headers, body) = open(state, &model, &caller.gone, out, charge).await?;
+    Ok(TextAnswer { status, content_type, headers, body, replayed: false })
+}
+
+/// What goes upstream.
+struct Outbound {
+    route: TextRoute,
+    forward: Bytes,
+    stream: bool,
+    strip_usage: bool,
+}
+
+/// What a text request's dispatch gave: status, content type, passed headers and the body.
+pub type Opened = (u16, Option<String>, Vec<(String, Vec<u8>)>, TextOut);
+
+/// The one dispatch of a text request up to the upstream's answer, and settling a whole one.
+async fn open(
+    state: &AppState,
+    model: &ModelConfig,
+    gone: &tokio_util::sync::CancellationToken,
+    out: Outbound,
+    charge: Option<Charge>,
+) -> Result<Opened, Error> {
+    let Outbound { route, forward, stream, strip_usage } = out;
     let usable = |h: &crate::routing::BackendHandle| h.adapter.openai_text().is_some();
-    let opened = dispatch(state, &model, Capability::Text, &caller.gone, usable, |handle, permit| {
+    let opened = dispatch(state, model, Capability::Text, gone, usable, |handle, permit| {
         let forward = forward.clone();
         async move {
             let Some(b) = handle.adapter.openai_text() else {
@@ -149,12 +192,12 @@ pub async fn text(state: &AppState, caller: &Caller, route: TextRoute, raw: &[u8
             let headers = passed_headers(resp.headers());
             if stream {
                 let idle = handle.cfg.timeout;
-                return Ok((status, content_type, headers, Opened::Stream { resp, permit, idle }));
+                return Ok((status, content_type, headers, Upstreamed::Stream { resp, permit, idle }));
             }
             // A whole answer: the slot is held until it is read.
             let bytes = b.read_text(resp, &url).await;
             drop(permit);
-            Ok((status, content_type, headers, Opened::Whole(bytes?)))
+            Ok((status, content_type, headers, Upstreamed::Whole(bytes?)))
         }
     })
     .await;
@@ -168,7 +211,7 @@ pub async fn text(state: &AppState, caller: &Caller, route: TextRoute, raw: &[u8
         }
     };
     let body = match opened {
-        Opened::Whole(bytes) => {
+        Upstreamed::Whole(bytes) => {
             let usage = serde_json::from_slice::<UsageCarrier>(&bytes).ok().and_then(|c| c.usage);
             if let Some(c) = charge {
                 if c.record.is_some() {
@@ -180,9 +223,19 @@ pub async fn text(state: &AppState, caller: &Caller, route: TextRoute, raw: &[u8
             }
             TextOut::Whole(bytes)
         }
-        Opened::Stream { resp, permit, idle } => TextOut::Stream(Relay::new(resp, permit, idle, strip_usage, charge)),
+        Upstreamed::Stream { resp, permit, idle } => {
+            TextOut::Stream(Relay::new(resp, permit, idle, strip_usage, charge))
+        }
     };
-    Ok(TextAnswer { status, content_type, headers, body, replayed: false })
+    Ok((status, content_type, headers, body))
+}
+
+/// A stream request answered before its working set was ready: the rest of its answer arrives on `answer`; until
+/// then the client gets an SSE comment every `every`.
+#[derive(Debug)]
+pub struct Waiting {
+    pub answer: tokio::sync::oneshot::Receiver<Result<Opened, Error>>,
+    pub every: Duration,
 }
 
 /// For an Idempotency-Key: SHA-256 over the path and the body as sent (a retry sends the same bytes).
@@ -208,7 +261,7 @@ fn passed_headers(headers: &reqwest::header::HeaderMap) -> Vec<(String, Vec<u8>)
         .collect()
 }
 
-enum Opened {
+enum Upstreamed {
     Whole(Bytes),
     Stream { resp: reqwest::Response, permit: Permit, idle: Duration },
 }

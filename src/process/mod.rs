@@ -213,6 +213,18 @@ impl Processes {
         Some(end.map_or(State::Stopped, |s| s.state))
     }
 
+    /// Stops `name` (stop signal, `grace`, then SIGKILL to the group), starts it again and waits until it is ready
+    /// or has failed; `None` for a backend easel does not manage.
+    pub async fn restart(&self, name: &str) -> Option<State> {
+        self.stop(name).await?;
+        self.start(name).await
+    }
+
+    /// Whether easel manages `name`'s process.
+    pub fn manages(&self, name: &str) -> bool {
+        self.members.contains_key(name)
+    }
+
     /// The current state of `name`.
     pub fn state(&self, name: &str) -> Option<State> {
         self.members.get(name).map(|m| m.status.borrow().state)

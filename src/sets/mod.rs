@@ -1,6 +1,7 @@
 //! Working sets: one actor per host starts and stops its managed backends as a unit, swaps between sets without
 //! killing work, and tells requests whether their model can run now, after a swap, or not at all.
 
+mod restart;
 pub mod scheduler;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -45,6 +46,16 @@ pub enum SetError {
     UnknownSet(String),
     #[error("no host `{0}`")]
     UnknownHost(String),
+    #[error("no managed backend `{0}` (only backends with a `process:` block can be restarted)")]
+    NotManaged(String),
+    #[error(
+        "backend `{backend}` has {in_flight} request(s) in flight; wait for them, or restart with `force` to cut them off"
+    )]
+    InUse { backend: String, in_flight: u32 },
+    #[error("backend `{backend}` is not running: {why}")]
+    NotRunning { backend: String, why: String },
+    #[error("backend `{backend}` did not come back after the restart: {error}")]
+    RestartFailed { backend: String, error: String },
 }
 
 impl SetError {
@@ -55,7 +66,14 @@ impl SetError {
             | Self::Switching { retry_after, .. }
             | Self::Failed { retry_after, .. }
             | Self::Busy { retry_after, .. } => *retry_after,
-            Self::Inactive { .. } | Self::Conflict { .. } | Self::UnknownSet(_) | Self::UnknownHost(_) => return None,
+            Self::Inactive { .. }
+            | Self::Conflict { .. }
+            | Self::UnknownSet(_)
+            | Self::UnknownHost(_)
+            | Self::NotManaged(_)
+            | Self::InUse { .. }
+            | Self::NotRunning { .. }
+            | Self::RestartFailed { .. } => return None,
         };
         Some(d.clamp(Duration::from_secs(1), Duration::from_secs(60)))
     }
@@ -80,7 +98,7 @@ type Inbox = (String, mpsc::UnboundedReceiver<Msg>);
 
 enum Msg {
     Request { id: u64, set: String, needs: BTreeSet<String>, reply: oneshot::Sender<Outcome> },
-    Activate { id: u64, set: String, reply: Option<oneshot::Sender<Outcome>> },
+    Activate { id: u64, set: String, force: bool, reply: Option<oneshot::Sender<Outcome>> },
     Cancel { id: u64 },
     Unload,
     Started { ok: bool, error: Option<String> },
@@ -231,6 +249,12 @@ impl Sets {
         })
     }
 
+    /// For a model whose working set does not serve it right now: how often a waiting stream gets an SSE comment.
+    pub fn keepalive(&self, model: &ModelConfig) -> Option<Duration> {
+        let place = self.place(model)?;
+        (self.status(model)? != "ready").then_some(place.host.cfg.keepalive)
+    }
+
     /// Waits until `model`'s working set serves it (or says why not). `None` for a model outside working sets.
     /// The returned [`Pass`] must live as long as the request's work on the backend.
     pub async fn ready_for(&self, model: &ModelConfig) -> Result<Option<Pass>, SetError> {
@@ -291,10 +315,18 @@ impl Sets {
     }
 
     /// Admin: make `set` active. With `wait`, returns once it is (or failed); else at once after it was accepted.
-    pub async fn activate(&self, set: &str, wait: bool) -> Result<bool, SetError> {
+    /// With `force`, the leaving members' work is interrupted instead of drained, and a drain toward another set is
+    /// aborted (a stop or start already under way still conflicts).
+    pub async fn activate(&self, set: &str, wait: bool, force: bool) -> Result<bool, SetError> {
         let Some((host, _)) = self.sets.get(set) else { return Err(SetError::UnknownSet(set.to_owned())) };
         let Some(h) = self.hosts.get(host) else { return Err(SetError::UnknownSet(set.to_owned())) };
-        if let Some(target) = h.view.lock().ok().and_then(|v| v.as_ref().and_then(|v| v.target_set.clone()))
+        let switching = h.view.lock().ok().and_then(|v| {
+            v.as_ref().and_then(|v| {
+                let draining = matches!(v.phase, Phase::Draining { .. });
+                v.target_set.clone().filter(|_| !(force && draining))
+            })
+        });
+        if let Some(target) = switching
             && target != set
         {
             return Err(SetError::Conflict { host: host.clone(), target });
@@ -306,7 +338,7 @@ impl Sets {
             .is_some_and(|v| v.as_ref().is_some_and(|v| matches!(&v.phase, Phase::Active { set: s } if s == set)));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
-        let _ = h.tx.send(Msg::Activate { id, set: set.to_owned(), reply: Some(reply) });
+        let _ = h.tx.send(Msg::Activate { id, set: set.to_owned(), force, reply: Some(reply) });
         if !wait {
             return Ok(already);
         }
@@ -374,7 +406,7 @@ impl Sets {
             };
             if let Some(set) = &shared.cfg.default_set {
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                let _ = shared.tx.send(Msg::Activate { id, set: set.clone(), reply: None });
+                let _ = shared.tx.send(Msg::Activate { id, set: set.clone(), force: false, reply: None });
             }
             tasks.spawn(actor.run(rx, cancel.clone()));
         }
@@ -391,6 +423,30 @@ impl Drop for CancelOnDrop<'_> {
     fn drop(&mut self) {
         if self.armed {
             let _ = self.tx.send(Msg::Cancel { id: self.id });
+        }
+    }
+}
+
+/// Cancels a backend's queued jobs and interrupts its running one through its native API (ComfyUI, A1111,
+/// InvokeAI); other kinds have no such call and simply stop.
+async fn interrupt(http: &reqwest::Client, b: &BackendHandle) {
+    let calls: Vec<(reqwest::Method, &str, Option<serde_json::Value>)> = match b.cfg.kind {
+        BackendKind::ComfyUi => vec![
+            (reqwest::Method::POST, "/queue", Some(serde_json::json!({"clear": true}))),
+            (reqwest::Method::POST, "/interrupt", None),
+        ],
+        BackendKind::A1111 => vec![(reqwest::Method::POST, "/sdapi/v1/interrupt", Some(serde_json::json!({})))],
+        // Clearing the session queue also cancels the item in progress.
+        BackendKind::InvokeAi => vec![(reqwest::Method::PUT, "/api/v1/queue/default/clear", None)],
+        _ => return,
+    };
+    for (method, path, body) in calls {
+        let mut req = http.request(method, b.cfg.endpoint(path));
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        if let Err(e) = req.send().await {
+            tracing::warn!(backend = %b.cfg.name, path, error = %e, "Interrupting the backend's work failed.");
         }
     }
 }
@@ -455,9 +511,9 @@ impl Actor {
                 self.replies.insert(id, (Some(reply), needs.clone()));
                 Event::Request { id, set, needs, now }
             }
-            Msg::Activate { id, set, reply } => {
+            Msg::Activate { id, set, force, reply } => {
                 self.replies.insert(id, (reply, BTreeSet::new()));
-                Event::Activate { id, set, now }
+                Event::Activate { id, set, now, force }
             }
             Msg::Cancel { id } => Event::Cancel { id },
             Msg::Unload => Event::Unload { now },
@@ -513,6 +569,15 @@ impl Actor {
                                 .join("; ")
                         });
                         let _ = tx.send(Msg::Started { ok: failed.is_empty(), error });
+                    });
+                }
+                Action::Interrupt(backends) => {
+                    let targets: Vec<Arc<BackendHandle>> =
+                        self.members.iter().filter(|b| backends.contains(&b.cfg.name)).cloned().collect();
+                    let http = self.http.clone();
+                    // Best effort and bounded by the client's timeout; the stop that follows ends the work anyway.
+                    tokio::spawn(async move {
+                        futures_util::future::join_all(targets.iter().map(|b| interrupt(&http, b))).await;
                     });
                 }
                 Action::Stop(backends) => {

@@ -91,8 +91,10 @@ pub enum Outcome {
 pub enum Event {
     /// A request needs `needs` (managed backends of `set`) running.
     Request { id: u64, set: String, needs: BTreeSet<String>, now: Duration },
-    /// Admin: make `set` active now (ignores patience and a failure cooldown). `id` gets the outcome.
-    Activate { id: u64, set: String, now: Duration },
+    /// Admin: make `set` active now (ignores patience and a failure cooldown). `id` gets the outcome. With
+    /// `force`, the active set's running work is interrupted instead of drained, and a drain toward another set is
+    /// aborted in favour of `set`.
+    Activate { id: u64, set: String, now: Duration, force: bool },
     /// Admin: drain and go idle.
     Unload { now: Duration },
     /// The waiter `id` left.
@@ -112,6 +114,9 @@ pub enum Action {
     Start(BTreeSet<String>),
     /// Stop these backends, then send `Stopped`.
     Stop(BTreeSet<String>),
+    /// Cancel the queued and interrupt the running work of these backends (a forced activation); always followed by
+    /// a `Stop` of the same backends.
+    Interrupt(BTreeSet<String>),
     /// Give waiter `id` its outcome.
     Reply(u64, Outcome),
 }
@@ -240,8 +245,8 @@ impl Host {
                 self.request(id, set, needs, now, &mut out);
                 now
             }
-            Event::Activate { id, set, now } => {
-                self.activate(id, set, now, &mut out);
+            Event::Activate { id, set, now, force } => {
+                self.activate(id, set, now, force, &mut out);
                 now
             }
             Event::Unload { now } => {
@@ -310,27 +315,75 @@ impl Host {
         self.waiters.push_back(Waiter { id, set, needs, since: now, admin: false });
     }
 
-    fn activate(&mut self, id: u64, set: String, now: Duration, out: &mut Vec<Action>) {
+    fn activate(&mut self, id: u64, set: String, now: Duration, force: bool, out: &mut Vec<Action>) {
         if matches!(&self.phase, Phase::Active { set: s } if *s == set) {
             out.push(Action::Reply(id, Outcome::Ready));
             return;
         }
+        // A drain only waits for work, so a forced activation may cut it short; a stop or start in progress may not.
+        let draining = matches!(self.phase, Phase::Draining { .. });
         if let Some(target) = self.target()
             && target != set
+            && !(force && draining)
         {
             out.push(Action::Reply(id, Outcome::Conflict { target: target.to_owned() }));
             return;
         }
-        if let Some((_, Hold::Failed, _, _)) = self.holds.get(&set) {
-            // The admin asks again: the cooldown is waived, the failure count kept.
-            if let Some(h) = self.holds.get_mut(&set) {
+        if let Some(h) = self.holds.get_mut(&set) {
+            // The admin asks again: a failure cooldown is waived (the failure count kept); a forced activation
+            // also lifts the hold an aborted swap left.
+            if h.1 == Hold::Failed || force {
                 h.0 = now;
             }
         }
         let needs = self.settings.sets.get(&set).cloned().unwrap_or_default();
         self.waiters.push_back(Waiter { id, set: set.clone(), needs, since: now, admin: true });
-        if self.target().is_none() {
+        if force && matches!(self.phase, Phase::Idle | Phase::Active { .. } | Phase::Draining { .. }) {
+            self.force(set, now, out);
+        } else if self.target().is_none() {
             self.forced = Some(set);
+        }
+    }
+
+    /// A forced activation: abort a running drain, then interrupt and stop whatever leaves at once. Waiters for a
+    /// set the abandoned drain was going to start stay as demand (auto) or learn it is inactive (manual).
+    fn force(&mut self, set: String, now: Duration, out: &mut Vec<Action>) {
+        if let Phase::Draining { from, to, .. } = self.phase.clone() {
+            self.phase = match from {
+                Some(from) => Phase::Active { set: from },
+                None => Phase::Idle,
+            };
+            if let Some(old) = to.filter(|t| *t != set) {
+                let manual = self.settings.mode == HostMode::Manual;
+                let active = self.active().map(str::to_owned);
+                let mut i = 0;
+                while i < self.waiters.len() {
+                    let w = &self.waiters[i];
+                    let outcome = if w.set != old {
+                        None
+                    } else if w.admin {
+                        Some(Outcome::Conflict { target: set.clone() })
+                    } else {
+                        manual.then(|| Outcome::Inactive { active: active.clone() })
+                    };
+                    match outcome.and_then(|o| self.waiters.remove(i).map(|w| (w.id, o))) {
+                        Some((id, o)) => out.push(Action::Reply(id, o)),
+                        None => i += 1,
+                    }
+                }
+            }
+        }
+        self.forced = None;
+        let keep = self.settings.sets.get(&set).cloned().unwrap_or_default();
+        let leaving: BTreeSet<String> = self.running.difference(&keep).cloned().collect();
+        self.swap_began = Some(now);
+        self.fresh = false;
+        if leaving.is_empty() {
+            self.begin_start(Some(set), now, out);
+        } else {
+            out.push(Action::Interrupt(leaving.clone()));
+            out.push(Action::Stop(leaving.clone()));
+            self.phase = Phase::Stopping { to: Some(set), leaving };
         }
     }
 

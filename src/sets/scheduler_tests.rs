@@ -140,17 +140,17 @@ fn a_failed_start_cools_down_doubling_and_stops_what_came_up() {
 fn manual_mode_refuses_inactive_sets_and_admin_activates() {
     let mut h = Host::new(settings(HostMode::Manual));
     assert_eq!(h.step(req(1, "coding", &["coder"], 0)), vec![Action::Reply(1, Outcome::Inactive { active: None })]);
-    let out = h.step(Event::Activate { id: 2, set: "coding".into(), now: s(1) });
+    let out = h.step(Event::Activate { id: 2, set: "coding".into(), now: s(1), force: false });
     assert_eq!(out, vec![Action::Start(names(&["coder", "comfy"]))]);
     // While it starts, a request for the target waits; admin to another set conflicts.
     assert_eq!(h.step(req(3, "coding", &["coder"], 2)), vec![]);
-    let out = h.step(Event::Activate { id: 4, set: "solo".into(), now: s(2) });
+    let out = h.step(Event::Activate { id: 4, set: "solo".into(), now: s(2), force: false });
     assert_eq!(out, vec![Action::Reply(4, Outcome::Conflict { target: "coding".into() })]);
     let out = h.step(ok(3));
     assert!(out.contains(&Action::Reply(2, Outcome::Ready)) && out.contains(&Action::Reply(3, Outcome::Ready)));
     // Idempotent.
     assert_eq!(
-        h.step(Event::Activate { id: 5, set: "coding".into(), now: s(4) }),
+        h.step(Event::Activate { id: 5, set: "coding".into(), now: s(4), force: false }),
         vec![Action::Reply(5, Outcome::Ready)]
     );
 }
@@ -197,6 +197,48 @@ fn idle_ttl_zero_never_goes_idle() {
     assert_eq!(h.phase, Phase::Active { set: "creative".into() });
 }
 
+#[test]
+fn a_forced_activation_interrupts_the_active_sets_work_and_stops_it_at_once() {
+    let mut h = active_creative();
+    h.step(tick(2, &["llm", "comfy"]));
+    let out = h.step(Event::Activate { id: 7, set: "coding".into(), now: s(3), force: true });
+    // No drain: llm (leaving) is interrupted and stopped with its work running; comfy (shared) keeps serving.
+    assert_eq!(out, vec![Action::Interrupt(names(&["llm"])), Action::Stop(names(&["llm"]))]);
+    assert!(matches!(&h.phase, Phase::Stopping { to: Some(t), .. } if t == "coding"));
+    assert_eq!(h.step(Event::Stopped { now: s(4) }), vec![Action::Start(names(&["coder"]))]);
+    assert_eq!(h.step(ok(5)), vec![Action::Reply(7, Outcome::Ready)]);
+    assert_eq!(h.running, names(&["coder", "comfy"]));
+}
+
+#[test]
+fn a_forced_activation_aborts_a_running_drain_for_another_set() {
+    for mode in [HostMode::Auto, HostMode::Manual] {
+        let mut h = Host::new(settings(mode));
+        h.step(Event::Activate { id: 1, set: "creative".into(), now: s(0), force: false });
+        h.step(ok(1));
+        h.step(tick(2, &["llm"]));
+        // A swap to solo commits (admin), but llm's work holds the drain; a request waits for solo.
+        assert!(h.step(Event::Activate { id: 2, set: "solo".into(), now: s(3), force: false }).is_empty());
+        assert!(h.step(req(3, "solo", &["big"], 4)).is_empty());
+        assert!(matches!(&h.phase, Phase::Draining { to: Some(t), .. } if t == "solo"));
+        // Without force, another set conflicts; with force, the drain is aborted in favour of coding.
+        let out = h.step(Event::Activate { id: 4, set: "coding".into(), now: s(5), force: false });
+        assert_eq!(out, vec![Action::Reply(4, Outcome::Conflict { target: "solo".into() })]);
+        let out = h.step(Event::Activate { id: 5, set: "coding".into(), now: s(6), force: true });
+        let mut want = vec![Action::Reply(2, Outcome::Conflict { target: "coding".into() })];
+        if mode == HostMode::Manual {
+            want.push(Action::Reply(3, Outcome::Inactive { active: Some("creative".into()) }));
+        }
+        want.extend([Action::Interrupt(names(&["llm"])), Action::Stop(names(&["llm"]))]);
+        assert_eq!(out, want, "{mode:?}");
+        h.step(Event::Stopped { now: s(7) });
+        let out = h.step(ok(8));
+        assert_eq!(out, vec![Action::Reply(5, Outcome::Ready)], "{mode:?}");
+        // In auto mode the solo request is still demand, served by a later swap.
+        assert_eq!(h.demand().get("solo").map(|d| d.count), (mode == HostMode::Auto).then_some(1));
+    }
+}
+
 /// A world around the scheduler: processes that start and stop later, work that runs on backends, requests that
 /// come and leave. Every action is checked against the invariants.
 struct World {
@@ -212,6 +254,7 @@ struct World {
 
 impl World {
     fn apply(&mut self, event: Event, rng: &mut StdRng) {
+        let mut interrupted: Option<BTreeSet<String>> = None;
         for action in self.host.step(event) {
             match action {
                 Action::Start(b) => {
@@ -220,7 +263,18 @@ impl World {
                     assert!(b.is_disjoint(&self.up), "start of a running backend: {b:?}");
                     self.outstanding_start = Some(b);
                 }
+                Action::Interrupt(b) => {
+                    // Only a forced activation interrupts; its work is cancelled, so the stop that follows is allowed.
+                    assert!(self.outstanding_stop.is_none(), "interrupt while stopping");
+                    for x in &b {
+                        self.work.remove(x);
+                    }
+                    interrupted = Some(b);
+                }
                 Action::Stop(b) => {
+                    if let Some(i) = interrupted.take() {
+                        assert_eq!(i, b, "an interrupt not followed by the stop of the same backends");
+                    }
                     for x in &b {
                         assert_eq!(self.work.get(x).copied().unwrap_or(0), 0, "stopped {x} with work in flight");
                     }
@@ -240,6 +294,7 @@ impl World {
                 }
             }
         }
+        assert!(interrupted.is_none(), "an interrupt without a stop");
         if let Phase::Active { set } = &self.host.phase {
             let members = &self.host.settings.sets[set];
             assert!(self.up.is_subset(members), "up {:?} beyond active set {set}", self.up);
@@ -287,7 +342,8 @@ fn random_sequences_keep_the_invariants() {
                 2 if !quiet && rng.random_bool(0.2) => {
                     next_id += 1;
                     w.asked.insert(next_id);
-                    Event::Activate { id: next_id, set: sets[rng.random_range(0..sets.len())].0.into(), now: s(now) }
+                    let set = sets[rng.random_range(0..sets.len())].0.into();
+                    Event::Activate { id: next_id, set, now: s(now), force: rng.random_bool(0.4) }
                 }
                 3 if !quiet && next_id > 0 => Event::Cancel { id: rng.random_range(1..=next_id) },
                 4 if w.outstanding_start.is_some() => {

@@ -36,7 +36,7 @@ impl Fake {
         cmd.extend(self.flags.iter().map(|f| (*f).to_owned()));
         let cmd = serde_json::to_string(&cmd).unwrap();
         format!(
-            "  {}:\n    kind: openai\n    url: http://127.0.0.1:{}/v1\n    timeout: 20s\n    concurrency: {{ images: 4 }}\n    process: {{ cmd: {cmd}, ready_timeout: 20s, stop: {{ grace: 2s }}{} }}\n",
+            "  {}:\n    kind: openai\n    url: http://127.0.0.1:{}/v1\n    timeout: 20s\n    concurrency: {{ images: 4, text: 4 }}\n    process: {{ cmd: {cmd}, ready_timeout: 20s, stop: {{ grace: 2s }}{} }}\n",
             self.name, self.port, self.process_extra
         )
     }
@@ -304,5 +304,143 @@ async fn unload_drains_the_running_job_then_stops_the_set() {
     }
     let resp = gw.client.post(gw.endpoint("/v1/admin/hosts/gpu0/unload")).send().await.unwrap();
     assert_eq!(resp.status(), 401, "unload needs the admin key");
+    shutdown_without_orphans(gw, &[&a]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_activation_interrupts_the_running_job_instead_of_draining() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Fake::new(dir.path(), "fa", &["--gen-secs", "30"]);
+    let b = Fake::new(dir.path(), "fb", &[]);
+    let sets = "  one: { host: gpu0, backends: [fa] }\n  two: { host: gpu0, backends: [fb] }\n";
+    let cfg = config("{ default_set: one }", &[&a, &b], sets, &[("ma", "fa", "one"), ("mb", "fb", "two")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    wait_until("the default set to start", || a.starts() == 1).await;
+    let slow = tokio::spawn({
+        let (client, url) = (gw.client.clone(), gw.endpoint("/v1/images/generations"));
+        async move { client.post(url).json(&json!({"model": "ma", "prompt": "slow"})).send().await.unwrap().status() }
+    });
+    wait_until("the slow job to begin", || a.lines().iter().any(|l| l == "gen begin")).await;
+    let url = gw.endpoint("/v1/admin/working-sets/two/activate?wait=true");
+    let bad = gw.client.post(&url).bearer_auth(ADMIN).body("{\"forse\": true}").send().await.unwrap();
+    assert_eq!(bad.status(), 400, "an unknown body key is refused");
+    let began = std::time::Instant::now();
+    let resp = gw.client.post(&url).bearer_auth(ADMIN).body("{\"force\": true}").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["force"], true, "{body}");
+    assert!(began.elapsed() < Duration::from_secs(15), "the swap waited for the job: {:?}", began.elapsed());
+    let status = slow.await.unwrap();
+    assert!(status.is_server_error(), "the interrupted job fails: {status}");
+    let lines = a.lines();
+    assert!(lines.iter().any(|l| l == "exit") && !lines.iter().any(|l| l == "gen done"), "{lines:?}");
+    assert_eq!(hosts(&gw).await["data"][0]["active_set"], "two");
+    let (s, _, body) = gen_image(&gw, "mb").await;
+    assert_eq!(s, 200, "{body}");
+    shutdown_without_orphans(gw, &[&a, &b]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_refuses_a_busy_or_unmanaged_backend_and_force_restarts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Fake::new(dir.path(), "fa", &["--gen-secs", "4"]);
+    let b = Fake::new(dir.path(), "fb", &[]);
+    let sets = "  one: { host: gpu0, backends: [fa] }\n  two: { host: gpu0, backends: [fb] }\n";
+    let cfg = config("{ default_set: one }", &[&a, &b], sets, &[("ma", "fa", "one"), ("mb", "fb", "two")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    wait_until("the default set to start", || a.starts() == 1).await;
+    let restart = |name: &str, query: &str| {
+        gw.client.post(gw.endpoint(&format!("/v1/admin/backends/{name}/restart{query}"))).bearer_auth(ADMIN).send()
+    };
+    let code = |v: &Value| v["error"]["code"].as_str().unwrap_or_default().to_owned();
+    let resp = restart("nope", "").await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(code(&resp.json().await.unwrap()), "backend_not_found");
+    let resp = restart("fb", "").await.unwrap();
+    assert_eq!(resp.status(), 409, "a member of an inactive set is not started by a restart");
+    assert_eq!(code(&resp.json().await.unwrap()), "backend_not_running");
+    assert_eq!(b.starts(), 0);
+
+    let slow = tokio::spawn({
+        let (client, url) = (gw.client.clone(), gw.endpoint("/v1/images/generations"));
+        async move { client.post(url).json(&json!({"model": "ma", "prompt": "slow"})).send().await.unwrap().status() }
+    });
+    wait_until("the slow job to begin", || a.lines().iter().any(|l| l == "gen begin")).await;
+    let resp = restart("fa", "").await.unwrap();
+    assert_eq!(resp.status(), 409);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(code(&v), "backend_in_use", "{v}");
+    assert_eq!(a.starts(), 1);
+
+    let first = a.pids()[0];
+    let resp = restart("fa", "?force=true").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["state"], "ready", "{v}");
+    assert!(slow.await.unwrap().is_server_error(), "the cut-off request fails");
+    assert_eq!(a.starts(), 2, "{:?}", a.lines());
+    assert!(!alive(first), "the old process is gone");
+    let (s, _, body) = gen_image(&gw, "ma").await;
+    assert_eq!(s, 200, "{body}");
+    let anonymous = gw.client.post(gw.endpoint("/v1/admin/backends/fa/restart")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    shutdown_without_orphans(gw, &[&a, &b]).await;
+}
+
+/// A streamed chat request's status, content type and whole body.
+async fn stream_chat(gw: &Gateway, model: &str) -> (u16, String, String) {
+    let body = json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let mut resp = gw.client.post(gw.endpoint("/v1/chat/completions")).json(&body).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let ct = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    let mut text = String::new();
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    (status, ct, text)
+}
+
+fn text_model(cfg: &str, id: &str, backend: &str, set: &str) -> String {
+    format!(
+        "{cfg}  - {{ id: {id}, type: text, backends: [{backend}], upstream_model: fake-model, working_set: {set} }}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_waiting_for_its_set_gets_keepalives_then_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Fake::new(dir.path(), "fa", &["--start-delay", "1.5"]);
+    let cfg = config("{ keepalive: 200ms }", &[&a], "  one: { host: gpu0, backends: [fa] }\n", &[]);
+    let cfg = text_model(&cfg, "mt", "fa", "one");
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let (status, ct, text) = stream_chat(&gw, "mt").await;
+    assert_eq!(status, 200, "{text}");
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    let first_data = text.find("data:").unwrap_or_else(|| panic!("no data: {text}"));
+    let keepalives = text[..first_data].matches(": keepalive\n\n").count();
+    assert!(keepalives >= 2, "comments while the set started: {text:?}");
+    assert!(text.contains("\"content\": \"hi\"") && text.trim_end().ends_with("data: [DONE]"), "{text:?}");
+    assert_eq!(a.starts(), 1);
+    // Once the set is ready, a stream is relayed at once, without comments.
+    let (status, _, text) = stream_chat(&gw, "mt").await;
+    assert_eq!(status, 200);
+    assert!(text.starts_with("data:"), "{text:?}");
+    shutdown_without_orphans(gw, &[&a]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_set_fails_to_start_gets_an_error_event_after_the_200() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Fake::new(dir.path(), "fa", &["--fail-start"]);
+    a.process_extra = ", restart: { max: 0 }";
+    let cfg = config("{ keepalive: 100ms }", &[&a], "  one: { host: gpu0, backends: [fa] }\n", &[]);
+    let cfg = text_model(&cfg, "mt", "fa", "one");
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let (status, _, text) = stream_chat(&gw, "mt").await;
+    assert_eq!(status, 200, "{text}");
+    let event = text.split("\n\n").find(|e| e.starts_with("event: error\n")).unwrap_or_else(|| panic!("{text:?}"));
+    let data: Value = serde_json::from_str(event.trim_start_matches("event: error\ndata: ")).unwrap();
+    assert_eq!(data["error"]["code"], "working_set_failed", "{data}");
+    assert!(!text.contains("[DONE]"), "{text:?}");
     shutdown_without_orphans(gw, &[&a]).await;
 }
