@@ -265,7 +265,7 @@ async fn edit_body(inputs: &EditInputs) -> Result<EditBody, String> {
         Some(m) => {
             let bytes = m.bytes.clone();
             let converted = crate::media::run_decoding(&[&m.bytes], move || {
-                openai_mask_to_a1111(&bytes).map_err(crate::media::DecodeError::Invalid)
+                crate::media::mask_to_white_repaint(&bytes).map_err(crate::media::DecodeError::Invalid)
             })
             .await
             .map_err(|e| format!("`mask`: {e}"))?;
@@ -274,19 +274,6 @@ async fn edit_body(inputs: &EditInputs) -> Result<EditBody, String> {
         None => None,
     };
     Ok(EditBody { init_images, mask })
-}
-
-/// OpenAI masks mark the area to edit with transparency; A1111 wants white = repaint on black.
-fn openai_mask_to_a1111(mask: &[u8]) -> Result<Vec<u8>, String> {
-    let img = crate::media::decode_blocking(mask).map_err(|e| format!("cannot decode the mask: {e}"))?.to_rgba8();
-    let out = image::GrayImage::from_fn(img.width(), img.height(), |x, y| {
-        image::Luma([if img.get_pixel(x, y).0[3] == 0 { 255 } else { 0 }])
-    });
-    let mut bytes = Vec::new();
-    image::DynamicImage::ImageLuma8(out)
-        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .map_err(|e| format!("cannot encode the mask: {e}"))?;
-    Ok(bytes)
 }
 
 // === wire types ===
@@ -575,8 +562,9 @@ mod tests {
                 .unwrap();
             b
         };
-        let converted = image::load_from_memory(&openai_mask_to_a1111(&mask).unwrap()).unwrap().to_luma8();
+        let converted =
+            image::load_from_memory(&crate::media::mask_to_white_repaint(&mask).unwrap()).unwrap().to_luma8();
         assert_eq!((converted.get_pixel(0, 0).0[0], converted.get_pixel(1, 0).0[0]), (255, 0));
-        assert!(openai_mask_to_a1111(b"not an image").is_err());
+        assert!(crate::media::mask_to_white_repaint(b"not an image").is_err());
     }
 }

@@ -102,6 +102,12 @@ pub trait Backend {
         false
     }
 
+    /// Whether this backend can take edits for `model` (a backend may need a per-model setting to edit).
+    fn supports_edits_for(&self, model: &ModelConfig) -> bool {
+        let _ = model;
+        self.supports_edits()
+    }
+
     /// Whether this backend makes videos (the job operations below are implemented).
     fn supports_videos(&self) -> bool {
         false
@@ -224,6 +230,10 @@ impl AnyBackend {
 
     pub fn supports_edits(&self) -> bool {
         each_backend!(self, b => b.supports_edits())
+    }
+
+    pub fn supports_edits_for(&self, model: &ModelConfig) -> bool {
+        each_backend!(self, b => b.supports_edits_for(model))
     }
 
     pub async fn probe(&self) -> Result<ProbeReport, BackendError> {

@@ -551,6 +551,34 @@ pub struct ModelConfig {
     pub credits_per_second: Option<f64>,
     /// Longest a job of this model may run before easel cancels it upstream and refunds it.
     pub job_timeout: Duration,
+    /// The Hugging Face task `/v1/images/edits` runs as on `huggingface` backends; `None` = no edits there.
+    pub edit_task: Option<EditTask>,
+}
+
+/// `edit_task:` on a model served by `huggingface` backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EditTask {
+    /// An image (no mask) and a prompt.
+    ImageToImage,
+    /// An image, a mask and a prompt.
+    Inpainting,
+}
+
+impl EditTask {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "image-to-image" => Some(Self::ImageToImage),
+            "inpainting" => Some(Self::Inpainting),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ImageToImage => "image-to-image",
+            Self::Inpainting => "inpainting",
+        }
+    }
 }
 
 /// Credits per 1,000 tokens of a text model (1 credit per 1K tokens = 1 millicredit per token).

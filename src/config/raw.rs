@@ -323,6 +323,9 @@ pub struct RawModel {
     pub credits_per_second: Option<f64>,
     /// Jobs (videos): how long one may take before easel cancels it upstream and refunds it, e.g. `30m`.
     pub job_timeout: Option<String>,
+    /// `huggingface` backends: the task edits of this model run as (`image-to-image` or `inpainting`); absent =
+    /// the model takes no edits there.
+    pub edit_task: Option<String>,
 }
 
 /// `backends: [a, b]` or `backends: [{name: a, weight: 2}]`.

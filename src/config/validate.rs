@@ -13,7 +13,7 @@ use url::Url;
 
 use super::raw::{RawBackend, RawConfig, RawCredits, RawHost, RawModel, RawModelBackend, RawProcess, RawWorkingSet};
 use super::{
-    AuthConfig, AuthMode, BackendConfig, BackendKind, Capability, Config, Defaults, FailureMode, HealthCheck,
+    AuthConfig, AuthMode, BackendConfig, BackendKind, Capability, Config, Defaults, EditTask, FailureMode, HealthCheck,
     HealthConfig, HostConfig, HostMode, HostPattern, ModelBackend, ModelConfig, ModelType, ProcessConfig, QueueConfig,
     Secret, ServerConfig, SimulatedFailure, SimulationConfig, StopSignal, StorageConfig, TemplateConfig, TokenCredits,
     WorkingSetConfig,
@@ -860,6 +860,20 @@ fn model(
     if m.backends.is_empty() {
         p.push((format!("{at}.backends"), "list at least one backend".into()));
     }
+    let edit_task = match m.edit_task.as_deref() {
+        None => None,
+        Some(t) => match EditTask::parse(t) {
+            Some(task) if kind == ModelType::Image => Some(task),
+            Some(_) => {
+                p.push((format!("{at}.edit_task"), "only image models take edits".into()));
+                None
+            }
+            None => {
+                p.push((format!("{at}.edit_task"), format!("`{t}` is not one of: image-to-image, inpainting")));
+                None
+            }
+        },
+    };
     let mut list = Vec::new();
     for (j, b) in m.backends.into_iter().enumerate() {
         let (name, weight) = match b {
@@ -979,6 +993,7 @@ fn model(
         workflow,
         credits_per_second: m.credits_per_second,
         job_timeout,
+        edit_task,
     })
 }
 

@@ -216,6 +216,20 @@ pub fn encode(img: &image::DynamicImage, to: ImageFormat, quality: Option<u8>) -
     Ok(Bytes::from(out))
 }
 
+/// OpenAI masks mark the area to edit with transparency; A1111 and diffusers pipelines want white = repaint on
+/// black. Blocking: run it under [`run_decoding`].
+pub fn mask_to_white_repaint(mask: &[u8]) -> Result<Vec<u8>, String> {
+    let img = decode_blocking(mask).map_err(|e| format!("cannot decode the mask: {e}"))?.to_rgba8();
+    let out = image::GrayImage::from_fn(img.width(), img.height(), |x, y| {
+        image::Luma([if img.get_pixel(x, y).0[3] == 0 { 255 } else { 0 }])
+    });
+    let mut bytes = Vec::new();
+    image::DynamicImage::ImageLuma8(out)
+        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .map_err(|e| format!("cannot encode the mask: {e}"))?;
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -183,7 +183,7 @@ pub(crate) fn infer_edit_size(req: &mut GenerateImage, inputs: &[InputImage]) {
 /// A model can edit when one of its backends can; otherwise 400 `unsupported_operation` naming them.
 pub(crate) fn check_can_edit(state: &AppState, model: &ModelConfig) -> Result<(), Error> {
     let mut backends = model.backends.iter().filter_map(|b| state.backends.get(&b.name));
-    if backends.any(|h| h.adapter.supports_edits()) {
+    if backends.any(|h| h.adapter.supports_edits_for(model)) {
         return Ok(());
     }
     let kinds: Vec<String> = model
@@ -481,7 +481,7 @@ async fn run_call(
     gone: &CancellationToken,
     progress: &Progress,
 ) -> Result<Vec<ImageOutput>, Error> {
-    let usable = |h: &BackendHandle| edit.is_none() || h.adapter.supports_edits();
+    let usable = |h: &BackendHandle| edit.is_none() || h.adapter.supports_edits_for(model);
     dispatch(state, model, Capability::Images, gone, usable, |handle, permit| async move {
         let call = ImageCall {
             request: req,

@@ -1,5 +1,5 @@
 //! `/v1/images/edits` end to end against the simulated backend (which really edits: it repaints where the mask is
-//! transparent): multipart `image`/`image[]`/`mask`, JSON data URLs and `file_id`s, and what bad inputs get.
+//! transparent), and a huggingface model without `edit_task` (which cannot edit): multipart `image`/`image[]`/`mask`, JSON data URLs and `file_id`s, and what bad inputs get.
 
 use base64::Engine;
 use serde_json::json;

@@ -1,7 +1,9 @@
 //! A fake Hugging Face Inference server: `POST /models/{owner}/{name}` (router / serverless) and `POST /`
 //! (dedicated endpoint) answering raw image bytes for an image `Accept`, a base64 JSON string for
 //! `application/json` or none (as the inference toolkit does), 400 for other Accept values, 503 "loading" with
-//! `estimated_time` for the first N calls, and `GET /health`.
+//! `estimated_time` for the first N calls, and `GET /health`. Image-to-image calls carry the image as base64
+//! `inputs` and the prompt in `parameters.prompt` (a mask as base64 `parameters.mask_image`); a model listed in
+//! `text_only` answers them 400 as a pipeline without image input does.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +23,8 @@ pub struct HfState {
     pub calls: Mutex<Vec<(String, String, Value)>>,
     /// Answer 503 loading this many times first.
     pub loading_calls: AtomicU32,
+    /// Model paths (`/models/o/n`, or `/` for the endpoint) that only do text-to-image.
+    pub text_only: Mutex<Vec<String>>,
 }
 
 pub struct FakeHf {
@@ -68,6 +72,25 @@ async fn handle(State(s): State<Arc<HfState>>, req: Request) -> Response {
     if body["inputs"].as_str().is_none_or(str::is_empty) {
         return (StatusCode::BAD_REQUEST, Json(json!({"error": "str type expected: `__root__` in `parameters`"})))
             .into_response();
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let input_image =
+        body["inputs"].as_str().and_then(|i| b64.decode(i).ok()).filter(|b| image::load_from_memory(b).is_ok());
+    if input_image.is_some() {
+        if s.text_only.lock().unwrap().contains(&path) {
+            return (StatusCode::BAD_REQUEST, Json(json!({"error": format!("Model {} does not support task image-to-image", path.trim_start_matches("/models/"))}))).into_response();
+        }
+        if body["parameters"]["prompt"].as_str().is_none_or(str::is_empty) {
+            return (StatusCode::BAD_REQUEST, Json(json!({"error": "image-to-image needs `parameters.prompt`"})))
+                .into_response();
+        }
+        if let Some(m) = body["parameters"].get("mask_image") {
+            let ok = m.as_str().and_then(|m| b64.decode(m).ok()).is_some_and(|b| image::load_from_memory(&b).is_ok());
+            if !ok {
+                return (StatusCode::BAD_REQUEST, Json(json!({"error": "`mask_image` is not a base64 image"})))
+                    .into_response();
+            }
+        }
     }
     let seed = body["parameters"]["seed"].as_u64().unwrap_or(0);
     let first = accept.split(',').next().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
