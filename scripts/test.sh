@@ -5,6 +5,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/easel-target}"
 
+# Tools some tests run for real: `promtool check metrics` (observability) and `systemd-analyze verify` (the
+# deployment unit). Installed from Debian's packages when missing; without them those tests fail.
+missing=()
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+if ((${#missing[@]})) && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
 echo "== cargo build"
 cargo build --locked
 echo "== cargo test"
