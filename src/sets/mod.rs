@@ -497,6 +497,15 @@ impl Actor {
                 _ => {}
             }
             if std::mem::discriminant(&self.host.phase) != std::mem::discriminant(&before) {
+                let swap_phase = match before {
+                    Phase::Draining { .. } => Some("draining"),
+                    Phase::Stopping { .. } => Some("stopping"),
+                    Phase::Starting { .. } => Some("starting"),
+                    Phase::Idle | Phase::Active { .. } => None,
+                };
+                if let Some(phase) = swap_phase {
+                    m::swap_phase(&self.shared.cfg.name, phase, self.phase_since.elapsed());
+                }
                 self.phase_since = Instant::now();
                 tracing::info!(host = %self.shared.cfg.name, phase = ?self.host.phase, "Working set phase.");
             }
@@ -630,6 +639,7 @@ impl Actor {
             let on = h.active() == Some(set.as_str()) && matches!(h.phase, Phase::Active { .. });
             m::working_set_active(&self.shared.cfg.name, set, on);
         }
+        m::swap_queue_depth(&self.shared.cfg.name, h.waiting());
         let view = HostView {
             host: self.shared.cfg.name.clone(),
             mode: self.shared.cfg.mode.as_str(),

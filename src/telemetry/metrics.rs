@@ -36,6 +36,8 @@ pub const ADMISSION_REJECTED: &str = "easel_admission_rejected_total";
 pub const WORKING_SET_ACTIVE: &str = "easel_working_set_active";
 pub const SWAPS: &str = "easel_swaps_total";
 pub const BUILD_INFO: &str = "easel_build_info";
+pub const SWAP_PHASE: &str = "easel_swap_phase_seconds";
+pub const SWAP_QUEUE: &str = "easel_swap_queue_depth";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
@@ -93,6 +95,12 @@ fn describe() {
     describe_counter!(ADMISSION_REJECTED, "Requests refused admission, by backend, capability and reason.");
     describe_gauge!(WORKING_SET_ACTIVE, "1 for the working set a host has active, 0 for its others.");
     describe_counter!(SWAPS, "Working-set swaps that ended, by outcome.");
+    describe_histogram!(
+        SWAP_PHASE,
+        Unit::Seconds,
+        "Time a host spent in one phase of a working-set swap (draining, stopping, starting), by host and phase."
+    );
+    describe_gauge!(SWAP_QUEUE, "Requests waiting on a host for a working-set swap, by host.");
     describe_gauge!(BUILD_INFO, "Always 1; the labels say which easel build is running.");
 }
 
@@ -256,6 +264,16 @@ pub fn ledger_drift(problems: usize) {
 /// 1 for the working set a host has active, 0 for its others.
 pub fn working_set_active(host: &str, set: &str, active: bool) {
     gauge!(WORKING_SET_ACTIVE, "host" => host.to_owned(), "set" => set.to_owned()).set(if active { 1.0 } else { 0.0 });
+}
+
+/// A host left a swap phase (`draining`, `stopping` or `starting`) after `took`.
+pub fn swap_phase(host: &str, phase: &'static str, took: Duration) {
+    histogram!(SWAP_PHASE, "host" => host.to_owned(), "phase" => phase).record(took.as_secs_f64());
+}
+
+/// Requests waiting on `host` for a swap.
+pub fn swap_queue_depth(host: &str, depth: usize) {
+    gauge!(SWAP_QUEUE, "host" => host.to_owned()).set(depth as f64);
 }
 
 /// A swap (or first activation) ended: `ok`, `failed` or `aborted`.

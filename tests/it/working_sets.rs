@@ -444,3 +444,98 @@ async fn a_stream_whose_set_fails_to_start_gets_an_error_event_after_the_200() {
     assert!(!text.contains("[DONE]"), "{text:?}");
     shutdown_without_orphans(gw, &[&a]).await;
 }
+
+async fn metrics(gw: &Gateway) -> String {
+    gw.client.get(gw.endpoint("/metrics")).send().await.unwrap().text().await.unwrap()
+}
+
+/// Polls `/metrics` until it has `line`.
+async fn wait_for_metric(gw: &Gateway, line: &str) {
+    let deadline = tokio::time::Instant::now() + TEST_TIMEOUT;
+    loop {
+        let text = metrics(gw).await;
+        if text.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no `{line}` in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_phases_and_the_swap_queue_are_in_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Fake::new(dir.path(), "fa", &[]);
+    let b = Fake::new(dir.path(), "fb", &["--start-delay", "1"]);
+    let sets = "  one: { host: gpu0, backends: [fa] }\n  two: { host: gpu0, backends: [fb] }\n";
+    let cfg =
+        config("{ default_set: one, patience: 0s }", &[&a, &b], sets, &[("ma", "fa", "one"), ("mb", "fb", "two")]);
+    // A host name of its own: the metrics recorder is shared by every gateway in this test process.
+    let cfg = cfg.replace("gpu0", "gpu-metrics");
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    wait_until("the default set to start", || a.starts() == 1).await;
+    let swap = gen_image(&gw, "mb");
+    let scrape = wait_for_metric(&gw, "easel_swap_queue_depth{host=\"gpu-metrics\"} 1");
+    let ((s, _, body), ()) = tokio::join!(swap, scrape);
+    assert_eq!(s, 200, "{body}");
+    wait_for_metric(&gw, "easel_swap_queue_depth{host=\"gpu-metrics\"} 0").await;
+    let text = metrics(&gw).await;
+    assert!(text.contains("# TYPE easel_swap_phase_seconds histogram"), "{text}");
+    assert!(text.contains("# HELP easel_swap_phase_seconds "), "{text}");
+    assert!(text.contains("# TYPE easel_swap_queue_depth gauge"), "{text}");
+    let count = |phase: &str| {
+        let key = format!("easel_swap_phase_seconds_count{{host=\"gpu-metrics\",phase=\"{phase}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(key.as_str())).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    };
+    // The default set's start, then the swap: one drain, one stop, a second start (which took the 1 s load).
+    assert_eq!((count("draining"), count("stopping"), count("starting")), (1, 1, 2), "{text}");
+    let sum = text
+        .lines()
+        .find_map(|l| l.strip_prefix("easel_swap_phase_seconds_sum{host=\"gpu-metrics\",phase=\"starting\"} "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(sum >= 1.0, "starting took at least the fake's load time: {sum}");
+    shutdown_without_orphans(gw, &[&a, &b]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_swap_queue_answers_429_and_max_wait_503_with_retry_after_in_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Fake::new(dir.path(), "fa", &["--start-delay", "4"]);
+    let cfg = config(
+        "{ queue_depth: 1, max_wait: 1s }",
+        &[&a],
+        "  one: { host: gpu0, backends: [fa] }\n",
+        &[("ma", "fa", "one")],
+    );
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let retry_after = |h: &reqwest::header::HeaderMap| -> u64 { h["retry-after"].to_str().unwrap().parse().unwrap() };
+    let first = gen_image(&gw, "ma");
+    let second = async {
+        let deadline = tokio::time::Instant::now() + TEST_TIMEOUT;
+        while hosts(&gw).await["data"][0]["swap_queue_depth"] != 1 {
+            assert!(tokio::time::Instant::now() < deadline, "the first request never queued");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        gen_image(&gw, "ma").await
+    };
+    let began = std::time::Instant::now();
+    let ((s1, h1, b1), (s2, h2, b2)) = tokio::join!(first, second);
+    assert_eq!(s2, 429, "{b2}");
+    assert_eq!(b2["error"]["code"], "backend_busy", "{b2}");
+    assert!((1..=60).contains(&retry_after(&h2)), "{h2:?}");
+    assert_eq!(s1, 503, "{b1}");
+    assert_eq!(b1["error"]["code"], "working_set_switching", "{b1}");
+    assert!((1..=60).contains(&retry_after(&h1)), "{h1:?}");
+    assert!(began.elapsed() < Duration::from_secs(4), "max_wait ended the wait before the set was ready");
+    // The swap goes on without its waiters and the set serves once it is up.
+    wait_until("the set to start", || a.starts() == 1).await;
+    let deadline = tokio::time::Instant::now() + TEST_TIMEOUT;
+    while hosts(&gw).await["data"][0]["state"] != "active" {
+        assert!(tokio::time::Instant::now() < deadline, "the set never became active");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, _, body) = gen_image(&gw, "ma").await;
+    assert_eq!(s, 200, "{body}");
+    shutdown_without_orphans(gw, &[&a]).await;
+}
