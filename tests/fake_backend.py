@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--gen-secs", type=float, default=0.0, help="seconds one image generation takes")
     ap.add_argument("--record", default=None, help="append `start PID`, `gen begin`, `gen done`, `exit` lines here")
     ap.add_argument("--fail-start", action="store_true", help="exit with status 1 while loading")
+    ap.add_argument("--external-busy", type=float, default=0.0,
+                    help="GET /slots reports a slot processing (work easel did not submit) this long after ready")
     args = ap.parse_args()
 
     def record(line):
@@ -83,7 +85,14 @@ def main():
             self.wfile.write(data)
 
         def do_GET(self):
-            if self.path == "/v1/models":
+            if self.path == "/slots":
+                busy = time.monotonic() < ready_at + args.external_busy
+                said = "slots busy" if busy else "slots idle"
+                if said not in reported:
+                    reported.add(said)
+                    record(said)
+                self.answer(200, [{"id": 0, "is_processing": busy}])
+            elif self.path == "/v1/models":
                 self.answer(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
             else:
                 self.answer(404, {"error": {"message": "not found"}})
@@ -109,6 +118,8 @@ def main():
             else:
                 self.answer(404, {"error": {"message": "not found"}})
 
+    reported = set()
+    ready_at = time.monotonic()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     print("fake backend ready", flush=True)
     server.serve_forever()

@@ -427,6 +427,26 @@ impl Drop for CancelOnDrop<'_> {
     }
 }
 
+/// Reads a native busy answer (see [`Actor::native_busy`]).
+fn native_busy_in(kind: BackendKind, v: &serde_json::Value) -> bool {
+    let non_empty = |k: &str| v.get(k).and_then(|x| x.as_array()).is_some_and(|a| !a.is_empty());
+    let count = |x: Option<&serde_json::Value>| x.and_then(serde_json::Value::as_u64).unwrap_or(0);
+    match kind {
+        BackendKind::ComfyUi => non_empty("queue_running") || non_empty("queue_pending"),
+        BackendKind::InvokeAi => {
+            let q = v.get("queue");
+            let items =
+                ["pending", "in_progress", "waiting"].iter().map(|k| count(q.and_then(|q| q.get(*k)))).sum::<u64>();
+            items > 0 || v.pointer("/processor/is_processing").and_then(serde_json::Value::as_bool).unwrap_or(false)
+        }
+        BackendKind::A1111 => count(v.pointer("/state/job_count")) > 0,
+        BackendKind::OpenAi => v.as_array().is_some_and(|slots| {
+            slots.iter().any(|s| s.get("is_processing").and_then(serde_json::Value::as_bool).unwrap_or(false))
+        }),
+        _ => false,
+    }
+}
+
 /// Cancels a backend's queued jobs and interrupts its running one through its native API (ComfyUI, A1111,
 /// InvokeAI); other kinds have no such call and simply stop.
 async fn interrupt(http: &reqwest::Client, b: &BackendHandle) {
@@ -618,16 +638,27 @@ impl Actor {
         busy
     }
 
-    /// ComfyUI's `GET /queue` (running or pending entries). Other kinds report nothing here.
+    /// The backend's own busy signal, which also sees work easel did not submit: ComfyUI `GET /queue` (running or
+    /// pending entries), InvokeAI `GET /api/v1/queue/default/status` (pending, in progress or waiting items, or
+    /// the processor busy), A1111 `GET /sdapi/v1/progress` (`state.job_count`) and llama.cpp `GET /slots` (a slot
+    /// `is_processing`; other OpenAI-compatible servers answer 404 there and count as idle). No answer = idle.
     async fn native_busy(&self, b: &BackendHandle) -> bool {
-        if b.cfg.kind != BackendKind::ComfyUi {
+        let url = match b.cfg.kind {
+            BackendKind::ComfyUi => b.cfg.endpoint("/queue"),
+            BackendKind::InvokeAi => b.cfg.endpoint("/api/v1/queue/default/status"),
+            BackendKind::A1111 => b.cfg.endpoint("/sdapi/v1/progress?skip_current_image=true"),
+            BackendKind::OpenAi => {
+                let base = b.cfg.endpoint("");
+                format!("{}/slots", base.strip_suffix("/v1").unwrap_or(&base))
+            }
+            _ => return false,
+        };
+        let Ok(resp) = self.http.get(url).send().await else { return false };
+        if !resp.status().is_success() {
             return false;
         }
-        let url = b.cfg.endpoint("/queue");
-        let Ok(resp) = self.http.get(url).send().await else { return false };
         let Ok(v) = resp.json::<serde_json::Value>().await else { return false };
-        let non_empty = |k: &str| v.get(k).and_then(|x| x.as_array()).is_some_and(|a| !a.is_empty());
-        non_empty("queue_running") || non_empty("queue_pending")
+        native_busy_in(b.cfg.kind, &v)
     }
 
     fn publish(&self) {
@@ -672,5 +703,30 @@ impl Actor {
         if let Ok(mut s) = self.shared.snapshot.lock() {
             *s = (h.phase.clone(), h.running.clone(), failed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::native_busy_in;
+    use crate::config::BackendKind;
+
+    #[test]
+    fn native_busy_signals_are_read_per_kind() {
+        let comfy = json!({"queue_running": [], "queue_pending": [[1, "p", {}, {}, []]]});
+        assert!(native_busy_in(BackendKind::ComfyUi, &comfy));
+        assert!(!native_busy_in(BackendKind::ComfyUi, &json!({"queue_running": [], "queue_pending": []})));
+        let invoke = |pending: u64, processing: bool| json!({"queue": {"pending": pending, "in_progress": 0, "completed": 9}, "processor": {"is_processing": processing}});
+        assert!(native_busy_in(BackendKind::InvokeAi, &invoke(2, false)));
+        assert!(native_busy_in(BackendKind::InvokeAi, &invoke(0, true)));
+        assert!(!native_busy_in(BackendKind::InvokeAi, &invoke(0, false)));
+        assert!(native_busy_in(BackendKind::A1111, &json!({"progress": 0.3, "state": {"job_count": 1}})));
+        assert!(!native_busy_in(BackendKind::A1111, &json!({"progress": 0, "state": {"job_count": 0}})));
+        let slots = |busy: bool| json!([{"id": 0, "is_processing": false}, {"id": 1, "is_processing": busy}]);
+        assert!(native_busy_in(BackendKind::OpenAi, &slots(true)));
+        assert!(!native_busy_in(BackendKind::OpenAi, &slots(false)));
+        assert!(!native_busy_in(BackendKind::OpenAi, &json!({"error": {"code": 501}})));
     }
 }

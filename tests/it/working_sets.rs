@@ -539,3 +539,24 @@ async fn a_full_swap_queue_answers_429_and_max_wait_503_with_retry_after_in_boun
     assert_eq!(s, 200, "{body}");
     shutdown_without_orphans(gw, &[&a]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_waits_for_work_the_backend_reports_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    // llama.cpp's `/slots` says a slot is processing (work easel did not submit) for 1.5 s after start.
+    let a = Fake::new(dir.path(), "fa", &["--external-busy", "1.5"]);
+    let b = Fake::new(dir.path(), "fb", &[]);
+    let sets = "  one: { host: gpu0, backends: [fa] }\n  two: { host: gpu0, backends: [fb] }\n";
+    let cfg =
+        config("{ default_set: one, patience: 0s }", &[&a, &b], sets, &[("ma", "fa", "one"), ("mb", "fb", "two")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    wait_until("the default set to start", || a.starts() == 1).await;
+    let (s, _, body) = gen_image(&gw, "mb").await;
+    assert_eq!(s, 200, "{body}");
+    let lines = a.lines();
+    let pos = |what: &str| lines.iter().position(|l| l == what);
+    assert!(pos("slots busy").is_some(), "the drain asked /slots: {lines:?}");
+    let (idle, exit) = (pos("slots idle"), pos("exit"));
+    assert!(idle.is_some() && exit.is_some() && idle < exit, "fa stopped while its slot was busy: {lines:?}");
+    shutdown_without_orphans(gw, &[&a, &b]).await;
+}
