@@ -45,6 +45,11 @@ impl Sets {
             return Err(SetError::InUse { backend: name.to_owned(), in_flight });
         }
         tracing::info!(backend = %name, in_flight, force, "Restarting the managed backend.");
+        // Counted as work on the member while it restarts, so its host neither drains it away nor idles it meanwhile.
+        let _busy = self.passes.get(name).map(|c| {
+            c.fetch_add(1, Ordering::AcqRel);
+            super::Pass { counters: vec![Arc::clone(c)] }
+        });
         match processes.restart(name).await {
             Some(State::Ready) => Ok(State::Ready),
             Some(state) => {

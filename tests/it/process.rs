@@ -218,3 +218,38 @@ async fn a_backend_not_ready_in_time_is_killed_and_marked_failed() {
     assert_eq!(fake["restarts"], 0, "a start that never became ready is not retried: {fake}");
     wait_gone(pid, "the process that never became ready").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_restart_replaces_the_whole_group_and_waits_for_readiness() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("grandchild.pid");
+    let flags = ["--ignore-sigterm", "--grandchild", pid_file.to_str().unwrap(), "--start-delay", "0.3"];
+    let stop = "      stop: { signal: TERM, grace: 300ms }\n";
+    let gw = spawn_gateway_env(&config(port, &flags, stop), &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let fake = wait_for(&gw.client, &gw.url, "ready", |f| f["state"] == "ready").await;
+    let pid = fake["pid"].as_u64().unwrap() as u32;
+    let grandchild = read_pid_file(&pid_file).await;
+
+    let restart =
+        |name: &str| gw.client.post(gw.endpoint(&format!("/v1/admin/backends/{name}/restart"))).bearer_auth(ADMIN);
+    let resp = restart("nope").send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let resp = restart("fake").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["state"], "ready", "{body}");
+    // Answered once ready: the new process serves at once; the old group (grandchild included) is gone.
+    assert!(!alive(pid) && !alive(grandchild), "the old group survived the restart");
+    let listed = processes(&gw.client, &gw.url, "").await["data"][0].clone();
+    assert_eq!(listed["state"], "ready", "{listed}");
+    let new_pid = listed["pid"].as_u64().unwrap() as u32;
+    assert_ne!(new_pid, pid);
+    let (s, _, body) = gw.post_json("/v1/images/generations", json!({"model": "m", "prompt": "a cat"})).await;
+    assert_eq!(s, 200, "{body}");
+    let new_grandchild = read_pid_file(&pid_file).await;
+
+    drop(gw);
+    wait_gone(new_pid, "the restarted backend after shutdown").await;
+    wait_gone(new_grandchild, "the restarted backend's grandchild").await;
+}
