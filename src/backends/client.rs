@@ -270,7 +270,7 @@ pub fn transport_failure(e: &reqwest::Error, timeout: Duration) -> Failure {
 }
 
 /// The innermost error message (e.g. "Connection refused (os error 111)").
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cur = e;
     while let Some(next) = cur.source() {
         cur = next;

@@ -152,15 +152,10 @@ impl Gateway {
     }
 }
 
+/// reqwest's summary and the innermost cause ("Connection refused (os error 111)").
 fn describe_reqwest(e: &reqwest::Error) -> String {
-    use std::error::Error as _;
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(&format!(": {inner}"));
-        src = inner.source();
-    }
-    s
+    let root = crate::backends::client::root_cause(e);
+    if root == e.to_string() { root } else { format!("{e}: {root}") }
 }
 
 fn ms(d: Duration) -> String {

@@ -45,7 +45,7 @@ pub async fn handler(
         Delivered::Replayed(stored) => (stored.body.into(), None),
     };
     // A body that cannot be rendered is never delivered: the settlement drops with it and releases the hold.
-    let (content_type, body) = crate::pipeline::routes::render(&route, &openai, took_ms)?;
+    let (content_type, body) = crate::pipeline::routes::render(&route, openai, took_ms)?;
     let mut resp = Response::new(Body::new(SettledBody::new(body, settlement)));
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     Ok(resp)

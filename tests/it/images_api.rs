@@ -293,20 +293,9 @@ async fn models_health_and_readiness() {
 #[tokio::test]
 async fn aliases_name_a_model_everywhere_and_near_miss_fields_get_the_right_name() {
     let yaml = "auth: {mode: keys}\nbackends:\n  sim: {kind: simulated}\nmodels:\n  - {id: house, aliases: [gpt-image-1, dall-e-3], backends: [sim], default_size: 16x16}\n  - {id: other, backends: [sim], default_size: 16x16}\n";
-    let gw = crate::support::spawn_gateway_env(yaml, &[("EASEL_ADMIN_TOKEN", "admin-secret")]).await;
+    let gw = crate::support::spawn_gateway_env(yaml, &[("EASEL_ADMIN_TOKEN", crate::support::books::ADMIN)]).await;
     // A key limited to `house` may use it by an alias.
-    let created: serde_json::Value = gw
-        .client
-        .post(gw.endpoint("/v1/admin/keys"))
-        .bearer_auth("admin-secret")
-        .json(&json!({"name": "k", "credits": 5, "models": ["house"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let secret = created["secret"].as_str().unwrap_or_else(|| panic!("{created}")).to_owned();
+    let secret = crate::support::books::key_at_for(&gw.url, 5.0, Some(&["house"])).await;
     let post = |body: serde_json::Value| {
         gw.client.post(gw.endpoint("/v1/images/generations")).bearer_auth(&secret).json(&body).send()
     };

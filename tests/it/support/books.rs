@@ -10,16 +10,7 @@ pub const ADMIN: &str = "admin-secret";
 
 /// Creates a key with `credits` through the admin API and returns its secret.
 pub async fn key(gw: &Gateway, credits: f64) -> String {
-    let resp = gw
-        .client
-        .post(gw.endpoint("/v1/admin/keys"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": format!("k{}", rand::random::<u32>()), "credits": credits}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    resp.json::<Value>().await.unwrap()["secret"].as_str().unwrap().to_owned()
+    key_at_for(&gw.url, credits, None).await
 }
 
 /// (available, held) millicredits of a key, as `/v1/me` reports them.
@@ -38,10 +29,19 @@ pub async fn ledger_clean(gw: &Gateway) {
 
 /// Creates a key with `credits` on an easel started as a binary at `url` (see `start_binary`); returns its secret.
 pub async fn key_at(url: &str, credits: f64) -> String {
+    key_at_for(url, credits, None).await
+}
+
+/// Creates a key with `credits`, limited to `models` when given, on the easel at `url`; returns its secret.
+pub async fn key_at_for(url: &str, credits: f64, models: Option<&[&str]>) -> String {
+    let mut body = json!({"name": format!("k{}", rand::random::<u32>()), "credits": credits});
+    if let Some(m) = models {
+        body["models"] = json!(m);
+    }
     let resp = reqwest::Client::new()
         .post(format!("{url}/v1/admin/keys"))
         .bearer_auth(ADMIN)
-        .json(&json!({"name": format!("k{}", rand::random::<u32>()), "credits": credits}))
+        .json(&body)
         .send()
         .await
         .unwrap();
