@@ -258,14 +258,19 @@ fn request_headers(headers: &mut HeaderMap) {
 
 /// Classifies a reqwest error: timeout, connection failure, or something broken mid-response.
 pub fn transport_failure(e: &reqwest::Error, timeout: Duration) -> Failure {
-    if e.is_timeout() {
-        Failure::Timeout(timeout)
-    } else if e.is_connect() {
+    // A connect failure first: a connect timeout is a timeout too, but it sent nothing.
+    if e.is_connect() {
         Failure::Connect(root_cause(e))
+    } else if e.is_timeout() {
+        Failure::Timeout(timeout)
     } else if e.is_decode() || e.is_body() {
         Failure::InvalidResponse(root_cause(e))
-    } else {
+    } else if e.is_builder() || e.is_redirect() {
+        // Nothing was sent on this connection.
         Failure::Connect(root_cause(e))
+    } else {
+        // Connected, then the exchange broke (reset, closed before a complete answer).
+        Failure::Disconnected(root_cause(e))
     }
 }
 

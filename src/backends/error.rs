@@ -16,6 +16,9 @@ pub struct BackendError {
     /// The URL that was called (never with credentials).
     pub url: String,
     pub failure: Failure,
+    /// No other backend may be tried after this one: the request may have reached it (an ambiguous video
+    /// submit), so another attempt could run the work twice.
+    pub final_attempt: bool,
 }
 
 /// How the call failed.
@@ -25,6 +28,9 @@ pub enum Failure {
     Connect(String),
     /// No complete answer in time.
     Timeout(Duration),
+    /// The connection was made and then broke before a complete answer (reset, closed mid-response): the
+    /// request may have arrived.
+    Disconnected(String),
     /// The backend answered with an HTTP error status.
     Status {
         status: u16,
@@ -51,14 +57,38 @@ pub enum Failure {
 
 impl BackendError {
     pub fn new(backend: &str, kind: BackendKind, url: impl Into<String>, failure: Failure) -> Self {
-        Self { backend: backend.to_owned(), kind, url: url.into(), failure }
+        Self { backend: backend.to_owned(), kind, url: url.into(), failure, final_attempt: false }
+    }
+
+    /// Marks this failure as the last attempt: dispatch tries no other backend after it.
+    pub fn finally(mut self) -> Self {
+        self.final_attempt = true;
+        self
+    }
+
+    /// Whether the request may have been received and acted on although no usable answer came back: a timeout,
+    /// a connection broken after it was made, a success answer easel could not read, or a gateway's 502/504.
+    /// (A refused connection or a definite error status means the backend did not take the work.)
+    pub fn maybe_received(&self) -> bool {
+        match &self.failure {
+            Failure::Timeout(_) | Failure::Disconnected(_) | Failure::InvalidResponse(_) => true,
+            Failure::Status { status, .. } => matches!(status, 502 | 504),
+            _ => false,
+        }
     }
 
     /// Whether trying another backend could succeed: true for faults of this backend, false for faults of the
     /// request (a 4xx the client caused would fail everywhere).
     pub fn retryable(&self) -> bool {
+        if self.final_attempt {
+            return false;
+        }
         match &self.failure {
-            Failure::Connect(_) | Failure::Timeout(_) | Failure::InvalidResponse(_) | Failure::JobFailed(_) => true,
+            Failure::Connect(_)
+            | Failure::Timeout(_)
+            | Failure::Disconnected(_)
+            | Failure::InvalidResponse(_)
+            | Failure::JobFailed(_) => true,
             Failure::Status { status, .. } => !matches!(status, 400 | 413 | 415 | 422),
             Failure::Rejected(_) | Failure::Unsupported(_) | Failure::UnusableField { .. } => false,
         }
@@ -67,7 +97,7 @@ impl BackendError {
     /// Whether this failure says the backend itself is in trouble (feeds the circuit breaker).
     pub fn is_backend_fault(&self) -> bool {
         match &self.failure {
-            Failure::Connect(_) | Failure::Timeout(_) | Failure::InvalidResponse(_) => true,
+            Failure::Connect(_) | Failure::Timeout(_) | Failure::Disconnected(_) | Failure::InvalidResponse(_) => true,
             Failure::Status { status, .. } => *status >= 500,
             // The server is alive and answering; the job (or its workflow) failed.
             Failure::Rejected(_) | Failure::Unsupported(_) | Failure::UnusableField { .. } | Failure::JobFailed(_) => {
@@ -81,6 +111,7 @@ impl BackendError {
         match &self.failure {
             Failure::Connect(_) => "connect_error",
             Failure::Timeout(_) => "timeout",
+            Failure::Disconnected(_) => "disconnected",
             Failure::Status { status, .. } if *status >= 500 => "upstream_5xx",
             Failure::Status { .. } => "upstream_4xx",
             Failure::Rejected(_) => "rejected",
@@ -122,6 +153,9 @@ impl fmt::Display for BackendError {
                     "backend `{name}` ({kind}) did not answer within {} at {url}; raise `timeout` if generations take longer",
                     humantime::format_duration(*after)
                 )
+            }
+            Failure::Disconnected(detail) => {
+                write!(f, "backend `{name}` ({kind}) broke the connection before answering at {url}: {detail}")
             }
             Failure::Status { status, message, hint, .. } => {
                 write!(f, "backend `{name}` ({kind}) answered HTTP {status} at {url}")?;

@@ -24,7 +24,7 @@ use super::{
     Backend, BackendError, Failure, ImageCall, ImageOutput, JobHandle, JobOutput, JobPoll, JobState, ProbeReport,
     VideoCall, decode_image_b64, image_from_bytes,
 };
-use crate::config::BackendConfig;
+use crate::config::{BackendConfig, ModelConfig};
 use crate::request::ImageFormat;
 use crate::telemetry::metrics as m;
 
@@ -220,7 +220,10 @@ impl Backend for FalBackend {
         let input = super::jobs::video_input(req, json!(req.seconds.to_string()), "image_url");
 
         let endpoint = call.model.upstream_model.trim_matches('/');
-        let (rb, url) = self.http.request(Method::POST, &format!("/{endpoint}"));
+        let (mut rb, url) = self.http.request(Method::POST, &format!("/{endpoint}"));
+        if let Some(hook) = call.webhook {
+            rb = rb.query(&[("fal_webhook", hook)]);
+        }
         let resp = self.http.send(self.authed(rb).json(&input), &url).await?;
         let s: Submitted = self.http.json(resp, &url).await?;
         tracing::debug!(backend = %self.http.cfg.name, request_id = %s.request_id, "Submitted a video to fal.");
@@ -232,6 +235,31 @@ impl Backend for FalBackend {
                 "status_url": s.status_url,
                 "response_url": s.response_url,
                 "cancel_url": s.cancel_url,
+            }),
+        })
+    }
+
+    fn job_from_webhook(&self, model: &ModelConfig, body: &[u8]) -> Option<JobHandle> {
+        #[derive(Deserialize)]
+        struct Hook {
+            request_id: String,
+        }
+        let hook: Hook = serde_json::from_slice(body).ok()?;
+        if !super::jobs::plausible_upstream_id(&hook.request_id) {
+            return None;
+        }
+        // Status, result and cancel live under the endpoint's `owner/alias` only (fal's queue drops the sub-path).
+        let endpoint = model.upstream_model.trim_matches('/');
+        let app: Vec<&str> = endpoint.split('/').take(2).collect();
+        let root = self.http.cfg.endpoint(&format!("/{}/requests/{}", app.join("/"), hook.request_id));
+        Some(JobHandle {
+            upstream_id: hook.request_id.clone(),
+            meta: json!({
+                "endpoint_id": endpoint,
+                "request_id": hook.request_id,
+                "status_url": format!("{root}/status"),
+                "response_url": root,
+                "cancel_url": format!("{root}/cancel"),
             }),
         })
     }

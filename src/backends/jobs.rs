@@ -17,6 +17,15 @@ pub struct VideoCall<'a> {
     /// easel's own id for this submission, chosen before the submit (ComfyUI's `prompt_id`, a webhook tag), so
     /// an ambiguous submit can be looked up later.
     pub client_ref: &'a str,
+    /// Where the backend should report the job's end (fal's `fal_webhook`, Replicate's `webhook`): easel's signed
+    /// `/v1/hooks/{backend}/{job}` URL, when `server.public_url` says how the backend can reach easel.
+    pub webhook: Option<&'a str>,
+}
+
+/// Whether `id` can be an upstream job id taken from an inbound webhook (which anyone could send): short, and
+/// only letters, digits, `-` and `_`, so it is safe inside a URL path easel builds itself.
+pub fn plausible_upstream_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// What a backend returned at submit: enough to poll, fetch and cancel (fal's status/response/cancel URLs,

@@ -144,6 +144,14 @@ pub trait Backend {
         let _ = client_ref;
         async { Ok(JobLookup::CannotTell) }
     }
+
+    /// The handle of the job an inbound webhook body (this backend's own format) reports, built from this
+    /// backend's configuration and the upstream id alone: nothing else in the body is trusted (URLs in it are
+    /// ignored, so a forged body cannot point easel's credentials elsewhere). `None` when the body names no job.
+    fn job_from_webhook(&self, model: &ModelConfig, body: &[u8]) -> Option<JobHandle> {
+        let _ = (model, body);
+        None
+    }
 }
 
 /// The answer of a job operation's default body. The pipeline only calls job operations on backends whose
@@ -226,6 +234,10 @@ impl AnyBackend {
 
     pub async fn find_job(&self, client_ref: &str) -> Result<JobLookup, BackendError> {
         each_backend!(self, b => b.find_job(client_ref).await)
+    }
+
+    pub fn job_from_webhook(&self, model: &ModelConfig, body: &[u8]) -> Option<JobHandle> {
+        each_backend!(self, b => b.job_from_webhook(model, body))
     }
 
     pub fn supports_edits(&self) -> bool {

@@ -21,7 +21,7 @@ use super::{
     Backend, BackendError, Failure, ImageCall, ImageOutput, JobHandle, JobOutput, JobPoll, JobState, ProbeReport,
     VideoCall, decode_image_b64, image_from_bytes,
 };
-use crate::config::BackendConfig;
+use crate::config::{BackendConfig, ModelConfig};
 use crate::request::ImageFormat;
 
 pub const KIND: &str = "replicate";
@@ -207,10 +207,14 @@ impl Backend for ReplicateBackend {
         let input = super::jobs::video_input(req, json!(req.seconds), "start_image");
 
         let model = call.model.upstream_model.as_str();
-        let (path, body) = match model.split_once(':') {
+        let (path, mut body) = match model.split_once(':') {
             Some((_, version)) => ("/v1/predictions".to_owned(), json!({"version": version, "input": input})),
             None => (format!("/v1/models/{}/predictions", model.trim_matches('/')), json!({"input": input})),
         };
+        if let Some(hook) = call.webhook {
+            body["webhook"] = json!(hook);
+            body["webhook_events_filter"] = json!(["completed"]);
+        }
         // No `Prefer: wait`: a video takes minutes; the job is polled.
         let (rb, url) = self.http.request(Method::POST, &path);
         let resp = self.http.send(self.http.bearer(rb).json(&body), &url).await?;
@@ -220,6 +224,17 @@ impl Backend for ReplicateBackend {
         }
         tracing::debug!(backend = %self.http.cfg.name, prediction = %p.id, "Submitted a video to Replicate.");
         Ok(JobHandle { upstream_id: p.id.clone(), meta: json!({"get": p.urls.get, "cancel": p.urls.cancel}) })
+    }
+
+    fn job_from_webhook(&self, _model: &ModelConfig, body: &[u8]) -> Option<JobHandle> {
+        #[derive(Deserialize)]
+        struct Hook {
+            id: String,
+        }
+        let hook: Hook = serde_json::from_slice(body).ok()?;
+        // Its URLs are built from the configured `url` (an empty meta), never taken from the body.
+        super::jobs::plausible_upstream_id(&hook.id)
+            .then(|| JobHandle { upstream_id: hook.id, meta: Value::Object(Map::new()) })
     }
 
     async fn poll_job(&self, handle: &JobHandle) -> Result<JobPoll, BackendError> {

@@ -19,6 +19,9 @@ pub const PUBLIC_ROUTES: &[&str] = &["/healthz", "/readyz", "/health"];
 /// Stored outputs; with a signature in the query they need no key.
 const FILES_PREFIX: &str = "/v1/files/";
 
+/// Backends' webhooks: the signature in the URL is their authorization (checked by the hooks pipeline).
+const HOOKS_PREFIX: &str = "/v1/hooks/";
+
 /// Routes that need the admin token (prefix match).
 const ADMIN_PREFIX: &str = "/v1/admin/";
 
@@ -45,6 +48,9 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
     }
     // A signed output URL carries its own authorization (checked by the files handler): `<img src>` sends no key.
     if path.starts_with(FILES_PREFIX) && req.uri().query().is_some_and(|q| q.contains("sig=")) {
+        return next.run(req).await;
+    }
+    if path.starts_with(HOOKS_PREFIX) {
         return next.run(req).await;
     }
     if auth.mode == AuthMode::Static {

@@ -164,6 +164,7 @@ fn backend_shape(b: &BackendError) -> Shape {
             Shape::new(StatusCode::SERVICE_UNAVAILABLE, SERVER, "backend_unavailable").retry(Duration::from_secs(5))
         }
         Failure::Timeout(_) => Shape::new(StatusCode::GATEWAY_TIMEOUT, SERVER, "backend_timeout"),
+        Failure::Disconnected(_) => Shape::new(StatusCode::BAD_GATEWAY, SERVER, "backend_error"),
         Failure::Status { status, retry_after, .. } => match status {
             // The upstream judged the request's content: pass its verdict on as the client's to fix.
             400 | 413 | 415 | 422 => Shape::new(StatusCode::BAD_REQUEST, INVALID, "backend_rejected_request"),

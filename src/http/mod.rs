@@ -8,6 +8,7 @@ mod chat;
 pub mod error;
 pub mod extract;
 mod files;
+mod hooks;
 mod images;
 mod jobs;
 mod legacy;
@@ -70,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}", get(jobs::get_handler).delete(jobs::delete_handler))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel_handler))
         .route("/v1/jobs/{id}/events", get(jobs::events_handler))
+        .route("/v1/hooks/{backend}/{job}", post(hooks::hook_handler))
         .route("/v1/videos/{id}/events", get(jobs::events_handler))
         .route("/v1/gateway/status", get(ops::status_handler))
         .route("/healthz", get(ops::healthz_handler))
@@ -416,6 +418,7 @@ fn static_route(route: &str) -> &'static str {
         "/v1/videos/{id}/content",
         "/v1/videos/{id}/cancel",
         "/v1/jobs/{id}",
+        "/v1/hooks/{backend}/{job}",
         "/v1/jobs/{id}/cancel",
         "/v1/jobs/{id}/events",
         "/v1/videos/{id}/events",

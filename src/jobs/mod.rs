@@ -3,6 +3,7 @@
 //! and deadlines cancel upstream first. Jobs live in the ledger's database, so a restarted easel resumes them.
 //! A running job keeps its backend's admission slot until it ends.
 
+pub mod hooks;
 pub mod webhooks;
 
 use std::collections::HashMap;
@@ -186,32 +187,10 @@ async fn advance(state: &AppState, job: JobRecord) {
         code: code.as_str(),
         message,
     };
-    // A job whose submit never finished (easel stopped in between): a backend that knows the id easel chose
-    // may have it; else nothing is known upstream.
-    if matches!(job.state.as_str(), "pending" | "submitting") {
-        let why = match adopt(state, &job).await {
-            Adopted::Yes => return,
-            Adopted::Later if job.poll_failures + 1 < MAX_POLL_FAILURES => {
-                let backoff = 1000 * (1 << job.poll_failures.clamp(0, 6));
-                let change = JobChange {
-                    poll_failed: Some(true),
-                    next_poll_at: Some(crate::ledger::now_ms() + backoff),
-                    ..JobChange::default()
-                };
-                update(state, &id, epoch, &change).await;
-                return;
-            }
-            Adopted::Later => format!(
-                "easel stopped before the backend confirmed the submit, and the backend did not answer {MAX_POLL_FAILURES} look-ups; nothing was charged"
-            ),
-            Adopted::Absent(names) => format!(
-                "easel stopped before the backend confirmed the submit, and {names} never received it; nothing was charged"
-            ),
-            Adopted::CannotTell => {
-                "easel stopped before the backend confirmed the submit; nothing was charged".to_owned()
-            }
-        };
-        finish(state, &job, end("failed", JobErrorCode::UpstreamLost, why)).await;
+    // A job whose submit was never confirmed: easel stopped in between, or the backend may have received it
+    // without a usable answer (`unknown`).
+    if matches!(job.state.as_str(), "pending" | "submitting" | "unknown") {
+        reconcile(state, &job).await;
         return;
     }
     let backend = job.backend.as_deref().and_then(|b| state.backends.get(b)).cloned();
@@ -328,6 +307,70 @@ async fn advance(state: &AppState, job: JobRecord) {
     }
 }
 
+/// Settles a job whose submit was never confirmed. A backend that knows the id easel chose (ComfyUI, InvokeAI)
+/// is asked: found → the job polls there; absent → it never ran, and nothing is charged. A backend that cannot
+/// tell (fal, Replicate) leaves the job `unknown` until its webhook binds it (`hooks`) or the job's deadline
+/// passes; then the hold is released (the operator may absorb one upstream charge; counted in
+/// `easel_jobs_ended_total{outcome="upstream_lost"}`). A cancel ends it at once, uncharged.
+async fn reconcile(state: &AppState, job: &JobRecord) {
+    let end = |code: JobErrorCode, message: String| JobEnd::Failed {
+        state: if code == JobErrorCode::Canceled { "canceled" } else { "failed" },
+        code: code.as_str(),
+        message,
+    };
+    if job.cancel_requested {
+        let why = "canceled by its owner before the backend confirmed the submit; nothing was charged".to_owned();
+        finish(state, job, end(JobErrorCode::Canceled, why)).await;
+        return;
+    }
+    if job.state == "pending" {
+        // Never handed to a backend (`submitting` is written before any backend is called).
+        let why = "easel stopped before submitting the job to a backend; nothing was charged".to_owned();
+        finish(state, job, end(JobErrorCode::UpstreamLost, why)).await;
+        return;
+    }
+    if crate::ledger::now_ms() > job.deadline_at {
+        let why =
+            "the backend never confirmed the submit nor reported the job before its deadline; nothing was charged";
+        finish(state, job, end(JobErrorCode::UpstreamLost, why.to_owned())).await;
+        return;
+    }
+    let why = match adopt(state, job).await {
+        Adopted::Yes => return,
+        Adopted::Later if job.poll_failures + 1 < MAX_POLL_FAILURES => {
+            let backoff = 1000 * (1 << job.poll_failures.clamp(0, 6));
+            let change = JobChange {
+                poll_failed: Some(true),
+                next_poll_at: Some(crate::ledger::now_ms() + backoff),
+                ..JobChange::default()
+            };
+            update(state, &job.id, job.lease_epoch, &change).await;
+            return;
+        }
+        Adopted::Later => format!(
+            "the backend never confirmed the submit, and did not answer {MAX_POLL_FAILURES} look-ups; nothing was charged"
+        ),
+        Adopted::Absent(names) => {
+            format!("the backend never confirmed the submit, and {names} never received it; nothing was charged")
+        }
+        Adopted::CannotTell => {
+            // Only the backend's own report can bind it now; look again at the deadline.
+            let change = JobChange {
+                state: Some("unknown"),
+                next_poll_at: Some(job.deadline_at + 1),
+                poll_failed: Some(false),
+                ..JobChange::default()
+            };
+            update(state, &job.id, job.lease_epoch, &change).await;
+            if job.state != "unknown" {
+                m::job_unknown(&job.model);
+            }
+            return;
+        }
+    };
+    finish(state, job, end(JobErrorCode::UpstreamLost, why)).await;
+}
+
 /// Downloads a finished job's outputs into easel's store; `[{"kind", "file", "mime"}]`.
 async fn collect(
     state: &AppState,
@@ -414,8 +457,10 @@ enum Adopted {
 /// first one that does (backend, handle, state `queued`) so the next round polls it.
 async fn adopt(state: &AppState, job: &JobRecord) -> Adopted {
     let Some(model) = state.config.models.iter().find(|m| m.id == job.model) else { return Adopted::CannotTell };
-    let (mut absent, mut unanswered) = (Vec::new(), false);
-    for b in &model.backends {
+    let (mut absent, mut unanswered, mut cannot_tell) = (Vec::new(), false, false);
+    // A job that names its backend was submitted there only (no fallback after an ambiguous submit).
+    let asked = model.backends.iter().filter(|b| job.backend.as_deref().is_none_or(|named| named == b.name));
+    for b in asked {
         let Some(backend) = state.backends.get(&b.name).filter(|h| h.adapter.supports_videos()) else { continue };
         let found = tokio::time::timeout(backend.cfg.timeout, backend.adapter.find_job(&job.id)).await;
         match found {
@@ -426,6 +471,7 @@ async fn adopt(state: &AppState, job: &JobRecord) -> Adopted {
                     backend: Some(b.name.clone()),
                     handle: serde_json::to_value(&handle).ok(),
                     next_poll_at: Some(crate::ledger::now_ms()),
+                    poll_failed: Some(false),
                     ..JobChange::default()
                 };
                 update(state, &job.id, job.lease_epoch, &change).await;
@@ -433,7 +479,7 @@ async fn adopt(state: &AppState, job: &JobRecord) -> Adopted {
                 return Adopted::Yes;
             }
             Ok(Ok(crate::backends::JobLookup::Absent)) => absent.push(format!("`{}`", b.name)),
-            Ok(Ok(crate::backends::JobLookup::CannotTell)) => {}
+            Ok(Ok(crate::backends::JobLookup::CannotTell)) => cannot_tell = true,
             Ok(Err(e)) => {
                 unanswered = true;
                 tracing::warn!(job = %job.id, backend = %b.name, error = %e, "Looking up an unconfirmed job failed.");
@@ -446,7 +492,7 @@ async fn adopt(state: &AppState, job: &JobRecord) -> Adopted {
     }
     if unanswered {
         Adopted::Later
-    } else if absent.is_empty() {
+    } else if cannot_tell || absent.is_empty() {
         Adopted::CannotTell
     } else {
         Adopted::Absent(format!("backend {}", absent.join(", ")))

@@ -249,6 +249,18 @@ pub trait Store: Send + Sync {
     /// Ends a job at `epoch` and captures or releases its hold, in one transaction (`Ok(false)` if fenced out or
     /// already ended).
     fn end_job(&self, id: &str, epoch: i64, end: &JobEnd) -> impl Future<Output = Result<bool, LedgerError>> + Send;
+    /// Binds a job whose submit was never confirmed (`pending`, `submitting` or `unknown`) to the upstream job a
+    /// backend reported for it: state `queued`, due now, on `backend` only if the job names no other backend.
+    /// The lease epoch moves on, so a poller still holding the job is fenced out. `Ok(false)` when the job is
+    /// not in such a state (already bound, or ended).
+    fn adopt_job(
+        &self,
+        id: &str,
+        backend: &str,
+        handle: &serde_json::Value,
+    ) -> impl Future<Output = Result<bool, LedgerError>> + Send;
+    /// Makes an unfinished job due for its next poll now (a webhook said it changed); `Ok(false)` if it ended.
+    fn poll_job_now(&self, id: &str) -> impl Future<Output = Result<bool, LedgerError>> + Send;
     /// Unfinished jobs by object and state: how many, and the creation time (Unix ms) of the oldest.
     fn job_stats(&self) -> impl Future<Output = Result<Vec<JobStat>, LedgerError>> + Send;
     /// Extends this poller's lease on a job it still holds at `epoch`; `None` when another poller holds it now (or

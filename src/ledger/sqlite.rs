@@ -808,6 +808,36 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn adopt_job(&self, id: &str, backend: &str, handle: &serde_json::Value) -> Result<bool, LedgerError> {
+        let _w = self.write.lock().await;
+        let now = now_ms();
+        let done = sqlx::query(
+            "UPDATE jobs SET state = 'queued', backend = ?2, handle = ?3, next_poll_at = ?4, poll_failures = 0,
+                    lease_owner = NULL, lease_until = NULL, lease_epoch = lease_epoch + 1, updated_at = ?4
+             WHERE id = ?1 AND state IN ('pending', 'submitting', 'unknown') AND (backend IS NULL OR backend = ?2)",
+        )
+        .bind(id)
+        .bind(backend)
+        .bind(handle.to_string())
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn poll_job_now(&self, id: &str) -> Result<bool, LedgerError> {
+        let _w = self.write.lock().await;
+        let done = sqlx::query(
+            "UPDATE jobs SET next_poll_at = MIN(next_poll_at, ?2)
+             WHERE id = ?1 AND state NOT IN ('succeeded', 'failed', 'canceled')",
+        )
+        .bind(id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn end_job(&self, id: &str, epoch: i64, end: &JobEnd) -> Result<bool, LedgerError> {
         let _w = self.write.lock().await;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;

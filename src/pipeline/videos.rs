@@ -15,13 +15,14 @@ use super::dispatch::dispatch;
 use super::images::{Caller, ImageSource};
 use crate::api::videos::VideosRequest;
 use crate::backends::{JobHandle, VideoCall};
-use crate::config::{Capability, ModelType};
+use crate::config::{BackendKind, Capability, ModelType};
 use crate::error::Error;
 use crate::ledger::{HoldOutcome, IdemClaim, JobChange, JobEnd, JobRecord, NewJob, Principal, Store, to_mc};
 use crate::request::video::GenerateVideo;
 use crate::request::video::ReferenceImage;
 use crate::request::{RequestError, Size};
 use crate::state::AppState;
+use crate::telemetry::metrics as m;
 
 /// How long a submit may take before easel stops waiting for the backend's answer.
 const SUBMIT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -132,9 +133,9 @@ pub async fn create_video(
         HoldOutcome::Held { .. } => {}
     }
 
-    // 3. Submit: fallback happens only until a backend accepts it.
+    // 3. Submit: fallback happens only until a backend accepts it, and never after a backend may have received
+    //    it (a timeout, a broken connection, an unreadable success): that would risk running the clip twice.
     let client_ref = id.clone();
-    let call = VideoCall { request: &req, model: &model, client_ref: &client_ref };
     // The job outlives the HTTP request: a client that leaves does not stop the submit.
     let never = CancellationToken::new();
     let submitted = dispatch(
@@ -143,22 +144,59 @@ pub async fn create_video(
         Capability::Videos,
         &never,
         |h| h.adapter.supports_videos(),
-        |handle, permit| async move {
-            let r = tokio::time::timeout(SUBMIT_TIMEOUT, handle.adapter.submit_video(call)).await;
-            let r = r.unwrap_or_else(|_| {
-                Err(crate::backends::BackendError::new(
-                    &handle.cfg.name,
-                    handle.cfg.kind,
-                    handle.cfg.endpoint(""),
-                    crate::backends::Failure::Timeout(SUBMIT_TIMEOUT),
-                ))
-            });
-            r.map(|h| (handle, h, permit))
+        |handle, permit| {
+            let (req, model, client_ref) = (&req, &model, &client_ref);
+            async move {
+                // Written before the backend is called, so a restart knows whom to ask about this job.
+                let submitting = JobChange {
+                    state: Some("submitting"),
+                    backend: Some(handle.cfg.name.clone()),
+                    ..JobChange::default()
+                };
+                if let Err(e) = state.ledger.update_job(client_ref, 0, &submitting).await {
+                    tracing::error!(job = %client_ref, error = %e, "Recording a job's backend before its submit failed.");
+                }
+                let hook = hook_url(state, &handle.cfg.name, client_ref);
+                let call = VideoCall { request: req, model, client_ref, webhook: hook.as_deref() };
+                let r = tokio::time::timeout(SUBMIT_TIMEOUT, handle.adapter.submit_video(call)).await;
+                let r = r.unwrap_or_else(|_| {
+                    Err(crate::backends::BackendError::new(
+                        &handle.cfg.name,
+                        handle.cfg.kind,
+                        handle.cfg.endpoint(""),
+                        crate::backends::Failure::Timeout(SUBMIT_TIMEOUT),
+                    ))
+                });
+                match r {
+                    Ok(h) => Ok((handle, h, permit)),
+                    Err(e) if e.maybe_received() => Err(e.finally()),
+                    Err(e) => Err(e),
+                }
+            }
         },
     )
     .await;
     let (handle, upstream, permit) = match submitted {
         Ok(s) => s,
+        Err(Error::Backend(b)) if b.final_attempt => {
+            // The backend may have the job: it stays held as `unknown` until it is found (ComfyUI / InvokeAI by
+            // the id easel chose), reported by the backend's webhook (fal, Replicate), or released at its deadline.
+            tracing::warn!(job = %id, backend = %b.backend, error = %b, "A video submit got no usable answer; the job is unknown until the backend reports it or its deadline passes.");
+            if state.config.server.public_url.is_none() && matches!(b.kind, BackendKind::Fal | BackendKind::Replicate) {
+                tracing::warn!(job = %id, "Without `server.public_url` the backend cannot report this job; it will be released at its deadline.");
+            }
+            let change = JobChange {
+                state: Some("unknown"),
+                backend: Some(b.backend.clone()),
+                next_poll_at: Some(crate::ledger::now_ms()),
+                ..JobChange::default()
+            };
+            state.ledger.update_job(&id, 0, &change).await?;
+            m::job_unknown(&model.id);
+            answered(state, caller, &who, &id).await?;
+            state.jobs.wake();
+            return state.ledger.job(&id).await?.ok_or(Error::JobNotFound(id));
+        }
         Err(e) => {
             let (code, message) = match &e {
                 Error::Backend(b) if !b.retryable() => ("upstream_rejected", e.to_string()),
@@ -181,15 +219,32 @@ pub async fn create_video(
         next_poll_at: Some(crate::ledger::now_ms()),
         ..JobChange::default()
     };
-    state.ledger.update_job(&id, 0, &change).await?;
-    if let Some(key) = &caller.idempotency_key {
-        let body = serde_json::json!({"id": id}).to_string().into_bytes();
-        let record = crate::ledger::StoredResponse { status: 200, content_type: "application/json".into(), body };
-        state.ledger.complete_claim(&who, key, &record).await?;
+    // `false` when the backend's webhook was faster and already bound the job to the same upstream job.
+    if !state.ledger.update_job(&id, 0, &change).await? {
+        tracing::debug!(job = %id, "The job was bound by its webhook before the submit returned.");
     }
+    answered(state, caller, &who, &id).await?;
     tracing::info!(job = %id, backend = %handle.cfg.name, upstream = %upstream.upstream_id, "Video job submitted.");
     state.jobs.wake();
     state.ledger.job(&id).await?.ok_or(Error::FileNotFound(id))
+}
+
+/// Completes the request's Idempotency-Key claim with the job's id (a repeat returns the job as it stands).
+async fn answered(state: &AppState, caller: &Caller, who: &Principal, id: &str) -> Result<(), Error> {
+    if let Some(key) = &caller.idempotency_key {
+        let body = serde_json::json!({"id": id}).to_string().into_bytes();
+        let record = crate::ledger::StoredResponse { status: 200, content_type: "application/json".into(), body };
+        state.ledger.complete_claim(who, key, &record).await?;
+    }
+    Ok(())
+}
+
+/// easel's signed webhook URL for `job` on `backend` (`{public_url}/v1/hooks/{backend}/{job}?sig=…`); `None`
+/// without `server.public_url`, since a backend elsewhere cannot reach an address easel guesses.
+pub fn hook_url(state: &AppState, backend: &str, job: &str) -> Option<String> {
+    let base = state.config.server.public_url.as_ref()?;
+    let sig = state.signer.hook_sig(backend, job);
+    Some(format!("{}/v1/hooks/{backend}/{job}?sig={sig}", base.as_str().trim_end_matches('/')))
 }
 
 /// The caller's principal; without keys, the ledger's anonymous one.

@@ -78,6 +78,19 @@ impl UrlSigner {
         Ok(())
     }
 
+    /// The signature in a backend's webhook URL for `job` (`/v1/hooks/{backend}/{job}?sig=…`): the MAC of
+    /// `"hook\n{backend}\n{job}"`, which no output URL's message can equal (ids never contain a newline). It does
+    /// not expire: a backend may retry a delivery for hours, and the job's deadline bounds its use.
+    pub fn hook_sig(&self, backend: &str, job: &str) -> String {
+        to_hex(&hmac(&self.key, &[b"hook\n", backend.as_bytes(), b"\n", job.as_bytes()]))
+    }
+
+    /// Whether `sig` is [`Self::hook_sig`] of `backend` and `job` (compared in constant time).
+    pub fn verify_hook(&self, backend: &str, job: &str, sig: &str) -> bool {
+        let expected = self.hook_sig(backend, job);
+        expected.len() == sig.len() && expected.bytes().zip(sig.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+
     /// The MAC of `"{id}\n{exp}"`.
     fn mac(&self, id: &str, exp: u64) -> [u8; 32] {
         hmac(&self.key, &[id.as_bytes(), b"\n", exp.to_string().as_bytes()])

@@ -17,6 +17,8 @@ pub const GENERATIONS: &str = "easel_generation_requests_total";
 pub const IMAGES: &str = "easel_images_generated_total";
 pub const IMAGES_MISSING: &str = "easel_images_missing_total";
 pub const JOBS_ENDED: &str = "easel_jobs_ended_total";
+pub const JOBS_UNKNOWN: &str = "easel_jobs_unknown_total";
+pub const JOB_HOOKS: &str = "easel_job_webhooks_received_total";
 pub const JOB_POLLS: &str = "easel_job_polls_total";
 pub const JOBS_RUNNING: &str = "easel_jobs_running";
 pub const JOBS: &str = "easel_jobs";
@@ -77,6 +79,11 @@ fn describe() {
     describe_counter!(IMAGES, "Images returned to clients, by model.");
     describe_counter!(IMAGES_MISSING, "Images asked for but missing from a partial answer, by model.");
     describe_counter!(JOBS_ENDED, "Jobs that reached a terminal state, by model and outcome.");
+    describe_counter!(
+        JOBS_UNKNOWN,
+        "Jobs whose submit may have reached the backend without an answer (state unknown), by model."
+    );
+    describe_counter!(JOB_HOOKS, "Inbound backend webhooks, by backend and outcome.");
     describe_counter!(JOB_POLLS, "Upstream job status polls, by backend and outcome.");
     describe_gauge!(JOBS_RUNNING, "Jobs holding a backend slot right now, by backend.");
     describe_gauge!(JOBS, "Unfinished jobs by object and state.");
@@ -181,6 +188,17 @@ pub fn job_ended(model: &str, outcome: &str) {
         _ => "other",
     };
     counter!(JOBS_ENDED, "model" => model.to_owned(), "outcome" => outcome).increment(1);
+}
+
+/// A job's submit ended without a usable answer, so whether the backend has it is unknown.
+pub fn job_unknown(model: &str) {
+    counter!(JOBS_UNKNOWN, "model" => model.to_owned()).increment(1);
+}
+
+/// An inbound webhook: `adopted` (bound an unknown job), `polled` (made a job due), `ended` (the job had ended),
+/// `refused` (bad signature or body).
+pub fn job_hook(backend: &str, outcome: &'static str) {
+    counter!(JOB_HOOKS, "backend" => backend.to_owned(), "outcome" => outcome).increment(1);
 }
 
 /// One poll of a job upstream: `ok` or `error`.

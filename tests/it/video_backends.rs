@@ -57,7 +57,7 @@ fn request(extra: Value) -> GenerateVideo {
 
 async fn submit(b: &AnyBackend, model: &ModelConfig, req: &GenerateVideo) -> JobHandle {
     assert!(b.supports_videos());
-    let call = VideoCall { request: req, model, client_ref: "job_test" };
+    let call = VideoCall { request: req, model, client_ref: "job_test", webhook: None };
     tokio::time::timeout(TEST_TIMEOUT, b.submit_video(call)).await.unwrap().unwrap()
 }
 

@@ -13,7 +13,13 @@ fn config(latency: &str, extra_backend: &str, extra_model: &str) -> String {
     )
 }
 
-async fn call(gw: &Gateway, method: reqwest::Method, path: &str, secret: &str, body: Option<Value>) -> (u16, Value) {
+pub(crate) async fn call(
+    gw: &Gateway,
+    method: reqwest::Method,
+    path: &str,
+    secret: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     let mut req = gw.client.request(method, gw.endpoint(path)).bearer_auth(secret);
     if let Some(b) = body {
         req = req.json(&b);
@@ -26,7 +32,7 @@ async fn call(gw: &Gateway, method: reqwest::Method, path: &str, secret: &str, b
 
 /// Follows the job's event stream until it ends (no polling, no sleeps); returns the final job and every status
 /// the events carried, in order, without repeats.
-async fn until_done(gw: &Gateway, secret: &str, id: &str) -> (Value, Vec<String>) {
+pub(crate) async fn until_done(gw: &Gateway, secret: &str, id: &str) -> (Value, Vec<String>) {
     let seen = job_events(gw, secret, &format!("/v1/jobs/{id}/events"), None).await;
     let mut statuses: Vec<String> = Vec::new();
     for (_, _, data) in &seen {

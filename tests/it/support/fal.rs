@@ -58,6 +58,11 @@ pub struct VideoKnobs {
     pub odd_status: Mutex<Option<String>>,
     /// Authorization headers of every video call.
     pub auth: Mutex<Vec<String>>,
+    /// A submit is recorded (the job exists upstream), then answered only after this long: a client with a
+    /// shorter timeout never learns the job's id.
+    pub submit_stall_ms: AtomicU32,
+    /// (upstream id, webhook URL) of every submit that named a webhook.
+    pub webhooks: Mutex<Vec<(String, String)>>,
 }
 
 /// Where a fake video job stands at this poll.
@@ -104,6 +109,31 @@ impl VideoKnobs {
         } else {
             VideoPhase::Done
         }
+    }
+
+    /// Waits `submit_stall_ms` (after a submit was recorded).
+    pub async fn stall_submit(&self) {
+        let ms = self.submit_stall_ms.load(Ordering::SeqCst);
+        if ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(u64::from(ms))).await;
+        }
+    }
+
+    /// Finishes every job (each later poll finds it done) and, as the real service does at a job's end, POSTs
+    /// `body(upstream id)` to every webhook URL a submit carried. Returns what each delivery was answered (status,
+    /// body).
+    pub async fn finish_and_notify(&self, body: impl Fn(&str) -> Value) -> Vec<(u16, Value)> {
+        self.queued_polls.store(0, Ordering::SeqCst);
+        self.running_polls.store(0, Ordering::SeqCst);
+        let hooks = self.webhooks.lock().unwrap().clone();
+        let client = reqwest::Client::new();
+        let mut answers = Vec::new();
+        for (id, url) in hooks {
+            let resp = client.post(&url).json(&body(&id)).send().await.unwrap();
+            let status = resp.status().as_u16();
+            answers.push((status, resp.json().await.unwrap_or(Value::Null)));
+        }
+        answers
     }
 
     /// Where a finished job's video is.
@@ -270,6 +300,10 @@ async fn video(s: &FalState, base: &str, method: Method, parts: &[&str], query: 
             let id = format!("vid-{}", v.submitted.lock().unwrap().len() + 1);
             v.submitted.lock().unwrap().push(body);
             v.submit_paths.lock().unwrap().push(format!("/{}", parts.join("/")));
+            if let Some((_, hook)) = url::form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "fal_webhook") {
+                v.webhooks.lock().unwrap().push((id.clone(), hook.into_owned()));
+            }
+            v.stall_submit().await;
             let root = format!("{base}/{owner}/{alias}/requests/{id}");
             Json(json!({"request_id": id, "response_url": root, "status_url": format!("{root}/status"), "cancel_url": format!("{root}/cancel"), "queue_position": v.queued_polls.load(Ordering::SeqCst)})).into_response()
         }

@@ -92,9 +92,11 @@ pub async fn spawn_gateway_env(yaml: &str, extra: &[(&str, &str)]) -> Gateway {
     for (k, v) in extra {
         env.0.insert((*k).to_owned(), (*v).to_owned());
     }
-    let config = config::from_str(yaml, "test.yaml", Path::new("."), &env).unwrap_or_else(|e| panic!("{e}"));
+    // Bound first, so the config may name the gateway's own address as `@GATEWAY@` (e.g. `server.public_url`).
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let yaml = yaml.replace("@GATEWAY@", &format!("http://{addr}"));
+    let config = config::from_str(&yaml, "test.yaml", Path::new("."), &env).unwrap_or_else(|e| panic!("{e}"));
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let server = easel::server::Server::build(config).await.unwrap_or_else(|e| panic!("{e}"));

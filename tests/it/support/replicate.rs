@@ -123,7 +123,7 @@ async fn handle(State(s): State<Arc<ReplicateState>>, req: Request) -> Response 
 }
 
 /// A video prediction object at `phase`.
-fn video_prediction(s: &ReplicateState, id: &str, phase: &VideoPhase) -> Value {
+pub fn video_prediction(s: &ReplicateState, id: &str, phase: &VideoPhase) -> Value {
     let base = s.base.lock().unwrap().clone();
     let v = &s.video;
     let (status, output, error, logs) = match phase {
@@ -161,8 +161,12 @@ async fn video(s: &ReplicateState, method: Method, parts: &[&str], req: Request)
             let bytes = axum::body::to_bytes(req.into_body(), 64 << 20).await.unwrap();
             let body: Value = serde_json::from_slice(&bytes).unwrap();
             let id = format!("vp-{}", v.submitted.lock().unwrap().len() + 1);
+            if let Some(hook) = body["webhook"].as_str() {
+                v.webhooks.lock().unwrap().push((id.clone(), hook.to_owned()));
+            }
             v.submitted.lock().unwrap().push(body);
             v.submit_paths.lock().unwrap().push(format!("/{}", parts.join("/")));
+            v.stall_submit().await;
             (StatusCode::CREATED, Json(video_prediction(s, &id, &VideoPhase::Queued(0)))).into_response()
         }
         (Method::GET, ["v1", "predictions", id]) => match v.poll(id).await {
