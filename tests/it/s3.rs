@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
 use object_store::aws::AmazonS3Builder;
@@ -275,4 +275,27 @@ async fn an_unreachable_s3_is_a_prompt_storage_error() {
     let body = String::from_utf8_lossy(&body);
     assert_eq!(s, 503, "{body}");
     assert!(body.contains(&format!("storage at s3://{BUCKET}/outputs/.readyz")), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_old_outputs_in_the_bucket_and_nothing_else() {
+    let moto = start_moto().await;
+    let gw = gateway(&moto.endpoint, "").await;
+    let path = generate(&gw).await;
+    let id = file_id(&path).to_owned();
+    let s3 = bucket(&moto);
+    let foreign = object_store::path::Path::from("outputs/notes.txt");
+    s3.put(&foreign, bytes::Bytes::from_static(b"not easel's").into()).await.unwrap();
+
+    // The store the gateway runs on, as the retention task uses it.
+    let env = easel::config::MapEnv::new([("EASEL_STORAGE__FILES", format!("s3://{BUCKET}/outputs").as_str())]);
+    let config = easel::config::from_str(&yaml(&moto.endpoint, ""), "test.yaml", gw.dir.path(), &env).unwrap();
+    let store = easel::storage::FileStore::from_config(&config.storage).await.unwrap();
+    let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    assert_eq!(store.delete_older_than(hour_ago).await.unwrap(), 0, "a fresh output is kept");
+    assert_eq!(gw.get(&path).await.0, 200);
+    let later = SystemTime::now() + Duration::from_secs(5);
+    assert_eq!(store.delete_older_than(later).await.unwrap(), 1);
+    assert_eq!(gw.get(&path).await.0, 404, "{id} is gone");
+    assert!(s3.head(&foreign).await.is_ok(), "keys easel did not issue are left alone");
 }
