@@ -76,12 +76,16 @@ async fn start_moto() -> Moto {
     moto
 }
 
+/// The backends and models every test here uses (a simulated image and video model).
+const MODELS: &str = "backends:\n  sim:\n    kind: simulated\n    poll_interval: 20ms\nmodels:\n  - id: pic\n    \
+                      backends: [sim]\n    default_size: 32x32\n  - id: clip\n    type: video\n    backends: [sim]\n    \
+                      default_size: 16x16\n";
+
 fn yaml(endpoint: &str, extra_s3: &str) -> String {
     format!(
         "storage:\n  signing_secret: {SIGNING_SECRET}\n  s3:\n    endpoint: {endpoint}\n    region: us-east-1\n    \
          access_key_id: testing\n    secret_access_key: testing\n    path_style: true\n    allow_http: true\n{extra_s3}\
-         backends:\n  sim:\n    kind: simulated\n    poll_interval: 20ms\nmodels:\n  - id: pic\n    backends: [sim]\n    \
-         default_size: 32x32\n  - id: clip\n    type: video\n    backends: [sim]\n    default_size: 16x16\n"
+         {MODELS}"
     )
 }
 
@@ -298,4 +302,19 @@ async fn retention_deletes_old_outputs_in_the_bucket_and_nothing_else() {
     assert_eq!(store.delete_older_than(later).await.unwrap(), 1);
     assert_eq!(gw.get(&path).await.0, 404, "{id} is gone");
     assert!(s3.head(&foreign).await.is_ok(), "keys easel did not issue are left alone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_folder_answers_ranges_the_same_way() {
+    let gw = crate::support::spawn_gateway(MODELS).await;
+    let path = generate(&gw).await;
+    let stored = std::fs::read(gw.dir.path().join("files").join(file_id(&path))).unwrap();
+    let (s, h, part) = get_with(&gw, &path, "bytes=4-").await;
+    assert_eq!((s, &part[..]), (206, &stored[4..]));
+    assert_eq!(h["content-range"], format!("bytes 4-{}/{}", stored.len() - 1, stored.len()).as_str());
+    let (s, h, _) = get_with(&gw, &path, "bytes=-0").await;
+    assert_eq!(s, 416);
+    assert_eq!(h["content-range"], format!("bytes */{}", stored.len()).as_str());
+    let (s, _, whole) = get_with(&gw, &path, "lines=1-2").await;
+    assert_eq!((s, &whole[..]), (200, &stored[..]), "an unknown unit gets the whole file");
 }
