@@ -1,6 +1,8 @@
 //! `GET /v1/files/{id}`: stored outputs, by the ids easel issued and nothing else. A signed URL
 //! (`?exp=…&sig=…`, as easel hands them out) works without a key until it expires; without a signature, keys mode
-//! serves an output only to the key that made it (another key gets the same 404 as a missing file).
+//! serves an output only to the key that made it (another key gets the same 404 as a missing file). [`send`] is
+//! the one way outputs leave storage (here and for video content): streamed, with single-range `Range` support,
+//! from the local folder or S3 alike, or as a redirect to a presigned S3 URL.
 
 use axum::Extension;
 use axum::body::Body;
