@@ -15,6 +15,17 @@ if ((${#missing[@]})) && command -v apt-get >/dev/null 2>&1; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# An S3-compatible server for the S3 storage tests (tests/it/s3.rs): moto's server mode from PyPI, in its own venv
+# outside the checkout. The tests find it through EASEL_MOTO and fail without it.
+MOTO_VENV="${EASEL_MOTO_VENV:-$HOME/.cache/easel-moto}"
+MOTO_SPEC='moto[server]==5.2.5'
+if [[ "$(cat "$MOTO_VENV/.spec" 2>/dev/null)" != "$MOTO_SPEC" || ! -x "$MOTO_VENV/bin/python" ]]; then
+  python3 -m venv "$MOTO_VENV"
+  "$MOTO_VENV/bin/pip" install -q "$MOTO_SPEC"
+  echo "$MOTO_SPEC" > "$MOTO_VENV/.spec"
+fi
+export EASEL_MOTO="${EASEL_MOTO:-$MOTO_VENV/bin/python}"
+
 echo "== cargo build"
 cargo build --locked
 echo "== cargo test"

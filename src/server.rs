@@ -55,6 +55,7 @@ impl Server {
         tracker.spawn(crate::jobs::run(self.state.clone(), background.clone()));
         self.state.sets.run(&self.state.processes, &self.state.backends, &tracker, &background);
         tracker.spawn(crate::jobs::webhooks::run(self.state.clone(), background.clone()));
+        tracker.spawn(crate::storage::retention::run(self.state.clone(), background.clone()));
         tracker.spawn({
             let (state, cancel) = (self.state.clone(), background.clone());
             async move {

@@ -58,7 +58,7 @@ pub struct Runtime {
 impl AppState {
     /// Builds adapters, gates and storage. Opens the files directory; contacts no backend.
     pub async fn build(config: Config) -> Result<Self, String> {
-        let files = FileStore::open(&config.storage.files).await.map_err(|e| e.to_string())?;
+        let files = FileStore::from_config(&config.storage).await.map_err(|e| e.to_string())?;
         let secret = config.storage.signing_secret.as_ref().map(|s| s.expose());
         let signer = UrlSigner::load(secret, files.root(), config.storage.url_ttl).await.map_err(|e| e.to_string())?;
         let ledger = Arc::new(SqliteStore::open(&config.storage.database, true).await.map_err(|e| e.to_string())?);

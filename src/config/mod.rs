@@ -174,11 +174,35 @@ pub struct TlsConfig {
 #[derive(Debug, Clone)]
 pub struct StorageConfig {
     pub database: String,
+    /// The outputs folder (local storage); with S3, the folder for this instance's own state files.
     pub files: PathBuf,
+    /// `files: s3://…`: outputs live in an S3-compatible bucket instead of `files`.
+    pub s3: Option<S3Config>,
+    /// Outputs older than this are deleted by a background task; `None` = kept forever.
+    pub retention: Option<Duration>,
     /// Signs output URLs; `None` = a key generated into the files directory on first start.
     pub signing_secret: Option<Secret>,
     /// Lifetime of a signed output URL.
     pub url_ttl: Duration,
+}
+
+/// `storage.files: s3://bucket/prefix` with `storage.s3`: outputs in an S3-compatible bucket.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Key prefix without leading or trailing `/`; empty = the bucket's root.
+    pub prefix: String,
+    /// `None` = AWS's endpoint for `region`.
+    pub endpoint: Option<Url>,
+    pub region: String,
+    /// `None` (both) = credentials from the environment's instance metadata.
+    pub access_key_id: Option<Secret>,
+    pub secret_access_key: Option<Secret>,
+    pub path_style: bool,
+    pub allow_http: bool,
+    /// Redirect file downloads to presigned URLs instead of streaming them through easel.
+    pub presign: bool,
+    pub presign_ttl: Duration,
 }
 
 #[derive(Debug, Clone)]

@@ -135,6 +135,28 @@ pub struct RawStorage {
     pub signing_secret: Option<String>,
     /// How long a signed output URL works, e.g. `24h`.
     pub url_ttl: Option<String>,
+    /// Delete stored outputs older than this, e.g. `30d`; absent = keep them.
+    pub retention: Option<String>,
+    /// The S3-compatible service behind `files: s3://bucket/prefix`.
+    pub s3: Option<RawS3>,
+}
+
+/// `storage.s3`: where and how to reach an S3-compatible service (AWS, MinIO, R2, …).
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawS3 {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// `https://endpoint/bucket/key` instead of `https://bucket.endpoint/key` (MinIO and most self-hosted servers).
+    pub path_style: Option<bool>,
+    /// Allow a plain-HTTP endpoint.
+    pub allow_http: Option<bool>,
+    /// Answer `GET /v1/files/{id}` with a redirect to a presigned URL instead of streaming the object.
+    pub presign: Option<bool>,
+    /// How long a presigned URL works, e.g. `15m`.
+    pub presign_ttl: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

@@ -11,12 +11,14 @@ use reqwest::header::{HeaderName, HeaderValue};
 use serde_json_path::JsonPath;
 use url::Url;
 
-use super::raw::{RawBackend, RawConfig, RawCredits, RawHost, RawModel, RawModelBackend, RawProcess, RawWorkingSet};
+use super::raw::{
+    RawBackend, RawConfig, RawCredits, RawHost, RawModel, RawModelBackend, RawProcess, RawS3, RawWorkingSet,
+};
 use super::{
     AuthConfig, AuthMode, BackendConfig, BackendKind, Capability, Config, Defaults, EditTask, FailureMode, HealthCheck,
     HealthConfig, HostConfig, HostMode, HostPattern, ModelBackend, ModelConfig, ModelType, ProcessConfig, QueueConfig,
-    Secret, ServerConfig, SimulatedFailure, SimulationConfig, StopSignal, StorageConfig, TemplateConfig, TokenCredits,
-    WorkingSetConfig,
+    S3Config, Secret, ServerConfig, SimulatedFailure, SimulationConfig, StopSignal, StorageConfig, TemplateConfig,
+    TokenCredits, WorkingSetConfig,
 };
 use crate::backends::workflow::Workflow;
 use crate::request::{ResponseFormat, Size};
@@ -71,12 +73,44 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
         }
         _ => database,
     };
+    let files_setting = raw.storage.files.as_deref().unwrap_or("data/files");
+    let s3 = match files_setting.strip_prefix("s3://") {
+        Some(location) => s3(&mut p, location, raw.storage.s3.as_ref()),
+        None => {
+            if raw.storage.s3.is_some() {
+                p.push(("storage.s3".into(), "is only used with `storage.files: s3://bucket/prefix`".into()));
+            }
+            None
+        }
+    };
+    let retention = raw.storage.retention.as_deref().and_then(|r| match humantime::parse_duration(r) {
+        Ok(d) if d >= Duration::from_secs(60) => Some(d),
+        Ok(_) => {
+            p.push(("storage.retention".into(), "must be at least 1m (or absent to keep outputs)".into()));
+            None
+        }
+        Err(_) => {
+            p.push(("storage.retention".into(), format!("`{r}` is not a duration (e.g. 7d, 12h)")));
+            None
+        }
+    });
     let storage = StorageConfig {
         database,
-        files: beside(raw.storage.files.as_deref().unwrap_or("data/files")),
+        // With S3 the local folder still holds this instance's own state (generated keys, process state).
+        files: beside(if files_setting.starts_with("s3://") { "data/files" } else { files_setting }),
+        s3,
+        retention,
         signing_secret: raw.storage.signing_secret.clone().map(Secret::new),
         url_ttl: duration(&mut p, "storage.url_ttl", raw.storage.url_ttl.as_deref(), 24 * 3600),
     };
+    if files_setting.starts_with("s3://") && storage.signing_secret.is_none() {
+        p.push((
+            "storage.signing_secret".into(),
+            "is required with `storage.files: s3://…`, so that every instance signs and accepts the same file URLs \
+             (e.g. `${EASEL_SIGNING_SECRET}`)"
+                .into(),
+        ));
+    }
     if storage.signing_secret.as_ref().is_some_and(|s| s.expose().len() < 32) {
         p.push((
             "storage.signing_secret".into(),
@@ -1083,6 +1117,85 @@ fn size(p: &mut Problems, at: &str, s: Option<&str>) -> Option<Size> {
             None
         }
     }
+}
+
+/// `storage.files: s3://<location>` with its `storage.s3` block. Never echoes a credential.
+fn s3(p: &mut Problems, location: &str, raw: Option<&RawS3>) -> Option<S3Config> {
+    let default = RawS3::default();
+    let raw = raw.unwrap_or(&default);
+    let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
+    let prefix = prefix.trim_matches('/');
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !bucket.starts_with(['-', '.'])
+        && !bucket.ends_with(['-', '.']);
+    let mut ok = true;
+    if !bucket_ok {
+        p.push((
+            "storage.files".into(),
+            format!(
+                "`{bucket}` is not an S3 bucket name (3 to 63 lowercase letters, digits, `-` and `.`); \
+                 write `s3://bucket/prefix`"
+            ),
+        ));
+        ok = false;
+    }
+    if !prefix.is_empty() && prefix.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+        p.push(("storage.files".into(), format!("the key prefix `{prefix}` has an empty, `.` or `..` segment")));
+        ok = false;
+    }
+    let allow_http = raw.allow_http.unwrap_or(false);
+    let endpoint = raw.endpoint.as_deref().and_then(|e| match Url::parse(e) {
+        Ok(u) if u.scheme() == "https" || (u.scheme() == "http" && allow_http) => Some(u),
+        Ok(u) if u.scheme() == "http" => {
+            p.push((
+                "storage.s3.endpoint".into(),
+                format!("`{e}` is plain HTTP; set `storage.s3.allow_http: true` to allow it"),
+            ));
+            ok = false;
+            Some(u)
+        }
+        _ => {
+            p.push(("storage.s3.endpoint".into(), format!("`{e}` is not an http(s) URL")));
+            ok = false;
+            None
+        }
+    });
+    let region = raw.region.clone().unwrap_or_else(|| "us-east-1".into());
+    if region.is_empty() {
+        p.push(("storage.s3.region".into(), "must not be empty (S3-compatible servers accept `us-east-1`)".into()));
+        ok = false;
+    }
+    let key_id = raw.access_key_id.clone().filter(|k| !k.is_empty()).map(Secret::new);
+    let secret = raw.secret_access_key.clone().filter(|k| !k.is_empty()).map(Secret::new);
+    match (&key_id, &secret) {
+        (Some(_), None) => {
+            p.push(("storage.s3.secret_access_key".into(), "is needed with `access_key_id`".into()));
+            ok = false;
+        }
+        (None, Some(_)) => {
+            p.push(("storage.s3.access_key_id".into(), "is needed with `secret_access_key`".into()));
+            ok = false;
+        }
+        _ => {}
+    }
+    let presign_ttl = duration(p, "storage.s3.presign_ttl", raw.presign_ttl.as_deref(), 3600);
+    if presign_ttl.is_zero() || presign_ttl > Duration::from_secs(7 * 24 * 3600) {
+        p.push(("storage.s3.presign_ttl".into(), "must be between 1s and 7d (S3's limit for presigned URLs)".into()));
+        ok = false;
+    }
+    ok.then(|| S3Config {
+        bucket: bucket.to_owned(),
+        prefix: prefix.to_owned(),
+        endpoint,
+        region,
+        access_key_id: key_id,
+        secret_access_key: secret,
+        path_style: raw.path_style.unwrap_or(false),
+        allow_http,
+        presign: raw.presign.unwrap_or(false),
+        presign_ttl,
+    })
 }
 
 fn duration(p: &mut Problems, at: &str, s: Option<&str>, default_secs: u64) -> Duration {

@@ -1,10 +1,13 @@
 //! `GET /v1/files/{id}`: stored outputs, by the ids easel issued and nothing else. A signed URL
 //! (`?exp=…&sig=…`, as easel hands them out) works without a key until it expires; without a signature, keys mode
-//! serves an output only to the key that made it (another key gets the same 404 as a missing file).
+//! serves an output only to the key that made it (another key gets the same 404 as a missing file). [`send`] is
+//! the one way outputs leave storage (here and for video content): streamed, with single-range `Range` support,
+//! from the local folder or S3 alike, or as a redirect to a presigned S3 URL.
 
 use axum::Extension;
+use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
@@ -13,6 +16,7 @@ use crate::error::Error;
 use crate::ledger::{Principal, Store};
 use crate::request::RequestError;
 use crate::state::AppState;
+use crate::storage::Opened;
 use crate::storage::signing::SignatureProblem;
 
 pub async fn get_handler(
@@ -20,6 +24,7 @@ pub async fn get_handler(
     principal: Option<Extension<Principal>>,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (mut exp, mut sig) = (None, None);
     for (k, v) in url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
@@ -66,17 +71,58 @@ pub async fn get_handler(
             .into());
         }
     }
-    let Some((bytes, format)) = state.files.get(&id).await? else {
+    if !crate::storage::is_image_id(&id) {
         return Err(Error::FileNotFound(id).into());
+    }
+    // Ids are never reused, so the content never changes.
+    send(&state, &id, &headers, "private, max-age=31536000, immutable").await
+}
+
+/// Sends a stored output: streamed whole (200) or the one range a `Range` header asks for (206, or 416 when it
+/// lies outside the object), or a redirect to a presigned S3 URL when `storage.s3.presign` is on.
+pub async fn send(state: &AppState, id: &str, headers: &HeaderMap, cache: &'static str) -> Result<Response, ApiError> {
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let Some(opened) = state.files.open_media(id, range).await? else {
+        return Err(Error::FileNotFound(id.to_owned()).into());
     };
-    Ok((
-        [
-            (header::CONTENT_TYPE, HeaderValue::from_static(format.mime())),
-            // Ids are never reused, so the content never changes.
-            (header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=31536000, immutable")),
-            (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
-        ],
-        bytes,
-    )
-        .into_response())
+    let nosniff = (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    let bytes_unit = (header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    Ok(match opened {
+        Opened::Redirect(url) => match HeaderValue::from_str(url.as_str()) {
+            Ok(location) => (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(header::LOCATION, location), (header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+            )
+                .into_response(),
+            Err(_) => return Err(Error::Internal(format!("the presigned URL for `{id}` is not a header value")).into()),
+        },
+        Opened::Unsatisfiable { size } => (
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            [(header::CONTENT_RANGE, header_value(format!("bytes */{size}"))), bytes_unit],
+        )
+            .into_response(),
+        Opened::Body { stream, mime, range, size, partial } => {
+            let length = (header::CONTENT_LENGTH, header_value((range.end - range.start).to_string()));
+            let common = [
+                (header::CONTENT_TYPE, HeaderValue::from_static(mime)),
+                (header::CACHE_CONTROL, HeaderValue::from_static(cache)),
+                nosniff,
+                bytes_unit,
+                length,
+            ];
+            let body = Body::from_stream(stream);
+            if partial {
+                let content_range =
+                    header_value(format!("bytes {}-{}/{size}", range.start, range.end.saturating_sub(1)));
+                (StatusCode::PARTIAL_CONTENT, common, [(header::CONTENT_RANGE, content_range)], body).into_response()
+            } else {
+                (common, body).into_response()
+            }
+        }
+    })
+}
+
+/// A header value from text easel formatted itself (digits, spaces, `-`, `*`, `/`).
+fn header_value(s: String) -> HeaderValue {
+    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static(""))
 }

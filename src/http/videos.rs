@@ -4,8 +4,8 @@
 use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
+use axum::response::Response;
 
 use super::error::ApiError;
 use super::extract::VideoBody;
@@ -147,16 +147,5 @@ pub async fn content_handler(
             .with_code("variant_not_available")
             .into());
     };
-    let Some((bytes, mime)) = state.files.get_media(&file).await? else {
-        return Err(Error::FileNotFound(file).into());
-    };
-    Ok((
-        [
-            (header::CONTENT_TYPE, HeaderValue::from_static(mime)),
-            (header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=86400")),
-            (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
-        ],
-        bytes,
-    )
-        .into_response())
+    super::files::send(&state, &file, &headers, "private, max-age=86400").await
 }
