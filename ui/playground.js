@@ -201,7 +201,10 @@ async function watch(path, signal, onDone) {
     if (name === "queued") setProgress(0, data.queue_position ? `queued (position ${data.queue_position})` : "queued");
     else if (name === "started") setProgress(data.progress || 0, "started");
     else if (name === "progress") setProgress(data.progress, `running ${data.progress}%`);
-    else if (name === "completed") setProgress(100, "completed");
+    else if (name === "completed") {
+      setProgress(100, "completed");
+      $("pg-preview").hidden = true;
+    }
     else if (name === "failed") {
       setProgress(null, data.status || "failed");
       showError((data.error && data.error.message) || "the job failed");
