@@ -31,6 +31,7 @@ mod template;
 mod text;
 mod tls;
 mod trust;
+mod ui;
 mod verify;
 mod video_backends;
 mod videos;
