@@ -87,11 +87,12 @@ export async function events(path, opts, onEvent) {
   }
 }
 
-/** Fetches a binary resource with the key (for content a signed URL does not cover) as an object URL. */
+/** Fetches a binary resource with the key (for content a signed URL does not cover): {url, type}, an object URL. */
 export async function blobUrl(path) {
   const resp = await fetch(path, { headers: headers({}) });
   if (!resp.ok) throw new ApiError(resp.status, null);
-  return URL.createObjectURL(await resp.blob());
+  const blob = await resp.blob();
+  return { url: URL.createObjectURL(blob), type: blob.type };
 }
 
 const sq = (s) => `'${String(s).replace(/'/g, `'\\''`)}'`;

@@ -239,13 +239,23 @@ async function runVideo(r, signal) {
   const v = await json(r.path, { body: r.body, signal });
   setProgress(v.progress || 0, v.status);
   await watch(`/v1/videos/${encodeURIComponent(v.id)}/events`, signal, async () => {
-    const src = await blobUrl(`/v1/videos/${encodeURIComponent(v.id)}/content`);
-    const video = document.createElement("video");
-    video.src = src;
-    video.controls = true;
-    video.loop = true;
-    video.setAttribute("aria-label", `Video: ${r.body.prompt}`);
-    $("pg-result").replaceChildren(video);
+    const { url, type } = await blobUrl(`/v1/videos/${encodeURIComponent(v.id)}/content`);
+    // Some backends make animated images (the simulated one a GIF): those play in an <img>.
+    const still = type.startsWith("image/");
+    const video = document.createElement(still ? "img" : "video");
+    video.src = url;
+    video.className = "clip";
+    if (still) video.alt = `Clip: ${r.body.prompt}`;
+    else {
+      video.controls = true;
+      video.loop = true;
+      video.setAttribute("aria-label", `Clip: ${r.body.prompt}`);
+    }
+    const dl = document.createElement("a");
+    dl.href = url;
+    dl.download = `${v.id}.${(type.split("/")[1] || "bin").split(";")[0]}`;
+    dl.textContent = "Download";
+    $("pg-result").replaceChildren(video, dl);
   });
 }
 

@@ -165,7 +165,12 @@ async function walkThrough() {
   assert.match(src, /\/v1\/files\/.+sig=/, "the image loads from a signed URL");
   assert.ok(!src.includes(key), "no key in the image URL");
   assert.equal(await page.locator("#gallery li").count(), 1);
+  await page.locator("#pg-code summary").click();
+  await page.locator("#toast").waitFor({ state: "hidden" });
   await shot("playground");
+  await page.emulateMedia({ colorScheme: "dark" });
+  await shot("playground-dark");
+  await page.emulateMedia({ colorScheme: "light" });
 
   // Edit: the generated picture uploaded, half of it painted over, sent with its mask.
   const png = Buffer.from(await (await fetch(src)).arrayBuffer());
@@ -190,6 +195,22 @@ async function walkThrough() {
   assert.notEqual(await outputs().first().getAttribute("src"), src, "a new image, not the input");
   assert.equal(await page.locator("#pg-error").isHidden(), true, await page.locator("#pg-error").textContent());
   await shot("edit");
+
+  // A video job: made, watched, played.
+  await page.getByRole("radio", { name: "Generate" }).check();
+  await picker.selectOption("easel-clip");
+  await page.getByLabel("Seconds").fill("1");
+  await page.getByRole("button", { name: "Generate" }).click();
+  const clip = page.locator("#pg-result .clip");
+  await clip.waitFor();
+  assert.match(await clip.getAttribute("src"), /^blob:/, "the clip was fetched with the key, not by URL");
+  await page.waitForFunction(
+    (el) => (el.tagName === "IMG" ? el.complete && el.naturalWidth > 0 : el.readyState >= 1),
+    await clip.elementHandle(),
+  );
+  assert.equal(await page.locator("#pg-error").isHidden(), true, await page.locator("#pg-error").textContent());
+  await shot("video");
+  await picker.selectOption("easel-sim");
 
   // Phone width: the form still fits.
   await page.setViewportSize({ width: 390, height: 844 });
