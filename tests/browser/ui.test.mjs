@@ -22,9 +22,19 @@ const CHROMIUM = process.env.EASEL_CHROMIUM || "/usr/bin/chromium";
 let upstream, easel, dir, url, browser, page;
 const consoleErrors = [];
 
-// An OpenAI-shaped upstream that is healthy until the test stops it.
+// An OpenAI-shaped upstream (a model list, a streamed chat) that is healthy until the test stops it.
 function startUpstream() {
   const s = createServer((req, res) => {
+    if (req.method === "POST" && req.url.endsWith("/chat/completions")) {
+      req.resume();
+      res.writeHead(200, { "content-type": "text/event-stream" });
+      const head = { id: "chatcmpl-1", object: "chat.completion.chunk", created: 1, model: "up-llm" };
+      for (const piece of ["Hello", " from", " upstream."]) {
+        res.write(`data: ${JSON.stringify({ ...head, choices: [{ index: 0, delta: { content: piece }, finish_reason: null }] })}\n\n`);
+      }
+      res.end("data: [DONE]\n\n");
+      return;
+    }
     res.writeHead(200, { "content-type": "application/json" });
     res.end(JSON.stringify({ object: "list", data: [{ id: "up-img", object: "model" }] }));
   });
@@ -46,6 +56,7 @@ models:
   - {id: easel-sim, backends: [sim], default_size: 256x256, sizes: [256x256, 512x512], credits: 2}
   - {id: easel-clip, type: video, backends: [sim]}
   - {id: remote-img, backends: [up], upstream_model: up-img}
+  - {id: chat, type: text, backends: [up], upstream_model: up-llm}
 `,
   );
   const bin = process.env.EASEL_BIN;
@@ -143,9 +154,9 @@ async function walkThrough() {
   // Playground: the models grouped by type, the image model's sizes offered.
   await page.getByRole("link", { name: "Playground" }).click();
   const picker = page.locator("#page-playground").getByRole("combobox", { name: /^Model/ });
-  await page.waitForFunction(() => document.querySelectorAll("#pg-model option").length === 3);
+  await page.waitForFunction(() => document.querySelectorAll("#pg-model option").length === 4);
   const groups = await page.locator("#pg-model optgroup").evaluateAll((gs) => gs.map((g) => g.label));
-  assert.deepEqual(groups.sort(), ["image", "video"]);
+  assert.deepEqual(groups.sort(), ["image", "text", "video"]);
   await picker.selectOption("easel-sim");
   assert.deepEqual(await page.locator("#pg-size option").evaluateAll((o) => o.map((x) => x.value)), ["256x256", "512x512"]);
   assert.match(await page.locator("#pg-model-info").textContent(), /2 credits per image/);
@@ -210,6 +221,14 @@ async function walkThrough() {
   );
   assert.equal(await page.locator("#pg-error").isHidden(), true, await page.locator("#pg-error").textContent());
   await shot("video");
+
+  // A text model: the chat answer streams in.
+  await picker.selectOption("chat");
+  await page.getByLabel("Message").fill("Say hello");
+  await page.getByRole("button", { name: "Send" }).click();
+  await page.locator("#chat-log .assistant").getByText("Hello from upstream.").waitFor();
+  assert.equal(await page.locator("#chat-log .user").textContent(), "Say hello");
+  await shot("chat");
   await picker.selectOption("easel-sim");
 
   // Phone width: the form still fits.
