@@ -186,10 +186,31 @@ function showImages(result, prompt, code) {
   if (result && result.partial) showError(`Only ${result.partial.produced} of ${result.partial.requested} images: ${result.partial.error}`);
 }
 
-/** Follows a job's event stream until it ends; resolves to the last job object. */
+/** Follows a job's event stream until it ends (resuming with `Last-Event-ID` if the connection drops); resolves to
+ * the last job object. */
 async function watch(path, signal, onDone) {
   let last = null;
-  await events(path, { signal }, (name, data) => {
+  let lastId = null;
+  let ended = false;
+  for (let attempt = 0; !ended && attempt < 5; attempt++) {
+    const headers = lastId ? { "Last-Event-ID": lastId } : {};
+    try {
+      await events(path, { signal, headers }, (name, data, id) => {
+        if (id) lastId = id;
+        const more = onEvent(name, data);
+        if (!more) ended = true;
+        return more;
+      });
+    } catch (e) {
+      if (e.name === "AbortError" || e.status) throw e;
+    }
+    if (!ended) await new Promise((r) => setTimeout(r, 500 * (attempt + 1)));
+  }
+  if (!ended) throw new Error(`lost the event stream of ${path}; the job goes on (GET ${path.replace(/\/events$/, "")})`);
+  if (last && (last.status === "completed" || last.status === "succeeded")) await onDone(last);
+  return last;
+
+  function onEvent(name, data) {
     if (name === "preview") {
       const p = $("pg-preview");
       p.src = data.image;
@@ -210,9 +231,7 @@ async function watch(path, signal, onDone) {
       showError((data.error && data.error.message) || "the job failed");
     }
     return name !== "completed" && name !== "failed";
-  });
-  if (last && (last.status === "completed" || last.status === "succeeded")) await onDone(last);
-  return last;
+  }
 }
 
 async function runImage(r, signal) {
