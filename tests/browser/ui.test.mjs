@@ -257,4 +257,16 @@ async function walkThrough() {
   await page.getByRole("button", { name: "Check the ledger" }).click();
   await page.locator("#ledger-result").getByText("clean").waitFor();
   await shot("account-after");
+
+  // Grant credits back, then make a spare key and revoke it.
+  page.once("dialog", (d) => d.accept("4"));
+  await page.getByRole("button", { name: "Grant credits to browser" }).click();
+  await page.waitForFunction(() => document.querySelector('#me dd[data-field="available"]')?.textContent === "50 credits");
+  await page.getByLabel("Name").fill("spare");
+  await page.getByRole("button", { name: "Create key" }).click();
+  await page.locator("#keys tbody tr").filter({ hasText: "spare" }).waitFor();
+  page.once("dialog", (d) => d.accept());
+  await page.getByRole("button", { name: "Revoke spare" }).click();
+  await page.locator("#keys tbody tr").filter({ hasText: "spare" }).getByText("revoked").waitFor();
+  assert.equal(await page.getByRole("button", { name: "Revoke spare" }).isDisabled(), true);
 }
