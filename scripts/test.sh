@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: the Rust unit and end-to-end suites, then the OpenAI Python and Node SDK suites against the built
-# binary. The SDKs are installed outside the checkout (a venv and a node_modules under ~/.cache), only when missing.
+# Runs every test: the Rust unit and end-to-end suites, then the OpenAI Python and Node SDK suites and the web page in
+# headless Chromium against the built binary. The SDKs and playwright-core are installed outside the checkout (a venv
+# and node_modules under ~/.cache), only when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/easel-target}"
@@ -10,6 +11,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/easel-target}"
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+# The browser suite drives Debian's Chromium (playwright-core never downloads a browser of its own here).
+[[ -x /usr/bin/chromium ]] || missing+=(chromium)
 if ((${#missing[@]})) && command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
@@ -50,3 +53,14 @@ if ! cmp -s tests/node/package.json "$NODE_DIR/package.json" 2>/dev/null || [[ !
   (cd "$NODE_DIR" && npm install --no-audit --no-fund --silent)
 fi
 EASEL_BIN="$CARGO_TARGET_DIR/debug/easel" NODE_PATH="$NODE_DIR/node_modules" node --test tests/node/
+
+echo "== Web page in headless Chromium"
+BROWSER_DIR="${EASEL_BROWSER_NODE_DIR:-$HOME/.cache/easel-browser}"
+mkdir -p "$BROWSER_DIR"
+if ! cmp -s tests/browser/package.json "$BROWSER_DIR/package.json" 2>/dev/null || [[ ! -d "$BROWSER_DIR/node_modules/playwright-core" ]]; then
+  cp tests/browser/package.json "$BROWSER_DIR/package.json"
+  (cd "$BROWSER_DIR" && npm install --no-audit --no-fund --silent)
+fi
+export EASEL_ARTIFACTS="${EASEL_ARTIFACTS:-$HOME/.cache/easel-artifacts}"
+echo "(screenshots of each page go to $EASEL_ARTIFACTS)"
+EASEL_BIN="$CARGO_TARGET_DIR/debug/easel" NODE_PATH="$BROWSER_DIR/node_modules" node --test tests/browser/

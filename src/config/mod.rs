@@ -153,6 +153,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// `server.cors`: `None` = no CORS headers (browsers on other origins are refused by the browser).
     pub cors: Option<CorsConfig>,
+    /// `server.ui`: the web page at `/ui/` (and `/` redirecting there).
+    pub ui: bool,
 }
 
 /// Which browser origins may call the API.

@@ -106,6 +106,8 @@ pub struct RawServer {
     pub tls: Option<RawTls>,
     /// Browser clients on other origins.
     pub cors: Option<RawCors>,
+    /// Serve the web page at `/ui/` (default true).
+    pub ui: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

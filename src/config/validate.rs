@@ -55,6 +55,7 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
         decode_memory_bytes: bytes(&mut p, "server.decode_memory", raw.server.decode_memory.as_deref(), 1 << 30),
         tls: raw.server.tls.as_ref().and_then(|t| tls(&mut p, t, base)),
         cors: raw.server.cors.as_ref().map(|c| cors(&mut p, c)),
+        ui: raw.server.ui.unwrap_or(true),
     };
     if server.max_image_pixels == 0 {
         p.push(("server.max_image_pixels".into(), "must be at least 1".into()));

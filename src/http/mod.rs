@@ -15,6 +15,7 @@ mod legacy;
 mod models;
 mod ops;
 mod sets;
+mod ui;
 mod videos;
 
 use std::pin::Pin;
@@ -93,6 +94,8 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // Inside `observe`: authentication answers are measured and logged like any other.
         .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate))
+        // The web page needs no key (its API calls carry one); added after `authenticate`, so outside it.
+        .merge(if state.config.server.ui { ui::routes() } else { Router::new() })
         // Sees every request and the final response (including extractor rejections).
         .layer(middleware::from_fn(observe))
         // Outermost: whatever answer was chosen, the client may finish sending its body before it is read.

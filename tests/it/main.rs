@@ -32,6 +32,7 @@ mod template;
 mod text;
 mod tls;
 mod trust;
+mod ui;
 mod unknown_jobs;
 mod verify;
 mod video_backends;

@@ -1,0 +1,272 @@
+// The web page in headless Chromium (Debian's, driven by playwright-core) against the real easel binary with keys
+// on: create a key with the admin token and see its balance, generate an image and watch its progress bar move,
+// edit it with a painted mask, and watch the fleet page show a backend going down. No console errors allowed; a
+// screenshot of each page goes to $EASEL_ARTIFACTS (default ~/.cache/easel-artifacts).
+// Run by scripts/test.sh: `node --test tests/browser/` with EASEL_BIN set and playwright-core on NODE_PATH.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { createServer } from "node:http";
+import { mkdtempSync, mkdirSync, writeFileSync, rmSync } from "node:fs";
+import { tmpdir, homedir } from "node:os";
+import { join } from "node:path";
+import { createRequire } from "node:module";
+
+// The package lives outside the checkout (NODE_PATH), which ES `import` does not search; `require` does.
+const { chromium } = createRequire(import.meta.url)("playwright-core");
+
+const ADMIN = "admin-secret-for-the-browser-test";
+const ARTIFACTS = process.env.EASEL_ARTIFACTS || join(homedir(), ".cache", "easel-artifacts");
+const CHROMIUM = process.env.EASEL_CHROMIUM || "/usr/bin/chromium";
+
+let upstream, easel, dir, url, browser, page;
+const consoleErrors = [];
+
+// An OpenAI-shaped upstream (a model list, a streamed chat) that is healthy until the test stops it.
+function startUpstream() {
+  const s = createServer((req, res) => {
+    if (req.method === "POST" && req.url.endsWith("/chat/completions")) {
+      req.resume();
+      res.writeHead(200, { "content-type": "text/event-stream" });
+      const head = { id: "chatcmpl-1", object: "chat.completion.chunk", created: 1, model: "up-llm" };
+      for (const piece of ["Hello", " from", " upstream."]) {
+        res.write(`data: ${JSON.stringify({ ...head, choices: [{ index: 0, delta: { content: piece }, finish_reason: null }] })}\n\n`);
+      }
+      res.end("data: [DONE]\n\n");
+      return;
+    }
+    res.writeHead(200, { "content-type": "application/json" });
+    res.end(JSON.stringify({ object: "list", data: [{ id: "up-img", object: "model" }] }));
+  });
+  return new Promise((r) => s.listen(0, "127.0.0.1", () => r(s)));
+}
+
+before(async () => {
+  upstream = await startUpstream();
+  dir = mkdtempSync(join(tmpdir(), "easel-browser-"));
+  mkdirSync(ARTIFACTS, { recursive: true });
+  writeFileSync(
+    join(dir, "easel.yaml"),
+    `auth: {mode: keys}
+health: {interval: 1s, unhealthy_threshold: 1}
+backends:
+  sim: {kind: simulated, latency: 2s}
+  up: {kind: openai, url: "http://127.0.0.1:${upstream.address().port}/v1", timeout: 5s}
+models:
+  - {id: easel-sim, backends: [sim], default_size: 256x256, sizes: [256x256, 512x512], credits: 2}
+  - {id: easel-clip, type: video, backends: [sim]}
+  - {id: remote-img, backends: [up], upstream_model: up-img}
+  - {id: chat, type: text, backends: [up], upstream_model: up-llm}
+`,
+  );
+  const bin = process.env.EASEL_BIN;
+  assert.ok(bin, "set EASEL_BIN to the built easel binary (scripts/test.sh does)");
+  const env = { ...process.env, NO_COLOR: "1", EASEL_ADMIN_TOKEN: ADMIN };
+  delete env.EASEL_CONFIG;
+  easel = spawn(bin, ["serve", "--listen", "127.0.0.1:0"], { cwd: dir, env, stdio: ["ignore", "ignore", "pipe"] });
+  url = await new Promise((resolve, reject) => {
+    let log = "";
+    const timer = setTimeout(() => reject(new Error(`easel did not start:\n${log}`)), 30_000);
+    easel.stderr.on("data", (d) => {
+      log += d;
+      const m = /listening on (http:\/\/\S+)/.exec(log.replace(/\x1b\[[0-9;]*m/g, ""));
+      if (m) {
+        clearTimeout(timer);
+        resolve(m[1]);
+      }
+    });
+    easel.on("exit", (code) => reject(new Error(`easel exited (${code}):\n${log}`)));
+  });
+  // A fresh profile each run (Playwright takes it as the persistent context's directory, not as an argument).
+  browser = await chromium.launchPersistentContext(join(dir, "chromium-profile"), {
+    executablePath: CHROMIUM,
+    args: [
+      "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    ],
+    viewport: { width: 1280, height: 900 },
+  });
+  page = browser.pages()[0] || (await browser.newPage());
+  page.setDefaultTimeout(20_000);
+  page.on("console", (m) => m.type() === "error" && consoleErrors.push(m.text()));
+  page.on("pageerror", (e) => consoleErrors.push(String(e)));
+});
+
+after(async () => {
+  await browser?.close();
+  easel?.kill("SIGTERM");
+  upstream?.close();
+  upstream?.closeAllConnections();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+const shot = (name) => page.screenshot({ path: join(ARTIFACTS, `${name}.png`), fullPage: true });
+
+// Records every value the progress bar takes from now on.
+const watchProgress = () =>
+  page.evaluate(() => {
+    window.__progress = [];
+    const bar = document.getElementById("pg-progress");
+    new MutationObserver(() => window.__progress.push(Number(bar.value))).observe(bar, { attributes: true });
+  });
+
+const outputs = () => page.locator("#pg-result img.output");
+
+async function waitLoaded(img) {
+  await img.waitFor();
+  await page.waitForFunction((el) => el.complete && el.naturalWidth > 0, await img.elementHandle());
+}
+
+test("the page: a key with its balance, a job with progress, an edit with a mask, the fleet live", async () => {
+  try {
+    await walkThrough();
+  } catch (e) {
+    // What the page showed when it failed, beside the other screenshots.
+    await shot("failure").catch(() => {});
+    throw new Error(`${e.message}\nconsole errors: ${JSON.stringify(consoleErrors)}`, { cause: e });
+  }
+  assert.deepEqual(consoleErrors, [], "no console errors");
+});
+
+async function walkThrough() {
+  // The page itself needs no key; the account page asks for one before calling anything.
+  const resp = await page.goto(`${url}/ui/#account`);
+  assert.equal(resp.status(), 200);
+  assert.match(resp.headers()["content-type"], /^text\/html/);
+  await page.getByText("Enter the admin token to manage keys.").waitFor();
+
+  // Admin token in, a key made; its secret is shown once and can be used here.
+  await page.locator("#creds summary").click();
+  await page.getByLabel("Admin token").fill(ADMIN);
+  await page.locator("#creds-form").getByRole("button", { name: "Save" }).click();
+  await page.getByLabel("Name").fill("browser");
+  await page.getByLabel("Credits").fill("50");
+  await page.getByRole("button", { name: "Create key" }).click();
+  const secret = page.locator("#key-secret-value");
+  await secret.waitFor();
+  const key = (await secret.textContent()).trim();
+  assert.ok(key.length > 16, `a secret was shown: ${key}`);
+  await page.getByRole("button", { name: "Use this key here" }).click();
+  await page.waitForFunction(() => document.querySelector('#me dd[data-field="available"]')?.textContent === "50 credits");
+  assert.equal(await page.locator("#keys tbody tr").filter({ hasText: "browser" }).count(), 1, "the key is listed");
+  await shot("account");
+
+  // Playground: the models grouped by type, the image model's sizes offered.
+  await page.getByRole("link", { name: "Playground" }).click();
+  const picker = page.locator("#page-playground").getByRole("combobox", { name: /^Model/ });
+  await page.waitForFunction(() => document.querySelectorAll("#pg-model option").length === 4);
+  const groups = await page.locator("#pg-model optgroup").evaluateAll((gs) => gs.map((g) => g.label));
+  assert.deepEqual(groups.sort(), ["image", "text", "video"]);
+  await picker.selectOption("easel-sim");
+  assert.deepEqual(await page.locator("#pg-size option").evaluateAll((o) => o.map((x) => x.value)), ["256x256", "512x512"]);
+  assert.match(await page.locator("#pg-model-info").textContent(), /2 credits per image/);
+  await page.getByLabel("Seed").first().fill("7");
+  const code = await page.locator("#pg-code-text").textContent();
+  assert.match(code, /Prefer: respond-async/);
+  assert.ok(!code.includes(key), "the shown request never contains the key");
+
+  // Generate: an async job whose progress bar moves, then the image through its signed URL.
+  await watchProgress();
+  await page.getByRole("button", { name: "Generate" }).click();
+  await waitLoaded(outputs().first());
+  const seen = await page.evaluate(() => window.__progress);
+  assert.ok(seen.some((v) => v > 0 && v < 100), `the bar showed progress between 0 and 100: ${seen}`);
+  assert.equal(seen.at(-1), 100, `the bar ended full: ${seen}`);
+  const src = await outputs().first().getAttribute("src");
+  assert.match(src, /\/v1\/files\/.+sig=/, "the image loads from a signed URL");
+  assert.ok(!src.includes(key), "no key in the image URL");
+  assert.equal(await page.locator("#gallery li").count(), 1);
+  await page.locator("#pg-code summary").click();
+  await page.locator("#toast").waitFor({ state: "hidden" });
+  await shot("playground");
+  await page.emulateMedia({ colorScheme: "dark" });
+  await shot("playground-dark");
+  await page.emulateMedia({ colorScheme: "light" });
+
+  // Edit: the generated picture uploaded, half of it painted over, sent with its mask.
+  const png = Buffer.from(await (await fetch(src)).arrayBuffer());
+  await page.getByRole("radio", { name: "Edit" }).check();
+  await page.getByLabel("Image to edit").setInputFiles({ name: "input.png", mimeType: "image/png", buffer: png });
+  const mask = page.locator("#pg-mask");
+  await mask.waitFor();
+  await mask.scrollIntoViewIfNeeded();
+  const box = await mask.boundingBox();
+  await page.mouse.move(box.x + 10, box.y + box.height / 2);
+  await page.mouse.down();
+  await page.mouse.move(box.x + box.width - 10, box.y + box.height / 2, { steps: 8 });
+  await page.mouse.up();
+  await page.locator("#pg-prompt").fill("the same lighthouse, at night");
+  let editRequest = null;
+  page.on("request", (r) => r.url().endsWith("/v1/images/edits") && (editRequest = r));
+  await page.getByRole("button", { name: "Edit", exact: true }).click();
+  await page.waitForFunction(() => document.querySelectorAll("#gallery li").length === 2);
+  await waitLoaded(outputs().first());
+  assert.ok(editRequest, "the edit went to /v1/images/edits");
+  assert.match(editRequest.headers()["content-type"], /^multipart\/form-data/);
+  assert.notEqual(await outputs().first().getAttribute("src"), src, "a new image, not the input");
+  assert.equal(await page.locator("#pg-error").isHidden(), true, await page.locator("#pg-error").textContent());
+  await shot("edit");
+
+  // A video job: made, watched, played.
+  await page.getByRole("radio", { name: "Generate" }).check();
+  await picker.selectOption("easel-clip");
+  await page.getByLabel("Seconds").fill("1");
+  await page.getByRole("button", { name: "Generate" }).click();
+  const clip = page.locator("#pg-result .clip");
+  await clip.waitFor();
+  assert.match(await clip.getAttribute("src"), /^blob:/, "the clip was fetched with the key, not by URL");
+  await page.waitForFunction(
+    (el) => (el.tagName === "IMG" ? el.complete && el.naturalWidth > 0 : el.readyState >= 1),
+    await clip.elementHandle(),
+  );
+  assert.equal(await page.locator("#pg-error").isHidden(), true, await page.locator("#pg-error").textContent());
+  await shot("video");
+
+  // A text model: the chat answer streams in.
+  await picker.selectOption("chat");
+  await page.getByLabel("Message").fill("Say hello");
+  await page.getByRole("button", { name: "Send" }).click();
+  await page.locator("#chat-log .assistant").getByText("Hello from upstream.").waitFor();
+  assert.equal(await page.locator("#chat-log .user").textContent(), "Say hello");
+  await shot("chat");
+  await picker.selectOption("easel-sim");
+
+  // Phone width: the form still fits.
+  await page.setViewportSize({ width: 390, height: 844 });
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  const wide = await page.evaluate(() => [...document.querySelectorAll("body *")].filter((e) => e.getBoundingClientRect().right > window.innerWidth + 1).slice(0, 5).map((e) => e.tagName + "#" + e.id + "." + e.className));
+  assert.ok(overflow <= 0, `no sideways scrolling at phone width (${overflow}px too wide: ${wide.join(", ")})`);
+  await shot("playground-phone");
+  await page.setViewportSize({ width: 1280, height: 900 });
+
+  // Fleet: both backends with their gauges; stopping the upstream shows it going down without a reload.
+  await page.getByRole("link", { name: "Fleet" }).click();
+  const up = page.locator('article[data-backend="up"]');
+  await up.getByText("healthy", { exact: true }).waitFor();
+  await page.locator('article[data-backend="sim"] meter').first().waitFor();
+  upstream.close();
+  upstream.closeAllConnections();
+  await up.getByText("down", { exact: true }).waitFor();
+  assert.match(await page.locator("#fleet-overall").textContent(), /degraded/);
+  await shot("fleet");
+
+  // Back to the account: the two images were charged.
+  await page.getByRole("link", { name: "Account" }).click();
+  await page.waitForFunction(() => document.querySelector('#me dd[data-field="available"]')?.textContent === "46 credits");
+  await page.locator("#usage tbody tr").filter({ hasText: "easel-sim" }).waitFor();
+  await page.getByRole("button", { name: "Check the ledger" }).click();
+  await page.locator("#ledger-result").getByText("clean").waitFor();
+  await shot("account-after");
+
+  // Grant credits back, then make a spare key and revoke it.
+  page.once("dialog", (d) => d.accept("4"));
+  await page.getByRole("button", { name: "Grant credits to browser" }).click();
+  await page.waitForFunction(() => document.querySelector('#me dd[data-field="available"]')?.textContent === "50 credits");
+  await page.getByLabel("Name").fill("spare");
+  await page.getByRole("button", { name: "Create key" }).click();
+  await page.locator("#keys tbody tr").filter({ hasText: "spare" }).waitFor();
+  page.once("dialog", (d) => d.accept());
+  await page.getByRole("button", { name: "Revoke spare" }).click();
+  await page.locator("#keys tbody tr").filter({ hasText: "spare" }).getByText("revoked").waitFor();
+  assert.equal(await page.getByRole("button", { name: "Revoke spare" }).isDisabled(), true);
+}
