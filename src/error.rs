@@ -60,6 +60,9 @@ pub enum Error {
     /// An upstream output easel must transcode is over a decode limit (the message names it).
     #[error("the backend returned an image easel will not transcode: {0}")]
     UpstreamImageTooLarge(String),
+    /// A reload was refused (the new configuration is invalid, or needs a restart); nothing changed.
+    #[error("the configuration was not reloaded: {0}")]
+    ReloadRefused(String),
     /// easel's own fault (a bug or the environment), never the client's.
     #[error("internal error: {0}")]
     Internal(String),

@@ -8,6 +8,7 @@
 //! - [`config`]: YAML + environment → a validated [`config::Config`]; every default and cross-field check.
 //! - [`server`]: binding, graceful shutdown, the background task tracker.
 //! - [`state`]: [`state::AppState`], the cheap-to-clone handle every handler receives.
+//! - [`reload`]: config reload: the live runtime handle, swapped without dropping work.
 //! - [`http`]: the HTTP surface, the only module that knows axum; the one place errors become statuses.
 //! - [`api`]: wire types of the OpenAI-compatible API (serde only).
 //! - [`request`]: wire types → validated domain requests (no I/O).
@@ -37,6 +38,7 @@ pub mod ledger;
 pub mod media;
 pub mod pipeline;
 pub mod process;
+pub mod reload;
 pub mod request;
 pub mod routing;
 pub mod server;

@@ -15,11 +15,18 @@ use crate::state::AppState;
 const LEDGER_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A built gateway, ready to serve.
-#[derive(Debug)]
 pub struct Server {
     state: AppState,
+    /// Where a reload reads the configuration again (`None`: reload is refused, saying so).
+    source: Option<crate::reload::ConfigSource>,
     /// The certificate served when `server.tls` is set (checked at build, reloaded on SIGHUP).
     certs: Option<std::sync::Arc<crate::tls::Certs>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("reloadable", &self.source.is_some()).finish_non_exhaustive()
+    }
 }
 
 impl Server {
@@ -32,7 +39,13 @@ impl Server {
         check_ledger(&state).await;
         state.processes.launch_except(&state.sets.members()).await;
         crate::health::probe_all(&state.backend_list, state.config.health.timeout).await;
-        Ok(Self { state, certs })
+        Ok(Self { state, certs, source: None })
+    }
+
+    /// Lets SIGHUP and `POST /v1/admin/reload` read the configuration again from `source`.
+    pub fn with_config_source(mut self, source: crate::reload::ConfigSource) -> Self {
+        self.source = Some(source);
+        self
     }
 
     pub fn state(&self) -> &AppState {
@@ -47,13 +60,11 @@ impl Server {
     ) -> std::io::Result<()> {
         let background = CancellationToken::new();
         let tracker = self.state.tasks.clone();
-        tracker.spawn(crate::health::run(
-            self.state.backend_list.clone(),
-            self.state.config.health.clone(),
-            background.clone(),
-        ));
-        tracker.spawn(crate::jobs::run(self.state.clone(), background.clone()));
+        let live = crate::reload::Live::new(self.state.clone(), self.source.clone());
+        tracker.spawn(crate::health::run(live.clone(), background.clone()));
+        tracker.spawn(crate::jobs::run(live.clone(), background.clone()));
         self.state.sets.run(&self.state.processes, &self.state.backends, &tracker, &background);
+        reload_on_sighup(live.clone(), background.clone());
         tracker.spawn(crate::jobs::webhooks::run(self.state.clone(), background.clone()));
         tracker.spawn(crate::storage::retention::run(self.state.clone(), background.clone()));
         tracker.spawn({
@@ -71,7 +82,7 @@ impl Server {
         });
 
         let grace = self.state.config.server.shutdown_grace;
-        let app = crate::http::router(self.state.clone());
+        let app = axum::ServiceExt::<axum::extract::Request>::into_make_service(crate::http::LiveRouter::new(live));
         let stop = CancellationToken::new();
         let stop_signal = stop.clone();
         let drained = async move {
@@ -109,6 +120,32 @@ impl Server {
         tracker.wait().await;
         result
     }
+}
+
+/// SIGHUP reloads the configuration (the TLS certificate, when there is one, is reloaded by its own listener).
+fn reload_on_sighup(live: crate::reload::Live, stop: CancellationToken) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::warn!("Cannot listen for SIGHUP; reload with POST /v1/admin/reload.");
+            return;
+        };
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                got = hup.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    if let Err(why) = live.reload().await {
+                        tracing::error!(reason = %why, "SIGHUP: reload refused; still serving the previous configuration.");
+                    }
+                }
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (live, stop);
 }
 
 /// Reaps expired holds and old idempotency records, then checks the ledger invariants; drift is logged and

@@ -47,8 +47,8 @@ pub struct Runtime {
     pub tasks: TaskTracker,
     /// Holds being settled right now (read-your-writes for balances).
     pub settling: Arc<Settling>,
-    /// The job runner's slots and wake-up bell.
-    pub jobs: crate::jobs::Jobs,
+    /// The job runner's slots and wake-up bell (shared by every runtime a reload builds).
+    pub jobs: Arc<crate::jobs::Jobs>,
     /// Supervisors of backends with a `process:` block.
     pub processes: crate::process::Processes,
     /// Hosts and their working sets (one actor per host, started by the server).
@@ -66,31 +66,8 @@ impl AppState {
         if released > 0 {
             tracing::warn!(released, "Released credit holds left by a previous process.");
         }
-        let mut prices = HashMap::new();
-        for m in &config.models {
-            let mc = m.credits.map_or(0, to_mc);
-            let (unit, price, output) = price_row(m, mc);
-            let id = ledger.upsert_price(&m.id, unit, price, output).await.map_err(|e| e.to_string())?;
-            prices.insert(m.id.clone(), (id, mc));
-        }
-        let mut backends = HashMap::new();
-        let mut backend_list = Vec::new();
-        for cfg in &config.backends {
-            let adapter = AnyBackend::build(Arc::clone(cfg))?;
-            let gates = Capability::ALL
-                .into_iter()
-                .filter(|c| cfg.limit(*c) > 0)
-                .map(|c| (c, Gate::new(&cfg.name, c, cfg.limit(c), cfg.queue.depth, cfg.queue.wait)))
-                .collect();
-            let handle = Arc::new(BackendHandle {
-                cfg: Arc::clone(cfg),
-                adapter,
-                gates,
-                health: Health::new(&cfg.name, &config.health),
-            });
-            backends.insert(cfg.name.clone(), Arc::clone(&handle));
-            backend_list.push(handle);
-        }
+        let prices = record_prices(&ledger, &config).await?;
+        let (backends, backend_list) = build_backends(&config, None)?;
         let processes = crate::process::Processes::new(
             &backend_list,
             crate::process::state_file_path(&config.storage.files),
@@ -114,7 +91,7 @@ impl AppState {
                 started_at: SystemTime::now(),
                 tasks: TaskTracker::new(),
                 settling: Arc::default(),
-                jobs: crate::jobs::Jobs::new(),
+                jobs: Arc::new(crate::jobs::Jobs::new()),
                 processes,
                 sets,
             }),
@@ -124,6 +101,91 @@ impl AppState {
     pub fn runtime(&self) -> &Runtime {
         &self.inner
     }
+
+    /// The runtime a reload to `config` gives: new models, prices and routes; the same handle (admission counts,
+    /// health, circuit) for every backend whose definition did not change, a new one for each that did; backends
+    /// no longer configured stay reachable by name (not routed to) so their running jobs finish there. Storage,
+    /// the ledger, the job runner, managed processes and hosts are shared with this runtime: the caller has
+    /// checked that their settings did not change.
+    pub async fn rebuild(&self, config: Config) -> Result<Self, String> {
+        let prices = record_prices(&self.ledger, &config).await?;
+        let (mut backends, backend_list) = build_backends(&config, Some(self))?;
+        for (name, old) in &self.backends {
+            backends.entry(name.clone()).or_insert_with(|| Arc::clone(old));
+        }
+        let registry = Registry::new(config.models.clone());
+        Ok(Self {
+            inner: Arc::new(Runtime {
+                config,
+                registry,
+                backends,
+                backend_list,
+                files: self.files.clone(),
+                signer: self.signer.clone(),
+                ledger: Arc::clone(&self.ledger),
+                prices,
+                metrics: self.metrics.clone(),
+                started: self.started,
+                started_at: self.started_at,
+                tasks: self.tasks.clone(),
+                settling: Arc::clone(&self.settling),
+                jobs: Arc::clone(&self.jobs),
+                processes: self.processes.clone(),
+                sets: self.sets.clone(),
+            }),
+        })
+    }
+}
+
+/// Records every model's current price; returns (price row id, millicredits) by model.
+async fn record_prices(ledger: &SqliteStore, config: &Config) -> Result<HashMap<String, (i64, Millicredits)>, String> {
+    let mut prices = HashMap::new();
+    for m in &config.models {
+        let mc = m.credits.map_or(0, to_mc);
+        let (unit, price, output) = price_row(m, mc);
+        let id = ledger.upsert_price(&m.id, unit, price, output).await.map_err(|e| e.to_string())?;
+        prices.insert(m.id.clone(), (id, mc));
+    }
+    Ok(prices)
+}
+
+type Backends = (HashMap<String, Arc<BackendHandle>>, Vec<Arc<BackendHandle>>);
+
+/// The backends of `config`, by name and sorted; a backend defined exactly as in `previous` keeps its handle.
+fn build_backends(config: &Config, previous: Option<&Runtime>) -> Result<Backends, String> {
+    let mut backends = HashMap::new();
+    let mut backend_list = Vec::new();
+    for cfg in &config.backends {
+        let kept = previous.and_then(|p| p.backends.get(&cfg.name)).filter(|h| same_backend(&h.cfg, cfg));
+        let handle = match kept {
+            Some(h) => Arc::clone(h),
+            None => {
+                let adapter = AnyBackend::build(Arc::clone(cfg))?;
+                let gates = Capability::ALL
+                    .into_iter()
+                    .filter(|c| cfg.limit(*c) > 0)
+                    .map(|c| (c, Gate::new(&cfg.name, c, cfg.limit(c), cfg.queue.depth, cfg.queue.wait)))
+                    .collect();
+                Arc::new(BackendHandle {
+                    cfg: Arc::clone(cfg),
+                    adapter,
+                    gates,
+                    health: Health::new(&cfg.name, &config.health),
+                })
+            }
+        };
+        backends.insert(cfg.name.clone(), Arc::clone(&handle));
+        backend_list.push(handle);
+    }
+    Ok((backends, backend_list))
+}
+
+/// Whether two definitions of a backend are the same in every setting, secrets included (their `Debug` hides
+/// them, so they are compared apart).
+pub fn same_backend(a: &crate::config::BackendConfig, b: &crate::config::BackendConfig) -> bool {
+    format!("{a:?}") == format!("{b:?}")
+        && a.api_key.as_ref().map(|k| k.expose()) == b.api_key.as_ref().map(|k| k.expose())
+        && a.headers == b.headers
 }
 
 impl Runtime {

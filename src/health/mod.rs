@@ -301,14 +301,19 @@ async fn configured_probe(
 }
 
 /// Probes on an interval until cancelled.
-pub async fn run(backends: Vec<Arc<BackendHandle>>, cfg: HealthConfig, cancel: CancellationToken) {
+pub async fn run(live: crate::reload::Live, cancel: CancellationToken) {
+    let cfg: HealthConfig = live.current().config.health.clone();
     let mut ticker = tokio::time::interval(cfg.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await; // the first tick is immediate; the first round ran at startup
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
-            _ = ticker.tick() => probe_all(&backends, cfg.timeout).await,
+            _ = ticker.tick() => {
+                // The backends configured now (a reload's new ones are probed from the next round).
+                let state = live.current();
+                probe_all(&state.backend_list, state.config.health.timeout).await;
+            }
         }
     }
 }

@@ -1,9 +1,10 @@
-//! `GET /v1/admin/processes`: the managed backend processes, their state and last output lines.
+//! `GET /v1/admin/processes` (the managed backend processes, their state and last output lines) and
+//! `POST /v1/admin/reload` (read the configuration again; see [`crate::reload`]).
 
 use std::collections::HashMap;
 
-use axum::Json;
 use axum::extract::{Query, State};
+use axum::{Extension, Json};
 use serde_json::json;
 
 use super::error::ApiError;
@@ -40,4 +41,18 @@ pub async fn processes_handler(
         },
     };
     Ok(Json(json!({"object": "list", "data": state.processes.snapshots(lines)})))
+}
+
+/// Reloads the configuration: 200 with what changed, or 400 `config_rejected` saying why nothing changed.
+pub async fn reload_handler(live: Option<Extension<crate::reload::Live>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let Some(Extension(live)) = live else {
+        return Err(crate::error::Error::Internal("this router was built without a reloadable runtime".into()).into());
+    };
+    match live.reload().await {
+        Ok(report) => Ok(Json(json!({"reloaded": true, "report": report}))),
+        Err(why) => {
+            tracing::warn!(reason = %why, "Reload refused; still serving the previous configuration.");
+            Err(crate::error::Error::ReloadRefused(why).into())
+        }
+    }
 }

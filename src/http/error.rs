@@ -102,6 +102,7 @@ fn shape(e: &Error) -> Shape {
         Error::UnsupportedMediaType(_) => {
             Shape::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, INVALID, "unsupported_media_type")
         }
+        Error::ReloadRefused(_) => Shape::new(StatusCode::BAD_REQUEST, INVALID, "config_rejected"),
         Error::Internal(_) => Shape::new(StatusCode::INTERNAL_SERVER_ERROR, SERVER, "internal_error"),
         Error::UpstreamImageTooLarge(_) => Shape::new(StatusCode::BAD_GATEWAY, SERVER, "backend_error"),
         Error::Ledger(l) => match l {

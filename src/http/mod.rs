@@ -40,6 +40,53 @@ use crate::state::AppState;
 use crate::telemetry::context::RequestContext;
 use crate::telemetry::metrics as m;
 
+/// Serves whatever runtime `live` holds: each request goes to the router of the current runtime (built once
+/// per reload), carrying `live` as an extension for the reload route. A request keeps the runtime it started
+/// with until it ends.
+#[derive(Clone)]
+pub struct LiveRouter {
+    live: crate::reload::Live,
+    cached: std::sync::Arc<std::sync::RwLock<(u64, Router)>>,
+}
+
+impl LiveRouter {
+    pub fn new(live: crate::reload::Live) -> Self {
+        let first = (live.generation(), router(live.current()));
+        Self { live, cached: std::sync::Arc::new(std::sync::RwLock::new(first)) }
+    }
+
+    fn router(&self) -> Router {
+        use std::sync::PoisonError;
+        let generation = self.live.generation();
+        {
+            let cached = self.cached.read().unwrap_or_else(PoisonError::into_inner);
+            if cached.0 == generation {
+                return cached.1.clone();
+            }
+        }
+        let mut cached = self.cached.write().unwrap_or_else(PoisonError::into_inner);
+        if cached.0 != generation {
+            *cached = (generation, router(self.live.current()));
+        }
+        cached.1.clone()
+    }
+}
+
+impl tower::Service<Request> for LiveRouter {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = <Router as tower::Service<Request>>::Future;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        req.extensions_mut().insert(self.live.clone());
+        tower::Service::call(&mut self.router(), req)
+    }
+}
+
 /// Builds the router for `state`.
 pub fn router(state: AppState) -> Router {
     let limit = state.config.server.max_body_bytes;
@@ -85,6 +132,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/keys/{key}", axum::routing::delete(account::revoke_key_handler))
         .route("/v1/admin/keys/{key}/credits", post(account::grant_handler))
         .route("/v1/admin/ledger/check", get(account::ledger_check_handler))
+        .route("/v1/admin/reload", post(admin::reload_handler))
         .route("/v1/admin/processes", get(admin::processes_handler))
         .route("/v1/admin/hosts", get(sets::hosts_handler))
         .route("/v1/admin/working-sets/{name}/activate", post(sets::activate_handler))
@@ -411,6 +459,7 @@ fn static_route(route: &str) -> &'static str {
         "/v1/admin/keys/{key}",
         "/v1/admin/keys/{key}/credits",
         "/v1/admin/ledger/check",
+        "/v1/admin/reload",
         "/v1/admin/processes",
         "/v1/admin/hosts",
         "/v1/admin/working-sets/{name}/activate",

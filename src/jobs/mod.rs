@@ -149,9 +149,11 @@ impl Jobs {
     }
 }
 
-/// Runs until `stop`: claim due jobs, advance each.
-pub async fn run(state: AppState, stop: CancellationToken) {
+/// Runs until `stop`: claim due jobs, advance each, with the runtime current at each round (a reload's new
+/// backends and models apply from the next round).
+pub async fn run(live: crate::reload::Live, stop: CancellationToken) {
     loop {
+        let state = live.current();
         match state.ledger.claim_jobs(&state.jobs.owner, LEASE, BATCH).await {
             Ok(jobs) => {
                 let rounds = jobs.into_iter().map(|job| advance(&state, job));

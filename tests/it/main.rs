@@ -26,6 +26,7 @@ mod openai;
 mod outbound;
 mod process;
 mod queue_providers;
+mod reload;
 mod s3;
 mod streaming;
 mod template;

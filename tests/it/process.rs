@@ -253,3 +253,45 @@ async fn the_admin_restart_replaces_the_whole_group_and_waits_for_readiness() {
     wait_gone(new_pid, "the restarted backend after shutdown").await;
     wait_gone(new_grandchild, "the restarted backend's grandchild").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_leaves_a_managed_backend_alone_keeps_its_process_and_one_that_changes_it_is_refused() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("easel.yaml");
+    std::fs::write(&file, config(port, &[], "")).unwrap();
+    let (mut easel, url) = start_binary(dir.path(), &[("EASEL_ADMIN_TOKEN", ADMIN)]);
+    let client = reqwest::Client::new();
+    let pid = wait_for(&client, &url, "ready", |f| f["state"] == "ready").await["pid"].as_u64().unwrap();
+    let reload = || async {
+        let resp = client.post(format!("{url}/v1/admin/reload")).bearer_auth(ADMIN).send().await.unwrap();
+        (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+    };
+
+    // Another model on the same backend: the process is not touched.
+    let more = format!("{}  - id: m2\n    backends: [fake]\n    upstream_model: fake-model\n", config(port, &[], ""));
+    std::fs::write(&file, more).unwrap();
+    let (code, report) = reload().await;
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(report["report"]["unchanged_backends"], json!(["fake"]), "{report}");
+    let after = processes(&client, &url, "").await["data"][0].clone();
+    assert_eq!((after["pid"].as_u64(), after["state"].as_str()), (Some(pid), Some("ready")), "{after}");
+    assert!(alive(pid as u32));
+    let resp = client
+        .post(format!("{url}/v1/images/generations"))
+        .json(&json!({"model": "m2", "prompt": "p"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the new model serves through the same process");
+
+    // Changing the process itself needs a restart: refused, and the process keeps running.
+    std::fs::write(&file, config(port, &["--crash-after", "99"], "")).unwrap();
+    let (code, e) = reload().await;
+    assert_eq!(code, 400, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("managed backend `fake`"), "{e}");
+    assert_eq!(processes(&client, &url, "").await["data"][0]["pid"].as_u64(), Some(pid));
+    easel.kill().unwrap();
+    easel.wait().unwrap();
+    std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+}
