@@ -355,6 +355,10 @@ async fn execute(
             message: "canceled by its owner".into(),
         }),
         Err(Error::Admission(e)) => Outcome::Busy(e.to_string()),
+        // A working set that is switching (or whose swap queue is full, or which easel is restarting) and a model
+        // whose backends are all down now: a durable job waits and tries again, until its deadline.
+        Err(Error::WorkingSet(w)) if w.retry_after().is_some() => Outcome::Busy(w.to_string()),
+        Err(Error::Routing(r @ crate::routing::RoutingError::NoHealthyBackend { .. })) => Outcome::Busy(r.to_string()),
         Err(Error::Backend(b)) if !b.retryable() => failed("upstream_rejected", b.to_string()),
         Err(Error::Backend(b)) => failed("upstream_failed", b.to_string()),
         Err(Error::Request(e)) => failed("invalid_request", e.to_string()),

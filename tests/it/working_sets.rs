@@ -560,3 +560,29 @@ async fn a_drain_waits_for_work_the_backend_reports_itself() {
     assert!(idle.is_some() && exit.is_some() && idle < exit, "fa stopped while its slot was busy: {lines:?}");
     shutdown_without_orphans(gw, &[&a, &b]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_job_waits_out_a_set_switch_that_outlasts_max_wait_and_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Fake::new(dir.path(), "fa", &["--start-delay", "3"]);
+    let cfg = config("{ max_wait: 1s }", &[&a], "  one: { host: gpu0, backends: [fa] }\n", &[("ma", "fa", "one")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    // A synchronous request gives up after `max_wait`; the same request as a job waits for the set.
+    let job: Value = gw
+        .client
+        .post(gw.endpoint("/v1/images/generations"))
+        .header("Prefer", "respond-async")
+        .json(&json!({"model": "ma", "prompt": "a cat"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    let events = crate::support::job_events(&gw, "", &format!("/v1/jobs/{id}/events"), None).await;
+    let last = &events.last().unwrap().2;
+    assert_eq!(last["status"], "completed", "{last}");
+    assert_eq!(a.starts(), 1, "the set started once");
+    shutdown_without_orphans(gw, &[&a]).await;
+}
