@@ -156,7 +156,11 @@ pub async fn run(live: crate::reload::Live, stop: CancellationToken) {
         let state = live.current();
         match state.ledger.claim_jobs(&state.jobs.owner, LEASE, BATCH).await {
             Ok(jobs) => {
-                let rounds = jobs.into_iter().map(|job| advance(&state, job));
+                let rounds = jobs.into_iter().map(|job| {
+                    // Every call for a job carries the request id it was created under (or the job's id).
+                    let id = job.request["request_id"].as_str().unwrap_or(&job.id).to_owned();
+                    crate::telemetry::context::RequestContext::new(Some(&id), None).scope(advance(&state, job))
+                });
                 futures_util::future::join_all(rounds).await;
             }
             Err(e) => tracing::error!(error = %e, "Claiming due jobs failed."),
@@ -180,7 +184,7 @@ async fn advance(state: &AppState, job: JobRecord) {
         // An image job runs inside easel, in its own task (the runner goes on polling the others).
         if let Some((cancel, epoch)) = state.jobs.start_local(&job) {
             let work = crate::pipeline::image_jobs::run(state.clone(), job, cancel, epoch);
-            state.tasks.spawn(work);
+            state.tasks.spawn(crate::telemetry::context::propagate(work));
         }
         return;
     }

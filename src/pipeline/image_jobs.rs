@@ -109,6 +109,8 @@ pub async fn submit(
             "wire": stored_wire,
             "inputs": inputs,
             "mask": mask,
+            // The runner's later calls for this job carry the request id it was created under.
+            "request_id": crate::telemetry::context::request_id().as_deref(),
         }),
         deadline_at: crate::ledger::now_ms() + model.job_timeout.as_millis() as i64,
         due_now: true,

@@ -108,6 +108,8 @@ pub async fn create_video(
             "seconds": req.seconds.to_string(),
             "size": size.to_string(),
             "has_reference": req.reference.is_some(),
+            // The runner's later calls for this job carry the request id it was created under.
+            "request_id": crate::telemetry::context::request_id().as_deref(),
         }),
         deadline_at: crate::ledger::now_ms() + model.job_timeout.as_millis() as i64,
         due_now: false,

@@ -329,19 +329,24 @@ async fn a_fal_video_goes_through_the_whole_gateway() {
     );
     let gw = spawn_gateway_env(&yaml, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
     let secret = key(&gw, 100.0).await;
-    let (status, v) = call(
-        &gw,
-        reqwest::Method::POST,
-        "/v1/videos",
-        &secret,
-        Some(json!({"model": "kling", "prompt": "a fox", "seconds": "5", "size": "1280x720"})),
-    )
-    .await;
-    assert_eq!(status, 200, "{v}");
+    let resp = gw
+        .client
+        .post(gw.endpoint("/v1/videos"))
+        .bearer_auth(&secret)
+        .header("x-request-id", "fox-trace-1")
+        .json(&json!({"model": "kling", "prompt": "a fox", "seconds": "5", "size": "1280x720"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
     assert_eq!(credits(&gw, &secret).await, (50_000, 50_000), "5 s × 10 credits held");
     let (done, seen) = until_done(&gw, &secret, v["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert!(seen.iter().any(|s| s == "in_progress"), "{seen:?}");
+    // The submit and every later poll and download carried the creating request's id.
+    let ids = fal.state.video.request_ids.lock().unwrap().clone();
+    assert!(ids.len() > 2 && ids.iter().all(|i| i == "fox-trace-1"), "{ids:?}");
     let sent = fal.state.video.submitted.lock().unwrap()[0].clone();
     assert_eq!((sent["duration"].as_str(), sent["aspect_ratio"].as_str()), (Some("5"), Some("16:9")), "{sent}");
     let resp = gw

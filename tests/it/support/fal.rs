@@ -61,6 +61,8 @@ pub struct VideoKnobs {
     /// A submit is recorded (the job exists upstream), then answered only after this long: a client with a
     /// shorter timeout never learns the job's id.
     pub submit_stall_ms: AtomicU32,
+    /// `X-Request-Id` of every video call (submit, polls, result, cancel).
+    pub request_ids: Mutex<Vec<String>>,
     /// (upstream id, webhook URL) of every submit that named a webhook.
     pub webhooks: Mutex<Vec<(String, String)>>,
 }
@@ -195,6 +197,8 @@ async fn handle(State(s): State<Arc<FalState>>, req: Request) -> Response {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     if path.contains("video") || parts.get(3).is_some_and(|id| id.starts_with("vid-")) {
         s.video.auth.lock().unwrap().push(auth);
+        let rid = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        s.video.request_ids.lock().unwrap().push(rid);
         let query = req.uri().query().unwrap_or("").to_owned();
         return video(&s, &base, method, &parts, &query, req).await;
     }
