@@ -62,6 +62,26 @@ where
         r = state.sets.ready_for(model) => r?,
     };
     crate::telemetry::context::note_model(&model.id);
+    // Every backend of the model is a managed process on its way back (an admin restart, a start, a crash's
+    // backoff): the request waits for the first to be back, within the longest queue wait among them, rather
+    // than failing against a closed port.
+    let coming_back: Vec<_> = model
+        .backends
+        .iter()
+        .filter_map(|b| state.backends.get(&b.name))
+        .filter(|h| state.processes.coming_back(&h.cfg.name))
+        .collect();
+    if !coming_back.is_empty() && coming_back.len() == model.backends.len() {
+        let within = coming_back.iter().map(|h| h.cfg.queue.wait).max().unwrap_or_default();
+        let any_back = futures_util::future::select_all(
+            coming_back.iter().map(|h| Box::pin(state.processes.until_back(&h.cfg.name, within))),
+        );
+        tokio::select! {
+            biased;
+            () = gone.cancelled() => return Err(Error::ClientGone),
+            _ = any_back => {}
+        }
+    }
     let candidates = routing::candidates(model, &state.backends, capability)?;
     let mut last: Option<Error> = None;
     for (attempt, Candidate { handle, trial }) in candidates.into_iter().take(MAX_ATTEMPTS).enumerate() {

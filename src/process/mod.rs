@@ -105,6 +105,8 @@ struct Member {
     probe_timeout: Duration,
     status: watch::Sender<Status>,
     desired: watch::Sender<Desired>,
+    /// True while an admin restart runs (its stop phase looks like any stop otherwise).
+    restarting: watch::Sender<bool>,
     log: Arc<Mutex<Ring>>,
     files: Arc<StateFile>,
 }
@@ -146,6 +148,7 @@ impl Processes {
                     probe_timeout,
                     status: watch::Sender::new(status),
                     desired: watch::Sender::new(Desired { up: false, epoch: 0 }),
+                    restarting: watch::Sender::new(false),
                     log: Arc::default(),
                     files: Arc::clone(&files),
                 };
@@ -216,8 +219,44 @@ impl Processes {
     /// Stops `name` (stop signal, `grace`, then SIGKILL to the group), starts it again and waits until it is ready
     /// or has failed; `None` for a backend easel does not manage.
     pub async fn restart(&self, name: &str) -> Option<State> {
+        let m = self.members.get(name)?;
+        m.restarting.send_replace(true);
+        // Cleared however the restart ends (even when its caller goes away).
+        struct Done<'a>(&'a watch::Sender<bool>);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.send_replace(false);
+            }
+        }
+        let _done = Done(&m.restarting);
         self.stop(name).await?;
         self.start(name).await
+    }
+
+    /// Whether `name` is on its way back: being restarted, or starting (or waiting to restart after a crash)
+    /// while it is meant to run. Work for it is better held than sent to a closed port.
+    pub fn coming_back(&self, name: &str) -> bool {
+        self.members.get(name).is_some_and(|m| {
+            *m.restarting.borrow()
+                || (m.desired.borrow().up && matches!(m.status.borrow().state, State::Starting | State::Backoff))
+        })
+    }
+
+    /// Waits, at most `within`, until `name` is no longer [`Self::coming_back`] (ready, failed or stopped).
+    pub async fn until_back(&self, name: &str, within: Duration) {
+        let Some(m) = self.members.get(name) else { return };
+        let (mut status, mut restarting, mut desired) =
+            (m.status.subscribe(), m.restarting.subscribe(), m.desired.subscribe());
+        let _ = tokio::time::timeout(within, async {
+            while self.coming_back(name) {
+                tokio::select! {
+                    r = status.changed() => if r.is_err() { return },
+                    r = restarting.changed() => if r.is_err() { return },
+                    r = desired.changed() => if r.is_err() { return },
+                }
+            }
+        })
+        .await;
     }
 
     /// Whether easel manages `name`'s process.

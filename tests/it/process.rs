@@ -295,3 +295,27 @@ async fn a_reload_that_leaves_a_managed_backend_alone_keeps_its_process_and_one_
     easel.wait().unwrap();
     std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_arrive_during_a_restart_are_held_until_the_backend_is_back() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = spawn_gateway_env(&config(port, &["--start-delay", "1"], ""), &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let first = wait_for(&gw.client, &gw.url, "ready", |f| f["state"] == "ready").await;
+    let restart = gw.client.post(gw.endpoint("/v1/admin/backends/fake/restart")).bearer_auth(ADMIN).send();
+    let restart = tokio::spawn(restart);
+    // While the old process stops and the new one loads (1 s before its port opens), requests keep coming.
+    wait_for(&gw.client, &gw.url, "the restart to begin", |f| f["pid"] != first["pid"] || f["state"] != "ready").await;
+    let during = futures_util::future::join_all(
+        (0..3).map(|_| gw.post_json("/v1/images/generations", json!({"model": "m", "prompt": "a cat"}))),
+    )
+    .await;
+    for (s, _, body) in &during {
+        assert_eq!(*s, 200, "held until the backend was back: {body}");
+    }
+    let resp = restart.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let now = processes(&gw.client, &gw.url, "").await["data"][0].clone();
+    assert_ne!(now["pid"], first["pid"], "{now}");
+    let _ = dir;
+}
