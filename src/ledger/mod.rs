@@ -1,9 +1,14 @@
 //! API keys and per-model credits: keys stored as SHA-256 hashes, balances in integer millicredits, a hold placed
 //! before a request reaches a backend, captured for what was produced or released on any failure, an append-only
-//! journal, idempotency records, crash recovery and invariant checks. [`Store`] is the seam for a PostgreSQL
-//! implementation; [`sqlite::SqliteStore`] is the embedded default.
+//! journal, idempotency records, crash recovery and invariant checks. [`Store`] is the seam:
+//! [`sqlite::SqliteStore`] is the embedded default, [`postgres::PgStore`] serves several instances on one database,
+//! and [`AnyStore`] is whichever the configuration chose.
 
+pub mod any;
+pub mod postgres;
 pub mod sqlite;
+
+pub use any::AnyStore;
 
 use std::collections::HashMap;
 use std::future::Future;
