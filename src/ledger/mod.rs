@@ -306,10 +306,12 @@ pub trait Store: Send + Sync {
     fn output_owner(&self, id: &str) -> impl Future<Output = Result<Option<i64>, LedgerError>> + Send;
     /// Returns the whole hold and forgets the Idempotency-Key, in one transaction.
     fn release(&self, hold_id: &str, reason: &str) -> impl Future<Output = Result<(), LedgerError>> + Send;
-    /// Releases every open sync hold (their process is gone) and in-progress idempotency records, and frees the
-    /// leases of jobs and webhook deliveries; returns how many holds were released.
+    /// Releases the open sync holds whose process is gone, with their in-progress idempotency records, and frees
+    /// the leases of jobs and webhook deliveries; returns how many holds were released. SQLite (one server per
+    /// file) releases every open sync hold; PostgreSQL only those of instances whose lease lapsed.
     fn recover(&self) -> impl Future<Output = Result<u64, LedgerError>> + Send;
-    /// Releases sync holds whose lease ran out while this process lives (a settle that failed); returns how many.
+    /// Releases sync holds whose lease ran out while this process lives (a settle that failed), and on PostgreSQL
+    /// those of instances that died since; returns how many.
     fn reap_expired(&self) -> impl Future<Output = Result<u64, LedgerError>> + Send;
     fn check(&self) -> impl Future<Output = Result<Vec<Drift>, LedgerError>> + Send;
     fn usage(&self, key_id: i64) -> impl Future<Output = Result<Vec<UsageRow>, LedgerError>> + Send;
