@@ -49,7 +49,7 @@ async fn examine(cfg: &config::Config) -> (String, bool) {
         }
     }
     match AnyStore::open(&cfg.storage.database, false).await {
-        Ok(s) => out.push_str(&format!("database {}: ok\n", s.describe())),
+        Ok(_) => out.push_str(&format!("database {}: ok\n", crate::ledger::postgres::redact(&cfg.storage.database))),
         Err(e) => {
             ok = false;
             out.push_str(&format!(

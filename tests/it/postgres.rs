@@ -127,7 +127,9 @@ async fn two_instances_on_one_database_never_oversell_nor_release_each_other() {
     let b = gateway(&database).await;
     assert_eq!(credits(&b, &slow_secret).await, (0, 1_000), "B's startup left A's hold held");
     assert_eq!(tokio::time::timeout(TEST_TIMEOUT, in_flight).await.unwrap().unwrap().unwrap(), 200);
-    assert_eq!(credits(&b, &slow_secret).await, (0, 0), "captured by A, seen by B");
+    // A settles just after its answer is sent; reading through A waits for that, then B sees the same books.
+    assert_eq!(credits(&a, &slow_secret).await, (0, 0), "captured by A");
+    assert_eq!(credits(&b, &slow_secret).await, (0, 0), "and seen by B");
 
     let secret = key(&b, 50.0).await;
     let results = futures_util::future::join_all((0..100).map(|i| {
@@ -138,6 +140,9 @@ async fn two_instances_on_one_database_never_oversell_nor_release_each_other() {
     let ok = results.iter().filter(|r| r.0 == 200).count();
     let poor = results.iter().filter(|r| r.0 == 402).count();
     assert_eq!((ok, poor), (50, 50), "{:?}", results.iter().map(|r| r.0).collect::<Vec<_>>());
+    // Each instance's read waits for its own settlements; after both, every answer is settled.
+    credits(&a, &secret).await;
+    credits(&b, &secret).await;
     assert_eq!(credits(&a, &secret).await, (0, 0));
     ledger_clean(&a).await;
     ledger_clean(&b).await;
