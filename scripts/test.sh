@@ -13,6 +13,8 @@ command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 # The browser suite drives Debian's Chromium (playwright-core never downloads a browser of its own here).
 [[ -x /usr/bin/chromium ]] || missing+=(chromium)
+# The PostgreSQL ledger tests (tests/it/postgres.rs) initdb and start a server of their own.
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null 2>&1 || missing+=(postgresql)
 if ((${#missing[@]})) && command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -11,8 +11,7 @@ use crate::admission::Gate;
 use crate::backends::AnyBackend;
 use crate::config::{Capability, Config};
 use crate::health::Health;
-use crate::ledger::sqlite::SqliteStore;
-use crate::ledger::{Millicredits, Settling, Store, to_mc};
+use crate::ledger::{AnyStore, Millicredits, Settling, Store, to_mc};
 use crate::routing::{BackendHandle, Registry};
 use crate::storage::FileStore;
 use crate::storage::signing::UrlSigner;
@@ -36,7 +35,7 @@ pub struct Runtime {
     /// Signs output URLs (`?exp=…&sig=…`).
     pub signer: UrlSigner,
     /// Keys, credits and idempotency records.
-    pub ledger: Arc<SqliteStore>,
+    pub ledger: Arc<AnyStore>,
     /// Current price per model: (price row id, millicredits per image). Every model has one (0 = free), so
     /// usage is recorded for all.
     pub prices: HashMap<String, (i64, Millicredits)>,
@@ -61,7 +60,7 @@ impl AppState {
         let files = FileStore::from_config(&config.storage).await.map_err(|e| e.to_string())?;
         let secret = config.storage.signing_secret.as_ref().map(|s| s.expose());
         let signer = UrlSigner::load(secret, files.root(), config.storage.url_ttl).await.map_err(|e| e.to_string())?;
-        let ledger = Arc::new(SqliteStore::open(&config.storage.database, true).await.map_err(|e| e.to_string())?);
+        let ledger = Arc::new(AnyStore::open(&config.storage.database, true).await.map_err(|e| e.to_string())?);
         let released = ledger.recover().await.map_err(|e| e.to_string())?;
         if released > 0 {
             tracing::warn!(released, "Released credit holds left by a previous process.");

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::backends::AnyBackend;
 use crate::config::{self, BackendConfig, BackendKind, ProcessEnv};
-use crate::ledger::sqlite::SqliteStore;
+use crate::ledger::AnyStore;
 
 /// Each identification probe's time limit.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,11 +48,14 @@ async fn examine(cfg: &config::Config) -> (String, bool) {
             out.push_str(&format!("storage {}: FAILED: {e}\n", cfg.storage.files.display()));
         }
     }
-    match SqliteStore::open(&cfg.storage.database, false).await {
-        Ok(_) => out.push_str(&format!("database {}: ok\n", cfg.storage.database)),
+    match AnyStore::open(&cfg.storage.database, false).await {
+        Ok(_) => out.push_str(&format!("database {}: ok\n", crate::ledger::postgres::redact(&cfg.storage.database))),
         Err(e) => {
             ok = false;
-            out.push_str(&format!("database {}: FAILED: {e}\n", cfg.storage.database));
+            out.push_str(&format!(
+                "database {}: FAILED: {e}\n",
+                crate::ledger::postgres::redact(&cfg.storage.database)
+            ));
         }
     }
     let live = if cfg.backends.iter().any(|b| b.process.is_some()) { live_processes(cfg).await } else { None };

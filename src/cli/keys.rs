@@ -1,12 +1,12 @@
 //! `easel keys …`, `easel credits grant`, `easel migrate`, `easel ledger check`: the ledger from the command line.
-//! They open the configured database beside a running server (SQLite's own locking keeps them consistent).
+//! They open the configured database beside a running server (SQLite's own locking, or PostgreSQL's transactions,
+//! keep them consistent).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::config::{self, ProcessEnv};
-use crate::ledger::sqlite::SqliteStore;
-use crate::ledger::{KeyInfo, LedgerError, Store, fmt_credits, to_mc};
+use crate::ledger::{AnyStore, KeyInfo, LedgerError, Store, fmt_credits, to_mc};
 
 /// What to do with the ledger.
 #[derive(Debug)]
@@ -117,7 +117,7 @@ fn line(k: &KeyInfo) -> String {
 }
 
 async fn act(database: &str, action: Action) -> Result<(String, ExitCode), LedgerError> {
-    let store = SqliteStore::open(database, false).await?;
+    let store = AnyStore::open(database, false).await?;
     Ok(match action {
         Action::Create { name, credits, models } => {
             let new = store.create_key(&name, to_mc(credits), models.as_deref()).await?;
@@ -143,11 +143,11 @@ async fn act(database: &str, action: Action) -> Result<(String, ExitCode), Ledge
         }
         Action::Revoke { key } => (format!("revoked: {}", line(&store.revoke_key(&key).await?)), ExitCode::SUCCESS),
         Action::Grant { key, credits } => (line(&store.grant(&key, to_mc(credits), "cli").await?), ExitCode::SUCCESS),
-        Action::Migrate => (format!("{}: migrations applied\n", store.path.display()), ExitCode::SUCCESS),
+        Action::Migrate => (format!("{}: migrations applied\n", store.describe()), ExitCode::SUCCESS),
         Action::Check => {
             let drift = store.check().await?;
             if drift.is_empty() {
-                (format!("{}: ledger clean\n", store.path.display()), ExitCode::SUCCESS)
+                (format!("{}: ledger clean\n", store.describe()), ExitCode::SUCCESS)
             } else {
                 let text: String = drift.iter().map(|d| format!("drift: {}: {}\n", d.account, d.problem)).collect();
                 (text, ExitCode::from(1))

@@ -121,8 +121,11 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
     if storage.url_ttl.is_zero() {
         p.push(("storage.url_ttl".into(), "must be longer than 0s".into()));
     }
-    if !storage.database.starts_with("sqlite:") {
-        p.push(("storage.database".into(), "only `sqlite://PATH` is supported by this build".into()));
+    if !storage.database.starts_with("sqlite:") && !crate::ledger::postgres::is_postgres_url(&storage.database) {
+        p.push((
+            "storage.database".into(),
+            "must be `sqlite://PATH` or `postgres://USER:PASSWORD@HOST:PORT/DATABASE` (or `postgresql://…`)".into(),
+        ));
     }
 
     let mode = match raw.auth.mode.as_deref() {

@@ -1,9 +1,14 @@
 //! API keys and per-model credits: keys stored as SHA-256 hashes, balances in integer millicredits, a hold placed
 //! before a request reaches a backend, captured for what was produced or released on any failure, an append-only
-//! journal, idempotency records, crash recovery and invariant checks. [`Store`] is the seam for a PostgreSQL
-//! implementation; [`sqlite::SqliteStore`] is the embedded default.
+//! journal, idempotency records, crash recovery and invariant checks. [`Store`] is the seam:
+//! [`sqlite::SqliteStore`] is the embedded default, [`postgres::PgStore`] serves several instances on one database,
+//! and [`AnyStore`] is whichever the configuration chose.
 
+pub mod any;
+pub mod postgres;
 pub mod sqlite;
+
+pub use any::AnyStore;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -301,10 +306,12 @@ pub trait Store: Send + Sync {
     fn output_owner(&self, id: &str) -> impl Future<Output = Result<Option<i64>, LedgerError>> + Send;
     /// Returns the whole hold and forgets the Idempotency-Key, in one transaction.
     fn release(&self, hold_id: &str, reason: &str) -> impl Future<Output = Result<(), LedgerError>> + Send;
-    /// Releases every open sync hold (their process is gone) and in-progress idempotency records, and frees the
-    /// leases of jobs and webhook deliveries; returns how many holds were released.
+    /// Releases the open sync holds whose process is gone, with their in-progress idempotency records, and frees
+    /// the leases of jobs and webhook deliveries; returns how many holds were released. SQLite (one server per
+    /// file) releases every open sync hold; PostgreSQL only those of instances whose lease lapsed.
     fn recover(&self) -> impl Future<Output = Result<u64, LedgerError>> + Send;
-    /// Releases sync holds whose lease ran out while this process lives (a settle that failed); returns how many.
+    /// Releases sync holds whose lease ran out while this process lives (a settle that failed), and on PostgreSQL
+    /// those of instances that died since; returns how many.
     fn reap_expired(&self) -> impl Future<Output = Result<u64, LedgerError>> + Send;
     fn check(&self) -> impl Future<Output = Result<Vec<Drift>, LedgerError>> + Send;
     fn usage(&self, key_id: i64) -> impl Future<Output = Result<Vec<UsageRow>, LedgerError>> + Send;

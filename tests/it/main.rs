@@ -24,6 +24,7 @@ mod limits;
 mod observability;
 mod openai;
 mod outbound;
+mod postgres;
 mod process;
 mod queue_providers;
 mod reload;
