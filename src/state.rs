@@ -7,7 +7,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::Gate;
 use crate::backends::AnyBackend;
 use crate::config::{Capability, Config};
 use crate::health::Health;
@@ -53,6 +52,8 @@ pub struct Runtime {
     pub processes: crate::process::Processes,
     /// Hosts and their working sets (one actor per host, started by the server).
     pub sets: crate::sets::Sets,
+    /// Fleet-wide admission through Redis (`cluster.redis`) and per-key limits.
+    pub cluster: crate::admission::Cluster,
 }
 
 impl AppState {
@@ -73,6 +74,7 @@ impl AppState {
             let id = ledger.upsert_price(&m.id, unit, price, output).await.map_err(|e| e.to_string())?;
             prices.insert(m.id.clone(), (id, mc));
         }
+        let cluster = crate::admission::Cluster::new(config.cluster.as_ref(), config.auth.key_limits)?;
         let mut backends = HashMap::new();
         let mut backend_list = Vec::new();
         for cfg in &config.backends {
@@ -80,7 +82,7 @@ impl AppState {
             let gates = Capability::ALL
                 .into_iter()
                 .filter(|c| cfg.limit(*c) > 0)
-                .map(|c| (c, Gate::new(&cfg.name, c, cfg.limit(c), cfg.queue.depth, cfg.queue.wait)))
+                .map(|c| (c, cluster.gate(&cfg.name, c, cfg.limit(c), cfg.queue.depth, cfg.queue.wait)))
                 .collect();
             let handle = Arc::new(BackendHandle {
                 cfg: Arc::clone(cfg),
@@ -117,6 +119,7 @@ impl AppState {
                 jobs: crate::jobs::Jobs::new(),
                 processes,
                 sets,
+                cluster,
             }),
         })
     }

@@ -150,7 +150,10 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
         }
         _ => {}
     }
-    let auth = AuthConfig { mode, public_metrics: raw.auth.public_metrics.unwrap_or(true), admin_token, token };
+    let key_limits = key_limits(&mut p, raw.auth.key_limits.as_ref(), mode);
+    let auth =
+        AuthConfig { mode, public_metrics: raw.auth.public_metrics.unwrap_or(true), admin_token, token, key_limits };
+    let cluster = cluster(&mut p, &raw.cluster);
 
     let response_format = match raw.defaults.response_format.as_deref() {
         None => ResponseFormat::Url,
@@ -272,7 +275,79 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
         hosts,
         working_sets,
         routes,
+        cluster,
     })
+}
+
+/// `cluster`: the Redis URL is parsed here (no connection is made); the other keys need it.
+fn cluster(p: &mut Problems, c: &super::raw::RawCluster) -> Option<super::ClusterConfig> {
+    let lease = duration(p, "cluster.lease", c.lease.as_deref(), 10);
+    if lease < Duration::from_secs(1) {
+        p.push(("cluster.lease".into(), "must be at least 1s (renewals run every third of it)".into()));
+    }
+    let fallback = match c.fallback.as_deref() {
+        None | Some("closed") => {
+            if c.fleet_size.is_some() {
+                p.push(("cluster.fleet_size".into(), "is only used with `fallback: local`".into()));
+            }
+            super::ClusterFallback::Closed
+        }
+        Some("local") => match c.fleet_size {
+            None => {
+                p.push((
+                    "cluster.fleet_size".into(),
+                    "`fallback: local` needs the number of instances, to divide each limit among them".into(),
+                ));
+                super::ClusterFallback::Closed
+            }
+            Some(0) => {
+                p.push(("cluster.fleet_size".into(), "must be at least 1".into()));
+                super::ClusterFallback::Closed
+            }
+            Some(n) => super::ClusterFallback::Local { fleet_size: n },
+        },
+        Some(other) => {
+            p.push(("cluster.fallback".into(), format!("`{other}` is not one of: closed, local")));
+            super::ClusterFallback::Closed
+        }
+    };
+    let Some(url) = c.redis.as_deref() else {
+        for (key, set) in [("lease", c.lease.is_some()), ("fallback", c.fallback.is_some())] {
+            if set {
+                p.push((format!("cluster.{key}"), "is only used with `cluster.redis: redis://…`".into()));
+            }
+        }
+        return None;
+    };
+    match Url::parse(url) {
+        Ok(u) if u.scheme() == "redis" && u.host_str().is_some_and(|h| !h.is_empty()) => {}
+        Ok(u) if u.scheme() == "rediss" => {
+            p.push(("cluster.redis".into(), "`rediss://` (TLS) is not supported by this build; use `redis://`".into()))
+        }
+        // The URL is not echoed: it may carry a password.
+        _ => p.push(("cluster.redis".into(), "is not a `redis://host:port[/db]` URL".into())),
+    }
+    Some(super::ClusterConfig { redis: Secret::new(url.to_owned()), lease, fallback })
+}
+
+/// `auth.key_limits`: each limit at least 1; they need keys to apply to.
+fn key_limits(p: &mut Problems, raw: Option<&super::raw::RawKeyLimits>, mode: AuthMode) -> super::KeyLimits {
+    let Some(raw) = raw else { return super::KeyLimits::default() };
+    let mut at_least_one = |key: &str, v: Option<u32>| match v {
+        Some(0) => {
+            p.push((format!("auth.key_limits.{key}"), "must be at least 1 (leave it out for no limit)".into()));
+            None
+        }
+        v => v,
+    };
+    let limits = super::KeyLimits {
+        requests_per_minute: at_least_one("requests_per_minute", raw.requests_per_minute),
+        max_parallel: at_least_one("max_parallel", raw.max_parallel),
+    };
+    if mode != AuthMode::Keys {
+        p.push(("auth.key_limits".into(), "limits API keys, so it needs `auth.mode: keys`".into()));
+    }
+    limits
 }
 
 /// `server.cors`: origins are `scheme://host[:port]` exactly as browsers send them, or the one entry `*`.

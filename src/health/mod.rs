@@ -312,3 +312,8 @@ pub async fn run(backends: Vec<Arc<BackendHandle>>, cfg: HealthConfig, cancel: C
         }
     }
 }
+
+/// The `redis` entry of `/health` with `cluster.redis` set (`None` without it).
+pub fn redis_report(cluster: &crate::admission::Cluster) -> Option<crate::admission::fleet::RedisReport> {
+    cluster.fleet.as_ref().map(|f| f.report())
+}

@@ -8,6 +8,7 @@ pub mod fal;
 pub mod huggingface;
 pub mod invokeai;
 pub mod openai;
+pub mod redis;
 pub mod replicate;
 pub mod shim;
 pub mod template_server;
