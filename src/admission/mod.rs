@@ -95,8 +95,13 @@ struct Shared {
 /// The slot a [`Permit`] holds.
 #[derive(Debug)]
 enum Slot {
-    Local { _permit: OwnedSemaphorePermit },
-    Lease { _lease: Lease },
+    Local {
+        _permit: OwnedSemaphorePermit,
+    },
+    /// Boxed: a permit travels inside response bodies and streams, so it stays small.
+    Lease {
+        _lease: Box<Lease>,
+    },
 }
 
 /// What admission shares across the fleet: Redis (when configured) and the per-key limits.
@@ -222,7 +227,7 @@ impl Gate {
             // Redis cannot be asked synchronously: count the running work with a lease taken regardless of the
             // limit (it runs upstream either way), added in the background.
             return Some(self.permit(
-                Slot::Lease { _lease: Lease::adopt(Arc::clone(&shared.fleet), shared.key.clone()) },
+                Slot::Lease { _lease: Box::new(Lease::adopt(Arc::clone(&shared.fleet), shared.key.clone())) },
                 Duration::ZERO,
             ));
         }
@@ -306,7 +311,7 @@ impl Gate {
     /// One attempt at a fleet-wide slot. Redis down: `closed` refuses, `local` takes a per-instance slot.
     async fn try_shared(&self, shared: &Shared) -> Result<Option<Slot>, AdmissionError> {
         match shared.fleet.acquire(&shared.key, self.limit, false).await {
-            Ok(lease) => Ok(lease.map(|l| Slot::Lease { _lease: l.notifying(Arc::clone(&shared.freed)) })),
+            Ok(lease) => Ok(lease.map(|l| Slot::Lease { _lease: Box::new(l.notifying(Arc::clone(&shared.freed))) })),
             Err(e) => match &shared.fallback {
                 Some(local) => Ok(Arc::clone(local).try_acquire_owned().ok().map(|p| Slot::Local { _permit: p })),
                 None => {

@@ -1326,3 +1326,49 @@ fn bytes(p: &mut Problems, at: &str, s: Option<&str>, default: usize) -> usize {
         }),
     }
 }
+
+#[cfg(test)]
+mod cluster_tests {
+    use std::path::Path;
+
+    use super::super::{ClusterFallback, MapEnv, from_str};
+
+    const BASE: &str = "backends:\n  sim:\n    kind: simulated\nmodels:\n  - id: m\n    backends: [sim]\n";
+
+    #[test]
+    fn cluster_and_key_limits_are_typed_with_defaults() {
+        let text = format!(
+            "cluster: {{redis: 'redis://:pw@127.0.0.1:6380/2', fallback: local, fleet_size: 3}}\nauth: {{mode: keys, key_limits: {{requests_per_minute: 60, max_parallel: 2}}}}\n{BASE}"
+        );
+        let cfg = from_str(&text, "easel.yaml", Path::new("."), &MapEnv::default()).unwrap();
+        let cluster = cfg.cluster.unwrap();
+        assert_eq!(cluster.lease, std::time::Duration::from_secs(10));
+        assert_eq!(cluster.fallback, ClusterFallback::Local { fleet_size: 3 });
+        assert!(!format!("{cluster:?}").contains("pw"), "the URL's password never reaches logs");
+        assert_eq!(cfg.auth.key_limits.requests_per_minute, Some(60));
+        assert_eq!(cfg.auth.key_limits.max_parallel, Some(2));
+        assert!(from_str(BASE, "easel.yaml", Path::new("."), &MapEnv::default()).unwrap().cluster.is_none());
+    }
+
+    #[test]
+    fn every_cluster_problem_is_reported_before_any_connection() {
+        let text = format!(
+            "cluster: {{redis: 'http://nope', lease: 10ms, fallback: local}}\nauth: {{key_limits: {{requests_per_minute: 0}}}}\n{BASE}"
+        );
+        let err = from_str(&text, "easel.yaml", Path::new("."), &MapEnv::default()).unwrap_err();
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        for want in [
+            "cluster.redis",
+            "cluster.lease",
+            "cluster.fleet_size",
+            "auth.key_limits.requests_per_minute",
+            "auth.key_limits",
+        ] {
+            assert!(paths.contains(&want), "no problem at {want}: {err}");
+        }
+        let text = format!("cluster: {{fallback: closed, fleet_size: 2}}\n{BASE}");
+        let err = from_str(&text, "easel.yaml", Path::new("."), &MapEnv::default()).unwrap_err();
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert!(paths.contains(&"cluster.fleet_size") && paths.contains(&"cluster.fallback"), "{err}");
+    }
+}
