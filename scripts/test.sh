@@ -6,11 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/easel-target}"
 
-# Tools some tests run for real: `promtool check metrics` (observability) and `systemd-analyze verify` (the
-# deployment unit). Installed from Debian's packages when missing; without them those tests fail.
+# Tools some tests run for real: `promtool check metrics` (observability), `systemd-analyze verify` (the
+# deployment unit) and `redis-server` (fleet-wide admission). Installed from Debian's packages when missing; without them those tests fail.
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+# The fleet tests (tests/it/cluster.rs) start a real `redis-server` on a free port; they fail without it.
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 # The browser suite drives Debian's Chromium (playwright-core never downloads a browser of its own here).
 [[ -x /usr/bin/chromium ]] || missing+=(chromium)
 # The PostgreSQL ledger tests (tests/it/postgres.rs) initdb and start a server of their own.

@@ -2,6 +2,7 @@
 //! to a status and an OpenAI error body by exhaustive match.
 
 use crate::admission::AdmissionError;
+use crate::admission::keys::KeyLimited;
 use crate::backends::BackendError;
 use crate::ledger::LedgerError;
 use crate::request::RequestError;
@@ -16,6 +17,9 @@ pub enum Error {
     Routing(#[from] RoutingError),
     #[error(transparent)]
     Admission(#[from] AdmissionError),
+    /// An API key over `auth.key_limits` (429 `rate_limited`).
+    #[error(transparent)]
+    KeyLimited(#[from] KeyLimited),
     #[error(transparent)]
     Backend(#[from] BackendError),
     #[error(transparent)]

@@ -152,6 +152,12 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     if format!("{:?}", old.health.interval) != format!("{:?}", new.health.interval) {
         changed.push("`health.interval`".to_owned());
     }
+    if format!("{:?}", old.cluster) != format!("{:?}", new.cluster)
+        || old.cluster.as_ref().map(|c| c.redis.expose().to_owned()) != new.cluster.as_ref().map(|c| c.redis.expose().to_owned())
+        || format!("{:?}", old.auth.key_limits) != format!("{:?}", new.auth.key_limits)
+    {
+        changed.push("`cluster` / `auth.key_limits`".to_owned());
+    }
     if old.hosts != new.hosts || format!("{:?}", old.working_sets) != format!("{:?}", new.working_sets) {
         changed.push("`hosts` / `working_sets`".to_owned());
     }

@@ -39,6 +39,10 @@ impl Server {
         check_ledger(&state).await;
         state.processes.launch_except(&state.sets.members()).await;
         crate::health::probe_all(&state.backend_list, state.config.health.timeout).await;
+        // Redis down at startup is not fatal: `cluster.fallback` decides, and `/health` shows it.
+        if let Some(fleet) = &state.cluster.fleet {
+            let _ = fleet.ping().await;
+        }
         Ok(Self { state, certs, source: None })
     }
 

@@ -7,7 +7,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::Gate;
 use crate::backends::AnyBackend;
 use crate::config::{Capability, Config};
 use crate::health::Health;
@@ -52,6 +51,8 @@ pub struct Runtime {
     pub processes: crate::process::Processes,
     /// Hosts and their working sets (one actor per host, started by the server).
     pub sets: crate::sets::Sets,
+    /// Fleet-wide admission through Redis (`cluster.redis`) and per-key limits.
+    pub cluster: Arc<crate::admission::Cluster>,
 }
 
 impl AppState {
@@ -66,7 +67,8 @@ impl AppState {
             tracing::warn!(released, "Released credit holds left by a previous process.");
         }
         let prices = record_prices(&ledger, &config).await?;
-        let (backends, backend_list) = build_backends(&config, None)?;
+        let cluster = Arc::new(crate::admission::Cluster::new(config.cluster.as_ref(), config.auth.key_limits)?);
+        let (backends, backend_list) = build_backends(&config, &cluster, None)?;
         let processes = crate::process::Processes::new(
             &backend_list,
             crate::process::state_file_path(&config.storage.files),
@@ -93,6 +95,7 @@ impl AppState {
                 jobs: Arc::new(crate::jobs::Jobs::new()),
                 processes,
                 sets,
+                cluster,
             }),
         })
     }
@@ -108,7 +111,7 @@ impl AppState {
     /// checked that their settings did not change.
     pub async fn rebuild(&self, config: Config) -> Result<Self, String> {
         let prices = record_prices(&self.ledger, &config).await?;
-        let (mut backends, backend_list) = build_backends(&config, Some(self))?;
+        let (mut backends, backend_list) = build_backends(&config, &self.cluster, Some(self))?;
         for (name, old) in &self.backends {
             backends.entry(name.clone()).or_insert_with(|| Arc::clone(old));
         }
@@ -129,6 +132,7 @@ impl AppState {
                 tasks: self.tasks.clone(),
                 settling: Arc::clone(&self.settling),
                 jobs: Arc::clone(&self.jobs),
+                cluster: Arc::clone(&self.cluster),
                 processes: self.processes.clone(),
                 sets: self.sets.clone(),
             }),
@@ -151,7 +155,11 @@ async fn record_prices(ledger: &crate::ledger::AnyStore, config: &Config) -> Res
 type Backends = (HashMap<String, Arc<BackendHandle>>, Vec<Arc<BackendHandle>>);
 
 /// The backends of `config`, by name and sorted; a backend defined exactly as in `previous` keeps its handle.
-fn build_backends(config: &Config, previous: Option<&Runtime>) -> Result<Backends, String> {
+fn build_backends(
+    config: &Config,
+    cluster: &crate::admission::Cluster,
+    previous: Option<&Runtime>,
+) -> Result<Backends, String> {
     let mut backends = HashMap::new();
     let mut backend_list = Vec::new();
     for cfg in &config.backends {
@@ -163,7 +171,7 @@ fn build_backends(config: &Config, previous: Option<&Runtime>) -> Result<Backend
                 let gates = Capability::ALL
                     .into_iter()
                     .filter(|c| cfg.limit(*c) > 0)
-                    .map(|c| (c, Gate::new(&cfg.name, c, cfg.limit(c), cfg.queue.depth, cfg.queue.wait)))
+                    .map(|c| (c, cluster.gate(&cfg.name, c, cfg.limit(c), cfg.queue.depth, cfg.queue.wait)))
                     .collect();
                 Arc::new(BackendHandle {
                     cfg: Arc::clone(cfg),

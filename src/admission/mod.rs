@@ -2,15 +2,23 @@
 //! behind them, and a deadline for waiting. A full queue or an expired wait is an [`AdmissionError`] carrying a
 //! `Retry-After` estimated from the queue position and the observed service time. Slots are RAII [`Permit`]s:
 //! dropping one (success, error, timeout, client gone) releases the slot exactly once.
+//!
+//! With `cluster.redis` a gate's limit holds for the whole fleet: a slot is a lease in Redis ([`fleet`]), the
+//! bounded queue stays in each instance, and its head retries whenever a slot frees here or, for slots freed
+//! elsewhere, after a short jittered poll. Per-key limits are in [`keys`].
+
+pub mod fleet;
+pub mod keys;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::config::Capability;
+use self::fleet::{Fleet, Lease};
+use crate::config::{Capability, ClusterConfig, ClusterFallback, KeyLimits};
 use crate::telemetry::metrics as m;
 
 /// Service times remembered for the p50 estimate.
@@ -27,7 +35,15 @@ pub enum AdmissionError {
     QueueTimeout { backend: String, waited: Duration, retry_after: Duration },
     #[error("backend `{backend}` is draining and takes no new {capability} jobs; retry in {}s", retry_after.as_secs())]
     Draining { backend: String, capability: &'static str, retry_after: Duration },
+    /// `cluster.fallback: closed` and Redis cannot be reached: nothing is admitted rather than risk the limit.
+    #[error("{scope} cannot be checked: {error} (`cluster.fallback: closed`)")]
+    RedisUnavailable { scope: String, error: String },
 }
+
+/// How long a client should wait when Redis is down.
+const REDIS_RETRY: Duration = Duration::from_secs(5);
+/// Bounds of the jittered poll with which a queue's head looks for slots freed by other instances.
+const POLL_MS: std::ops::Range<u64> = 20..80;
 
 impl AdmissionError {
     pub fn retry_after(&self) -> Duration {
@@ -35,6 +51,7 @@ impl AdmissionError {
             Self::QueueFull { retry_after, .. }
             | Self::QueueTimeout { retry_after, .. }
             | Self::Draining { retry_after, .. } => *retry_after,
+            Self::RedisUnavailable { .. } => REDIS_RETRY,
         }
     }
 }
@@ -55,6 +72,59 @@ pub struct Gate {
     draining: AtomicBool,
     /// Recent service times (permit held), newest last.
     samples: Mutex<VecDeque<Duration>>,
+    /// Set with `cluster.redis`: `limit` holds fleet-wide and `slots` is unused.
+    shared: Option<Shared>,
+}
+
+/// The fleet-wide side of a gate.
+#[derive(Debug)]
+struct Shared {
+    fleet: Arc<Fleet>,
+    /// The sorted set of this gate's leases.
+    key: String,
+    /// `fallback: local`: the per-instance slots used while Redis is down (`ceil(limit / fleet_size)`).
+    fallback: Option<Arc<Semaphore>>,
+    /// Slots this instance holds now (leases and fallback slots).
+    held: AtomicU32,
+    /// Rung when this instance frees a slot.
+    freed: Arc<Notify>,
+    /// Only the head of this instance's queue polls Redis; tokio's mutex is fair, so the queue stays FIFO here.
+    head: tokio::sync::Mutex<()>,
+}
+
+/// The slot a [`Permit`] holds.
+#[derive(Debug)]
+enum Slot {
+    Local {
+        _permit: OwnedSemaphorePermit,
+    },
+    /// Boxed: a permit travels inside response bodies and streams, so it stays small.
+    Lease {
+        _lease: Box<Lease>,
+    },
+}
+
+/// What admission shares across the fleet: Redis (when configured) and the per-key limits.
+#[derive(Debug)]
+pub struct Cluster {
+    pub fleet: Option<Arc<Fleet>>,
+    pub keys: keys::KeyLimiter,
+}
+
+impl Cluster {
+    /// Builds the Redis client without contacting it.
+    pub fn new(cfg: Option<&ClusterConfig>, key_limits: KeyLimits) -> Result<Self, String> {
+        let fleet = cfg.map(Fleet::new).transpose()?;
+        Ok(Self { keys: keys::KeyLimiter::new(key_limits, fleet.clone()), fleet })
+    }
+
+    /// A gate: in-process without Redis, fleet-wide with it.
+    pub fn gate(&self, backend: &str, capability: Capability, limit: u32, depth: u32, wait: Duration) -> Arc<Gate> {
+        match &self.fleet {
+            None => Gate::new(backend, capability, limit, depth, wait),
+            Some(fleet) => Gate::shared(backend, capability, limit, depth, wait, Arc::clone(fleet)),
+        }
+    }
 }
 
 /// Numbers for `/v1/gateway/status`.
@@ -81,6 +151,44 @@ impl Gate {
             wait,
             draining: AtomicBool::new(false),
             samples: Mutex::new(VecDeque::with_capacity(SAMPLES)),
+            shared: None,
+        })
+    }
+
+    /// A gate whose `limit` holds across every instance sharing `fleet`'s Redis.
+    pub fn shared(
+        backend: &str,
+        capability: Capability,
+        limit: u32,
+        depth: u32,
+        wait: Duration,
+        fleet: Arc<Fleet>,
+    ) -> Arc<Self> {
+        let fallback = match fleet.fallback {
+            ClusterFallback::Closed => None,
+            ClusterFallback::Local { fleet_size } => {
+                Some(Arc::new(Semaphore::new(limit.div_ceil(fleet_size) as usize)))
+            }
+        };
+        let shared = Shared {
+            key: format!("easel:gate:{backend}:{}", capability.as_str()),
+            fleet,
+            fallback,
+            held: AtomicU32::new(0),
+            freed: Arc::new(Notify::new()),
+            head: tokio::sync::Mutex::new(()),
+        };
+        Arc::new(Self {
+            backend: backend.to_owned(),
+            capability,
+            limit,
+            slots: Arc::new(Semaphore::new(0)),
+            queued: AtomicU32::new(0),
+            depth,
+            wait,
+            draining: AtomicBool::new(false),
+            samples: Mutex::new(VecDeque::with_capacity(SAMPLES)),
+            shared: Some(shared),
         })
     }
 
@@ -88,8 +196,12 @@ impl Gate {
         self.limit
     }
 
+    /// Slots in use (with Redis: held by this instance).
     pub fn inflight(&self) -> u32 {
-        self.limit.saturating_sub(self.slots.available_permits() as u32)
+        match &self.shared {
+            None => self.limit.saturating_sub(self.slots.available_permits() as u32),
+            Some(s) => s.held.load(Ordering::Acquire),
+        }
     }
 
     pub fn queued(&self) -> u32 {
@@ -98,7 +210,11 @@ impl Gate {
 
     /// True when a request would have to wait.
     pub fn saturated(&self) -> bool {
-        self.slots.available_permits() == 0
+        match &self.shared {
+            None => self.slots.available_permits() == 0,
+            // Other instances' slots are not known without a round trip: judge by this instance's share.
+            Some(s) => s.held.load(Ordering::Acquire) >= self.limit || self.queued() > 0,
+        }
     }
 
     /// A slot now if one is free, without queueing: for work that runs anyway and should be counted (a job
@@ -107,7 +223,18 @@ impl Gate {
         if self.draining.load(Ordering::Acquire) {
             return None;
         }
-        Arc::clone(&self.slots).try_acquire_owned().ok().map(|p| self.permit(p, Duration::ZERO))
+        if let Some(shared) = &self.shared {
+            // Redis cannot be asked synchronously: count the running work with a lease taken regardless of the
+            // limit (it runs upstream either way), added in the background.
+            return Some(self.permit(
+                Slot::Lease { _lease: Box::new(Lease::adopt(Arc::clone(&shared.fleet), shared.key.clone())) },
+                Duration::ZERO,
+            ));
+        }
+        Arc::clone(&self.slots)
+            .try_acquire_owned()
+            .ok()
+            .map(|p| self.permit(Slot::Local { _permit: p }, Duration::ZERO))
     }
 
     /// Waits for a slot (bounded by the queue depth and wait), or says when to retry.
@@ -119,10 +246,88 @@ impl Gate {
                 retry_after: self.retry_after(0),
             });
         }
-        if let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() {
-            return Ok(self.permit(permit, Duration::ZERO));
+        if let Some(shared) = &self.shared {
+            return self.admit_shared(shared).await;
         }
-        // Join the queue only if there is room; the compare-exchange keeps `queued <= depth` under races.
+        if let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() {
+            return Ok(self.permit(Slot::Local { _permit: permit }, Duration::ZERO));
+        }
+        let position = self.join_queue()?;
+        let guard = QueueSlot { gate: self };
+        m::admission_queued(&self.backend, self.capability, self.queued());
+        let started = Instant::now();
+        let acquired = tokio::time::timeout(self.wait, Arc::clone(&self.slots).acquire_owned()).await;
+        drop(guard);
+        let waited = started.elapsed();
+        m::admission_queue_wait(&self.backend, self.capability, waited);
+        match acquired {
+            Ok(Ok(permit)) => Ok(self.permit(Slot::Local { _permit: permit }, waited)),
+            // The semaphore is never closed; treat it like a timeout rather than panic.
+            Ok(Err(_)) | Err(_) => Err(self.timed_out(waited, position)),
+        }
+    }
+
+    fn timed_out(&self, waited: Duration, position: u32) -> AdmissionError {
+        m::admission_rejected(&self.backend, self.capability, "queue_timeout");
+        AdmissionError::QueueTimeout { backend: self.backend.clone(), waited, retry_after: self.retry_after(position) }
+    }
+
+    /// The fleet-wide path: take a lease now if none is queued here, else queue (bounded, per instance) and let
+    /// the head of the queue retry whenever a slot frees here and on a short jittered poll for the others.
+    async fn admit_shared(self: &Arc<Self>, shared: &Shared) -> Result<Permit, AdmissionError> {
+        if self.queued() == 0
+            && let Some(slot) = self.try_shared(shared).await?
+        {
+            return Ok(self.permit(slot, Duration::ZERO));
+        }
+        let position = self.join_queue()?;
+        let guard = QueueSlot { gate: self };
+        m::admission_queued(&self.backend, self.capability, self.queued());
+        let started = Instant::now();
+        let acquired = tokio::time::timeout(self.wait, async {
+            let _head = shared.head.lock().await;
+            loop {
+                if let Some(slot) = self.try_shared(shared).await? {
+                    return Ok(slot);
+                }
+                let poll = Duration::from_millis(rand::random_range(POLL_MS));
+                tokio::select! {
+                    () = shared.freed.notified() => {}
+                    () = tokio::time::sleep(poll) => {}
+                }
+            }
+        })
+        .await;
+        drop(guard);
+        let waited = started.elapsed();
+        m::admission_queue_wait(&self.backend, self.capability, waited);
+        match acquired {
+            Ok(Ok(slot)) => Ok(self.permit(slot, waited)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(self.timed_out(waited, position)),
+        }
+    }
+
+    /// One attempt at a fleet-wide slot. Redis down: `closed` refuses, `local` takes a per-instance slot.
+    async fn try_shared(&self, shared: &Shared) -> Result<Option<Slot>, AdmissionError> {
+        match shared.fleet.acquire(&shared.key, self.limit, false).await {
+            Ok(lease) => Ok(lease.map(|l| Slot::Lease { _lease: Box::new(l.notifying(Arc::clone(&shared.freed))) })),
+            Err(e) => match &shared.fallback {
+                Some(local) => Ok(Arc::clone(local).try_acquire_owned().ok().map(|p| Slot::Local { _permit: p })),
+                None => {
+                    m::admission_rejected(&self.backend, self.capability, "redis_unavailable");
+                    Err(AdmissionError::RedisUnavailable {
+                        scope: format!("the fleet-wide limit of backend `{}`", self.backend),
+                        error: e.to_string(),
+                    })
+                }
+            },
+        }
+    }
+
+    /// Joins the queue if there is room (returns the position), else the 429 answer.
+    fn join_queue(&self) -> Result<u32, AdmissionError> {
+        // The compare-exchange keeps `queued <= depth` under races.
         let mut current = self.queued.load(Ordering::Acquire);
         loop {
             if current >= self.depth {
@@ -136,35 +341,18 @@ impl Gate {
                 });
             }
             match self.queued.compare_exchange_weak(current, current + 1, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => break,
+                Ok(_) => return Ok(current),
                 Err(now) => current = now,
-            }
-        }
-        let position = current;
-        let guard = QueueSlot { gate: self };
-        m::admission_queued(&self.backend, self.capability, self.queued());
-        let started = Instant::now();
-        let acquired = tokio::time::timeout(self.wait, Arc::clone(&self.slots).acquire_owned()).await;
-        drop(guard);
-        let waited = started.elapsed();
-        m::admission_queue_wait(&self.backend, self.capability, waited);
-        match acquired {
-            Ok(Ok(permit)) => Ok(self.permit(permit, waited)),
-            // The semaphore is never closed; treat it like a timeout rather than panic.
-            Ok(Err(_)) | Err(_) => {
-                m::admission_rejected(&self.backend, self.capability, "queue_timeout");
-                Err(AdmissionError::QueueTimeout {
-                    backend: self.backend.clone(),
-                    waited,
-                    retry_after: self.retry_after(position),
-                })
             }
         }
     }
 
-    fn permit(self: &Arc<Self>, permit: OwnedSemaphorePermit, _waited: Duration) -> Permit {
+    fn permit(self: &Arc<Self>, slot: Slot, _waited: Duration) -> Permit {
+        if let Some(s) = &self.shared {
+            s.held.fetch_add(1, Ordering::AcqRel);
+        }
         m::admission_inflight(&self.backend, self.capability, self.inflight());
-        Permit { gate: Arc::clone(self), _slot: permit, started: Instant::now() }
+        Permit { gate: Arc::clone(self), _slot: slot, started: Instant::now() }
     }
 
     /// Seconds until a request at queue position `position` is likely to get a slot; never 0.
@@ -196,7 +384,7 @@ impl Gate {
     }
 
     pub fn status(&self) -> GateStatus {
-        let available = self.slots.available_permits() as u32;
+        let available = self.limit.saturating_sub(self.inflight());
         GateStatus {
             limit: self.limit,
             available,
@@ -234,7 +422,7 @@ impl Drop for QueueSlot<'_> {
 #[derive(Debug)]
 pub struct Permit {
     gate: Arc<Gate>,
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
     started: Instant,
 }
 
@@ -249,6 +437,13 @@ impl Drop for Permit {
         self.gate.record(self.started.elapsed());
         // The slot itself is released when `_slot` drops right after this; report the count it will have.
         m::admission_inflight(&self.gate.backend, self.gate.capability, self.gate.inflight().saturating_sub(1));
+        if let Some(s) = &self.gate.shared {
+            s.held.fetch_sub(1, Ordering::AcqRel);
+            // A lease rings `freed` itself once its release reached Redis; a fallback slot is free right away.
+            if matches!(self._slot, Slot::Local { .. }) {
+                s.freed.notify_one();
+            }
+        }
     }
 }
 

@@ -55,6 +55,40 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Sorted by name.
     pub working_sets: Vec<WorkingSetConfig>,
+    /// `cluster.redis` and its settings; `None` = every limit is per process.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `cluster`: fleet-wide admission and per-key limits through one Redis.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// The `redis://` URL (it may carry a password).
+    pub redis: Secret,
+    /// How long a permit stays taken without renewal (an instance that died frees its slots after this).
+    pub lease: Duration,
+    pub fallback: ClusterFallback,
+}
+
+/// What admission does while Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterFallback {
+    /// Refuse with 503 naming Redis: the fleet-wide limit is never exceeded.
+    Closed,
+    /// Admit under per-instance limits: `ceil(concurrency / fleet_size)` per gate.
+    Local { fleet_size: u32 },
+}
+
+/// `auth.key_limits`: limits each API key gets; `None` = unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    pub requests_per_minute: Option<u32>,
+    pub max_parallel: Option<u32>,
+}
+
+impl KeyLimits {
+    pub fn is_empty(&self) -> bool {
+        self.requests_per_minute.is_none() && self.max_parallel.is_none()
+    }
 }
 
 /// `hosts.<name>`: a GPU (or GPU group) with at most one active working set.
@@ -216,6 +250,8 @@ pub struct AuthConfig {
     /// `auth.mode: static`: the one bearer token every non-public route needs (seed 004's
     /// `GATEWAY_BEARER_TOKEN`); it also opens `/v1/gateway/status`.
     pub token: Option<Secret>,
+    /// `auth.key_limits`: the limits of every key.
+    pub key_limits: KeyLimits,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -34,6 +34,23 @@ pub struct RawConfig {
     /// Named groups of managed backends that run together on one host.
     #[serde(default)]
     pub working_sets: BTreeMap<String, RawWorkingSet>,
+    /// Several instances sharing one Redis for fleet-wide admission and per-key limits.
+    #[serde(default)]
+    pub cluster: RawCluster,
+}
+
+/// `cluster`: what instances of one fleet share.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    /// `redis://[user:password@]host:port[/db]`; absent = every limit is per process.
+    pub redis: Option<String>,
+    /// How long a permit held by a dead instance stays taken, e.g. `10s`.
+    pub lease: Option<String>,
+    /// When Redis cannot be reached: `closed` (503) or `local` (per-instance limits).
+    pub fallback: Option<String>,
+    /// `fallback: local`: instances in the fleet; each takes `ceil(concurrency / fleet_size)`.
+    pub fleet_size: Option<u32>,
 }
 
 /// `hosts.<name>`: one GPU (or GPU group) that runs at most one working set.
@@ -169,6 +186,16 @@ pub struct RawAuth {
     pub token: Option<String>,
     /// Serve `/metrics` without a key (default true: scrapers rarely carry keys).
     pub public_metrics: Option<bool>,
+    /// Limits every API key gets (`mode: keys`).
+    pub key_limits: Option<RawKeyLimits>,
+}
+
+/// `auth.key_limits`: the default limits of every key.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeyLimits {
+    pub requests_per_minute: Option<u32>,
+    pub max_parallel: Option<u32>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

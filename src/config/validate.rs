@@ -153,7 +153,10 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
         }
         _ => {}
     }
-    let auth = AuthConfig { mode, public_metrics: raw.auth.public_metrics.unwrap_or(true), admin_token, token };
+    let key_limits = key_limits(&mut p, raw.auth.key_limits.as_ref(), mode);
+    let auth =
+        AuthConfig { mode, public_metrics: raw.auth.public_metrics.unwrap_or(true), admin_token, token, key_limits };
+    let cluster = cluster(&mut p, &raw.cluster);
 
     let response_format = match raw.defaults.response_format.as_deref() {
         None => ResponseFormat::Url,
@@ -275,7 +278,79 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
         hosts,
         working_sets,
         routes,
+        cluster,
     })
+}
+
+/// `cluster`: the Redis URL is parsed here (no connection is made); the other keys need it.
+fn cluster(p: &mut Problems, c: &super::raw::RawCluster) -> Option<super::ClusterConfig> {
+    let lease = duration(p, "cluster.lease", c.lease.as_deref(), 10);
+    if lease < Duration::from_secs(1) {
+        p.push(("cluster.lease".into(), "must be at least 1s (renewals run every third of it)".into()));
+    }
+    let fallback = match c.fallback.as_deref() {
+        None | Some("closed") => {
+            if c.fleet_size.is_some() {
+                p.push(("cluster.fleet_size".into(), "is only used with `fallback: local`".into()));
+            }
+            super::ClusterFallback::Closed
+        }
+        Some("local") => match c.fleet_size {
+            None => {
+                p.push((
+                    "cluster.fleet_size".into(),
+                    "`fallback: local` needs the number of instances, to divide each limit among them".into(),
+                ));
+                super::ClusterFallback::Closed
+            }
+            Some(0) => {
+                p.push(("cluster.fleet_size".into(), "must be at least 1".into()));
+                super::ClusterFallback::Closed
+            }
+            Some(n) => super::ClusterFallback::Local { fleet_size: n },
+        },
+        Some(other) => {
+            p.push(("cluster.fallback".into(), format!("`{other}` is not one of: closed, local")));
+            super::ClusterFallback::Closed
+        }
+    };
+    let Some(url) = c.redis.as_deref() else {
+        for (key, set) in [("lease", c.lease.is_some()), ("fallback", c.fallback.is_some())] {
+            if set {
+                p.push((format!("cluster.{key}"), "is only used with `cluster.redis: redis://…`".into()));
+            }
+        }
+        return None;
+    };
+    match Url::parse(url) {
+        Ok(u) if u.scheme() == "redis" && u.host_str().is_some_and(|h| !h.is_empty()) => {}
+        Ok(u) if u.scheme() == "rediss" => {
+            p.push(("cluster.redis".into(), "`rediss://` (TLS) is not supported by this build; use `redis://`".into()))
+        }
+        // The URL is not echoed: it may carry a password.
+        _ => p.push(("cluster.redis".into(), "is not a `redis://host:port[/db]` URL".into())),
+    }
+    Some(super::ClusterConfig { redis: Secret::new(url.to_owned()), lease, fallback })
+}
+
+/// `auth.key_limits`: each limit at least 1; they need keys to apply to.
+fn key_limits(p: &mut Problems, raw: Option<&super::raw::RawKeyLimits>, mode: AuthMode) -> super::KeyLimits {
+    let Some(raw) = raw else { return super::KeyLimits::default() };
+    let mut at_least_one = |key: &str, v: Option<u32>| match v {
+        Some(0) => {
+            p.push((format!("auth.key_limits.{key}"), "must be at least 1 (leave it out for no limit)".into()));
+            None
+        }
+        v => v,
+    };
+    let limits = super::KeyLimits {
+        requests_per_minute: at_least_one("requests_per_minute", raw.requests_per_minute),
+        max_parallel: at_least_one("max_parallel", raw.max_parallel),
+    };
+    if mode != AuthMode::Keys {
+        p.push(("auth.key_limits".into(), "limits API keys, so it needs `auth.mode: keys`".into()));
+    }
+    limits
 }
 
 /// `server.cors`: origins are `scheme://host[:port]` exactly as browsers send them, or the one entry `*`.
@@ -1252,5 +1327,51 @@ fn bytes(p: &mut Problems, at: &str, s: Option<&str>, default: usize) -> usize {
             p.push((at.to_owned(), format!("`{s}` is not a size in bytes (e.g. 64MiB, 10MB, 1048576)")));
             default
         }),
+    }
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use std::path::Path;
+
+    use super::super::{ClusterFallback, MapEnv, from_str};
+
+    const BASE: &str = "backends:\n  sim:\n    kind: simulated\nmodels:\n  - id: m\n    backends: [sim]\n";
+
+    #[test]
+    fn cluster_and_key_limits_are_typed_with_defaults() {
+        let text = format!(
+            "cluster: {{redis: 'redis://:pw@127.0.0.1:6380/2', fallback: local, fleet_size: 3}}\nauth: {{mode: keys, key_limits: {{requests_per_minute: 60, max_parallel: 2}}}}\n{BASE}"
+        );
+        let cfg = from_str(&text, "easel.yaml", Path::new("."), &MapEnv::default()).unwrap();
+        let cluster = cfg.cluster.unwrap();
+        assert_eq!(cluster.lease, std::time::Duration::from_secs(10));
+        assert_eq!(cluster.fallback, ClusterFallback::Local { fleet_size: 3 });
+        assert!(!format!("{cluster:?}").contains("pw"), "the URL's password never reaches logs");
+        assert_eq!(cfg.auth.key_limits.requests_per_minute, Some(60));
+        assert_eq!(cfg.auth.key_limits.max_parallel, Some(2));
+        assert!(from_str(BASE, "easel.yaml", Path::new("."), &MapEnv::default()).unwrap().cluster.is_none());
+    }
+
+    #[test]
+    fn every_cluster_problem_is_reported_before_any_connection() {
+        let text = format!(
+            "cluster: {{redis: 'http://nope', lease: 10ms, fallback: local}}\nauth: {{key_limits: {{requests_per_minute: 0}}}}\n{BASE}"
+        );
+        let err = from_str(&text, "easel.yaml", Path::new("."), &MapEnv::default()).unwrap_err();
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        for want in [
+            "cluster.redis",
+            "cluster.lease",
+            "cluster.fleet_size",
+            "auth.key_limits.requests_per_minute",
+            "auth.key_limits",
+        ] {
+            assert!(paths.contains(&want), "no problem at {want}: {err}");
+        }
+        let text = format!("cluster: {{fallback: closed, fleet_size: 2}}\n{BASE}");
+        let err = from_str(&text, "easel.yaml", Path::new("."), &MapEnv::default()).unwrap_err();
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert!(paths.contains(&"cluster.fleet_size") && paths.contains(&"cluster.fallback"), "{err}");
     }
 }

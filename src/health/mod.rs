@@ -317,3 +317,8 @@ pub async fn run(live: crate::reload::Live, cancel: CancellationToken) {
         }
     }
 }
+
+/// The `redis` entry of `/health` with `cluster.redis` set (`None` without it).
+pub fn redis_report(cluster: &crate::admission::Cluster) -> Option<crate::admission::fleet::RedisReport> {
+    cluster.fleet.as_ref().map(|f| f.report())
+}

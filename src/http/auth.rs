@@ -1,13 +1,19 @@
 //! Authentication at the router: with `auth.mode: keys` every route needs `Authorization: Bearer <key>` except
 //! the named [`PUBLIC_ROUTES`] (with `mode: static`, the one configured token instead of a key); the admin API (and the gateway status page) needs `EASEL_ADMIN_TOKEN` in every
-//! mode. A valid key becomes a [`Principal`] request extension.
+//! mode. A valid key becomes a [`Principal`] request extension. Generation, text and video requests of a key
+//! then pass its `auth.key_limits` (429 `rate_limited` with OpenAI's `x-ratelimit-*-requests` headers).
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::header;
+use axum::http::{HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
+use crate::admission::keys::{KeyRefusal, KeySlot, RateInfo};
 use crate::config::AuthMode;
 use crate::error::Error;
 use crate::ledger::Store;
@@ -66,11 +72,89 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
     match state.ledger.authenticate(secret).await {
         Ok(Some(principal)) => {
             crate::telemetry::context::note_key(&principal.name);
+            let limited = state.cluster.keys.enabled() && is_generation(&state, &req);
+            let key = principal.name.clone();
             req.extensions_mut().insert(principal);
-            next.run(req).await
+            if !limited {
+                return next.run(req).await;
+            }
+            match state.cluster.keys.admit(&key).await {
+                Ok((slot, info)) => {
+                    let mut resp = next.run(req).await;
+                    rate_headers(&mut resp, info);
+                    // The parallel slot is held until the answer is fully sent (streams included).
+                    resp.map(|body| Body::new(Holding { body, _slot: slot }))
+                }
+                Err(KeyRefusal::Limited(e)) => {
+                    let info = e.info();
+                    let mut resp = ApiError::from(e).into_response();
+                    rate_headers(&mut resp, info);
+                    resp
+                }
+                Err(KeyRefusal::Unavailable(e)) => ApiError::from(e).into_response(),
+            }
         }
         Ok(None) => unauthorized("invalid API key: it is unknown or revoked"),
         Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// Routes that cost backend work and count against a key's limits.
+const LIMITED_ROUTES: &[&str] = &[
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/videos",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+];
+
+fn is_generation(state: &AppState, req: &Request) -> bool {
+    let path = req.uri().path();
+    req.method() == Method::POST
+        && (LIMITED_ROUTES.contains(&path) || state.config.routes.iter().any(|r| r.path == path))
+}
+
+/// OpenAI's names: `x-ratelimit-{limit,remaining,reset}-requests` (reset as `1m0s`, `59s`).
+fn rate_headers(resp: &mut Response, info: Option<RateInfo>) {
+    let Some(info) = info else { return };
+    let secs = info.reset.as_secs_f64().ceil() as u64;
+    let reset = if secs >= 60 { format!("{}m{}s", secs / 60, secs % 60) } else { format!("{secs}s") };
+    let h = resp.headers_mut();
+    for (name, value) in [
+        ("x-ratelimit-limit-requests", info.limit.to_string()),
+        ("x-ratelimit-remaining-requests", info.remaining.to_string()),
+        ("x-ratelimit-reset-requests", reset),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
+}
+
+/// A response body that keeps a key's parallel slot until it ends or is dropped.
+struct Holding {
+    body: Body,
+    _slot: KeySlot,
+}
+
+impl http_body::Body for Holding {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -88,7 +88,13 @@ fn shape(e: &Error) -> Shape {
             AdmissionError::Draining { .. } => {
                 Shape::new(StatusCode::SERVICE_UNAVAILABLE, SERVER, "backend_unavailable").retry(a.retry_after())
             }
+            AdmissionError::RedisUnavailable { .. } => {
+                Shape::new(StatusCode::SERVICE_UNAVAILABLE, SERVER, "redis_unavailable").retry(a.retry_after())
+            }
         },
+        Error::KeyLimited(k) => {
+            Shape::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "rate_limited").retry(k.retry_after())
+        }
         Error::Backend(b) => backend_shape(b),
         Error::WorkingSet(w) => set_shape(w),
         Error::Storage(_) => Shape::new(StatusCode::INTERNAL_SERVER_ERROR, SERVER, "storage_error"),

@@ -76,7 +76,11 @@ pub async fn health_handler(State(state): State<AppState>) -> Response {
         _ => "degraded",
     };
     let code = if healthy == 0 { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
-    (code, Json(json!({"status": status, "version": env!("CARGO_PKG_VERSION"), "backends": backends}))).into_response()
+    let mut body = json!({"status": status, "version": env!("CARGO_PKG_VERSION"), "backends": backends});
+    if let Some(redis) = crate::health::redis_report(&state.cluster) {
+        body["redis"] = json!(redis);
+    }
+    (code, Json(body)).into_response()
 }
 
 /// `GET /metrics`: Prometheus text format.

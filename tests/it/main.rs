@@ -8,6 +8,7 @@ mod support;
 
 mod a1111;
 mod admission;
+mod cluster;
 mod comfyui;
 mod comfyui_video;
 mod compat;

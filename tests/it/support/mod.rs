@@ -9,6 +9,7 @@ pub mod huggingface;
 pub mod invokeai;
 pub mod openai;
 pub mod postgres;
+pub mod redis;
 pub mod replicate;
 pub mod shim;
 pub mod template_server;
