@@ -439,6 +439,11 @@ impl Backend for ComfyUiBackend {
         true
     }
 
+    /// Only a workflow that reads `{{ background }}` can paint a transparent background.
+    fn supports_transparency_for(&self, model: &crate::config::ModelConfig) -> bool {
+        model.workflow.as_ref().is_some_and(|w| w.uses("background"))
+    }
+
     fn supports_videos(&self) -> bool {
         true
     }

@@ -499,6 +499,11 @@ impl Backend for InvokeAiBackend {
     fn supports_edits(&self) -> bool {
         true
     }
+
+    /// Only a workflow that reads `{{ background }}` can paint a transparent background.
+    fn supports_transparency_for(&self, model: &crate::config::ModelConfig) -> bool {
+        model.workflow.as_ref().is_some_and(|w| w.uses("background"))
+    }
 }
 
 /// An `invocation_progress` preview (`data:image/…;base64,…`) as image bytes; `None` when it is not an image.

@@ -19,7 +19,7 @@ use super::client::Http;
 use super::jobs::{JobErrorCode, OutputKind, sniff_video};
 use super::{
     Backend, BackendError, Failure, ImageCall, ImageOutput, JobHandle, JobOutput, JobPoll, JobState, ProbeReport,
-    VideoCall, decode_image_b64, image_from_bytes,
+    Reported, TokenUsage, VideoCall, decode_image_b64, image_from_bytes,
 };
 use crate::config::BackendConfig;
 
@@ -46,8 +46,14 @@ impl OpenAiBackend {
         let body: ImagesBody<'_> = serde_json::from_slice(&raw).map_err(|e| {
             self.http.error(url, Failure::InvalidResponse(format!("the JSON body does not match the protocol: {e}")))
         })?;
+        let usage = body.usage.map(|u| TokenUsage {
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            total_tokens: u.total_tokens.unwrap_or(u.input_tokens + u.output_tokens),
+        });
+        let told = usage.is_some() || body.quality.is_some() || body.background.is_some();
         let mut images = Vec::with_capacity(body.data.len());
-        for item in body.data {
+        for (i, item) in body.data.into_iter().enumerate() {
             let mut out = match (item.b64_json, item.url) {
                 (Some(b64), _) => {
                     decode_image_b64(&b64).map_err(|e| self.http.error(url, Failure::InvalidResponse(e)))?
@@ -67,6 +73,13 @@ impl OpenAiBackend {
                 }
             };
             out.revised_prompt = item.revised_prompt.map(|t| t.0.into_owned());
+            if told {
+                out.reported = Some(Box::new(Reported {
+                    usage: if i == 0 { usage } else { None },
+                    quality: body.quality.clone(),
+                    background: body.background.clone(),
+                }));
+            }
             images.push(out);
         }
         Ok(images)
@@ -222,6 +235,11 @@ impl Backend for OpenAiBackend {
         true
     }
 
+    /// `background` is passed on; the upstream model decides (and refuses it itself when it cannot).
+    fn supports_transparency_for(&self, _model: &crate::config::ModelConfig) -> bool {
+        true
+    }
+
     fn supports_videos(&self) -> bool {
         true
     }
@@ -330,6 +348,21 @@ impl Backend for OpenAiBackend {
 struct ImagesBody<'a> {
     #[serde(default, borrow)]
     data: Vec<ImageItem<'a>>,
+    /// gpt-image models report these; other servers leave them out.
+    #[serde(default)]
+    usage: Option<UsageBody>,
+    #[serde(default)]
+    quality: Option<String>,
+    #[serde(default)]
+    background: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct UsageBody {
+    input_tokens: u64,
+    output_tokens: u64,
+    #[serde(default)]
+    total_tokens: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

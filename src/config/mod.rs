@@ -571,6 +571,8 @@ pub struct ModelConfig {
     pub steps: Option<u32>,
     pub guidance_scale: Option<f64>,
     pub negative_prompt: Option<String>,
+    /// The prompt `/v1/images/variations` runs its edit with.
+    pub variation_prompt: String,
     /// The workflow template of comfyui/invokeai backends.
     pub workflow: Option<Arc<crate::backends::workflow::Workflow>>,
     /// Video models priced per second of video (else `credits` per clip).

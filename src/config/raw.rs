@@ -343,6 +343,8 @@ pub struct RawModel {
     pub steps: Option<u32>,
     pub guidance_scale: Option<f64>,
     pub negative_prompt: Option<String>,
+    /// The prompt `/v1/images/variations` edits with (absent = a neutral default).
+    pub variation_prompt: Option<String>,
     /// Video models: price per second of video instead of per clip (`credits`).
     pub credits_per_second: Option<f64>,
     /// Jobs (videos): how long one may take before easel cancels it upstream and refunds it, e.g. `30m`.

@@ -1006,7 +1006,16 @@ fn model(
             p.push((format!("{at}.aliases[{i}]"), format!("`{a}` is the model's own id")));
         }
     }
+    let variation_prompt = match m.variation_prompt {
+        Some(v) if v.trim().is_empty() => {
+            p.push((format!("{at}.variation_prompt"), "must not be empty (leave it out for the default)".into()));
+            return None;
+        }
+        Some(v) => v,
+        None => DEFAULT_VARIATION_PROMPT.to_owned(),
+    };
     Some(ModelConfig {
+        variation_prompt,
         aliases: m.aliases,
         upstream_model: m.upstream_model.unwrap_or_else(|| id.clone()),
         id,
@@ -1031,6 +1040,10 @@ fn model(
         edit_task,
     })
 }
+
+/// The prompt of `/v1/images/variations` on a model that sets no `variation_prompt`: neutral, so the variation
+/// stays close to the input (every backend's edit needs some prompt; OpenAI's refuses an empty one).
+pub const DEFAULT_VARIATION_PROMPT: &str = "a variation of this image";
 
 /// Completion tokens a text request is assumed to ask for when it sets no `max_tokens` (the hold's estimate).
 const DEFAULT_MAX_OUTPUT_TOKENS: u32 = 4096;

@@ -108,6 +108,7 @@ pub async fn create_video(
             "seconds": req.seconds.to_string(),
             "size": size.to_string(),
             "has_reference": req.reference.is_some(),
+            "model_as_sent": req.model,
         }),
         deadline_at: crate::ledger::now_ms() + model.job_timeout.as_millis() as i64,
         due_now: false,
