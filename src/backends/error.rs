@@ -93,7 +93,9 @@ impl BackendError {
             | Failure::InvalidResponse(_)
             | Failure::JobFailed(_) => true,
             Failure::Status { status, .. } => !matches!(status, 400 | 413 | 415 | 422),
-            Failure::Rejected(_) | Failure::Unsupported(_) | Failure::UnusableField { .. } | Failure::Config(_) => false,
+            Failure::Rejected(_) | Failure::Unsupported(_) | Failure::UnusableField { .. } | Failure::Config(_) => {
+                false
+            }
         }
     }
 

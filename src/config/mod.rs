@@ -620,6 +620,8 @@ pub struct TokenCredits {
 pub struct ModelBackend {
     pub name: String,
     pub weight: u32,
+    /// Images one call may make for this model here (the entry's, else the model's); `None` = the backend's own.
+    pub max_images_per_call: Option<u32>,
 }
 
 /// One thing wrong with a configuration, pointing at where it is.

@@ -910,11 +910,19 @@ fn model(
         },
     };
     let mut list = Vec::new();
+    if m.max_images_per_call == Some(0) {
+        p.push((format!("{at}.max_images_per_call"), "must be at least 1".into()));
+    }
     for (j, b) in m.backends.into_iter().enumerate() {
-        let (name, weight) = match b {
-            RawModelBackend::Name(n) => (n, 1),
-            RawModelBackend::Weighted(w) => (w.name, w.weight.unwrap_or(1)),
+        let (name, weight, per_call) = match b {
+            RawModelBackend::Name(n) => (n, 1, None),
+            RawModelBackend::Weighted(w) => (w.name, w.weight.unwrap_or(1), w.max_images_per_call),
         };
+        if per_call == Some(0) {
+            p.push((format!("{at}.backends[{j}].max_images_per_call"), "must be at least 1".into()));
+        }
+        // This backend's per-call maximum for this model: its own entry's, else the model's, else the backend's.
+        let max_images_per_call = per_call.or(m.max_images_per_call);
         match backends.get(name.as_str()) {
             // Declared but invalid: its own problems are already reported.
             None if declared.contains(&name) => {}
@@ -947,7 +955,7 @@ fn model(
         if weight == 0 {
             p.push((format!("{at}.backends[{j}]"), "weight must be at least 1".into()));
         }
-        list.push(ModelBackend { name, weight });
+        list.push(ModelBackend { name, weight, max_images_per_call });
     }
     let needs_workflow: Vec<&str> = list
         .iter()

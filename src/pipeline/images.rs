@@ -182,9 +182,13 @@ pub(crate) fn infer_edit_size(req: &mut GenerateImage, inputs: &[InputImage]) {
 
 /// A model can edit when one of its backends can; otherwise 400 `unsupported_operation` naming them.
 pub(crate) fn check_can_edit(state: &AppState, model: &ModelConfig) -> Result<(), Error> {
-    check_backends(state, model, "model", |h| h.adapter.supports_edits_for(model), |kinds| {
-        format!("model `{}` cannot edit images: its backends {kinds} do not support edits", model.id)
-    })
+    check_backends(
+        state,
+        model,
+        "model",
+        |h| h.adapter.supports_edits_for(model),
+        |kinds| format!("model `{}` cannot edit images: its backends {kinds} do not support edits", model.id),
+    )
 }
 
 /// `background: transparent` needs a backend that paints an alpha channel; otherwise 400 `unsupported_operation`
@@ -193,13 +197,19 @@ fn check_can_be_transparent(state: &AppState, model: &ModelConfig, req: &Generat
     if req.background.as_deref() != Some("transparent") {
         return Ok(());
     }
-    check_backends(state, model, "background", |h| h.adapter.supports_transparency_for(model), |kinds| {
-        format!(
-            "model `{}` cannot make a transparent background: its backends {kinds} cannot paint one (for \
+    check_backends(
+        state,
+        model,
+        "background",
+        |h| h.adapter.supports_transparency_for(model),
+        |kinds| {
+            format!(
+                "model `{}` cannot make a transparent background: its backends {kinds} cannot paint one (for \
              comfyui/invokeai, the workflow must use {{{{ background }}}}); leave `background` out or set it to `opaque`",
-            model.id
-        )
-    })
+                model.id
+            )
+        },
+    )
 }
 
 /// Ok when one of the model's backends passes `can`; else 400 `unsupported_operation` on `param`, with
@@ -211,8 +221,7 @@ fn check_backends(
     can: impl Fn(&BackendHandle) -> bool,
     message: impl FnOnce(String) -> String,
 ) -> Result<(), Error> {
-    let handles: Vec<&Arc<BackendHandle>> =
-        model.backends.iter().filter_map(|b| state.backends.get(&b.name)).collect();
+    let handles: Vec<&Arc<BackendHandle>> = model.backends.iter().filter_map(|b| state.backends.get(&b.name)).collect();
     if handles.iter().any(|h| can(h)) {
         return Ok(());
     }
@@ -253,13 +262,19 @@ pub fn prepare_variation(
         }
     }
     let model = state.registry.resolve(wire.model.as_deref(), ModelType::Image, "image variations")?;
-    check_backends(state, &model, "model", |h| h.adapter.supports_edits_for(&model), |kinds| {
-        format!(
-            "model `{}` cannot make variations: variations run as image edits, and its backends {kinds} do not \
+    check_backends(
+        state,
+        &model,
+        "model",
+        |h| h.adapter.supports_edits_for(&model),
+        |kinds| {
+            format!(
+                "model `{}` cannot make variations: variations run as image edits, and its backends {kinds} do not \
              support edits",
-            model.id
-        )
-    })?;
+                model.id
+            )
+        },
+    )?;
     wire.prompt = Some(model.variation_prompt.clone());
     Ok(())
 }
@@ -442,8 +457,8 @@ pub(crate) async fn produce(
     let per_call = model
         .backends
         .iter()
-        .filter_map(|b| state.backends.get(&b.name))
-        .map(|h| h.cfg.max_images_per_call)
+        .filter_map(|b| state.backends.get(&b.name).map(|h| (b, h)))
+        .map(|(b, h)| b.max_images_per_call.map_or(h.cfg.max_images_per_call, |m| m.min(h.cfg.max_images_per_call)))
         .min()
         .unwrap_or(1)
         .max(1);

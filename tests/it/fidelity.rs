@@ -33,7 +33,9 @@ models:
 fn png(w: u32, h: u32) -> Vec<u8> {
     let img = image::RgbaImage::from_fn(w, h, |x, y| image::Rgba([(x * 7) as u8, (y * 5) as u8, 90, 255]));
     let mut out = Vec::new();
-    image::DynamicImage::ImageRgba8(img).write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    image::DynamicImage::ImageRgba8(img)
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
     out
 }
 
@@ -156,7 +158,10 @@ async fn transparent_backgrounds_are_painted_or_refused_and_fields_say_what_was_
     assert!(img.pixels().any(|p| p.0[3] == 255), "the subject is opaque");
 
     let (s, _, body) = gw
-        .post_json("/v1/images/generations", json!({"model": "sim", "prompt": "discs", "size": "48x48", "response_format": "b64_json"}))
+        .post_json(
+            "/v1/images/generations",
+            json!({"model": "sim", "prompt": "discs", "size": "48x48", "response_format": "b64_json"}),
+        )
         .await;
     assert_eq!(s, 200, "{body}");
     assert_eq!((body["background"].as_str(), body["quality"].as_str()), (Some("opaque"), Some("auto")));
@@ -219,4 +224,23 @@ async fn jobs_and_videos_keep_the_alias_the_client_sent() {
     // Without a model, the default model's own id.
     let (_, _, video) = gw.post_json("/v1/videos", json!({"prompt": "waves", "seconds": "1"})).await;
     assert_eq!(video["model"], "clip");
+}
+
+#[tokio::test]
+async fn max_images_per_call_is_set_per_model_and_per_backend_entry() {
+    let up = support::openai::start().await;
+    let config = format!(
+        "backends:\n  oa:\n    kind: openai\n    url: {}/v1\n    api_key: {}\n    timeout: 2s\nmodels:\n  - id: d3\n    backends: [{{name: oa, max_images_per_call: 1}}]\n    upstream_model: dall-e-3\n  - id: two\n    max_images_per_call: 2\n    backends: [oa]\n    upstream_model: sd-turbo\n  - id: free\n    backends: [oa]\n    upstream_model: sd-turbo\n",
+        up.url,
+        support::openai::KEY
+    );
+    let gw = spawn_gateway(&config).await;
+    let calls = || up.state.calls.load(std::sync::atomic::Ordering::SeqCst);
+    let (s, _, body) = gw.post_json("/v1/images/generations", json!({"model": "d3", "prompt": "p", "n": 3})).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!((body["data"].as_array().unwrap().len(), calls()), (3, 3), "one image per call for dall-e-3");
+    let (s, _, _) = gw.post_json("/v1/images/generations", json!({"model": "two", "prompt": "p", "n": 3})).await;
+    assert_eq!((s, calls()), (200, 5), "the model's 2 per call: 2 + 1");
+    let (s, _, _) = gw.post_json("/v1/images/generations", json!({"model": "free", "prompt": "p", "n": 3})).await;
+    assert_eq!((s, calls()), (200, 6), "the backend's own 10 per call");
 }
