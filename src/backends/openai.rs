@@ -46,11 +46,7 @@ impl OpenAiBackend {
         let body: ImagesBody<'_> = serde_json::from_slice(&raw).map_err(|e| {
             self.http.error(url, Failure::InvalidResponse(format!("the JSON body does not match the protocol: {e}")))
         })?;
-        let usage = body.usage.map(|u| TokenUsage {
-            input_tokens: u.input_tokens,
-            output_tokens: u.output_tokens,
-            total_tokens: u.total_tokens.unwrap_or(u.input_tokens + u.output_tokens),
-        });
+        let usage = body.usage.as_ref().and_then(usage);
         let told = usage.is_some() || body.quality.is_some() || body.background.is_some();
         let mut images = Vec::with_capacity(body.data.len());
         for (i, item) in body.data.into_iter().enumerate() {
@@ -84,6 +80,13 @@ impl OpenAiBackend {
         }
         Ok(images)
     }
+}
+
+/// Token usage from an upstream's `usage`, when it names input and output tokens (else none: never guessed).
+fn usage(v: &Value) -> Option<TokenUsage> {
+    let (input, output) = (v.get("input_tokens")?.as_u64()?, v.get("output_tokens")?.as_u64()?);
+    let total = v.get("total_tokens").and_then(Value::as_u64).unwrap_or(input + output);
+    Some(TokenUsage { input_tokens: input, output_tokens: output, total_tokens: total })
 }
 
 /// The Videos API path of a job, refusing an id that is not one (it goes into a URL path).
@@ -349,20 +352,13 @@ struct ImagesBody<'a> {
     #[serde(default, borrow)]
     data: Vec<ImageItem<'a>>,
     /// gpt-image models report these; other servers leave them out.
+    /// Read leniently (any shape): a server's odd `usage` must not fail the images it sent.
     #[serde(default)]
-    usage: Option<UsageBody>,
+    usage: Option<Value>,
     #[serde(default)]
     quality: Option<String>,
     #[serde(default)]
     background: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct UsageBody {
-    input_tokens: u64,
-    output_tokens: u64,
-    #[serde(default)]
-    total_tokens: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -401,5 +397,8 @@ mod tests {
         assert!(takes_response_format("dall-e-3"));
         assert!(takes_response_format("sd-turbo"));
         assert!(!takes_response_format("gpt-image-1"));
+        assert_eq!(b.usage.as_ref().and_then(usage), None, "usage without token counts is not guessed");
+        let full = json!({"input_tokens": 2, "output_tokens": 5});
+        assert_eq!(usage(&full), Some(TokenUsage { input_tokens: 2, output_tokens: 5, total_tokens: 7 }));
     }
 }
