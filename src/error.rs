@@ -50,7 +50,7 @@ pub enum Error {
     RouteNotFound { method: String, path: String },
     /// An OpenAI-style path easel does not serve (e.g. `/v1/audio/speech`): not a wrong path, a missing feature.
     #[error(
-        "easel does not serve {method} {path}; it serves /v1/images/generations, /v1/images/edits, /v1/videos, /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /v1/files and /v1/jobs"
+        "easel does not serve {method} {path}; it serves /v1/images/generations, /v1/images/edits, /v1/images/variations, /v1/videos, /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /v1/files and /v1/jobs"
     )]
     UnsupportedEndpoint { method: String, path: String },
     #[error("{method} is not allowed on {path}")]

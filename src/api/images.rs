@@ -77,6 +77,11 @@ pub struct ImagesResponse {
     pub data: Vec<ImageItem>,
     pub output_format: &'static str,
     pub size: Option<String>,
+    /// gpt-image's `quality` and `background`: what the backend reported, else what was asked for.
+    pub quality: Option<String>,
+    pub background: Option<String>,
+    /// Token usage, only when the backend reported it (never estimated).
+    pub usage: Option<crate::backends::TokenUsage>,
     /// Set when fewer images were made than asked for (an easel extension field, `partial`).
     pub partial: Option<Partial>,
 }
@@ -138,6 +143,18 @@ impl ImagesResponse {
         if let Some(size) = &self.size {
             out.put_slice(b",\"size\":");
             put_json_string(&mut out, size);
+        }
+        if let Some(q) = &self.quality {
+            out.put_slice(b",\"quality\":");
+            put_json_string(&mut out, q);
+        }
+        if let Some(b) = &self.background {
+            out.put_slice(b",\"background\":");
+            put_json_string(&mut out, b);
+        }
+        if let Some(u) = &self.usage {
+            out.put_slice(b",\"usage\":");
+            out.put_slice(usage_json(u).to_string().as_bytes());
         }
         if let Some(p) = &self.partial {
             out.put_slice(b",\"partial\":{\"requested\":");
@@ -218,23 +235,30 @@ impl ImagesResponse {
             Some(ImageData::B64(b)) => engine.encode(b),
             Some(ImageData::Url(_)) | None => String::new(),
         };
-        let data = serde_json::json!({
+        let mut data = serde_json::json!({
             "type": kind,
             "b64_json": b64,
             "created_at": self.created,
             "size": self.size.as_deref().unwrap_or(&meta.size),
-            "quality": meta.quality,
-            "background": meta.background,
+            "quality": self.quality.as_deref().unwrap_or(meta.quality),
+            "background": self.background.as_deref().unwrap_or(meta.background),
             "output_format": self.output_format,
-            "usage": {
-                "input_tokens": 0,
-                "output_tokens": 0,
-                "total_tokens": 0,
-                "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
-            },
         });
+        // Usage only when the backend reported it: an invented zero would read as "free" to a client.
+        if let (Some(u), Some(obj)) = (&self.usage, data.as_object_mut()) {
+            obj.insert("usage".into(), usage_json(u));
+        }
         sse_event(&kind, &data)
     }
+}
+
+/// `usage` as OpenAI writes it.
+fn usage_json(u: &crate::backends::TokenUsage) -> serde_json::Value {
+    serde_json::json!({
+        "input_tokens": u.input_tokens,
+        "output_tokens": u.output_tokens,
+        "total_tokens": u.total_tokens,
+    })
 }
 
 fn put_json_string(out: &mut BytesMut, s: &str) {
@@ -260,6 +284,9 @@ mod tests {
             ],
             output_format: "png",
             size: Some("8x8".into()),
+            quality: Some("high".into()),
+            background: None,
+            usage: Some(crate::backends::TokenUsage { input_tokens: 3, output_tokens: 5, total_tokens: 8 }),
             partial: Some(Partial { requested: 4, produced: 2, error: "backend `a` timed out".into() }),
         };
         let v: serde_json::Value = serde_json::from_slice(&r.to_json()).unwrap();
@@ -269,6 +296,9 @@ mod tests {
         assert_eq!(v["data"][1]["url"], "http://h/v1/files/x.png");
         assert_eq!(v["output_format"], "png");
         assert_eq!(v["size"], "8x8");
+        assert_eq!(v["quality"], "high");
+        assert!(v.get("background").is_none());
+        assert_eq!(v["usage"], serde_json::json!({"input_tokens": 3, "output_tokens": 5, "total_tokens": 8}));
         assert_eq!(v["partial"], serde_json::json!({"requested": 4, "produced": 2, "error": "backend `a` timed out"}));
     }
 }

@@ -86,7 +86,7 @@ pub fn video(job: &JobRecord) -> Video {
     Video {
         id: job.id.clone(),
         object: "video",
-        model: job.model.clone(),
+        model: super::jobs::model_as_sent(job),
         status,
         progress: if status == "completed" { 100 } else { job.progress.min(99) },
         created_at: job.created_at / 1000,

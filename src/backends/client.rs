@@ -107,7 +107,8 @@ impl Http {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<f64>().ok())
             .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64);
+            .map(Duration::from_secs_f64)
+            .or_else(|| if status == 429 { ratelimit_reset(resp.headers()) } else { None });
         let body = self.read_capped(resp, url, MAX_ERROR_BODY).await.unwrap_or_default();
         // Hugging Face says how long a cold model needs in the body instead of a header.
         let retry_after = retry_after.or_else(|| estimated_time(&body));
@@ -281,4 +282,34 @@ pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+/// When a 429 without `Retry-After` may be retried, from the IETF `RateLimit` header (Hugging Face:
+/// `"api";r=0;t=55`, `t=` being the seconds until the quota resets), else the window of `RateLimit-Policy`
+/// (`"fixed window";"api";q=500;w=300`, `w=` seconds), which bounds it.
+pub(crate) fn ratelimit_reset(headers: &HeaderMap) -> Option<Duration> {
+    let param = |name: &str, key: &str| {
+        headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).find_map(|v| {
+            v.split([';', ',']).find_map(|p| {
+                let (k, val) = p.trim().split_once('=')?;
+                (k.trim() == key).then(|| val.trim().trim_matches('"').parse::<u64>().ok()).flatten()
+            })
+        })
+    };
+    param("ratelimit", "t").or_else(|| param("ratelimit-policy", "w")).map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod ratelimit_tests {
+    use super::*;
+
+    #[test]
+    fn reads_t_from_ratelimit_then_w_from_the_policy() {
+        let mut h = HeaderMap::new();
+        h.insert("ratelimit-policy", "\"fixed window\";\"api\";q=500;w=300".parse().unwrap());
+        assert_eq!(ratelimit_reset(&h), Some(Duration::from_secs(300)));
+        h.insert("ratelimit", "\"api\";r=0;t=55".parse().unwrap());
+        assert_eq!(ratelimit_reset(&h), Some(Duration::from_secs(55)));
+        assert_eq!(ratelimit_reset(&HeaderMap::new()), None);
+    }
 }

@@ -331,7 +331,7 @@ impl Backend for ComfyUiBackend {
         let vars = WorkflowVars::for_call(&call, seed, call.count, image.as_deref(), mask.as_deref());
         let graph = workflow
             .render(&vars)
-            .map_err(|e| self.http.error("", Failure::InvalidResponse(format!("rendering the workflow: {e}"))))?;
+            .map_err(|e| self.http.error("", Failure::Config(format!("rendering the workflow: {e}"))))?;
 
         let client_id = uuid::Uuid::now_v7().to_string();
         // Open the socket before submitting so no event is missed.
@@ -437,6 +437,11 @@ impl Backend for ComfyUiBackend {
 
     fn supports_edits(&self) -> bool {
         true
+    }
+
+    /// Only a workflow that reads `{{ background }}` can paint a transparent background.
+    fn supports_transparency_for(&self, model: &crate::config::ModelConfig) -> bool {
+        model.workflow.as_ref().is_some_and(|w| w.uses("background"))
     }
 
     fn supports_videos(&self) -> bool {

@@ -53,6 +53,9 @@ pub enum Failure {
     /// This model cannot use a field the request sent (an edit image or mask its workflow has no input for):
     /// the client's to fix, named by `param`.
     UnusableField { param: &'static str, message: String },
+    /// easel's own configuration (a body or workflow template) could not be rendered for this request: a server
+    /// fault (500), not the client's and not the backend's.
+    Config(String),
 }
 
 impl BackendError {
@@ -90,7 +93,9 @@ impl BackendError {
             | Failure::InvalidResponse(_)
             | Failure::JobFailed(_) => true,
             Failure::Status { status, .. } => !matches!(status, 400 | 413 | 415 | 422),
-            Failure::Rejected(_) | Failure::Unsupported(_) | Failure::UnusableField { .. } => false,
+            Failure::Rejected(_) | Failure::Unsupported(_) | Failure::UnusableField { .. } | Failure::Config(_) => {
+                false
+            }
         }
     }
 
@@ -100,9 +105,11 @@ impl BackendError {
             Failure::Connect(_) | Failure::Timeout(_) | Failure::Disconnected(_) | Failure::InvalidResponse(_) => true,
             Failure::Status { status, .. } => *status >= 500,
             // The server is alive and answering; the job (or its workflow) failed.
-            Failure::Rejected(_) | Failure::Unsupported(_) | Failure::UnusableField { .. } | Failure::JobFailed(_) => {
-                false
-            }
+            Failure::Rejected(_)
+            | Failure::Unsupported(_)
+            | Failure::UnusableField { .. }
+            | Failure::JobFailed(_)
+            | Failure::Config(_) => false,
         }
     }
 
@@ -118,6 +125,7 @@ impl BackendError {
             Failure::InvalidResponse(_) => "invalid_response",
             Failure::JobFailed(_) => "job_failed",
             Failure::Unsupported(_) | Failure::UnusableField { .. } => "unsupported",
+            Failure::Config(_) => "config_error",
         }
     }
 
@@ -174,6 +182,7 @@ impl fmt::Display for BackendError {
             Failure::JobFailed(detail) => write!(f, "backend `{name}` ({kind}) failed the job: {detail}"),
             Failure::Unsupported(op) => write!(f, "backend `{name}` ({kind}) cannot {op}"),
             Failure::UnusableField { message, .. } => f.write_str(message),
+            Failure::Config(detail) => write!(f, "backend `{name}` ({kind}) is misconfigured in easel: {detail}"),
         }
     }
 }

@@ -141,9 +141,9 @@ impl InvokeAiBackend {
         for i in 0..call.count {
             let seed = base_seed.wrapping_add(u64::from(i)) & u64::from(u32::MAX);
             let vars = WorkflowVars::for_call(call, seed, 1, image.as_deref(), mask.as_deref());
-            let graph = workflow.render(&vars).map_err(|e| {
-                self.http.error("", Failure::InvalidResponse(format!("rendering the graph template: {e}")))
-            })?;
+            let graph = workflow
+                .render(&vars)
+                .map_err(|e| self.http.error("", Failure::Config(format!("rendering the graph template: {e}"))))?;
             graphs.push(graph);
         }
         let outputs = graphs.first().map(wire::output_nodes).unwrap_or_default();
@@ -498,6 +498,11 @@ impl Backend for InvokeAiBackend {
 
     fn supports_edits(&self) -> bool {
         true
+    }
+
+    /// Only a workflow that reads `{{ background }}` can paint a transparent background.
+    fn supports_transparency_for(&self, model: &crate::config::ModelConfig) -> bool {
+        model.workflow.as_ref().is_some_and(|w| w.uses("background"))
     }
 }
 

@@ -75,6 +75,25 @@ pub struct ImageOutput {
     /// Sniffed from the bytes, never trusted from a header.
     pub format: ImageFormat,
     pub revised_prompt: Option<String>,
+    /// What the backend itself reported about the call (OpenAI's gpt-image fields); `None` when it said nothing.
+    pub reported: Option<Box<Reported>>,
+}
+
+/// gpt-image response fields an upstream reported. `usage` is set on the first image of a call only, so summing
+/// over the images of several calls gives the request's total.
+#[derive(Debug, Clone, Default)]
+pub struct Reported {
+    pub usage: Option<TokenUsage>,
+    pub quality: Option<String>,
+    pub background: Option<String>,
+}
+
+/// Token usage as an OpenAI image model reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenUsage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub total_tokens: u64,
 }
 
 /// What a health probe learned.
@@ -106,6 +125,13 @@ pub trait Backend {
     fn supports_edits_for(&self, model: &ModelConfig) -> bool {
         let _ = model;
         self.supports_edits()
+    }
+
+    /// Whether this backend can honour `background: transparent` for `model` (paint an alpha channel). Backends
+    /// that cannot refuse such a request instead of ignoring it.
+    fn supports_transparency_for(&self, model: &ModelConfig) -> bool {
+        let _ = model;
+        false
     }
 
     /// Whether this backend makes videos (the job operations below are implemented).
@@ -248,6 +274,10 @@ impl AnyBackend {
         each_backend!(self, b => b.supports_edits_for(model))
     }
 
+    pub fn supports_transparency_for(&self, model: &ModelConfig) -> bool {
+        each_backend!(self, b => b.supports_transparency_for(model))
+    }
+
     pub async fn probe(&self) -> Result<ProbeReport, BackendError> {
         each_backend!(self, b => b.probe().await)
     }
@@ -279,7 +309,7 @@ where
 pub fn decode_image_b64(data: &str) -> Result<ImageOutput, String> {
     let bytes = crate::media::decode_base64(data)?;
     let format = crate::media::sniff(&bytes).ok_or("the decoded data is not a PNG, JPEG or WebP image")?;
-    Ok(ImageOutput { bytes, format, revised_prompt: None })
+    Ok(ImageOutput { bytes, format, revised_prompt: None, reported: None })
 }
 
 /// Wraps raw bytes as an image output, checking that they are one.
@@ -288,5 +318,5 @@ pub fn image_from_bytes(bytes: Bytes) -> Result<ImageOutput, String> {
     let format = crate::media::sniff(&bytes).ok_or_else(|| {
         format!("expected PNG, JPEG or WebP image bytes but got {} bytes of something else", bytes.len())
     })?;
-    Ok(ImageOutput { bytes, format, revised_prompt: None })
+    Ok(ImageOutput { bytes, format, revised_prompt: None, reported: None })
 }

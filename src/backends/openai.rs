@@ -19,7 +19,7 @@ use super::client::Http;
 use super::jobs::{JobErrorCode, OutputKind, sniff_video};
 use super::{
     Backend, BackendError, Failure, ImageCall, ImageOutput, JobHandle, JobOutput, JobPoll, JobState, ProbeReport,
-    VideoCall, decode_image_b64, image_from_bytes,
+    Reported, TokenUsage, VideoCall, decode_image_b64, image_from_bytes,
 };
 use crate::config::BackendConfig;
 
@@ -46,8 +46,10 @@ impl OpenAiBackend {
         let body: ImagesBody<'_> = serde_json::from_slice(&raw).map_err(|e| {
             self.http.error(url, Failure::InvalidResponse(format!("the JSON body does not match the protocol: {e}")))
         })?;
+        let usage = body.usage.as_ref().and_then(usage);
+        let told = usage.is_some() || body.quality.is_some() || body.background.is_some();
         let mut images = Vec::with_capacity(body.data.len());
-        for item in body.data {
+        for (i, item) in body.data.into_iter().enumerate() {
             let mut out = match (item.b64_json, item.url) {
                 (Some(b64), _) => {
                     decode_image_b64(&b64).map_err(|e| self.http.error(url, Failure::InvalidResponse(e)))?
@@ -67,10 +69,24 @@ impl OpenAiBackend {
                 }
             };
             out.revised_prompt = item.revised_prompt.map(|t| t.0.into_owned());
+            if told {
+                out.reported = Some(Box::new(Reported {
+                    usage: if i == 0 { usage } else { None },
+                    quality: body.quality.clone(),
+                    background: body.background.clone(),
+                }));
+            }
             images.push(out);
         }
         Ok(images)
     }
+}
+
+/// Token usage from an upstream's `usage`, when it names input and output tokens (else none: never guessed).
+fn usage(v: &Value) -> Option<TokenUsage> {
+    let (input, output) = (v.get("input_tokens")?.as_u64()?, v.get("output_tokens")?.as_u64()?);
+    let total = v.get("total_tokens").and_then(Value::as_u64).unwrap_or(input + output);
+    Some(TokenUsage { input_tokens: input, output_tokens: output, total_tokens: total })
 }
 
 /// The Videos API path of a job, refusing an id that is not one (it goes into a URL path).
@@ -222,6 +238,11 @@ impl Backend for OpenAiBackend {
         true
     }
 
+    /// `background` is passed on; the upstream model decides (and refuses it itself when it cannot).
+    fn supports_transparency_for(&self, _model: &crate::config::ModelConfig) -> bool {
+        true
+    }
+
     fn supports_videos(&self) -> bool {
         true
     }
@@ -330,6 +351,14 @@ impl Backend for OpenAiBackend {
 struct ImagesBody<'a> {
     #[serde(default, borrow)]
     data: Vec<ImageItem<'a>>,
+    /// gpt-image models report these; other servers leave them out.
+    /// Read leniently (any shape): a server's odd `usage` must not fail the images it sent.
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(default)]
+    quality: Option<String>,
+    #[serde(default)]
+    background: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -368,5 +397,8 @@ mod tests {
         assert!(takes_response_format("dall-e-3"));
         assert!(takes_response_format("sd-turbo"));
         assert!(!takes_response_format("gpt-image-1"));
+        assert_eq!(b.usage.as_ref().and_then(usage), None, "usage without token counts is not guessed");
+        let full = json!({"input_tokens": 2, "output_tokens": 5});
+        assert_eq!(usage(&full), Some(TokenUsage { input_tokens: 2, output_tokens: 5, total_tokens: 7 }));
     }
 }

@@ -65,6 +65,7 @@ impl Backend for SimulatedBackend {
         let prompt = call.request.prompt.clone();
         let (w, h) = (call.size.width, call.size.height);
         let count = call.count;
+        let transparent = call.request.background.as_deref() == Some("transparent");
         let edit = call
             .edit
             .and_then(|e| e.images.first().map(|i| (i.bytes.clone(), e.mask.as_ref().map(|m| m.bytes.clone()))));
@@ -73,8 +74,11 @@ impl Backend for SimulatedBackend {
         let images = crate::media::run_decoding(&refs, move || {
             (0..u64::from(count))
                 .map(|i| match &edit {
-                    None => paint(&prompt, base_seed.wrapping_add(i), w, h),
-                    Some((image, mask)) => repaint(image, mask.as_deref(), &prompt, base_seed.wrapping_add(i), w, h),
+                    None => paint_with(&prompt, base_seed.wrapping_add(i), w, h, transparent),
+                    Some((image, mask)) => {
+                        let out = repaint(image, mask.as_deref(), &prompt, base_seed.wrapping_add(i), w, h)?;
+                        if transparent { keep_alpha(&out, image) } else { Ok(out) }
+                    }
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(crate::media::DecodeError::Invalid)
@@ -119,7 +123,7 @@ impl Backend for SimulatedBackend {
         }
         Ok(images
             .into_iter()
-            .map(|bytes| ImageOutput { bytes, format: ImageFormat::Png, revised_prompt: None })
+            .map(|bytes| ImageOutput { bytes, format: ImageFormat::Png, revised_prompt: None, reported: None })
             .collect())
     }
 
@@ -128,6 +132,10 @@ impl Backend for SimulatedBackend {
     }
 
     fn supports_edits(&self) -> bool {
+        true
+    }
+
+    fn supports_transparency_for(&self, _model: &crate::config::ModelConfig) -> bool {
         true
     }
 
@@ -205,6 +213,27 @@ fn preview(image: &[u8], sigma: f32) -> Result<Bytes, String> {
 
 /// Paints a deterministic picture: a diagonal gradient between two prompt-derived colours with seed-placed discs.
 pub fn paint(prompt: &str, seed: u64, width: u32, height: u32) -> Result<Bytes, String> {
+    paint_with(prompt, seed, width, height, false)
+}
+
+/// An edit with `background: transparent`: the edited picture keeps the input's alpha channel (what was
+/// transparent in the input stays transparent).
+fn keep_alpha(edited: &[u8], input: &[u8]) -> Result<Bytes, String> {
+    let edited = crate::media::decode_blocking(edited).map_err(|e| e.to_string())?.to_rgb8();
+    let (w, h) = edited.dimensions();
+    let alpha = crate::media::decode_blocking(input)
+        .map_err(|e| format!("the input image: {e}"))?
+        .resize_exact(w, h, image::imageops::FilterType::Nearest)
+        .to_rgba8();
+    let out = image::RgbaImage::from_fn(w, h, |x, y| {
+        let [r, g, b] = edited.get_pixel(x, y).0;
+        image::Rgba([r, g, b, alpha.get_pixel(x, y).0[3]])
+    });
+    encode_rgba_png(&out)
+}
+
+/// [`paint`], with the gradient left fully transparent when `transparent` (only the discs are painted).
+pub fn paint_with(prompt: &str, seed: u64, width: u32, height: u32, transparent: bool) -> Result<Bytes, String> {
     let mut h = DefaultHasher::new();
     prompt.hash(&mut h);
     let p = h.finish();
@@ -228,18 +257,40 @@ pub fn paint(prompt: &str, seed: u64, width: u32, height: u32) -> Result<Bytes, 
         })
         .collect();
     let span = (width + height).max(1) as f32;
-    let img = RgbImage::from_fn(width, height, |x, y| {
-        for (cx, cy, r2, c) in &discs {
+    let in_disc = |x: u32, y: u32| {
+        discs.iter().find(|(cx, cy, r2, _)| {
             let (dx, dy) = (x as f32 - cx, y as f32 - cy);
-            if dx * dx + dy * dy <= *r2 {
-                return *c;
-            }
+            dx * dx + dy * dy <= *r2
+        })
+    };
+    let img = RgbImage::from_fn(width, height, |x, y| {
+        if let Some((_, _, _, c)) = in_disc(x, y) {
+            return *c;
         }
         let t = (x + y) as f32 / span;
         let mix = |i: usize| (a.0[i] as f32 * (1.0 - t) + b.0[i] as f32 * t) as u8;
         Rgb([mix(0), mix(1), mix(2)])
     });
-    encode_png(&img)
+    if !transparent {
+        return encode_png(&img);
+    }
+    let rgba = image::RgbaImage::from_fn(width, height, |x, y| {
+        let [r, g, b] = img.get_pixel(x, y).0;
+        image::Rgba([r, g, b, if in_disc(x, y).is_some() { 255 } else { 0 }])
+    });
+    encode_rgba_png(&rgba)
+}
+
+fn encode_rgba_png(img: &image::RgbaImage) -> Result<Bytes, String> {
+    let mut out = Vec::with_capacity((img.width() * img.height()) as usize / 2);
+    image::codecs::png::PngEncoder::new_with_quality(
+        &mut out,
+        image::codecs::png::CompressionType::Fast,
+        image::codecs::png::FilterType::Adaptive,
+    )
+    .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgba8)
+    .map_err(|e| format!("cannot encode PNG: {e}"))?;
+    Ok(Bytes::from(out))
 }
 
 fn encode_png(img: &RgbImage) -> Result<Bytes, String> {

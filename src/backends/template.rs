@@ -97,7 +97,7 @@ impl TemplateBackend {
         let refused = |detail: String| {
             self.http.error(
                 url,
-                Failure::Rejected(format!(
+                Failure::Config(format!(
                     "easel's body template `{key}` cannot be rendered for this request: {detail}; fix the template \
                      in easel's configuration, or the request's `extra`"
                 )),

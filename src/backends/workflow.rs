@@ -4,7 +4,9 @@
 //! Every template can use exactly these variables: `prompt`, `negative_prompt` (empty string when none), `seed`
 //! (always an integer: the request's, else a fresh random one), `width`, `height`, `steps` (the request's or the
 //! model's, else 20), `cfg` (the request's `guidance_scale` or the model's, else 7.0), `batch_size`, and for edits
-//! `image` and `mask` (names of the uploaded inputs; `mask` is the empty string when the edit has none). Video
+//! `image` and `mask` (names of the uploaded inputs; `mask` is the empty string when the edit has none), and
+//! `background` (`transparent`, `opaque` or `auto`, as the request asked; a workflow that mentions it is taken to
+//! honour `background: transparent`, one that does not refuses it). Video
 //! models (`type: video`) also get `seconds` (the clip length asked for), `fps` (the request's `extra.fps`, else
 //! 16, the rate most open video models are trained at) and `frames` (`seconds × fps`); their `image` is the
 //! uploaded `input_reference` and is only defined when one was sent. Write strings as `{{ prompt | tojson }}` so
@@ -34,6 +36,8 @@ pub struct WorkflowVars<'a> {
     pub steps: u32,
     pub cfg: f64,
     pub batch_size: u32,
+    /// `transparent`, `opaque` or `auto` (the request's `background`, `auto` when it set none).
+    pub background: &'a str,
     /// Only set for edits: printing it in a generation is an undefined-variable error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub image: Option<&'a str>,
@@ -76,6 +80,7 @@ impl<'a> WorkflowVars<'a> {
             steps: req.steps.unwrap_or(DEFAULT_STEPS),
             cfg: req.guidance_scale.unwrap_or(DEFAULT_CFG),
             batch_size,
+            background: req.background.as_deref().unwrap_or("auto"),
             image,
             mask: if call.edit.is_some() { Some(mask.unwrap_or("")) } else { None },
             seconds: None,
@@ -105,6 +110,7 @@ impl<'a> WorkflowVars<'a> {
             steps: model.steps.unwrap_or(DEFAULT_STEPS),
             cfg: model.guidance_scale.unwrap_or(DEFAULT_CFG),
             batch_size: 1,
+            background: "auto",
             image,
             mask: None,
             seconds: Some(req.seconds),
@@ -163,6 +169,7 @@ impl Workflow {
             steps: DEFAULT_STEPS,
             cfg: DEFAULT_CFG,
             batch_size: 1,
+            background: "transparent",
             image: Some("input.png"),
             mask: Some("mask.png"),
             seconds: Some(4),
@@ -266,6 +273,7 @@ pub const WORKFLOW_VARIABLES: &[&str] = &[
     "steps",
     "cfg",
     "batch_size",
+    "background",
     "image",
     "mask",
     "seconds",
@@ -303,6 +311,7 @@ mod tests {
             steps: 1,
             cfg: 1.0,
             batch_size: 1,
+            background: "auto",
             image: None,
             mask: None,
             seconds: None,

@@ -141,7 +141,15 @@ async fn act(database: &str, action: Action) -> Result<(String, ExitCode), Ledge
                 (std::iter::once(LIST_HEADER.to_owned()).chain(keys.iter().map(line)).collect(), ExitCode::SUCCESS)
             }
         }
-        Action::Revoke { key } => (format!("revoked: {}", line(&store.revoke_key(&key).await?)), ExitCode::SUCCESS),
+        Action::Revoke { key } => {
+            // The same match the ledger uses (name, id or prefix): a key revoked before is said to be, exit 1.
+            let before = store.list_keys().await?;
+            let already = before.iter().find(|k| k.name == key || k.id.to_string() == key || k.prefix == key);
+            match already {
+                Some(k) if k.revoked => (format!("already revoked: {}", line(k)), ExitCode::from(1)),
+                _ => (format!("revoked: {}", line(&store.revoke_key(&key).await?)), ExitCode::SUCCESS),
+            }
+        }
         Action::Grant { key, credits } => (line(&store.grant(&key, to_mc(credits), "cli").await?), ExitCode::SUCCESS),
         Action::Migrate => (format!("{}: migrations applied\n", store.describe()), ExitCode::SUCCESS),
         Action::Check => {

@@ -607,6 +607,8 @@ pub struct ModelConfig {
     pub steps: Option<u32>,
     pub guidance_scale: Option<f64>,
     pub negative_prompt: Option<String>,
+    /// The prompt `/v1/images/variations` runs its edit with.
+    pub variation_prompt: String,
     /// The workflow template of comfyui/invokeai backends.
     pub workflow: Option<Arc<crate::backends::workflow::Workflow>>,
     /// Video models priced per second of video (else `credits` per clip).
@@ -654,6 +656,8 @@ pub struct TokenCredits {
 pub struct ModelBackend {
     pub name: String,
     pub weight: u32,
+    /// Images one call may make for this model here (the entry's, else the model's); `None` = the backend's own.
+    pub max_images_per_call: Option<u32>,
 }
 
 /// One thing wrong with a configuration, pointing at where it is.

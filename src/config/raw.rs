@@ -365,11 +365,16 @@ pub struct RawModel {
     pub default_size: Option<String>,
     pub max_size: Option<String>,
     pub max_n: Option<u32>,
+    /// Images one upstream call may make for this model, on every backend that sets none for it (default: each
+    /// backend's own `max_images_per_call`).
+    pub max_images_per_call: Option<u32>,
     pub max_prompt_chars: Option<u32>,
     /// Defaults for easel's extension fields when the request leaves them out.
     pub steps: Option<u32>,
     pub guidance_scale: Option<f64>,
     pub negative_prompt: Option<String>,
+    /// The prompt `/v1/images/variations` edits with (absent = a neutral default).
+    pub variation_prompt: Option<String>,
     /// Video models: price per second of video instead of per clip (`credits`).
     pub credits_per_second: Option<f64>,
     /// Jobs (videos): how long one may take before easel cancels it upstream and refunds it, e.g. `30m`.
@@ -392,6 +397,8 @@ pub enum RawModelBackend {
 pub struct RawWeightedBackend {
     pub name: String,
     pub weight: Option<u32>,
+    /// Images one call to this backend may make for this model (dall-e-3 takes 1); default: the model's.
+    pub max_images_per_call: Option<u32>,
 }
 
 /// `credits: 2` or `credits: {per_request: 2}` or `credits: {input_per_1k: 0.5, output_per_1k: 1.5}`.

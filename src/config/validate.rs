@@ -988,11 +988,19 @@ fn model(
         },
     };
     let mut list = Vec::new();
+    if m.max_images_per_call == Some(0) {
+        p.push((format!("{at}.max_images_per_call"), "must be at least 1".into()));
+    }
     for (j, b) in m.backends.into_iter().enumerate() {
-        let (name, weight) = match b {
-            RawModelBackend::Name(n) => (n, 1),
-            RawModelBackend::Weighted(w) => (w.name, w.weight.unwrap_or(1)),
+        let (name, weight, per_call) = match b {
+            RawModelBackend::Name(n) => (n, 1, None),
+            RawModelBackend::Weighted(w) => (w.name, w.weight.unwrap_or(1), w.max_images_per_call),
         };
+        if per_call == Some(0) {
+            p.push((format!("{at}.backends[{j}].max_images_per_call"), "must be at least 1".into()));
+        }
+        // This backend's per-call maximum for this model: its own entry's, else the model's, else the backend's.
+        let max_images_per_call = per_call.or(m.max_images_per_call);
         match backends.get(name.as_str()) {
             // Declared but invalid: its own problems are already reported.
             None if declared.contains(&name) => {}
@@ -1025,7 +1033,7 @@ fn model(
         if weight == 0 {
             p.push((format!("{at}.backends[{j}]"), "weight must be at least 1".into()));
         }
-        list.push(ModelBackend { name, weight });
+        list.push(ModelBackend { name, weight, max_images_per_call });
     }
     let needs_workflow: Vec<&str> = list
         .iter()
@@ -1084,7 +1092,16 @@ fn model(
             p.push((format!("{at}.aliases[{i}]"), format!("`{a}` is the model's own id")));
         }
     }
+    let variation_prompt = match m.variation_prompt {
+        Some(v) if v.trim().is_empty() => {
+            p.push((format!("{at}.variation_prompt"), "must not be empty (leave it out for the default)".into()));
+            return None;
+        }
+        Some(v) => v,
+        None => DEFAULT_VARIATION_PROMPT.to_owned(),
+    };
     Some(ModelConfig {
+        variation_prompt,
         aliases: m.aliases,
         upstream_model: m.upstream_model.unwrap_or_else(|| id.clone()),
         id,
@@ -1109,6 +1126,10 @@ fn model(
         edit_task,
     })
 }
+
+/// The prompt of `/v1/images/variations` on a model that sets no `variation_prompt`: neutral, so the variation
+/// stays close to the input (every backend's edit needs some prompt; OpenAI's refuses an empty one).
+pub const DEFAULT_VARIATION_PROMPT: &str = "a variation of this image";
 
 /// Completion tokens a text request is assumed to ask for when it sets no `max_tokens` (the hold's estimate).
 const DEFAULT_MAX_OUTPUT_TOKENS: u32 = 4096;

@@ -186,6 +186,7 @@ fn backend_shape(b: &BackendError) -> Shape {
             Shape::new(StatusCode::BAD_GATEWAY, SERVER, "backend_error")
         }
         Failure::Unsupported(_) => Shape::new(StatusCode::BAD_REQUEST, INVALID, "unsupported_operation"),
+        Failure::Config(_) => Shape::new(StatusCode::INTERNAL_SERVER_ERROR, SERVER, "config_error"),
         Failure::UnusableField { param, .. } => Shape {
             param: Some((*param).to_owned()),
             ..Shape::new(StatusCode::BAD_REQUEST, INVALID, "unsupported_operation")

@@ -61,9 +61,32 @@ pub async fn edits_handler(
     headers: HeaderMap,
     body: EditBody,
 ) -> Result<Response, ApiError> {
+    edit(state, principal, headers, body, "/v1/images/edits").await
+}
+
+/// `POST /v1/images/variations`: an edit of the one `image` without a mask, prompted by the model's
+/// `variation_prompt` (see `pipeline::images::prepare_variation`).
+pub async fn variations_handler(
+    State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
+    mut body: EditBody,
+) -> Result<Response, ApiError> {
+    crate::pipeline::images::prepare_variation(&state, &mut body.fields, &body.images, body.mask.is_some())?;
+    edit(state, principal, headers, body, "/v1/images/variations").await
+}
+
+/// The edit story behind both routes: a job with `Prefer: respond-async`, a stream, or a whole answer.
+async fn edit(
+    state: AppState,
+    principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
+    body: EditBody,
+    path: &'static str,
+) -> Result<Response, ApiError> {
     let base = super::base_url(&state, &headers);
     if respond_async(&headers) {
-        let (caller, _) = caller(&headers, principal, "/v1/images/edits", None)?;
+        let (caller, _) = caller(&headers, principal, path, None)?;
         let task = tokio::spawn(crate::telemetry::context::propagate(async move {
             let job =
                 crate::pipeline::image_jobs::submit(&state, &caller, body.fields, body.images, body.mask, true).await?;
@@ -72,7 +95,7 @@ pub async fn edits_handler(
         return Ok(task.await.map_err(|e| Error::Internal(format!("the request task failed: {e}")))??);
     }
     let (listen, meta) = streaming(&body.fields, true);
-    let (caller, previews) = caller(&headers, principal, "/v1/images/edits", listen)?;
+    let (caller, previews) = caller(&headers, principal, path, listen)?;
     let gone_on_drop = caller.gone.clone().drop_guard();
     let task = tokio::spawn(crate::telemetry::context::propagate(async move {
         crate::pipeline::images::edit_images(&state, &caller, body.fields, body.images, body.mask, &base).await

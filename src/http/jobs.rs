@@ -71,6 +71,16 @@ async fn images_result(state: &AppState, job: &JobRecord, outputs: &Value, base:
             _ => "png",
         },
         size: outputs["size"].as_str().map(str::to_owned),
+        quality: outputs["quality"].as_str().map(str::to_owned),
+        background: outputs["background"].as_str().map(str::to_owned),
+        usage: outputs["usage"].as_object().map(|u| {
+            let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+            crate::backends::TokenUsage {
+                input_tokens: n("input_tokens"),
+                output_tokens: n("output_tokens"),
+                total_tokens: n("total_tokens"),
+            }
+        }),
         partial,
     };
     serde_json::from_slice(&resp.to_json()).unwrap_or(Value::Null)

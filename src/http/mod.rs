@@ -95,6 +95,7 @@ pub fn router(state: AppState) -> Router {
     let mut images = Router::new()
         .route("/v1/images/generations", post(images::generations_handler))
         .route("/v1/images/edits", post(images::edits_handler))
+        .route("/v1/images/variations", post(images::variations_handler))
         .route("/v1/videos", post(videos::create_handler).get(videos::list_handler));
     // Legacy routes from `routes:` (validated at load: plain paths that never shadow easel's own).
     for r in &state.config.routes {
@@ -442,6 +443,7 @@ fn static_route(route: &str) -> &'static str {
     const ROUTES: &[&str] = &[
         "/v1/images/generations",
         "/v1/images/edits",
+        "/v1/images/variations",
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",

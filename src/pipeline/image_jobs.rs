@@ -345,6 +345,11 @@ async fn execute(
                 "images": images,
                 "output_format": resp.output_format,
                 "size": resp.size,
+                "quality": resp.quality,
+                "background": resp.background,
+                "usage": resp.usage.map(|u| serde_json::json!({
+                    "input_tokens": u.input_tokens, "output_tokens": u.output_tokens, "total_tokens": u.total_tokens,
+                })),
                 "partial": resp.partial.as_ref().map(|p| serde_json::json!({
                     "requested": p.requested, "produced": p.produced, "error": p.error,
                 })),

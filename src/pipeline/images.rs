@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::dispatch::dispatch;
 use crate::api::images::{ImageData, ImageItem, ImagesRequest, ImagesResponse, Partial, StreamMeta};
 use crate::backends::progress::Progress;
-use crate::backends::{BackendError, EditInputs, Failure, ImageCall, ImageOutput, InputImage};
+use crate::backends::{BackendError, EditInputs, Failure, ImageCall, ImageOutput, InputImage, Reported, TokenUsage};
 use crate::config::{Capability, ModelConfig, ModelType};
 use crate::error::Error;
 use crate::ledger::{HoldOutcome, IdemClaim, Principal, SettlingGuard, Store, StoredResponse};
@@ -182,22 +182,101 @@ pub(crate) fn infer_edit_size(req: &mut GenerateImage, inputs: &[InputImage]) {
 
 /// A model can edit when one of its backends can; otherwise 400 `unsupported_operation` naming them.
 pub(crate) fn check_can_edit(state: &AppState, model: &ModelConfig) -> Result<(), Error> {
-    let mut backends = model.backends.iter().filter_map(|b| state.backends.get(&b.name));
-    if backends.any(|h| h.adapter.supports_edits_for(model)) {
+    check_backends(
+        state,
+        model,
+        "model",
+        |h| h.adapter.supports_edits_for(model),
+        |kinds| format!("model `{}` cannot edit images: its backends {kinds} do not support edits", model.id),
+    )
+}
+
+/// `background: transparent` needs a backend that paints an alpha channel; otherwise 400 `unsupported_operation`
+/// (never a silently opaque image).
+fn check_can_be_transparent(state: &AppState, model: &ModelConfig, req: &GenerateImage) -> Result<(), Error> {
+    if req.background.as_deref() != Some("transparent") {
         return Ok(());
     }
-    let kinds: Vec<String> = model
-        .backends
-        .iter()
-        .filter_map(|b| state.backends.get(&b.name))
-        .map(|h| format!("`{}` ({})", h.cfg.name, h.cfg.kind))
-        .collect();
-    Err(RequestError::param(
-        "model",
-        format!("model `{}` cannot edit images: its backends {} do not support edits", model.id, kinds.join(", ")),
+    check_backends(
+        state,
+        model,
+        "background",
+        |h| h.adapter.supports_transparency_for(model),
+        |kinds| {
+            format!(
+                "model `{}` cannot make a transparent background: its backends {kinds} cannot paint one (for \
+             comfyui/invokeai, the workflow must use {{{{ background }}}}); leave `background` out or set it to `opaque`",
+                model.id
+            )
+        },
     )
-    .with_code("unsupported_operation")
-    .into())
+}
+
+/// Ok when one of the model's backends passes `can`; else 400 `unsupported_operation` on `param`, with
+/// `message` given the list of backends.
+fn check_backends(
+    state: &AppState,
+    model: &ModelConfig,
+    param: &str,
+    can: impl Fn(&BackendHandle) -> bool,
+    message: impl FnOnce(String) -> String,
+) -> Result<(), Error> {
+    let handles: Vec<&Arc<BackendHandle>> = model.backends.iter().filter_map(|b| state.backends.get(&b.name)).collect();
+    if handles.iter().any(|h| can(h)) {
+        return Ok(());
+    }
+    let kinds: Vec<String> = handles.iter().map(|h| format!("`{}` ({})", h.cfg.name, h.cfg.kind)).collect();
+    Err(RequestError::param(param, message(kinds.join(", "))).with_code("unsupported_operation").into())
+}
+
+/// `POST /v1/images/variations` is an edit of its one image without a mask, prompted by the model's
+/// `variation_prompt`: this checks the request is a variation and fills the prompt, so the edit's story (one
+/// dispatch, one charge, one error map) runs it unchanged. A model none of whose backends edits is refused with
+/// 400 `unsupported_operation`.
+pub fn prepare_variation(
+    state: &AppState,
+    wire: &mut ImagesRequest,
+    images: &[ImageSource],
+    has_mask: bool,
+) -> Result<(), Error> {
+    for (field, given) in [
+        ("prompt", wire.prompt.is_some()),
+        ("mask", has_mask),
+        ("stream", wire.stream.is_some()),
+        ("partial_images", wire.partial_images.is_some()),
+    ] {
+        if given {
+            return Err(RequestError::param(
+                field,
+                format!("a variation takes no `{field}`; to change an image by a prompt, use /v1/images/edits"),
+            )
+            .with_code("unknown_parameter")
+            .into());
+        }
+    }
+    match images.len() {
+        1 => {}
+        0 => return Err(RequestError::param("image", "a variation needs one `image` (a multipart file)").into()),
+        n => {
+            return Err(RequestError::param("image", format!("a variation takes exactly one `image`, not {n}")).into());
+        }
+    }
+    let model = state.registry.resolve(wire.model.as_deref(), ModelType::Image, "image variations")?;
+    check_backends(
+        state,
+        &model,
+        "model",
+        |h| h.adapter.supports_edits_for(&model),
+        |kinds| {
+            format!(
+                "model `{}` cannot make variations: variations run as image edits, and its backends {kinds} do not \
+             support edits",
+                model.id
+            )
+        },
+    )?;
+    wire.prompt = Some(model.variation_prompt.clone());
+    Ok(())
 }
 
 /// For an Idempotency-Key: SHA-256 over the path and the normalized request (the parsed fields, so JSON, multipart and form bodies hash
@@ -371,14 +450,15 @@ pub(crate) async fn produce(
     if edit.is_some() {
         check_can_edit(state, model)?;
     }
+    check_can_be_transparent(state, model, &req)?;
     let size = req.size_or(model.default_size);
 
     // 2. Plan the upstream calls.
     let per_call = model
         .backends
         .iter()
-        .filter_map(|b| state.backends.get(&b.name))
-        .map(|h| h.cfg.max_images_per_call)
+        .filter_map(|b| state.backends.get(&b.name).map(|h| (b, h)))
+        .map(|(b, h)| b.max_images_per_call.map_or(h.cfg.max_images_per_call, |m| m.min(h.cfg.max_images_per_call)))
         .min()
         .unwrap_or(1)
         .max(1);
@@ -423,6 +503,7 @@ pub(crate) async fn produce(
     });
     // Report the size that was made, not the one asked for (backends round, clamp or ignore sizes).
     let made = outputs.first().and_then(|o| crate::media::dimensions(&o.bytes)).map(|(w, h)| Size::new(w, h));
+    let reported = Reported::of(&outputs);
 
     // 4. Format and deliver.
     let target = req.output_format.unwrap_or_else(|| common_format(&outputs));
@@ -452,7 +533,38 @@ pub(crate) async fn produce(
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let produced = data.len();
     let size = made.unwrap_or(size).to_string();
-    Ok((ImagesResponse { created, data, output_format: target.as_str(), size: Some(size), partial }, produced, stored))
+    let quality = reported.quality.unwrap_or_else(|| StreamMeta::quality(req.quality.as_deref()).to_owned());
+    let background =
+        reported.background.unwrap_or_else(|| StreamMeta::background(req.background.as_deref()).to_owned());
+    let resp = ImagesResponse {
+        created,
+        data,
+        output_format: target.as_str(),
+        size: Some(size),
+        quality: Some(quality),
+        background: Some(background),
+        usage: reported.usage,
+        partial,
+    };
+    Ok((resp, produced, stored))
+}
+
+impl Reported {
+    /// What the backends reported over all of a request's images: usage summed (absent when none reported it),
+    /// `quality` and `background` from the first image that carries them.
+    fn of(outputs: &[ImageOutput]) -> Self {
+        let told: Vec<&Reported> = outputs.iter().filter_map(|o| o.reported.as_deref()).collect();
+        let usage = told.iter().filter_map(|r| r.usage).reduce(|a, b| TokenUsage {
+            input_tokens: a.input_tokens + b.input_tokens,
+            output_tokens: a.output_tokens + b.output_tokens,
+            total_tokens: a.total_tokens + b.total_tokens,
+        });
+        Self {
+            usage,
+            quality: told.iter().find_map(|r| r.quality.clone()),
+            background: told.iter().find_map(|r| r.background.clone()),
+        }
+    }
 }
 
 /// One planned upstream call.
@@ -481,7 +593,11 @@ async fn run_call(
     gone: &CancellationToken,
     progress: &Progress,
 ) -> Result<Vec<ImageOutput>, Error> {
-    let usable = |h: &BackendHandle| edit.is_none() || h.adapter.supports_edits_for(model);
+    let transparent = req.background.as_deref() == Some("transparent");
+    let usable = |h: &BackendHandle| {
+        (edit.is_none() || h.adapter.supports_edits_for(model))
+            && (!transparent || h.adapter.supports_transparency_for(model))
+    };
     dispatch(state, model, Capability::Images, gone, usable, |handle, permit| async move {
         let call = ImageCall {
             request: req,

@@ -110,6 +110,7 @@ pub async fn create_video(
             "has_reference": req.reference.is_some(),
             // The runner's later calls for this job carry the request id it was created under.
             "request_id": crate::telemetry::context::request_id().as_deref(),
+            "model_as_sent": req.model,
         }),
         deadline_at: crate::ledger::now_ms() + model.job_timeout.as_millis() as i64,
         due_now: false,

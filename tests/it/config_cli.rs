@@ -210,6 +210,12 @@ fn config_is_global_storage_sits_beside_the_file_and_keys_refuse_unknown_models(
     let out = easel(&["keys", "list", "-c", path.to_str().unwrap()], elsewhere.path());
     let listed = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(listed.starts_with("  id  name") && listed.contains(" ok "), "{listed}");
+    let out = easel(&["keys", "revoke", "ok", "-c", path.to_str().unwrap()], elsewhere.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = easel(&["keys", "revoke", "ok", "-c", path.to_str().unwrap()], elsewhere.path());
+    assert_eq!(out.status.code(), Some(1), "revoking twice fails");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("already revoked"), "{said}");
 
     let out = easel(&["completions", "bash"], elsewhere.path());
     assert!(out.status.success());

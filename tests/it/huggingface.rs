@@ -51,6 +51,18 @@ async fn jpeg_is_asked_with_the_matching_accept() {
 }
 
 #[tokio::test]
+async fn a_rate_limited_endpoint_is_a_429_retrying_when_its_quota_resets() {
+    let hf = support::huggingface::start().await;
+    hf.state.rate_limited_calls.store(1, std::sync::atomic::Ordering::SeqCst);
+    let gw = spawn_gateway(&config(&hf.url, "o/busy")).await;
+    let (s, headers, body) = gw.post_json("/v1/images/generations", json!({"model": "flux", "prompt": "p"})).await;
+    assert_eq!(s, 429, "{body}");
+    assert_eq!(headers["retry-after"], "55", "the `t=` of the RateLimit header: {headers:?}");
+    let (s, _, _) = gw.post_json("/v1/images/generations", json!({"model": "flux", "prompt": "p"})).await;
+    assert_eq!(s, 200);
+}
+
+#[tokio::test]
 async fn a_loading_model_is_a_503_with_retry_after() {
     let hf = support::huggingface::start().await;
     hf.state.loading_calls.store(1, std::sync::atomic::Ordering::SeqCst);

@@ -15,6 +15,7 @@ mod compat;
 mod config_cli;
 mod deploy;
 mod edits;
+mod fidelity;
 mod health;
 mod huggingface;
 mod image_jobs;

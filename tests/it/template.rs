@@ -163,7 +163,7 @@ async fn template_mistakes_are_config_errors_naming_the_key() {
 }
 
 #[tokio::test]
-async fn a_body_that_cannot_render_for_one_request_is_refused_with_its_place() {
+async fn a_body_that_cannot_render_for_one_request_is_a_config_error_with_its_place() {
     let up = support::template_server::start().await;
     let body = r#"{"prompt": {{ prompt | tojson }}, "boost": {{ (extra.boost | default(0)) + 1 }}}"#;
     let gw = spawn_gateway(&config(&up.url, "/generate", body, Some("$.images[*]"), "")).await;
@@ -175,8 +175,8 @@ async fn a_body_that_cannot_render_for_one_request_is_refused_with_its_place() {
     let (s, _, answer) = gw
         .post_json("/v1/images/generations", json!({"model": "house", "prompt": "p", "extra": {"boost": "lots"}}))
         .await;
-    assert_eq!(s, 400, "{answer}");
-    assert_eq!(answer["error"]["code"], "backend_rejected_request");
+    assert_eq!(s, 500, "easel's template, not the client's request nor the backend: {answer}");
+    assert_eq!(answer["error"]["code"], "config_error");
     let msg = message(&answer);
     assert!(msg.contains("backends.mine.body line 1") && msg.contains("`extra`"), "{msg}");
     assert_eq!(up.received_at("/generate").len(), 1, "nothing was sent");

@@ -73,7 +73,7 @@ backends:
   sim: {kind: simulated}
 models:
   - {id: chat-llm, type: text, backends: [llm], upstream_model: up-llm}
-  - {id: easel-sim, backends: [sim], default_size: 64x64}
+  - {id: easel-sim, aliases: [gpt-image-1, dall-e-2], backends: [sim], default_size: 64x64}
 `,
   );
   const bin = process.env.EASEL_BIN;
@@ -174,4 +174,30 @@ test("an image generation", async () => {
   assert.equal(res.data.length, 1);
   const png = Buffer.from(res.data[0].b64_json, "base64");
   assert.deepEqual([...png.subarray(1, 4)], [...Buffer.from("PNG")]);
+});
+
+function tinyPng() {
+  // A 1x1 opaque PNG (the simulated backend resizes inputs to the asked size).
+  return Buffer.from(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==",
+    "base64",
+  );
+}
+
+test("images.createVariation through an alias", async () => {
+  const file = await OpenAI.toFile(tinyPng(), "in.png", { type: "image/png" });
+  const res = await client().images.createVariation({ image: file, model: "dall-e-2", n: 2, size: "32x32", response_format: "b64_json" });
+  assert.equal(res.data.length, 2);
+  assert.equal(res.size, "32x32");
+  const png = Buffer.from(res.data[0].b64_json, "base64");
+  assert.equal(png.readUInt32BE(16), 32);
+});
+
+test("a gpt-image-1 call reads quality and background, and no usage is invented", async () => {
+  const res = await client().images.generate({ model: "gpt-image-1", prompt: "a fox", quality: "high", background: "transparent" });
+  assert.equal(res.quality, "high");
+  assert.equal(res.background, "transparent");
+  assert.equal(res.output_format, "png");
+  assert.equal(res.usage, undefined, "the simulated backend reports no token usage");
+  assert.ok(res.data[0].b64_json || res.data[0].url);
 });

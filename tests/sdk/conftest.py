@@ -29,6 +29,7 @@ backends:
     failure: {{status: 500, message: "CUDA out of memory"}}
 models:
   - id: easel-sim
+    aliases: [gpt-image-1, dall-e-2]
     backends: [sim]
     default_size: 64x64
     credits: 1

@@ -163,3 +163,33 @@ def test_an_image_job_through_the_sdks_own_request_methods(easel):
     assert seen["job"]["status"] == "completed", seen["job"]
     assert len(result["data"]) == 2
     assert png_size(base64.b64decode(result["data"][0]["b64_json"])) == (64, 64)
+
+
+def tiny_png():
+    # A 1x1 opaque PNG; the simulated backend resizes inputs to the asked size.
+    return base64.b64decode(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg=="
+    )
+
+
+def test_create_variation_through_an_alias(easel):
+    img = client(easel).images.create_variation(
+        image=("in.png", tiny_png(), "image/png"), model="dall-e-2", n=2, size="256x256", response_format="b64_json"
+    )
+    assert len(img.data) == 2
+    assert all(png_size(base64.b64decode(d.b64_json)) == (256, 256) for d in img.data)
+    assert img.size == "256x256"
+
+
+def test_variation_of_a_model_that_cannot_edit_is_a_bad_request(easel):
+    with pytest.raises(openai.BadRequestError) as err:
+        client(easel).images.create_variation(image=("in.png", tiny_png(), "image/png"), model="sim-video")
+    assert "sim-video" in err.value.message
+
+
+def test_gpt_image_1_alias_reads_quality_and_usage(easel):
+    img = client(easel).images.generate(model="gpt-image-1", prompt="a fox", quality="low", response_format="b64_json")
+    assert img.quality == "low"
+    assert img.background == "opaque"
+    assert img.output_format == "png"
+    assert img.usage is None, "the simulated backend reports no token usage, so none is invented"

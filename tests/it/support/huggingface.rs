@@ -23,6 +23,8 @@ pub struct HfState {
     pub calls: Mutex<Vec<(String, String, Value)>>,
     /// Answer 503 loading this many times first.
     pub loading_calls: AtomicU32,
+    /// Answer this many calls with 429 and Hugging Face's `RateLimit` headers (reset in 55 s).
+    pub rate_limited_calls: AtomicU32,
     /// Model paths (`/models/o/n`, or `/` for the endpoint) that only do text-to-image.
     pub text_only: Mutex<Vec<String>>,
 }
@@ -68,6 +70,12 @@ async fn handle(State(s): State<Arc<HfState>>, req: Request) -> Response {
     if s.loading_calls.load(Ordering::SeqCst) > 0 {
         s.loading_calls.fetch_sub(1, Ordering::SeqCst);
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": format!("Model {} is currently loading", path.trim_start_matches("/models/")), "estimated_time": 12.3}))).into_response();
+    }
+    if s.rate_limited_calls.load(Ordering::SeqCst) > 0 {
+        s.rate_limited_calls.fetch_sub(1, Ordering::SeqCst);
+        let headers = [("ratelimit", "\"api\";r=0;t=55"), ("ratelimit-policy", "\"fixed window\";\"api\";q=500;w=300")];
+        return (StatusCode::TOO_MANY_REQUESTS, headers, Json(json!({"error": "You have exceeded your rate limit"})))
+            .into_response();
     }
     if body["inputs"].as_str().is_none_or(str::is_empty) {
         return (StatusCode::BAD_REQUEST, Json(json!({"error": "str type expected: `__root__` in `parameters`"})))

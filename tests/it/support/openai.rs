@@ -113,7 +113,20 @@ async fn handle(State(s): State<Arc<OpenAiState>>, req: Request) -> Response {
             if body["model"] == "dall-e-3" && body["n"].as_u64().unwrap_or(1) > 1 {
                 return error(400, "You must provide n=1 for this model.", Some("n"), None);
             }
-            answer(&s, body["n"].as_u64().unwrap_or(1), body["model"] == "dall-e-3")
+            let resp = answer(&s, body["n"].as_u64().unwrap_or(1), body["model"] == "dall-e-3");
+            if !body["model"].as_str().unwrap_or("").starts_with("gpt-image") {
+                return resp;
+            }
+            // gpt-image models also report quality, background and token usage (10 input tokens, 100 per image).
+            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 22).await.unwrap();
+            let mut v: Value = serde_json::from_slice(&bytes).unwrap();
+            let n = body["n"].as_u64().unwrap_or(1);
+            v["quality"] = json!("medium");
+            v["background"] = json!("opaque");
+            v["output_format"] = json!("png");
+            v["usage"] = json!({"input_tokens": 10, "output_tokens": 100 * n, "total_tokens": 10 + 100 * n,
+                "input_tokens_details": {"text_tokens": 10, "image_tokens": 0}});
+            Json(v).into_response()
         }
         (Method::POST, "/v1/images/edits") => {
             s.calls.fetch_add(1, Ordering::SeqCst);
