@@ -153,7 +153,8 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
         changed.push("`health.interval`".to_owned());
     }
     if format!("{:?}", old.cluster) != format!("{:?}", new.cluster)
-        || old.cluster.as_ref().map(|c| c.redis.expose().to_owned()) != new.cluster.as_ref().map(|c| c.redis.expose().to_owned())
+        || old.cluster.as_ref().map(|c| c.redis.expose().to_owned())
+            != new.cluster.as_ref().map(|c| c.redis.expose().to_owned())
         || format!("{:?}", old.auth.key_limits) != format!("{:?}", new.auth.key_limits)
     {
         changed.push("`cluster` / `auth.key_limits`".to_owned());

@@ -141,7 +141,10 @@ impl AppState {
 }
 
 /// Records every model's current price; returns (price row id, millicredits) by model.
-async fn record_prices(ledger: &crate::ledger::AnyStore, config: &Config) -> Result<HashMap<String, (i64, Millicredits)>, String> {
+async fn record_prices(
+    ledger: &crate::ledger::AnyStore,
+    config: &Config,
+) -> Result<HashMap<String, (i64, Millicredits)>, String> {
     let mut prices = HashMap::new();
     for m in &config.models {
         let mc = m.credits.map_or(0, to_mc);
