@@ -1,8 +1,10 @@
 //! `easel doctor`: validates the configuration, opens storage and the database, then probes every backend twice:
 //! with its configured kind's own probe, and with a fixed identification sequence that tells what the server
 //! really is (ComfyUI, InvokeAI, SD.Next, Forge, AUTOMATIC1111, an OpenAI-compatible server, a Hugging Face
-//! endpoint). A mismatch between the two is the usual cause of "404 on the wrong path". Exit 1 when anything is
-//! wrong.
+//! endpoint). A mismatch between the two is the usual cause of "404 on the wrong path". Then it checks what the
+//! models ask of each server: every ComfyUI workflow's node classes and their required inputs against the
+//! server's `/object_info`, and every A1111 model's checkpoint against `/sdapi/v1/sd-models`. Exit 1 when
+//! anything is wrong.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,11 +13,15 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::backends::AnyBackend;
-use crate::config::{self, BackendConfig, BackendKind, ProcessEnv};
+use crate::backends::client::Http;
+use crate::backends::workflow::{DEFAULT_CFG, DEFAULT_FPS, DEFAULT_STEPS, Workflow, WorkflowVars};
+use crate::config::{self, BackendConfig, BackendKind, ModelConfig, ModelType, ProcessEnv};
 use crate::ledger::AnyStore;
 
 /// Each identification probe's time limit.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time limit of one catalogue read (`/object_info` is built on demand and is slow with many custom nodes).
+const CATALOGUE_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn run(config_path: Option<PathBuf>) -> ExitCode {
     let path = config::resolve_path(config_path.as_deref());
@@ -61,6 +67,9 @@ async fn examine(cfg: &config::Config) -> (String, bool) {
     let live = if cfg.backends.iter().any(|b| b.process.is_some()) { live_processes(cfg).await } else { None };
     for b in &cfg.backends {
         let (text, good) = backend(b).await;
+        ok &= good;
+        out.push_str(&text);
+        let (text, good) = contracts(cfg, b).await;
         ok &= good;
         out.push_str(&text);
         if let Some(p) = &b.process {
@@ -226,4 +235,183 @@ pub async fn identify(root: &str, key: Option<&str>) -> Option<(BackendKind, Str
         return Some((BackendKind::HuggingFace, "a Hugging Face inference endpoint (/health says Ok)".into()));
     }
     None
+}
+
+/// What the models served by `b` need from its server, checked against the server's own catalogue: ComfyUI
+/// workflows against `/object_info`, A1111 checkpoints against `/sdapi/v1/sd-models`. Other kinds: nothing.
+async fn contracts(cfg: &config::Config, b: &std::sync::Arc<BackendConfig>) -> (String, bool) {
+    if b.url.is_none() {
+        return (String::new(), true);
+    }
+    let served: Vec<&ModelConfig> =
+        cfg.models.iter().filter(|m| m.backends.iter().any(|mb| mb.name == b.name)).map(AsRef::as_ref).collect();
+    let (what, path, problems): (&str, &str, Result<Vec<String>, String>) = match b.kind {
+        BackendKind::ComfyUi => {
+            let models: Vec<&ModelConfig> = served.into_iter().filter(|m| m.workflow.is_some()).collect();
+            if models.is_empty() {
+                return (String::new(), true);
+            }
+            let checked = match catalogue(b, "/object_info").await {
+                Ok(info) => Ok(models.iter().flat_map(|m| comfy_problems(m, &info)).collect()),
+                Err(e) => Err(e),
+            };
+            ("workflows", "/object_info", checked)
+        }
+        BackendKind::A1111 => {
+            let models: Vec<(&ModelConfig, &str)> =
+                served.into_iter().filter_map(|m| a1111_checkpoint(&m.upstream_model).map(|c| (m, c))).collect();
+            if models.is_empty() {
+                return (String::new(), true);
+            }
+            let checked = match catalogue(b, "/sdapi/v1/sd-models").await {
+                Ok(list) => Ok(models.iter().filter_map(|(m, c)| a1111_problem(m, c, &list)).collect()),
+                Err(e) => Err(e),
+            };
+            ("checkpoints", "/sdapi/v1/sd-models", checked)
+        }
+        _ => return (String::new(), true),
+    };
+    match problems {
+        Ok(list) if list.is_empty() => (format!("  {what}: ok (checked against {path})\n"), true),
+        Ok(list) => {
+            let mut out = format!("  {what}: {} mismatch(es) with {path}:\n", list.len());
+            for p in list {
+                out.push_str(&format!("    {p}\n"));
+            }
+            (out, false)
+        }
+        Err(e) => (format!("  {what}: FAILED: cannot read {path}: {e}\n"), false),
+    }
+}
+
+/// One JSON catalogue from the backend, through its own HTTP client (headers, key, `max_response` cap) and
+/// bounded by [`CATALOGUE_TIMEOUT`].
+async fn catalogue(b: &std::sync::Arc<BackendConfig>, path: &str) -> Result<Value, String> {
+    let http = Http::new(std::sync::Arc::clone(b))?;
+    let read = async {
+        let (rb, url) = http.request(reqwest::Method::GET, path);
+        let resp = http.send(http.bearer(rb), &url).await?;
+        http.json::<Value>(resp, &url).await
+    };
+    match tokio::time::timeout(CATALOGUE_TIMEOUT, read).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {}s", CATALOGUE_TIMEOUT.as_secs())),
+    }
+}
+
+/// The graphs a request could render from the model's workflow, with neutral values: a generation, an edit
+/// without a mask and an edit with one (those the template can render; an edit-only workflow cannot render a
+/// generation). Video models get a clip length, rate and frame count.
+fn sample_graphs(model: &ModelConfig, workflow: &Workflow) -> Result<Vec<Value>, String> {
+    let extra = serde_json::Map::new();
+    let video = model.kind == ModelType::Video;
+    let vars = |image: Option<&'static str>, mask: Option<&'static str>| WorkflowVars {
+        prompt: "a lighthouse at dawn",
+        negative_prompt: "",
+        seed: 1,
+        width: model.default_size.width,
+        height: model.default_size.height,
+        steps: model.steps.unwrap_or(DEFAULT_STEPS),
+        cfg: model.guidance_scale.unwrap_or(DEFAULT_CFG),
+        batch_size: 1,
+        background: "auto",
+        image,
+        mask,
+        seconds: video.then_some(4),
+        fps: video.then_some(DEFAULT_FPS),
+        frames: video.then_some(4 * DEFAULT_FPS),
+        model: &model.upstream_model,
+        extra: &extra,
+    };
+    let mut graphs = Vec::new();
+    let mut first_error = None;
+    let edits = if video {
+        vec![(None, None), (Some("easel/input.png"), None)]
+    } else {
+        vec![(None, None), (Some("easel/input.png"), Some("")), (Some("easel/input.png"), Some("easel/mask.png"))]
+    };
+    for (image, mask) in edits {
+        match workflow.render(&vars(image, mask)) {
+            Ok(g) if !graphs.contains(&g) => graphs.push(g),
+            Ok(_) => {}
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match (graphs.is_empty(), first_error) {
+        (true, Some(e)) => Err(e),
+        _ => Ok(graphs),
+    }
+}
+
+/// Each node of the model's rendered workflow whose class the server lacks, or that leaves out one of its
+/// class's required inputs (a link or a value, either counts).
+fn comfy_problems(model: &ModelConfig, info: &Value) -> Vec<String> {
+    let Some(workflow) = model.workflow.as_deref() else { return Vec::new() };
+    let at = format!("model `{}`: workflow {}", model.id, workflow.path.display());
+    let graphs = match sample_graphs(model, workflow) {
+        Ok(g) => g,
+        Err(e) => return vec![format!("{at} does not render: {e}")],
+    };
+    let mut problems: Vec<String> = Vec::new();
+    for graph in &graphs {
+        let Some(nodes) = graph.as_object() else { continue };
+        let mut ids: Vec<&String> = nodes.keys().collect();
+        ids.sort_by_key(|id| (id.parse::<u64>().unwrap_or(u64::MAX), id.as_str()));
+        for id in ids {
+            let node = &nodes[id.as_str()];
+            let found = match node.get("class_type").and_then(Value::as_str) {
+                None => vec![format!("{at} node {id} has no `class_type`")],
+                Some(class) => match info.get(class) {
+                    None => vec![format!(
+                        "{at} node {id} uses `{class}`, which this ComfyUI does not have (a custom node that is not installed?)"
+                    )],
+                    Some(def) => def["input"]["required"]
+                        .as_object()
+                        .into_iter()
+                        .flat_map(|req| req.keys())
+                        .filter(|input| node["inputs"].get(input.as_str()).is_none())
+                        .map(|input| format!("{at} node {id} (`{class}`) does not set its required input `{input}`"))
+                        .collect(),
+                },
+            };
+            for p in found {
+                if !problems.contains(&p) {
+                    problems.push(p);
+                }
+            }
+        }
+    }
+    problems
+}
+
+/// The checkpoint an A1111 model asks for, or `None` when it runs whatever is loaded (`upstream_model: current`).
+fn a1111_checkpoint(upstream_model: &str) -> Option<&str> {
+    let name = upstream_model.trim();
+    (!name.is_empty() && name != "current").then_some(name)
+}
+
+/// The model's checkpoint when none of `/sdapi/v1/sd-models` answers to it by title, model name, file name
+/// (whole or last component), short hash or sha256 (the names A1111 accepts in `sd_model_checkpoint`).
+fn a1111_problem(model: &ModelConfig, wanted: &str, list: &Value) -> Option<String> {
+    let entries = list.as_array().map(Vec::as_slice).unwrap_or_default();
+    let known = entries.iter().any(|e| {
+        let s = |k: &str| e[k].as_str().unwrap_or_default();
+        let file = s("filename");
+        [s("title"), s("model_name"), file, file.rsplit(['/', '\\']).next().unwrap_or(file), s("hash"), s("sha256")]
+            .iter()
+            .any(|name| !name.is_empty() && *name == wanted)
+    });
+    if known {
+        return None;
+    }
+    let titles: Vec<&str> = entries.iter().filter_map(|e| e["title"].as_str()).collect();
+    Some(format!(
+        "model `{}`: checkpoint `{wanted}` (its `upstream_model`) is not among this server's {} checkpoint(s){}",
+        model.id,
+        titles.len(),
+        if titles.is_empty() { String::new() } else { format!(": {}", titles.join(", ")) }
+    ))
 }

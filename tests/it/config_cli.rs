@@ -222,3 +222,88 @@ fn config_is_global_storage_sits_beside_the_file_and_keys_refuse_unknown_models(
     let script = String::from_utf8_lossy(&out.stdout);
     assert!(script.contains("complete") && script.contains("easel") && script.contains("--check-images"), "{script}");
 }
+
+/// Runs `easel doctor` on `yaml` (written to `dir/easel.yaml`) and returns its exit code and stdout.
+async fn doctor(dir: &std::path::Path, yaml: String) -> (Option<i32>, String) {
+    std::fs::write(dir.join("easel.yaml"), yaml).unwrap();
+    let path = dir.to_path_buf();
+    let out = tokio::task::spawn_blocking(move || easel(&["doctor"], &path)).await.unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+const WORKFLOWS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/workflows");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_passes_workflows_and_checkpoints_the_servers_have() {
+    let comfy = crate::support::comfyui::start().await;
+    let sd = crate::support::a1111::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (code, text) = doctor(
+        dir.path(),
+        format!(
+            "backends:\n  comfy: {{kind: comfyui, url: \"{}\"}}\n  sd: {{kind: a1111, url: \"{}\"}}\nmodels:\n  - {{id: free, backends: [comfy], workflow: {WORKFLOWS}/comfyui-model-free.json}}\n  - {{id: edit, backends: [comfy], workflow: {WORKFLOWS}/comfyui-edit.json}}\n  - {{id: sdxl, backends: [comfy], workflow: {WORKFLOWS}/comfyui-sdxl.json}}\n  - {{id: clip, type: video, backends: [comfy], workflow: {WORKFLOWS}/comfyui-video.json}}\n  - {{id: sd15, backends: [sd], upstream_model: \"{}\"}}\n  - {{id: loaded, backends: [sd], upstream_model: current}}\n",
+            comfy.url,
+            sd.url,
+            crate::support::a1111::CHECKPOINT
+        ),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("  workflows: ok (checked against /object_info)"), "{text}");
+    assert!(text.contains("  checkpoints: ok (checked against /sdapi/v1/sd-models)"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_names_missing_node_classes_inputs_and_checkpoints() {
+    let comfy = crate::support::comfyui::start().await;
+    comfy.state.knobs.missing_classes.lock().unwrap().push("ImageCompositeMasked".into());
+    let sd = crate::support::a1111::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let custom = dir.path().join("custom.json");
+    std::fs::write(
+        &custom,
+        r#"{"1": {"class_type": "EmptyImage", "inputs": {"width": {{ width }}, "height": {{ height }}, "batch_size": 1, "color": 0}},
+  "7": {"class_type": "KSamplerAdvancedX", "inputs": {"image": ["1", 0]}},
+  "9": {"class_type": "SaveImage", "inputs": {"images": ["7", 0]}}}"#,
+    )
+    .unwrap();
+    let (code, text) = doctor(
+        dir.path(),
+        format!(
+            "backends:\n  comfy: {{kind: comfyui, url: \"{}\"}}\n  sd: {{kind: a1111, url: \"{}\"}}\nmodels:\n  - {{id: free, backends: [comfy], workflow: {WORKFLOWS}/comfyui-model-free.json}}\n  - {{id: custom, backends: [comfy], workflow: custom.json}}\n  - {{id: edit, backends: [comfy], workflow: {WORKFLOWS}/comfyui-edit.json}}\n  - {{id: sd15, backends: [sd], upstream_model: \"{}\"}}\n  - {{id: gone, backends: [sd], upstream_model: flux-dev.safetensors}}\n",
+            comfy.url,
+            sd.url,
+            crate::support::a1111::SDXL
+        ),
+    )
+    .await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(custom.is_file());
+    // The workflow path as the config resolves it (beside `easel.yaml`, which doctor found in the cwd).
+    let custom = "custom.json";
+    assert!(text.contains("  workflows: 3 mismatch(es) with /object_info:"), "{text}");
+    assert!(
+        text.contains(&format!("model `custom`: workflow {custom} node 7 uses `KSamplerAdvancedX`, which this ComfyUI does not have (a custom node that is not installed?)")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "model `custom`: workflow {custom} node 9 (`SaveImage`) does not set its required input `filename_prefix`"
+        )),
+        "{text}"
+    );
+    // Only the masked branch of the edit workflow composites: doctor renders that branch too.
+    assert!(
+        text.contains(&format!(
+            "model `edit`: workflow {WORKFLOWS}/comfyui-edit.json node 4 uses `ImageCompositeMasked`, which this ComfyUI does not have"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("model `free`"), "the model-free workflow only uses classes the server has: {text}");
+    assert!(
+        text.contains("checkpoints: 1 mismatch(es) with /sdapi/v1/sd-models:")
+            && text.contains("model `gone`: checkpoint `flux-dev.safetensors` (its `upstream_model`) is not among this server's 2 checkpoint(s): v1-5-pruned-emaonly.safetensors [6ce0161689]"),
+        "{text}"
+    );
+    assert!(!text.contains("model `sd15`"), "{text}");
+}

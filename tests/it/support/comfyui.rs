@@ -16,6 +16,8 @@
 //! `invalid_prompt_id`). `/queue` lists pending items in heap order (not sorted), `/interrupt {"prompt_id"}` stops
 //! only that prompt. More knobs: hold the queue (`paused`), accept a prompt and then stall the answer
 //! (`accept_then_stall`), and [`ComfyState::restart`] (queue and history are lost, as in-memory state is).
+//! `/object_info` describes the node classes these workflows use (their `input.required` as the real server
+//! declares them); `missing_classes` leaves some out, as a server without a custom node would.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -50,6 +52,8 @@ pub struct Knobs {
     pub paused: AtomicBool,
     /// Send no `progress` steps (a graph without a sampler: only node events tell how far it is).
     pub no_sampler: AtomicBool,
+    /// Node classes `/object_info` leaves out (a custom node that is not installed).
+    pub missing_classes: Mutex<Vec<String>>,
 }
 
 #[derive(Default)]
@@ -126,6 +130,7 @@ pub async fn start() -> FakeComfy {
         .route("/upload/image", post(upload))
         .route("/queue", get(queue).post(queue_delete))
         .route("/interrupt", post(interrupt))
+        .route("/object_info", get(object_info))
         .route("/system_stats", get(|| async { Json(json!({"system": {"os": "posix", "comfyui_version": "0.3.64", "python_version": "3.11", "pytorch_version": "2.15.0+cu132", "embedded_python": false, "argv": ["main.py", "--cpu"]}, "devices": [{"name": "cpu", "type": "cpu", "index": null}]})) }))
         .with_state(Arc::clone(&state));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -133,6 +138,90 @@ pub async fn start() -> FakeComfy {
     tokio::spawn(async move { axum::serve(listener, app).await });
     tokio::spawn(worker(Arc::clone(&state)));
     FakeComfy { url, state }
+}
+
+/// The node classes the fake's workflows use, shaped like the real `/object_info` (`input.required` /
+/// `input.optional`, `output`, `category`), minus those in [`Knobs::missing_classes`].
+async fn object_info(State(s): State<Arc<ComfyState>>) -> Json<Value> {
+    let int = |default: i64, min: i64| json!(["INT", {"default": default, "min": min, "max": 16384}]);
+    let image = || json!(["IMAGE"]);
+    let prefix = || json!(["STRING", {"default": "ComfyUI"}]);
+    let classes = [
+        (
+            "EmptyImage",
+            json!({"width": int(512, 1), "height": int(512, 1), "batch_size": int(1, 1), "color": int(0, 0)}),
+            json!({}),
+            "IMAGE",
+            "image",
+        ),
+        ("ImageInvert", json!({"image": image()}), json!({}), "IMAGE", "image"),
+        ("LoadImage", json!({"image": [["example.png"], {"image_upload": true}]}), json!({}), "IMAGE", "image"),
+        (
+            "ImageCompositeMasked",
+            json!({"destination": image(), "source": image(), "x": int(0, 0), "y": int(0, 0), "resize_source": ["BOOLEAN", {"default": false}]}),
+            json!({"mask": ["MASK"]}),
+            "IMAGE",
+            "image",
+        ),
+        ("SaveImage", json!({"images": image(), "filename_prefix": prefix()}), json!({}), "", "image"),
+        (
+            "CreateVideo",
+            json!({"images": image(), "fps": ["FLOAT", {"default": 30.0}]}),
+            json!({"audio": ["AUDIO"]}),
+            "VIDEO",
+            "image/video",
+        ),
+        (
+            "SaveVideo",
+            json!({"video": ["VIDEO"], "filename_prefix": prefix(), "format": [["auto", "mp4"]], "codec": [["auto", "h264"]]}),
+            json!({}),
+            "",
+            "image/video",
+        ),
+        (
+            "CheckpointLoaderSimple",
+            json!({"ckpt_name": [["sd_xl_base_1.0.safetensors"]]}),
+            json!({}),
+            "MODEL",
+            "loaders",
+        ),
+        (
+            "CLIPTextEncode",
+            json!({"text": ["STRING", {"multiline": true}], "clip": ["CLIP"]}),
+            json!({}),
+            "CONDITIONING",
+            "conditioning",
+        ),
+        (
+            "EmptyLatentImage",
+            json!({"width": int(512, 16), "height": int(512, 16), "batch_size": int(1, 1)}),
+            json!({}),
+            "LATENT",
+            "latent",
+        ),
+        (
+            "KSampler",
+            json!({"model": ["MODEL"], "seed": int(0, 0), "steps": int(20, 1), "cfg": ["FLOAT", {"default": 8.0}], "sampler_name": [["euler"]], "scheduler": [["normal"]], "positive": ["CONDITIONING"], "negative": ["CONDITIONING"], "latent_image": ["LATENT"], "denoise": ["FLOAT", {"default": 1.0}]}),
+            json!({}),
+            "LATENT",
+            "sampling",
+        ),
+        ("VAEDecode", json!({"samples": ["LATENT"], "vae": ["VAE"]}), json!({}), "IMAGE", "latent"),
+    ];
+    let missing = s.knobs.missing_classes.lock().unwrap().clone();
+    let mut all = serde_json::Map::new();
+    for (name, required, optional, output, category) in classes {
+        if missing.iter().any(|m| m == name) {
+            continue;
+        }
+        let outputs: Vec<&str> = if output.is_empty() { vec![] } else { vec![output] };
+        all.insert(
+            name.to_owned(),
+            json!({"input": {"required": required, "optional": optional, "hidden": {"prompt": "PROMPT"}}, "output": outputs,
+                   "output_node": outputs.is_empty(), "name": name, "display_name": name, "category": category}),
+        );
+    }
+    Json(Value::Object(all))
 }
 
 /// What the socket sends next: a JSON event, a binary frame, or a close.
