@@ -3,8 +3,8 @@
 //! really is (ComfyUI, InvokeAI, SD.Next, Forge, AUTOMATIC1111, an OpenAI-compatible server, a Hugging Face
 //! endpoint). A mismatch between the two is the usual cause of "404 on the wrong path". Then it checks what the
 //! models ask of each server: every ComfyUI workflow's node classes and their required inputs against the
-//! server's `/object_info`, and every A1111 model's checkpoint against `/sdapi/v1/sd-models`. Exit 1 when
-//! anything is wrong.
+//! server's `/object_info`, every InvokeAI graph's node types against the server's `/openapi.json`, and every
+//! A1111 model's checkpoint against `/sdapi/v1/sd-models`. Exit 1 when anything is wrong.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -238,7 +238,8 @@ pub async fn identify(root: &str, key: Option<&str>) -> Option<(BackendKind, Str
 }
 
 /// What the models served by `b` need from its server, checked against the server's own catalogue: ComfyUI
-/// workflows against `/object_info`, A1111 checkpoints against `/sdapi/v1/sd-models`. Other kinds: nothing.
+/// workflows against `/object_info`, InvokeAI graphs against `/openapi.json`, A1111 checkpoints against
+/// `/sdapi/v1/sd-models`. Other kinds: nothing.
 async fn contracts(cfg: &config::Config, b: &std::sync::Arc<BackendConfig>) -> (String, bool) {
     if b.url.is_none() {
         return (String::new(), true);
@@ -256,6 +257,20 @@ async fn contracts(cfg: &config::Config, b: &std::sync::Arc<BackendConfig>) -> (
                 Err(e) => Err(e),
             };
             ("workflows", "/object_info", checked)
+        }
+        BackendKind::InvokeAi => {
+            let models: Vec<&ModelConfig> = served.into_iter().filter(|m| m.workflow.is_some()).collect();
+            if models.is_empty() {
+                return (String::new(), true);
+            }
+            let checked = match catalogue(b, "/openapi.json").await {
+                Ok(doc) => {
+                    let types = invocation_types(&doc);
+                    Ok(models.iter().flat_map(|m| invoke_problems(m, &types)).collect())
+                }
+                Err(e) => Err(e),
+            };
+            ("graphs", "/openapi.json", checked)
         }
         BackendKind::A1111 => {
             let models: Vec<(&ModelConfig, &str)> =
@@ -381,6 +396,50 @@ fn comfy_problems(model: &ModelConfig, info: &Value) -> Vec<String> {
                 if !problems.contains(&p) {
                     problems.push(p);
                 }
+            }
+        }
+    }
+    problems
+}
+
+/// The node types an InvokeAI server runs: the `type` constant of every invocation schema in its OpenAPI
+/// document (`class: invocation`, or named `…Invocation`; output schemas have `type` constants too).
+fn invocation_types(doc: &Value) -> std::collections::BTreeSet<String> {
+    let Some(schemas) = doc["components"]["schemas"].as_object() else { return Default::default() };
+    schemas
+        .iter()
+        .filter(|(name, s)| s["class"] == "invocation" || (s.get("class").is_none() && name.ends_with("Invocation")))
+        .filter_map(|(_, s)| {
+            let t = &s["properties"]["type"];
+            t["const"].as_str().or_else(|| t["default"].as_str()).map(str::to_owned)
+        })
+        .collect()
+}
+
+/// Each node of the model's rendered graph whose `type` the server does not know.
+fn invoke_problems(model: &ModelConfig, types: &std::collections::BTreeSet<String>) -> Vec<String> {
+    let Some(workflow) = model.workflow.as_deref() else { return Vec::new() };
+    let at = format!("model `{}`: graph {}", model.id, workflow.path.display());
+    let graphs = match sample_graphs(model, workflow) {
+        Ok(g) => g,
+        Err(e) => return vec![format!("{at} does not render: {e}")],
+    };
+    let mut problems: Vec<String> = Vec::new();
+    for graph in &graphs {
+        let Some(nodes) = graph["nodes"].as_object() else {
+            problems.push(format!("{at} has no `nodes` object"));
+            continue;
+        };
+        for (id, node) in nodes {
+            let p = match node["type"].as_str() {
+                None => format!("{at} node `{id}` has no `type`"),
+                Some(t) if types.contains(t) => continue,
+                Some(t) => format!(
+                    "{at} node `{id}` has type `{t}`, which this InvokeAI does not have (a node pack that is not installed, or another version's name?)"
+                ),
+            };
+            if !problems.contains(&p) {
+                problems.push(p);
             }
         }
     }

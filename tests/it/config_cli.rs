@@ -237,18 +237,21 @@ const WORKFLOWS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/workflows
 async fn doctor_passes_workflows_and_checkpoints_the_servers_have() {
     let comfy = crate::support::comfyui::start().await;
     let sd = crate::support::a1111::start().await;
+    let invoke = crate::support::invokeai::start().await;
     let dir = tempfile::tempdir().unwrap();
     let (code, text) = doctor(
         dir.path(),
         format!(
-            "backends:\n  comfy: {{kind: comfyui, url: \"{}\"}}\n  sd: {{kind: a1111, url: \"{}\"}}\nmodels:\n  - {{id: free, backends: [comfy], workflow: {WORKFLOWS}/comfyui-model-free.json}}\n  - {{id: edit, backends: [comfy], workflow: {WORKFLOWS}/comfyui-edit.json}}\n  - {{id: sdxl, backends: [comfy], workflow: {WORKFLOWS}/comfyui-sdxl.json}}\n  - {{id: clip, type: video, backends: [comfy], workflow: {WORKFLOWS}/comfyui-video.json}}\n  - {{id: sd15, backends: [sd], upstream_model: \"{}\"}}\n  - {{id: loaded, backends: [sd], upstream_model: current}}\n",
+            "backends:\n  comfy: {{kind: comfyui, url: \"{}\"}}\n  sd: {{kind: a1111, url: \"{}\"}}\n  invoke: {{kind: invokeai, url: \"{}\"}}\nmodels:\n  - {{id: free, backends: [comfy], workflow: {WORKFLOWS}/comfyui-model-free.json}}\n  - {{id: edit, backends: [comfy], workflow: {WORKFLOWS}/comfyui-edit.json}}\n  - {{id: sdxl, backends: [comfy], workflow: {WORKFLOWS}/comfyui-sdxl.json}}\n  - {{id: clip, type: video, backends: [comfy], workflow: {WORKFLOWS}/comfyui-video.json}}\n  - {{id: sd15, backends: [sd], upstream_model: \"{}\"}}\n  - {{id: loaded, backends: [sd], upstream_model: current}}\n  - {{id: ifree, backends: [invoke], workflow: {WORKFLOWS}/invokeai-model-free.json}}\n  - {{id: iedit, backends: [invoke], workflow: {WORKFLOWS}/invokeai-edit.json}}\n  - {{id: isd15, backends: [invoke], workflow: {WORKFLOWS}/invokeai-sd15.json}}\n",
             comfy.url,
             sd.url,
+            invoke.url,
             crate::support::a1111::CHECKPOINT
         ),
     )
     .await;
     assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("  graphs: ok (checked against /openapi.json)"), "{text}");
     assert!(text.contains("  workflows: ok (checked against /object_info)"), "{text}");
     assert!(text.contains("  checkpoints: ok (checked against /sdapi/v1/sd-models)"), "{text}");
 }
@@ -306,4 +309,25 @@ async fn doctor_names_missing_node_classes_inputs_and_checkpoints() {
         "{text}"
     );
     assert!(!text.contains("model `sd15`"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_names_invokeai_node_types_the_server_lacks() {
+    let invoke = crate::support::invokeai::start().await;
+    invoke.state.knobs.missing_types.lock().unwrap().push("img_chan".into());
+    let dir = tempfile::tempdir().unwrap();
+    let (code, text) = doctor(
+        dir.path(),
+        format!(
+            "backends:\n  invoke: {{kind: invokeai, url: \"{}\"}}\nmodels:\n  - {{id: ifree, backends: [invoke], workflow: {WORKFLOWS}/invokeai-model-free.json}}\n  - {{id: iedit, backends: [invoke], workflow: {WORKFLOWS}/invokeai-edit.json}}\n",
+            invoke.url
+        ),
+    )
+    .await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("  graphs: 1 mismatch(es) with /openapi.json:"), "{text}");
+    assert!(
+        text.contains(&format!("model `iedit`: graph {WORKFLOWS}/invokeai-edit.json node `alpha` has type `img_chan`, which this InvokeAI does not have")),
+        "{text}"
+    );
 }

@@ -6,7 +6,8 @@
 //! keyed by prepared ids, every image node saving a PNG whose colour depends on the graph (so on the seed),
 //! `GET …/i/{id}`, cancel, the 5.x – 6.6 `list` with its cursor, `status`, image download and upload,
 //! `app/version`, and the Socket.IO progress socket (`/ws/socket.io/`, Engine.IO v4) with the queue events.
-//! `cancel_by_destination` included. Knobs: version (5.x vs 6.x shapes), latency per node and per enqueue, failing items with a given error, a 422 on enqueue, a
+//! `cancel_by_destination` included. `/openapi.json` carries one invocation schema per node type the fake knows
+//! (`missing_types` leaves some out). Knobs: version (5.x vs 6.x shapes), latency per node and per enqueue, failing items with a given error, a 422 on enqueue, a
 //! stopped processor, no socket; everything received is captured.
 
 use std::collections::{BTreeMap, HashMap};
@@ -58,6 +59,35 @@ pub struct Knobs {
     pub processor_started: AtomicBool,
     /// Answer 404 to the socket.
     pub no_socket: AtomicBool,
+    /// Node types `/openapi.json` leaves out (a node pack that is not installed).
+    pub missing_types: Mutex<Vec<String>>,
+}
+
+/// The OpenAPI document's schemas as the real server shapes them: one `…Invocation` schema per node type
+/// (`class: invocation`, `type` a constant) and `…Output` schemas (`class: output`) whose `type` is not a node
+/// type; the types in [`Knobs::missing_types`] are left out.
+async fn openapi(State(s): State<Arc<InvokeState>>) -> Json<Value> {
+    let missing = s.knobs.missing_types.lock().unwrap().clone();
+    let camel = |t: &str| t.split('_').map(|w| w[..1].to_uppercase() + &w[1..]).collect::<String>();
+    let mut schemas = serde_json::Map::new();
+    for (kind, inputs, _) in NODE_TYPES.iter().filter(|(k, _, _)| !missing.iter().any(|m| m == k)) {
+        let mut properties = json!({"id": {"type": "string", "title": "Id"}, "type": {"type": "string", "const": kind, "default": kind, "title": "type", "field_kind": "node_attribute"}});
+        for input in *inputs {
+            properties[*input] =
+                json!({"anyOf": [{"type": "object"}, {"type": "null"}], "field_kind": "input", "input": "any"});
+        }
+        schemas.insert(
+            format!("{}Invocation", camel(kind)),
+            json!({"type": "object", "class": "invocation", "properties": properties, "required": ["type", "id"], "version": "1.0.0"}),
+        );
+    }
+    schemas.insert(
+        "ImageOutput".into(),
+        json!({"type": "object", "class": "output", "properties": {"type": {"type": "string", "const": "image_output", "default": "image_output"}}}),
+    );
+    Json(
+        json!({"openapi": "3.1.0", "info": {"title": "Invoke - Community Edition", "version": "1.0.0"}, "paths": {}, "components": {"schemas": schemas}}),
+    )
 }
 
 /// An upload as received.
@@ -167,6 +197,7 @@ pub async fn start() -> FakeInvoke {
             reject: Mutex::new(None),
             processor_started: AtomicBool::new(true),
             no_socket: AtomicBool::new(false),
+            missing_types: Mutex::new(Vec::new()),
         },
         inner: Mutex::default(),
         events,
@@ -174,6 +205,7 @@ pub async fn start() -> FakeInvoke {
         next_id: AtomicI64::new(0),
     });
     let app = axum::Router::new()
+        .route("/openapi.json", get(openapi))
         .route("/api/v1/app/version", get(version))
         .route("/api/v1/queue/{q}/enqueue_batch", post(enqueue))
         .route("/api/v1/queue/{q}/i/{id}", get(item))
