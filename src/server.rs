@@ -68,7 +68,7 @@ impl Server {
         tracker.spawn(crate::health::run(live.clone(), background.clone()));
         tracker.spawn(crate::jobs::run(live.clone(), background.clone()));
         self.state.sets.run(&self.state.processes, &self.state.backends, &tracker, &background);
-        reload_on_sighup(live.clone(), background.clone());
+        reload_on_sighup(live.clone(), self.certs.clone(), background.clone());
         tracker.spawn(crate::jobs::webhooks::run(self.state.clone(), background.clone()));
         tracker.spawn(crate::storage::retention::run(self.state.clone(), background.clone()));
         tracker.spawn({
@@ -105,7 +105,6 @@ impl Server {
                         axum::serve(plain, redirect).with_graceful_shutdown(until.cancelled_owned()).await
                     });
                 }
-                crate::tls::reload_on_sighup(certs.clone(), background.clone());
                 let tls = crate::tls::listen(listener, certs.clone(), stop.clone()).map_err(std::io::Error::other)?;
                 tokio::spawn(axum::serve(tls, app).with_graceful_shutdown(drained).into_future())
             }
@@ -126,8 +125,13 @@ impl Server {
     }
 }
 
-/// SIGHUP reloads the configuration (the TLS certificate, when there is one, is reloaded by its own listener).
-fn reload_on_sighup(live: crate::reload::Live, stop: CancellationToken) {
+/// SIGHUP reloads the configuration, then the TLS certificate when there is one (a broken new pair is refused
+/// and logged; the old one keeps serving).
+fn reload_on_sighup(
+    live: crate::reload::Live,
+    certs: Option<std::sync::Arc<crate::tls::Certs>>,
+    stop: CancellationToken,
+) {
     #[cfg(unix)]
     tokio::spawn(async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
@@ -144,12 +148,17 @@ fn reload_on_sighup(live: crate::reload::Live, stop: CancellationToken) {
                     if let Err(why) = live.reload().await {
                         tracing::error!(reason = %why, "SIGHUP: reload refused; still serving the previous configuration.");
                     }
+                    match certs.as_ref().map(|c| c.reload()) {
+                        None => {}
+                        Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate reloaded."),
+                        Some(Err(e)) => tracing::error!(error = %e, "SIGHUP: the new TLS certificate was refused; still serving the old one."),
+                    }
                 }
             }
         }
     });
     #[cfg(not(unix))]
-    let _ = (live, stop);
+    let _ = (live, certs, stop);
 }
 
 /// Reaps expired holds and old idempotency records, then checks the ledger invariants; drift is logged and

@@ -146,33 +146,6 @@ pub fn listen(tcp: TcpListener, certs: Arc<Certs>, stop: CancellationToken) -> R
     Ok(TlsListener { rx, local })
 }
 
-/// Reloads the certificate on every SIGHUP until `stop`.
-pub fn reload_on_sighup(certs: Arc<Certs>, stop: CancellationToken) {
-    #[cfg(unix)]
-    tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-            tracing::warn!("Cannot listen for SIGHUP; the TLS certificate will not be reloaded.");
-            return;
-        };
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                got = hup.recv() => {
-                    if got.is_none() {
-                        return;
-                    }
-                    match certs.reload() {
-                        Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded."),
-                        Err(e) => tracing::error!(error = %e, "SIGHUP: the new TLS certificate was refused; still serving the old one."),
-                    }
-                }
-            }
-        }
-    });
-    #[cfg(not(unix))]
-    let _ = (certs, stop);
-}
-
 /// The plain-HTTP listener of `server.tls.redirect_http`: every request gets 308 to the same path over HTTPS on
 /// `https_port` (or under `server.public_url` when that is https).
 pub fn redirect_router(https_port: u16, public: Option<url::Url>) -> axum::Router {

@@ -6,7 +6,7 @@
 use serde_json::{Value, json};
 
 use crate::support::TEST_TIMEOUT;
-use crate::support::books::{ADMIN, key_at};
+use crate::support::books::{ADMIN, credits_at, key_at, ledger_clean_at};
 use crate::support::start_binary;
 
 fn config(price_a: u32, extra_backend: &str, extra_model: &str, extra_top: &str) -> String {
@@ -26,12 +26,6 @@ async fn models(client: &reqwest::Client, url: &str, secret: &str) -> Vec<String
     let v: Value =
         client.get(format!("{url}/v1/models")).bearer_auth(secret).send().await.unwrap().json().await.unwrap();
     v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect()
-}
-
-async fn available(client: &reqwest::Client, url: &str, secret: &str) -> i64 {
-    let me: Value = client.get(format!("{url}/v1/me")).bearer_auth(secret).send().await.unwrap().json().await.unwrap();
-    assert_eq!(me["credits"]["held_mc"], 0, "{me}");
-    me["credits"]["available_mc"].as_i64().unwrap()
 }
 
 async fn reload(client: &reqwest::Client, url: &str) -> (u16, Value) {
@@ -79,10 +73,10 @@ async fn a_reload_serves_new_models_and_prices_while_a_running_request_finishes_
     let first = tokio::time::timeout(TEST_TIMEOUT, running).await.unwrap().unwrap().unwrap();
     assert_eq!(first.status(), 200, "the running request finished across the reload");
     // It was held and captured at the price it started with (5); `b` cost 1.
-    assert_eq!(available(&client, &url, &secret).await, 94_000);
+    assert_eq!(credits_at(&url, &secret).await, (94_000, 0));
     let again = generate(&client, &url, &secret, "a").send().await.unwrap();
     assert_eq!(again.status(), 200);
-    assert_eq!(available(&client, &url, &secret).await, 87_000, "the new price (7) applies to new requests");
+    assert_eq!(credits_at(&url, &secret).await, (87_000, 0), "the new price (7) applies to new requests");
 
     // A broken file changes nothing and says why.
     std::fs::write(&file, "models: [\n").unwrap();
@@ -110,8 +104,7 @@ async fn a_reload_serves_new_models_and_prices_while_a_running_request_finishes_
     }
     let gone = generate(&client, &url, &secret, "b").send().await.unwrap();
     assert_eq!(gone.status(), 404);
-    let check = client.get(format!("{url}/v1/admin/ledger/check")).bearer_auth(ADMIN).send().await.unwrap();
-    assert_eq!(check.status(), 200);
+    ledger_clean_at(&url).await;
     child.kill().unwrap();
     child.wait().unwrap();
 }

@@ -15,14 +15,33 @@ pub async fn key(gw: &Gateway, credits: f64) -> String {
 
 /// (available, held) millicredits of a key, as `/v1/me` reports them.
 pub async fn credits(gw: &Gateway, secret: &str) -> (i64, i64) {
-    let me: Value =
-        gw.client.get(gw.endpoint("/v1/me")).bearer_auth(secret).send().await.unwrap().json().await.unwrap();
-    (me["credits"]["available_mc"].as_i64().unwrap(), me["credits"]["held_mc"].as_i64().unwrap())
+    credits_at(&gw.url, secret).await
+}
+
+/// [`credits`] on the easel at `url` (a binary started with `start_binary`).
+pub async fn credits_at(url: &str, secret: &str) -> (i64, i64) {
+    let me: Value = reqwest::Client::new()
+        .get(format!("{url}/v1/me"))
+        .bearer_auth(secret)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let field = |f: &str| me["credits"][f].as_i64().unwrap_or_else(|| panic!("no credits.{f} in {me}"));
+    (field("available_mc"), field("held_mc"))
 }
 
 /// Fails the test if the ledger's invariants do not hold.
 pub async fn ledger_clean(gw: &Gateway) {
-    let resp = gw.client.get(gw.endpoint("/v1/admin/ledger/check")).bearer_auth(ADMIN).send().await.unwrap();
+    ledger_clean_at(&gw.url).await;
+}
+
+/// [`ledger_clean`] on the easel at `url`.
+pub async fn ledger_clean_at(url: &str) {
+    let resp =
+        reqwest::Client::new().get(format!("{url}/v1/admin/ledger/check")).bearer_auth(ADMIN).send().await.unwrap();
     let status = resp.status();
     assert_eq!(status, 200, "ledger drift: {}", resp.text().await.unwrap());
 }
