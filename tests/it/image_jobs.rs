@@ -54,7 +54,9 @@ async fn an_async_generation_is_a_job_with_live_progress_previews_and_the_images
     let id = job["id"].as_str().unwrap().to_owned();
     assert!(id.starts_with("job_"), "{job}");
     assert_eq!(location, format!("/v1/jobs/{id}"));
-    assert_eq!((job["object"].as_str(), job["status"].as_str()), (Some("job"), Some("queued")), "{job}");
+    // The runner may have started it before the answer was written: queued or already in progress.
+    assert_eq!(job["object"], "job", "{job}");
+    assert!(matches!(job["status"].as_str(), Some("queued" | "in_progress")), "{job}");
     assert!(job["result"].is_null(), "{job}");
     assert_eq!(credits(&gw, &secret).await, (6_000, 4_000), "two images held while the job runs");
 
