@@ -65,7 +65,7 @@ pub enum Error {
     #[error("the backend returned an image easel will not transcode: {0}")]
     UpstreamImageTooLarge(String),
     /// A reload was refused (the new configuration is invalid, or needs a restart); nothing changed.
-    #[error("the configuration was not reloaded: {0}")]
+    #[error("the configuration was not reloaded, and nothing changed: {0}")]
     ReloadRefused(String),
     /// easel's own fault (a bug or the environment), never the client's.
     #[error("internal error: {0}")]

@@ -84,8 +84,9 @@ impl Live {
         let needs_restart = restart_only_changes(&old.config, &config);
         if !needs_restart.is_empty() {
             return Err(format!(
-                "nothing was changed: {} only take effect at a restart (restart easel, or undo those changes and reload again)",
-                needs_restart.join(", ")
+                "{} can only change at a restart; restart easel, or undo that change in {} and reload again",
+                needs_restart.join(", "),
+                config.origin
             ));
         }
         let new = old.rebuild(config).await?;
@@ -139,8 +140,17 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     if format!("{:?}", old.server.tls) != format!("{:?}", new.server.tls) {
         changed.push("`server.tls`".to_owned());
     }
-    let secret = |c: &Config| c.storage.signing_secret.as_ref().map(|s| s.expose().to_owned());
-    if format!("{:?}", old.storage) != format!("{:?}", new.storage) || secret(old) != secret(new) {
+    // `Debug` hides secrets, so they are compared apart.
+    let secrets = |c: &Config| {
+        let s3 = c.storage.s3.as_ref();
+        [
+            c.storage.signing_secret.as_ref(),
+            s3.and_then(|s| s.access_key_id.as_ref()),
+            s3.and_then(|s| s.secret_access_key.as_ref()),
+        ]
+        .map(|s| s.map(|s| s.expose().to_owned()))
+    };
+    if format!("{:?}", old.storage) != format!("{:?}", new.storage) || secrets(old) != secrets(new) {
         changed.push("`storage`".to_owned());
     }
     if format!("{:?}", old.jobs.webhooks) != format!("{:?}", new.jobs.webhooks)

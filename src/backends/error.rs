@@ -163,7 +163,10 @@ impl fmt::Display for BackendError {
                 )
             }
             Failure::Disconnected(detail) => {
-                write!(f, "backend `{name}` ({kind}) broke the connection before answering at {url}: {detail}")
+                write!(
+                    f,
+                    "backend `{name}` ({kind}) broke the connection before answering at {url}: {detail}; did the server crash or restart, or does a proxy in between close slow requests?"
+                )
             }
             Failure::Status { status, message, hint, .. } => {
                 write!(f, "backend `{name}` ({kind}) answered HTTP {status} at {url}")?;

@@ -65,13 +65,9 @@ where
     // Every backend of the model is a managed process on its way back (an admin restart, a start, a crash's
     // backoff): the request waits for the first to be back, within the longest queue wait among them, rather
     // than failing against a closed port.
-    let coming_back: Vec<_> = model
-        .backends
-        .iter()
-        .filter_map(|b| state.backends.get(&b.name))
-        .filter(|h| state.processes.coming_back(&h.cfg.name))
-        .collect();
-    if !coming_back.is_empty() && coming_back.len() == model.backends.len() {
+    // Checked without allocating: it stops at the first backend that is not a managed process coming back.
+    if !model.backends.is_empty() && model.backends.iter().all(|b| state.processes.coming_back(&b.name)) {
+        let coming_back: Vec<_> = model.backends.iter().filter_map(|b| state.backends.get(&b.name)).collect();
         let within = coming_back.iter().map(|h| h.cfg.queue.wait).max().unwrap_or_default();
         let any_back = futures_util::future::select_all(
             coming_back.iter().map(|h| Box::pin(state.processes.until_back(&h.cfg.name, within))),
