@@ -93,6 +93,8 @@ pub async fn text(state: &AppState, caller: &Caller, route: TextRoute, raw: &[u8
     let model = state.registry.resolve(requested.as_deref(), ModelType::Text, route.operation())?;
     let stream = route != TextRoute::Embeddings && body.stream();
     let strip_usage = stream && !body.include_usage();
+    // The answer names the model as the client did (an alias, or easel's id), not the upstream's own name.
+    let rename = Rename::new(&model.upstream_model, requested.as_deref().unwrap_or(&model.id));
     body.set("model", to_raw(&model.upstream_model)?);
     if strip_usage {
         body.request_usage().map_err(|e| Error::Internal(format!("writing stream_options: {e}")))?;
@@ -130,7 +132,7 @@ pub async fn text(state: &AppState, caller: &Caller, route: TextRoute, raw: &[u8
             });
         }
     };
-    let out = Outbound { route, forward: Bytes::from(body.to_vec()), stream, strip_usage };
+    let out = Outbound { route, forward: Bytes::from(body.to_vec()), stream, strip_usage, rename };
 
     // A stream whose model waits for its working set answers 200 now and keeps the connection warm while the
     // host swaps; what comes later (the stream, or a failure as an `error` event) follows in the same body.
@@ -159,6 +161,7 @@ struct Outbound {
     forward: Bytes,
     stream: bool,
     strip_usage: bool,
+    rename: Option<Rename>,
 }
 
 /// What a text request's dispatch gave: status, content type, passed headers and the body.
@@ -172,7 +175,7 @@ async fn open(
     out: Outbound,
     charge: Option<Charge>,
 ) -> Result<Opened, Error> {
-    let Outbound { route, forward, stream, strip_usage } = out;
+    let Outbound { route, forward, stream, strip_usage, rename } = out;
     let usable = |h: &crate::routing::BackendHandle| h.adapter.openai_text().is_some();
     let opened = dispatch(state, model, Capability::Text, gone, usable, |handle, permit| {
         let forward = forward.clone();
@@ -212,6 +215,10 @@ async fn open(
     };
     let body = match opened {
         Upstreamed::Whole(bytes) => {
+            let bytes = match &rename {
+                Some(r) => r.apply(&bytes).map_or(bytes, Bytes::from),
+                None => bytes,
+            };
             let usage = serde_json::from_slice::<UsageCarrier>(&bytes).ok().and_then(|c| c.usage);
             if let Some(c) = charge {
                 if c.record.is_some() {
@@ -224,7 +231,7 @@ async fn open(
             TextOut::Whole(bytes)
         }
         Upstreamed::Stream { resp, permit, idle } => {
-            TextOut::Stream(Relay::new(resp, permit, idle, strip_usage, charge))
+            TextOut::Stream(Relay::new(resp, permit, idle, (strip_usage, rename), charge))
         }
     };
     Ok((status, content_type, headers, body))
@@ -452,6 +459,8 @@ pub struct Relay {
     idle_limit: Duration,
     idle: Pin<Box<tokio::time::Sleep>>,
     strip_usage: bool,
+    /// The upstream's model name to show as the client's, when they differ.
+    rename: Option<Rename>,
     /// The unfinished event at the end of what arrived so far.
     pending: BytesMut,
     usage: Option<Usage>,
@@ -466,13 +475,20 @@ impl std::fmt::Debug for Relay {
 }
 
 impl Relay {
-    fn new(resp: reqwest::Response, permit: Permit, idle_limit: Duration, strip: bool, charge: Option<Charge>) -> Self {
+    fn new(
+        resp: reqwest::Response,
+        permit: Permit,
+        idle_limit: Duration,
+        (strip, rename): (bool, Option<Rename>),
+        charge: Option<Charge>,
+    ) -> Self {
         Self {
             upstream: Box::pin(resp.bytes_stream()),
             permit: Some(permit),
             idle_limit,
             idle: Box::pin(tokio::time::sleep(idle_limit)),
             strip_usage: strip,
+            rename,
             pending: BytesMut::new(),
             usage: None,
             charge,
@@ -480,30 +496,35 @@ impl Relay {
         }
     }
 
-    /// Takes in one upstream chunk; returns the bytes to pass on now.
+    /// Takes in one upstream chunk; returns the bytes to pass on now. Untouched chunks pass as they came; only
+    /// when an event may change (the usage chunk left out, the model renamed) are whole events passed on.
     fn take(&mut self, chunk: Bytes) -> Bytes {
+        let rework = self.strip_usage || self.rename.is_some();
         self.pending.extend_from_slice(&chunk);
         let mut out = BytesMut::new();
         while let Some(end) = event_end(&self.pending) {
             let event = self.pending.split_to(end).freeze();
             let usage_only = self.inspect(&event);
             if !(self.strip_usage && usage_only) {
-                out.extend_from_slice(&event);
+                match self.rename.as_ref().and_then(|r| r.apply(&event)) {
+                    Some(renamed) => out.extend_from_slice(&renamed),
+                    None => out.extend_from_slice(&event),
+                }
             }
         }
         if self.pending.len() > MAX_EVENT_BYTES {
             // Too long to hold back or inspect: pass it on as it is.
             let rest = self.pending.split().freeze();
-            if self.strip_usage {
+            if rework {
                 out.extend_from_slice(&rest);
             }
         }
-        if self.strip_usage { out.freeze() } else { chunk }
+        if rework { out.freeze() } else { chunk }
     }
 
     /// Records the event's `usage`; true when the event is the usage-only chunk.
     fn inspect(&mut self, event: &[u8]) -> bool {
-        if !contains(event, b"\"usage\"") {
+        if find(event, b"\"usage\"").is_none() {
             return false;
         }
         let mut data = Vec::new();
@@ -575,7 +596,8 @@ impl Stream for Relay {
                 Poll::Ready(None) => {
                     let rest = this.pending.split().freeze();
                     this.finish(true);
-                    return Poll::Ready((this.strip_usage && !rest.is_empty()).then_some(Ok(rest)));
+                    let rework = this.strip_usage || this.rename.is_some();
+                    return Poll::Ready((rework && !rest.is_empty()).then_some(Ok(rest)));
                 }
                 Poll::Pending => {
                     if this.idle.as_mut().poll(cx).is_ready() {
@@ -598,6 +620,66 @@ impl Drop for Relay {
     }
 }
 
+/// Shows the upstream's model name as the one the client asked for: every `"model": "<upstream>"` member of an
+/// answer (or of one stream event) becomes `"model": "<asked>"`. Strings inside strings are escaped, so a quoted
+/// `"model"` followed by `:` is always a key; nothing else in the bytes changes.
+#[derive(Debug, Clone)]
+struct Rename {
+    /// The upstream's name as a JSON string, quotes included.
+    from: Vec<u8>,
+    to: Vec<u8>,
+}
+
+impl Rename {
+    fn new(upstream: &str, asked: &str) -> Option<Self> {
+        if upstream == asked {
+            return None;
+        }
+        let from = serde_json::to_vec(upstream).ok()?;
+        let to = serde_json::to_vec(asked).ok()?;
+        Some(Self { from, to })
+    }
+
+    /// The renamed bytes, or `None` when nothing in `src` names the upstream's model.
+    fn apply(&self, src: &[u8]) -> Option<Vec<u8>> {
+        const KEY: &[u8] = b"\"model\"";
+        let mut out: Option<Vec<u8>> = None;
+        let mut copied = 0;
+        let mut at = 0;
+        while let Some(found) = find(&src[at..], KEY) {
+            let key = at + found;
+            let mut i = key + KEY.len();
+            at = i;
+            let skip = |i: &mut usize| {
+                while src.get(*i).is_some_and(|b| b.is_ascii_whitespace()) {
+                    *i += 1;
+                }
+            };
+            skip(&mut i);
+            if src.get(i) != Some(&b':') {
+                continue;
+            }
+            i += 1;
+            skip(&mut i);
+            if !src[i..].starts_with(&self.from) {
+                continue;
+            }
+            let o = out.get_or_insert_with(|| Vec::with_capacity(src.len() + self.to.len()));
+            o.extend_from_slice(&src[copied..i]);
+            o.extend_from_slice(&self.to);
+            copied = i + self.from.len();
+            at = copied;
+        }
+        let mut o = out?;
+        o.extend_from_slice(&src[copied..]);
+        Some(o)
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
 /// Where the first complete SSE event ends (after its blank line: `\n\n` or `\r\n\r\n`).
 fn event_end(buf: &[u8]) -> Option<usize> {
     (0..buf.len()).find_map(|i| {
@@ -612,10 +694,6 @@ fn event_end(buf: &[u8]) -> Option<usize> {
     })
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -625,6 +703,22 @@ mod tests {
         assert_eq!(event_end(b"data: {}\n\ndata: x"), Some(10));
         assert_eq!(event_end(b"data: {}\r\n\r\ndata"), Some(12));
         assert_eq!(event_end(b"data: {}\n"), None);
+    }
+
+    #[test]
+    fn the_upstream_model_name_is_shown_as_the_client_asked() {
+        let r = Rename::new("up-llm", "gpt-4o").unwrap();
+        let event = br#"data: {"id":"c1","model":"up-llm","choices":[{"delta":{"content":"\"model\":\"up-llm\""}}]}"#;
+        let renamed = r.apply(event).unwrap();
+        assert_eq!(
+            String::from_utf8(renamed).unwrap(),
+            r#"data: {"id":"c1","model":"gpt-4o","choices":[{"delta":{"content":"\"model\":\"up-llm\""}}]}"#
+        );
+        // A spaced encoder, and another model's name left alone.
+        assert_eq!(r.apply(br#"{"model" : "up-llm"}"#).unwrap(), br#"{"model" : "gpt-4o"}"#.to_vec());
+        assert!(r.apply(br#"{"model":"up-llm-2"}"#).is_none());
+        assert!(r.apply(br#"{"model":"other"}"#).is_none());
+        assert!(Rename::new("same", "same").is_none());
     }
 
     #[test]

@@ -95,6 +95,7 @@ async fn a_whole_answer_comes_back_as_sent_and_only_model_is_rewritten() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "Hello");
     assert_eq!(v["usage"]["completion_tokens"], COMPLETION_TOKENS);
+    assert_eq!(v["model"], "chat", "the answer names the model as the client did, not the upstream's name");
     let mut expected = chat_body(false, false);
     expected["model"] = json!("up-llm");
     assert_eq!(up.state.last_body(), expected, "every field but `model` as the client sent it");
@@ -103,6 +104,7 @@ async fn a_whole_answer_comes_back_as_sent_and_only_model_is_rewritten() {
     assert_eq!(resp.status(), 200);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["data"][0]["embedding"], json!([0.25, -0.5, 0.125]));
+    assert_eq!(v["model"], "chat");
     assert_eq!(up.state.last_body(), json!({"model": "up-llm", "input": "hi"}));
 
     let resp = post(&gw, "/v1/completions", None, &json!({"model": "chat", "prompt": "Say hi", "max_tokens": 3})).await;
@@ -111,7 +113,7 @@ async fn a_whole_answer_comes_back_as_sent_and_only_model_is_rewritten() {
 }
 
 #[tokio::test]
-async fn a_stream_the_client_asked_usage_for_is_relayed_byte_for_byte() {
+async fn a_stream_the_client_asked_usage_for_is_relayed_byte_for_byte_but_the_model_name() {
     let up = text_server::start().await;
     let gw = gateway(&config("none", &[&up], "")).await;
     let resp = post(&gw, "/v1/chat/completions", None, &chat_body(true, true)).await;
@@ -120,7 +122,9 @@ async fn a_stream_the_client_asked_usage_for_is_relayed_byte_for_byte() {
     let got = read_all(resp).await;
     let sent = up.state.sent.lock().unwrap().clone();
     assert!(up.state.usage_event.lock().unwrap().is_some(), "the upstream sent a usage chunk");
-    assert_eq!(String::from_utf8(got).unwrap(), String::from_utf8(sent).unwrap());
+    let sent = String::from_utf8(sent).unwrap();
+    assert!(sent.contains(UPSTREAM_NAME));
+    assert_eq!(String::from_utf8(got).unwrap(), sent.replace(UPSTREAM_NAME, r#""model":"chat""#));
 }
 
 #[tokio::test]
@@ -134,9 +138,42 @@ async fn usage_is_asked_upstream_and_only_that_chunk_is_left_out() {
     let sent = String::from_utf8(up.state.sent.lock().unwrap().clone()).unwrap();
     let usage = up.state.usage_event.lock().unwrap().clone().unwrap();
     assert!(sent.contains(&usage));
-    assert_eq!(got, sent.replace(&usage, ""), "everything else, byte for byte");
+    assert_eq!(
+        got,
+        sent.replace(&usage, "").replace(UPSTREAM_NAME, r#""model":"chat""#),
+        "everything else, byte for byte, but the model's name"
+    );
     assert!(got.ends_with("data: [DONE]\n\n"));
     assert!(got.contains(r#""arguments":"{\"city\":\"Paris\"}""#), "tool-call deltas pass unchanged");
+}
+
+/// How the fake upstream names its model in every answer and chunk.
+const UPSTREAM_NAME: &str = r#""model":"up-llm""#;
+
+#[tokio::test]
+async fn an_alias_the_client_sent_names_the_model_in_every_chunk_and_answer() {
+    let up = text_server::start().await;
+    let yaml = config("none", &[&up], "")
+        .replace("upstream_model: up-llm\n", "upstream_model: up-llm\n    aliases: [gpt-4o]\n");
+    assert!(yaml.contains("aliases: [gpt-4o]"));
+    let gw = gateway(&yaml).await;
+    let mut body = chat_body(true, false);
+    body["model"] = json!("gpt-4o");
+    let resp = post(&gw, "/v1/chat/completions", None, &body).await;
+    assert_eq!(resp.status(), 200);
+    let got = String::from_utf8(read_all(resp).await).unwrap();
+    assert_eq!(up.state.last_body()["model"], "up-llm", "the upstream is asked by its own name");
+    let events: Vec<&str> = got.split("\n\n").filter(|e| e.starts_with("data: {")).collect();
+    assert!(events.len() > 2, "{got}");
+    for e in &events {
+        assert!(e.contains(r#""model":"gpt-4o""#), "every chunk names the alias: {e}");
+    }
+    assert!(!got.contains("up-llm"));
+
+    body["stream"] = json!(false);
+    let v: Value = post(&gw, "/v1/chat/completions", None, &body).await.json().await.unwrap();
+    assert_eq!(v["model"], "gpt-4o");
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello", "the rest of the answer as it came");
 }
 
 #[tokio::test]
@@ -183,8 +220,9 @@ async fn a_backend_fault_before_the_first_byte_fails_over() {
     let gw = gateway(&config("none", &[&bad, &good], "")).await;
     let resp = post(&gw, "/v1/chat/completions", None, &chat_body(true, true)).await;
     assert_eq!(resp.status(), 200);
-    let got = read_all(resp).await;
-    assert_eq!(got, *good.state.sent.lock().unwrap());
+    let got = String::from_utf8(read_all(resp).await).unwrap();
+    let sent = String::from_utf8(good.state.sent.lock().unwrap().clone()).unwrap();
+    assert_eq!(got, sent.replace(UPSTREAM_NAME, r#""model":"chat""#));
     assert_eq!(bad.state.bodies.lock().unwrap().len(), 1, "the first backend was tried");
 
     // The client's own mistake is not retried elsewhere; its message comes back in OpenAI's shape.
