@@ -460,7 +460,7 @@ pub struct Relay {
     idle: Pin<Box<tokio::time::Sleep>>,
     strip_usage: bool,
     /// The upstream's model name to show as the client's, when they differ.
-    rename: Option<Rename>,
+    rename: Option<Box<Rename>>,
     /// The unfinished event at the end of what arrived so far.
     pending: BytesMut,
     usage: Option<Usage>,
@@ -488,7 +488,7 @@ impl Relay {
             idle_limit,
             idle: Box::pin(tokio::time::sleep(idle_limit)),
             strip_usage: strip,
-            rename,
+            rename: rename.map(Box::new),
             pending: BytesMut::new(),
             usage: None,
             charge,
