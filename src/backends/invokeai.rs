@@ -12,7 +12,8 @@
 //! Failures: an invalid graph (422 from the enqueue) is the request's to fix (400 with pydantic's message); a
 //! failed item is a 502 naming InvokeAI's `error_type` and `error_message`. When the client goes away, or the
 //! backend `timeout` runs out, every item of the call that has not finished is cancelled
-//! (`PUT …/i/{item_id}/cancel`) before the call returns. An enqueue is never abandoned because the client left
+//! (`PUT …/i/{item_id}/cancel`) before the call returns, and the call then waits until the processor has let go
+//! of a cancelled running item (`processor.is_processing` in `…/status`): the GPU is free only then. An enqueue is never abandoned because the client left
 //! (the real server can take a second to answer one while it starts another item, and the answer names the items
 //! to cancel); one cut short by the timeout is covered by `PUT …/cancel_by_destination`.
 //!
@@ -405,6 +406,30 @@ impl InvokeAiBackend {
         join_all(cancels).await;
     }
 
+    /// Waits (within the backend timeout) until InvokeAI's processor has let go of the cancelled items. A cancel
+    /// marks an item `canceled` at once, but its running node stops only when it next checks, and the admission
+    /// slot must stay held until the GPU is free. Done when the processor is idle or has moved on to an item that
+    /// is not one of these; a status that cannot be read ends the wait.
+    async fn wait_stopped(&self, ids: &[i64]) {
+        let stopped = async {
+            loop {
+                match self.queue_status().await {
+                    Ok(s) if !s.processor.is_processing => return,
+                    Ok(s) if s.queue.item_id.is_some_and(|id| !ids.contains(&id)) => return,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(backend = %self.http.cfg.name, error = %e, "Reading InvokeAI's queue status after a cancel failed; the slot frees now.");
+                        return;
+                    }
+                }
+                tokio::time::sleep(self.http.cfg.poll_interval).await;
+            }
+        };
+        if tokio::time::timeout(self.http.cfg.timeout, stopped).await.is_err() {
+            tracing::warn!(backend = %self.http.cfg.name, items = ?ids, "InvokeAI still processes a cancelled item after the backend timeout; the slot frees now.");
+        }
+    }
+
     /// Cancels every item of the call, found by its destination: for items easel has no id for.
     async fn cancel_destination(&self, destination: &str) {
         let (rb, url) = self.request(Method::PUT, &self.queue_path("/cancel_by_destination"));
@@ -459,6 +484,7 @@ impl Backend for InvokeAiBackend {
                 }
             };
             tokio::join!(self.cancel(&ids), by_destination);
+            self.wait_stopped(&ids).await;
         }
         self.delete_uploads(&uploads).await;
         let url = self.http.cfg.endpoint(&self.queue_path("/enqueue_batch"));

@@ -204,6 +204,33 @@ async fn a_client_that_goes_away_gets_its_items_cancelled() {
 }
 
 #[tokio::test]
+async fn a_cancelled_running_item_holds_the_slot_until_invokeai_has_stopped_it() {
+    let inv = invokeai::start().await;
+    inv.state.knobs.hold_nodes.store(true, Ordering::SeqCst);
+    let yaml = config(&inv, "invokeai-model-free.json", "30s")
+        .replace("    poll_interval: 20ms\n", "    poll_interval: 20ms\n    concurrency: {images: 1}\n");
+    assert!(yaml.contains("concurrency: {images: 1}"));
+    let gw = spawn_gateway(&yaml).await;
+    let first = gw.client.post(gw.endpoint("/v1/images/generations")).json(&json!({"model": "m", "prompt": "a"}));
+    let first = tokio::spawn(first.send());
+    inv.wait_for("the first item running", |i| i.running == Some(1)).await;
+    first.abort();
+    inv.wait_for("the first item cancelled", |i| i.cancels == [1] && i.items[&1]["status"] == "canceled").await;
+
+    // The item is marked canceled, but its node still runs: easel keeps the one slot and watches the processor.
+    let second = gw.client.post(gw.endpoint("/v1/images/generations")).json(&json!({"model": "m", "prompt": "b"}));
+    let second = tokio::spawn(second.send());
+    let reads = inv.state.inner.lock().unwrap().status_reads;
+    inv.wait_for("easel watching the processor", |i| i.status_reads >= reads + 3).await;
+    assert_eq!(inv.state.inner.lock().unwrap().items.len(), 1, "the next request waits while the GPU is busy");
+
+    inv.release_nodes();
+    let resp = tokio::time::timeout(TEST_TIMEOUT, second).await.unwrap().unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(inv.state.inner.lock().unwrap().items.len(), 2, "sent once the processor let go");
+}
+
+#[tokio::test]
 async fn an_enqueue_in_flight_when_the_client_goes_away_is_finished_then_cancelled() {
     // The real server answered an enqueue late while its processor started another item.
     let inv = invokeai::start().await;

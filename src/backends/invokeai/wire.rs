@@ -125,6 +125,9 @@ pub struct QueueCounts {
 #[derive(Debug, Deserialize)]
 pub struct Processor {
     pub is_started: bool,
+    /// The processor still holds an item: after a cancel, until the running node has really stopped.
+    #[serde(default)]
+    pub is_processing: bool,
 }
 
 /// Upload answer (an `ImageDTO`), only the name.

@@ -57,6 +57,8 @@ pub struct Knobs {
     pub reject: Mutex<Option<String>>,
     /// `processor.is_started` in `status`; while false, items stay pending.
     pub processor_started: AtomicBool,
+    /// While set, each node runs until [`FakeInvoke::release_nodes`] instead of for `step_ms`.
+    pub hold_nodes: AtomicBool,
     /// Answer 404 to the socket.
     pub no_socket: AtomicBool,
     /// Node types `/openapi.json` leaves out (a node pack that is not installed).
@@ -116,6 +118,11 @@ pub struct Inner {
     /// Sockets that subscribed to a queue.
     pub subscribed: u32,
     pub items: BTreeMap<i64, Value>,
+    /// The item the processor holds: set before its first node, cleared only after its running node stopped (a
+    /// cancelled item keeps the processor until then, as the real one does).
+    pub running: Option<i64>,
+    /// `…/status` reads answered.
+    pub status_reads: u32,
     pub images: HashMap<String, Vec<u8>>,
 }
 
@@ -124,6 +131,7 @@ pub struct InvokeState {
     pub inner: Mutex<Inner>,
     events: broadcast::Sender<String>,
     work: Notify,
+    node_release: Notify,
     next_id: AtomicI64,
 }
 
@@ -151,6 +159,12 @@ impl FakeInvoke {
 
     pub fn batches(&self) -> Vec<Value> {
         self.state.inner.lock().unwrap().batches.clone()
+    }
+
+    /// Ends the held node and lets every later node run for `step_ms`.
+    pub fn release_nodes(&self) {
+        self.state.knobs.hold_nodes.store(false, Ordering::SeqCst);
+        self.state.node_release.notify_one();
     }
 
     pub fn cancels(&self) -> Vec<i64> {
@@ -197,11 +211,13 @@ pub async fn start() -> FakeInvoke {
             reject: Mutex::new(None),
             processor_started: AtomicBool::new(true),
             no_socket: AtomicBool::new(false),
+            hold_nodes: AtomicBool::new(false),
             missing_types: Mutex::new(Vec::new()),
         },
         inner: Mutex::default(),
         events,
         work: Notify::new(),
+        node_release: Notify::new(),
         next_id: AtomicI64::new(0),
     });
     let app = axum::Router::new()
@@ -370,6 +386,7 @@ async fn processor(s: Arc<InvokeState>) {
             let mut inner = s.inner.lock().unwrap();
             let id = inner.items.iter().find(|(_, i)| i["status"] == "pending").map(|(id, _)| *id);
             id.map(|id| {
+                inner.running = Some(id);
                 let item = inner.items.get_mut(&id).unwrap();
                 set_status(&s, item, "in_progress");
                 (id, item["session"]["graph"].clone())
@@ -378,7 +395,10 @@ async fn processor(s: Arc<InvokeState>) {
             None
         };
         match next {
-            Some((id, graph)) => run_item(&s, id, &graph).await,
+            Some((id, graph)) => {
+                run_item(&s, id, &graph).await;
+                s.inner.lock().unwrap().running = None;
+            }
             None => {
                 let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
             }
@@ -423,6 +443,8 @@ async fn run_item(s: &InvokeState, id: i64, graph: &Value) {
                                       "percentage": f64::from(k) / f64::from(steps), "image": null});
                 emit(s, "invocation_progress", &item, progress);
             }
+        } else if s.knobs.hold_nodes.load(Ordering::SeqCst) {
+            s.node_release.notified().await;
         } else {
             tokio::time::sleep(step).await;
         }
@@ -597,7 +619,8 @@ async fn list(State(s): State<Arc<InvokeState>>, Query(q): Query<ListQuery>) -> 
 }
 
 async fn status(State(s): State<Arc<InvokeState>>, Path(q): Path<String>) -> Json<Value> {
-    let inner = s.inner.lock().unwrap();
+    let mut inner = s.inner.lock().unwrap();
+    inner.status_reads += 1;
     let count = |st: &str| inner.items.values().filter(|i| i["status"] == st).count();
     let current = inner.items.values().find(|i| i["status"] == "in_progress");
     let field = |f: &str| current.map(|i| i[f].clone());
@@ -606,7 +629,7 @@ async fn status(State(s): State<Arc<InvokeState>>, Path(q): Path<String>) -> Jso
                   "session_id": field("session_id"), "pending": count("pending"),
                   "in_progress": count("in_progress"), "completed": count("completed"), "failed": count("failed"),
                   "canceled": count("canceled"), "total": inner.items.len()},
-        "processor": {"is_started": s.knobs.processor_started.load(Ordering::SeqCst), "is_processing": current.is_some()},
+        "processor": {"is_started": s.knobs.processor_started.load(Ordering::SeqCst), "is_processing": inner.running.is_some()},
     }))
 }
 
