@@ -108,7 +108,13 @@ impl Server {
                 let tls = crate::tls::listen(listener, certs.clone(), stop.clone()).map_err(std::io::Error::other)?;
                 tokio::spawn(axum::serve(tls, app).with_graceful_shutdown(drained).into_future())
             }
-            None => tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(drained).into_future()),
+            None => {
+                // Small writes (stream events, progress) leave at once instead of waiting for the peer's ACK.
+                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(drained).into_future())
+            }
         };
         let result = tokio::select! {
             r = serve => r.unwrap_or_else(|e| Err(std::io::Error::other(e))),

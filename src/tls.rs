@@ -130,6 +130,8 @@ pub fn listen(tcp: TcpListener, certs: Arc<Certs>, stop: CancellationToken) -> R
                     }
                 },
             };
+            // Small writes (stream events, progress) leave at once instead of waiting for the peer's ACK.
+            let _ = stream.set_nodelay(true);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 let _permit = permit;
