@@ -6,7 +6,7 @@
 #
 # Then the streaming benchmark against one fake SSE chat upstream (examples/sse_upstream.rs), measured the same way
 # three ways — direct, through easel, through LiteLLM proxy (installed into ~/.cache/litellm-venv when missing;
-# skipped, and said so, when it cannot be installed or started): time to first token p50/p99 over
+# skipped, and said so, when it cannot be installed or started, or with BENCH_LITELLM=0): time to first token p50/p99 over
 # BENCH_TTFT_REQUESTS sequential streams (default 300), and SSE relay throughput (chunks/s) over
 # BENCH_STREAMS streams (default 16) of BENCH_CHUNKS chunks (default 5000), 4 at a time (examples/sse_bench.rs).
 # BENCH_ONLY=stream runs only this part; its table is appended to benches/RESULTS.md.
@@ -18,6 +18,7 @@
 # idle RSS, RSS after 10x more requests, job progress events against polling the job, and a second easel sharing admission through Redis (cluster.redis) against
 # the in-process one. Needs python3, curl, /usr/sbin/nginx and redis-server; a part whose tool is missing says so.
 set -euo pipefail
+ulimit -n 65536 2>/dev/null || ulimit -n 4096 2>/dev/null || true
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/easel-target}"
 SECONDS_PER_CELL="${BENCH_SECONDS:-5}"
@@ -118,8 +119,8 @@ g=$("$REL/examples/loadgen" "http://127.0.0.1:$GW_PORT/v1/images/edits" "@$WORK/
 unset LOADGEN_CONTENT_TYPE
 put edit "{\"mb\":$EDIT_MB,\"direct\":$d,\"gateway\":$g}"; echo "edit direct=$d gateway=$g" >&2
 
-# 1,000 clients waiting in the admission queue of a slow backend (2 slots, SLOW_MS per request).
-w=$("$REL/examples/waiters" "http://127.0.0.1:$GW_PORT/v1/images/generations" "$(body slow)" "${BENCH_WAITERS:-1000}" "$EASEL_PID") \
+# 1,000 clients waiting in the admission queue of a slow backend (2 slots, SLOW_MS per request), plus the 2 it runs.
+w=$("$REL/examples/waiters" "http://127.0.0.1:$GW_PORT/v1/images/generations" "$(body slow)" "$((${BENCH_WAITERS:-1000} + 2))" "$EASEL_PID") \
   && put waiters "$w" || echo "waiters benchmark failed" >&2
 echo "waiters $w" >&2
 # The dropped waiters leave the queue; wait (with a deadline) for easel to forget them before the next parts.
@@ -189,11 +190,11 @@ STREAMS="${BENCH_STREAMS:-16}"
 CHUNKS="${BENCH_CHUNKS:-5000}"
 LL_VENV="${LITELLM_VENV:-$HOME/.cache/litellm-venv}"
 LL_URL=""
-if [[ ! -x "$LL_VENV/bin/litellm" ]]; then
+if [[ "${BENCH_LITELLM:-1}" != 0 && ! -x "$LL_VENV/bin/litellm" ]]; then
   { python3 -m venv "$LL_VENV" && "$LL_VENV/bin/pip" install -q 'litellm[proxy]'; } > "$WORK/litellm-install.log" 2>&1 \
     || echo "LiteLLM could not be installed (see below); easel vs direct only" >&2
 fi
-if [[ -x "$LL_VENV/bin/litellm" ]]; then
+if [[ "${BENCH_LITELLM:-1}" != 0 && -x "$LL_VENV/bin/litellm" ]]; then
   cat > "$WORK/litellm.yaml" <<YAML
 model_list:
   - model_name: chat
