@@ -301,10 +301,10 @@ if st:
         cps, dcps = r["tput"]["chunks_per_s"], d["tput"]["chunks_per_s"]
         row(f"SSE text relay, {sa['streams']}×{sa['chunks']} chunks, 4 at a time ({via})", f"{dcps:.0f} chunks/s", f"{cps:.0f} chunks/s", f"{cps/dcps:.0%}" if dcps else "", "≥ 50,000 chunks/s" if via == "easel" else "", cps >= 50000 if via == "easel" else None)
     if sa["litellm"] != "yes":
-        p("| SSE via LiteLLM | | not measured: LiteLLM proxy could not be installed or started | | | |")
+        p("| SSE via LiteLLM | | not measured: skipped (BENCH_LITELLM=0) or could not be installed or started | | | |")
 je = x.get("job_events")
 if je:
-    row(f"job events, GET /v1/jobs/{{id}}/events ({je['jobs']} jobs)", "", f"{je['events_per_s']:.0f} events/s", f"{je['lag_p50_ms']:.1f} ms p50 from the job's change to its event", "", None)
+    row(f"job events, GET /v1/jobs/{{id}}/events ({je['jobs']} jobs)", "", f"{je['events_per_s']:.0f} events/s", f"completed event {je['lag_p50_ms']:+.1f} ms p50 / {je['lag_max_ms']:+.1f} ms max vs a 5 ms poll seeing it", "", None)
 if idle:
   row("idle RSS", "", f"{idle/1024:.1f} MB", "", "< 20 MB", idle < 20 * 1024)
 if first:
