@@ -1,6 +1,8 @@
 //! A minimal OpenAI-compatible image upstream for benchmarks: answers `POST /v1/images/generations` with a
 //! precomputed body — model `small`: one ~100-byte PNG; model `large`: ~1.1 MB (≈1.5 MB of base64) — and
-//! `GET /v1/models` for easel's health probe. Usage: `bench_upstream 127.0.0.1:PORT`.
+//! `GET /v1/models` for easel's health probe; model `slow` answers the small body after `SLOW_MS` (default 1000)
+//! milliseconds, for admission-queue runs; `POST /v1/images/edits` reads the whole multipart upload and answers the
+//! small body. Usage: `bench_upstream 127.0.0.1:PORT`.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -35,6 +37,9 @@ fn main() -> anyhow::Result<()> {
     let small_body = body_for(&tiny);
     let large_body = body_for(&large);
     let bodies = Arc::new((small_body, large_body));
+    let edit_body = bodies.0.clone();
+    let slow =
+        std::time::Duration::from_millis(std::env::var("SLOW_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000));
     let app = Router::new()
         .route(
             "/v1/models",
@@ -45,12 +50,31 @@ fn main() -> anyhow::Result<()> {
             post(move |body: Bytes| {
                 let bodies = Arc::clone(&bodies);
                 async move {
-                    let large = memchr_large(&body);
+                    if has(&body, b"\"slow\"") {
+                        tokio::time::sleep(slow).await;
+                    }
+                    let large = has(&body, b"\"large\"");
                     let out = if large { bodies.1.clone() } else { bodies.0.clone() };
                     ([(header::CONTENT_TYPE, "application/json")], out).into_response()
                 }
             }),
-        );
+        )
+        .route(
+            "/v1/images/edits",
+            post(move |body: Bytes| {
+                let out = edit_body.clone();
+                async move {
+                    // The upload arrived whole (axum buffered it); its size is all this upstream looks at.
+                    let status = if body.len() > 1024 {
+                        axum::http::StatusCode::OK
+                    } else {
+                        axum::http::StatusCode::BAD_REQUEST
+                    };
+                    (status, [(header::CONTENT_TYPE, "application/json")], out).into_response()
+                }
+            }),
+        )
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20));
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&addr).await?;
@@ -60,7 +84,8 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// True when the request names model `large` (a byte search: the upstream does no JSON parsing on the hot path).
-fn memchr_large(body: &[u8]) -> bool {
-    body.windows(7).any(|w| w == b"\"large\"")
+/// True when the request contains `needle`, e.g. the model `"large"` (a byte search: the upstream does no JSON
+/// parsing on the hot path).
+fn has(body: &[u8], needle: &[u8]) -> bool {
+    body.windows(needle.len()).any(|w| w == needle)
 }

@@ -1,6 +1,7 @@
 //! A closed-loop HTTP load generator for the benchmarks: C workers each send the same POST back to back for a
-//! fixed time and record latencies. Usage: `loadgen URL BODY_JSON CONCURRENCY SECONDS [WARMUP_SECONDS]`.
-//! Prints one JSON line: requests, errors, req/s, p50/p99 in ms.
+//! fixed time and record latencies. Usage: `loadgen URL BODY CONCURRENCY SECONDS [WARMUP_SECONDS]`, where BODY is
+//! JSON, `@FILE` (sent as is, with the content type in `LOADGEN_CONTENT_TYPE`), or `GET` (a GET, no body).
+//! Prints one JSON line: requests, errors, req/s, p50/p99 in ms, response bytes per second.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -18,32 +19,46 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let url = args.get(1).context("URL")?.clone();
-    let body = args.get(2).context("BODY")?.clone();
+    let body_arg = args.get(2).context("BODY")?.clone();
+    let get = body_arg == "GET";
+    let body = match body_arg.strip_prefix('@') {
+        Some(path) => bytes::Bytes::from(std::fs::read(path).with_context(|| format!("reading {path}"))?),
+        None => bytes::Bytes::from(body_arg.into_bytes()),
+    };
+    let content_type = std::env::var("LOADGEN_CONTENT_TYPE").unwrap_or_else(|_| "application/json".into());
     let concurrency: usize = args.get(3).context("CONCURRENCY")?.parse()?;
     let seconds: f64 = args.get(4).context("SECONDS")?.parse()?;
     let warmup: f64 = args.get(5).map_or(Ok(1.0), |s| s.parse())?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let (lat, errors, elapsed) = rt.block_on(async move {
+    let (lat, errors, elapsed, bytes) = rt.block_on(async move {
         let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
         let warm_end = Instant::now() + Duration::from_secs_f64(warmup);
         let end = warm_end + Duration::from_secs_f64(seconds);
         let mut tasks = Vec::new();
         for _ in 0..concurrency {
-            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            let (client, url, body, ct) = (client.clone(), url.clone(), body.clone(), content_type.clone());
             tasks.push(tokio::spawn(async move {
                 let mut lat = Vec::new();
                 let mut errors = 0u64;
+                let mut bytes = 0u64;
                 while Instant::now() < end {
                     let started = Instant::now();
-                    let ok = match client
-                        .post(&url)
-                        .header("content-type", "application/json")
-                        .body(body.clone())
-                        .send()
-                        .await
-                    {
-                        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
-                        Err(_) => false,
+                    let request = if get {
+                        client.get(&url)
+                    } else {
+                        client.post(&url).header("content-type", ct.as_str()).body(body.clone())
+                    };
+                    let ok = match request.send().await {
+                        Ok(r) if r.status().is_success() => match r.bytes().await {
+                            Ok(b) => {
+                                if started >= warm_end {
+                                    bytes += b.len() as u64;
+                                }
+                                true
+                            }
+                            Err(_) => false,
+                        },
+                        _ => false,
                     };
                     if started >= warm_end {
                         if ok {
@@ -53,27 +68,30 @@ fn main() -> anyhow::Result<()> {
                         }
                     }
                 }
-                (lat, errors)
+                (lat, errors, bytes)
             }));
         }
         let mut all = Vec::new();
         let mut errors = 0;
+        let mut bytes = 0;
         for t in tasks {
-            let (l, e) = t.await?;
+            let (l, e, b) = t.await?;
             all.extend(l);
             errors += e;
+            bytes += b;
         }
-        anyhow::Ok((all, errors, seconds))
+        anyhow::Ok((all, errors, seconds, bytes))
     })?;
     let mut lat = lat;
     lat.sort_unstable();
     let line = format!(
-        "{{\"requests\":{},\"errors\":{},\"rps\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3}}}",
+        "{{\"requests\":{},\"errors\":{},\"rps\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"bytes_per_s\":{:.0}}}",
         lat.len(),
         errors,
         lat.len() as f64 / elapsed,
         percentile(&lat, 0.50),
-        percentile(&lat, 0.99)
+        percentile(&lat, 0.99),
+        bytes as f64 / elapsed
     );
     writeln!(std::io::stdout(), "{line}")?;
     Ok(())
