@@ -148,7 +148,9 @@ fn set_shape(w: &SetError) -> Shape {
             ..Shape::new(StatusCode::CONFLICT, INVALID, "working_set_inactive")
         },
         SetError::Full { .. } => Shape::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "backend_busy"),
-        SetError::Switching { .. } => Shape::new(unavailable, SERVER, "working_set_switching"),
+        SetError::Switching { .. } | SetError::Interrupted { .. } => {
+            Shape::new(unavailable, SERVER, "working_set_switching")
+        }
         SetError::Failed { .. } => Shape::new(unavailable, SERVER, "working_set_failed"),
         SetError::Busy { .. } => Shape::new(unavailable, SERVER, "working_set_busy"),
         SetError::Conflict { .. } => Shape::new(StatusCode::CONFLICT, INVALID, "working_set_switching"),

@@ -56,108 +56,140 @@ where
 {
     // A model in a working set waits here for its set (or learns why it cannot run); the pass counts this
     // request as work on the set's backends until dispatch ends.
-    let _pass = tokio::select! {
-        biased;
-        () = gone.cancelled() => return Err(Error::ClientGone),
-        r = state.sets.ready_for(model) => r?,
-    };
-    crate::telemetry::context::note_model(&model.id);
-    // Every backend of the model is a managed process on its way back (an admin restart, a start, a crash's
-    // backoff): the request waits for the first to be back, within the longest queue wait among them, rather
-    // than failing against a closed port.
-    // Checked without allocating: it stops at the first backend that is not a managed process coming back.
-    if !model.backends.is_empty() && model.backends.iter().all(|b| state.processes.coming_back(&b.name)) {
-        let coming_back: Vec<_> = model.backends.iter().filter_map(|b| state.backends.get(&b.name)).collect();
-        let within = coming_back.iter().map(|h| h.cfg.queue.wait).max().unwrap_or_default();
-        let any_back = futures_util::future::select_all(
-            coming_back.iter().map(|h| Box::pin(state.processes.until_back(&h.cfg.name, within))),
-        );
-        tokio::select! {
+    // A forced swap that cuts the set's backends off sends a request still queued for admission back here (auto
+    // mode: it waits again as demand for its set) or refuses it (manual mode); running work gets a 503.
+    'set: loop {
+        let pass = tokio::select! {
             biased;
             () = gone.cancelled() => return Err(Error::ClientGone),
-            _ = any_back => {}
-        }
-    }
-    let candidates = routing::candidates(model, &state.backends, capability)?;
-    let mut last: Option<Error> = None;
-    for (attempt, Candidate { handle, trial }) in candidates.into_iter().take(MAX_ATTEMPTS).enumerate() {
-        // Never a new attempt for a client that left: its answer would go nowhere and the GPU time is wasted.
-        if gone.is_cancelled() {
-            if trial {
-                handle.health.release_trial();
-            }
-            return Err(Error::ClientGone);
-        }
-        if attempt > 0 {
-            tracing::info!(model = %model.id, backend = %handle.cfg.name, attempt, "Falling back to the next backend.");
-        }
-        let Some(gate) = handle.gate(capability) else { continue };
-        if !usable(&handle) {
-            continue;
-        }
-        let admitted = tokio::select! {
-            // A slot that frees at the moment the client leaves goes to the next request, not to this one.
-            biased;
-            () = gone.cancelled() => {
-                if trial {
-                    handle.health.release_trial();
-                }
-                return Err(Error::ClientGone);
-            }
-            r = gate.admit() => r,
+            r = state.sets.ready_for(model) => r?,
         };
-        let permit = match admitted {
-            Ok(p) if gone.is_cancelled() => {
-                drop(p);
+        let cut = |p: &Option<crate::sets::Pass>| p.as_ref().is_some_and(crate::sets::Pass::interrupted);
+        let until_cut = || async {
+            match &pass {
+                Some(p) => p.until_interrupted().await,
+                None => std::future::pending().await,
+            }
+        };
+        crate::telemetry::context::note_model(&model.id);
+        // Every backend of the model is a managed process on its way back (an admin restart, a start, a crash's
+        // backoff): the request waits for the first to be back, within the longest queue wait among them, rather
+        // than failing against a closed port.
+        // Checked without allocating: it stops at the first backend that is not a managed process coming back.
+        if !model.backends.is_empty() && model.backends.iter().all(|b| state.processes.coming_back(&b.name)) {
+            let coming_back: Vec<_> = model.backends.iter().filter_map(|b| state.backends.get(&b.name)).collect();
+            let within = coming_back.iter().map(|h| h.cfg.queue.wait).max().unwrap_or_default();
+            let any_back = futures_util::future::select_all(
+                coming_back.iter().map(|h| Box::pin(state.processes.until_back(&h.cfg.name, within))),
+            );
+            tokio::select! {
+                biased;
+                () = gone.cancelled() => return Err(Error::ClientGone),
+                _ = any_back => {}
+            }
+        }
+        let candidates = routing::candidates(model, &state.backends, capability)?;
+        let mut last: Option<Error> = None;
+        for (attempt, Candidate { handle, trial }) in candidates.into_iter().take(MAX_ATTEMPTS).enumerate() {
+            // Never a new attempt for a client that left: its answer would go nowhere and the GPU time is wasted.
+            if gone.is_cancelled() {
                 if trial {
                     handle.health.release_trial();
                 }
                 return Err(Error::ClientGone);
             }
-            Ok(p) => p,
-            Err(e) => {
-                if trial {
-                    handle.health.release_trial();
-                }
-                m::fallback(&handle.cfg.name, "busy");
-                // A busier answer never hides a more useful one.
-                if !matches!(last, Some(Error::Backend(_))) {
-                    last = Some(e.into());
-                }
+            if attempt > 0 {
+                tracing::info!(model = %model.id, backend = %handle.cfg.name, attempt, "Falling back to the next backend.");
+            }
+            let Some(gate) = handle.gate(capability) else { continue };
+            if !usable(&handle) {
                 continue;
             }
-        };
-        crate::telemetry::context::note_backend(&handle.cfg.name);
-        let started = Instant::now();
-        let limit = handle.cfg.timeout + TIMEOUT_SLACK;
-        let result = match tokio::time::timeout(limit, operation(Arc::clone(&handle), permit)).await {
-            Ok(r) => r,
-            Err(_) => Err(BackendError::new(
-                &handle.cfg.name,
-                handle.cfg.kind,
-                handle.cfg.endpoint(""),
-                Failure::Timeout(handle.cfg.timeout),
-            )),
-        };
-        let took = started.elapsed();
-        match result {
-            Ok(value) => {
-                handle.health.record_call(false);
-                m::upstream_call(&handle.cfg.name, handle.cfg.kind.as_str(), "ok", took);
-                return Ok(value);
-            }
-            Err(e) => {
-                handle.health.record_call(e.is_backend_fault());
-                m::upstream_call(&handle.cfg.name, handle.cfg.kind.as_str(), e.outcome(), took);
-                tracing::warn!(model = %model.id, backend = %handle.cfg.name, error = %e, "Backend call failed.");
-                let retryable = e.retryable();
-                last = Some(e.into());
-                if !retryable {
-                    break;
+            let admitted = tokio::select! {
+                // A slot that frees at the moment the client leaves goes to the next request, not to this one.
+                biased;
+                () = gone.cancelled() => {
+                    if trial {
+                        handle.health.release_trial();
+                    }
+                    return Err(Error::ClientGone);
                 }
-                m::fallback(&handle.cfg.name, "error");
+                r = gate.admit() => r,
+                () = until_cut() => {
+                    if trial {
+                        handle.health.release_trial();
+                    }
+                    state.sets.cut_off(model, false)?;
+                    continue 'set;
+                }
+            };
+            let permit = match admitted {
+                Ok(p) if gone.is_cancelled() => {
+                    drop(p);
+                    if trial {
+                        handle.health.release_trial();
+                    }
+                    return Err(Error::ClientGone);
+                }
+                Ok(p) if cut(&pass) => {
+                    drop(p);
+                    if trial {
+                        handle.health.release_trial();
+                    }
+                    state.sets.cut_off(model, false)?;
+                    continue 'set;
+                }
+                Ok(p) => p,
+                Err(e) => {
+                    if trial {
+                        handle.health.release_trial();
+                    }
+                    m::fallback(&handle.cfg.name, "busy");
+                    // A busier answer never hides a more useful one.
+                    if !matches!(last, Some(Error::Backend(_))) {
+                        last = Some(e.into());
+                    }
+                    continue;
+                }
+            };
+            crate::telemetry::context::note_backend(&handle.cfg.name);
+            let started = Instant::now();
+            let limit = handle.cfg.timeout + TIMEOUT_SLACK;
+            let result = match tokio::time::timeout(limit, operation(Arc::clone(&handle), permit)).await {
+                Ok(r) => r,
+                Err(_) => Err(BackendError::new(
+                    &handle.cfg.name,
+                    handle.cfg.kind,
+                    handle.cfg.endpoint(""),
+                    Failure::Timeout(handle.cfg.timeout),
+                )),
+            };
+            let took = started.elapsed();
+            match result {
+                Ok(value) => {
+                    handle.health.record_call(false);
+                    m::upstream_call(&handle.cfg.name, handle.cfg.kind.as_str(), "ok", took);
+                    return Ok(value);
+                }
+                Err(_) if cut(&pass) => {
+                    // A forced swap interrupted this work: not the backend's fault, and not worth another backend.
+                    m::upstream_call(&handle.cfg.name, handle.cfg.kind.as_str(), "interrupted", took);
+                    state.sets.cut_off(model, true)?;
+                    return Err(Error::Internal("interrupted work had no working set".into()));
+                }
+                Err(e) => {
+                    handle.health.record_call(e.is_backend_fault());
+                    m::upstream_call(&handle.cfg.name, handle.cfg.kind.as_str(), e.outcome(), took);
+                    tracing::warn!(model = %model.id, backend = %handle.cfg.name, error = %e, "Backend call failed.");
+                    let retryable = e.retryable();
+                    last = Some(e.into());
+                    if !retryable {
+                        break;
+                    }
+                    m::fallback(&handle.cfg.name, "error");
+                }
             }
         }
+        return Err(last.unwrap_or_else(|| Error::Internal("no backend attempt was made".into())));
     }
-    Err(last.unwrap_or_else(|| Error::Internal("no backend attempt was made".into())))
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use self::scheduler::{Action, Event, Host, Outcome, Phase, Settings};
@@ -40,6 +40,11 @@ pub enum SetError {
     Failed { set: String, host: String, error: String, retry_after: Duration },
     #[error("the swap to working set `{set}` on host `{host}` was aborted: running work outlasted `drain_timeout`")]
     Busy { set: String, host: String, retry_after: Duration },
+    #[error(
+        "the work on working set `{set}` was interrupted: an admin forced host `{host}` to switch sets; try again \
+         shortly"
+    )]
+    Interrupted { set: String, host: String, retry_after: Duration },
     #[error("host `{host}` is already switching to working set `{target}`; wait for it, then ask again")]
     Conflict { host: String, target: String },
     #[error("no working set `{0}`")]
@@ -65,7 +70,8 @@ impl SetError {
             Self::Full { retry_after, .. }
             | Self::Switching { retry_after, .. }
             | Self::Failed { retry_after, .. }
-            | Self::Busy { retry_after, .. } => *retry_after,
+            | Self::Busy { retry_after, .. }
+            | Self::Interrupted { retry_after, .. } => *retry_after,
             Self::Inactive { .. }
             | Self::Conflict { .. }
             | Self::UnknownSet(_)
@@ -79,10 +85,33 @@ impl SetError {
     }
 }
 
-/// Held while a request runs on a working set's backends: counts as their in-flight work for drains.
+/// Held while a request runs on a working set's backends: counts as their in-flight work for drains, and tells
+/// whether a forced swap has since cut those backends off.
 #[derive(Debug)]
 pub struct Pass {
     counters: Vec<Arc<AtomicU32>>,
+    /// One per backend: bumped when a forced activation interrupts it.
+    interrupts: Vec<watch::Receiver<u64>>,
+}
+
+impl Pass {
+    /// True once a forced swap has interrupted (and is stopping) one of the backends this pass was for.
+    pub fn interrupted(&self) -> bool {
+        self.interrupts.iter().any(|r| r.has_changed().unwrap_or(true))
+    }
+
+    /// Resolves when a forced swap interrupts one of its backends (never for a pass without backends).
+    pub async fn until_interrupted(&self) {
+        let mut rxs: Vec<watch::Receiver<u64>> = self.interrupts.clone();
+        if rxs.is_empty() {
+            return std::future::pending().await;
+        }
+        let waits = rxs.iter_mut().map(|r| Box::pin(async move { r.changed().await.is_ok() }));
+        let (changed, _, _) = futures_util::future::select_all(waits).await;
+        if !changed {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 impl Drop for Pass {
@@ -135,6 +164,8 @@ struct HostShared {
     view: Mutex<Option<HostView>>,
     /// What the actor knows, for quick reads (model status).
     snapshot: Mutex<(Phase, BTreeSet<String>, BTreeMap<String, Duration>)>,
+    /// The scheduler's swap-time estimate in milliseconds (Retry-After for interrupted work).
+    estimate_ms: AtomicU64,
 }
 
 /// Every host's actor handle, plus which set each model belongs to. Cheap to clone.
@@ -145,6 +176,8 @@ pub struct Sets {
     sets: Arc<BTreeMap<String, (String, BTreeSet<String>)>>,
     /// Easel's requests on each managed backend that passed the set check (dispatch is running).
     passes: Arc<HashMap<String, Arc<AtomicU32>>>,
+    /// Per managed backend: how often a forced activation interrupted it (passes watch it).
+    interrupts: Arc<HashMap<String, watch::Sender<u64>>>,
     next_id: Arc<AtomicU64>,
     receivers: Arc<Mutex<Vec<Inbox>>>,
 }
@@ -175,6 +208,7 @@ impl Sets {
                 tx,
                 view: Mutex::new(None),
                 snapshot: Mutex::new((Phase::Idle, BTreeSet::new(), BTreeMap::new())),
+                estimate_ms: AtomicU64::new(10_000),
             };
             hosts.insert(h.name.clone(), Arc::new(shared));
         }
@@ -189,10 +223,17 @@ impl Sets {
             .flat_map(|s| s.backends.iter())
             .map(|b| (b.clone(), Arc::new(AtomicU32::new(0))))
             .collect();
+        let interrupts = config
+            .working_sets
+            .iter()
+            .flat_map(|s| s.backends.iter())
+            .map(|b| (b.clone(), watch::Sender::new(0)))
+            .collect();
         Self {
             hosts: Arc::new(hosts),
             sets: Arc::new(sets),
             passes: Arc::new(passes),
+            interrupts: Arc::new(interrupts),
             next_id: Arc::default(),
             receivers: Arc::new(Mutex::new(receivers)),
         }
@@ -262,6 +303,9 @@ impl Sets {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
         let started = Instant::now();
+        // Watched from before the request, so an interrupt between the answer and the work is not missed.
+        let interrupts: Vec<watch::Receiver<u64>> =
+            place.needs.iter().filter_map(|b| self.interrupts.get(b).map(watch::Sender::subscribe)).collect();
         let msg = Msg::Request { id, set: place.set.to_owned(), needs: place.needs.clone(), reply };
         if place.host.tx.send(msg).is_err() {
             return Err(SetError::Switching {
@@ -283,7 +327,7 @@ impl Sets {
             Ok(Outcome::Ready) => {
                 // The actor counted the pass before it answered, so no drain can miss this request.
                 let counters = place.needs.iter().filter_map(|b| self.passes.get(b).cloned()).collect();
-                Ok(Some(Pass { counters }))
+                Ok(Some(Pass { counters, interrupts }))
             }
             Ok(Outcome::Inactive { active }) => Err(SetError::Inactive {
                 model: model.id.clone(),
@@ -312,6 +356,30 @@ impl Sets {
                 retry_after: Duration::from_secs(5),
             }),
         }
+    }
+
+    /// What a request whose backends a forced swap cut off gets. Work that never reached the backend (queued for
+    /// admission): in auto mode `Ok` (it waits again, as demand for its set); in manual mode 409 inactive. Work that
+    /// was running: 503 `working_set_switching`.
+    pub fn cut_off(&self, model: &ModelConfig, running: bool) -> Result<(), SetError> {
+        let Some(place) = self.place(model) else { return Ok(()) };
+        let host = place.host.cfg.name.clone();
+        let set = place.set.to_owned();
+        if running {
+            let retry_after = Duration::from_millis(place.host.estimate_ms.load(Ordering::Relaxed));
+            return Err(SetError::Interrupted { set, host, retry_after });
+        }
+        if place.host.cfg.mode != crate::config::HostMode::Manual {
+            return Ok(());
+        }
+        let active = place
+            .host
+            .view
+            .lock()
+            .ok()
+            .and_then(|v| v.as_ref().and_then(|v| v.target_set.clone().or(v.active_set.clone())));
+        let active = active.map_or_else(|| "no set".to_owned(), |a| format!("`{a}`"));
+        Err(SetError::Inactive { model: model.id.clone(), set, host, active })
     }
 
     /// Admin: make `set` active. With `wait`, returns once it is (or failed); else at once after it was accepted.
@@ -399,6 +467,7 @@ impl Sets {
                 processes: processes.clone(),
                 members: members.iter().filter_map(|b| backends.get(b).cloned()).collect(),
                 passes: Arc::clone(&self.passes),
+                interrupts: Arc::clone(&self.interrupts),
                 replies: HashMap::new(),
                 epoch: Instant::now(),
                 phase_since: Instant::now(),
@@ -478,6 +547,7 @@ struct Actor {
     processes: Processes,
     members: Vec<Arc<BackendHandle>>,
     passes: Arc<HashMap<String, Arc<AtomicU32>>>,
+    interrupts: Arc<HashMap<String, watch::Sender<u64>>>,
     /// Waiter id → (reply, what it needs).
     replies: HashMap<u64, (Option<oneshot::Sender<Outcome>>, BTreeSet<String>)>,
     epoch: Instant,
@@ -601,6 +671,12 @@ impl Actor {
                     });
                 }
                 Action::Interrupt(backends) => {
+                    // Passes on these backends learn at once that their work is cut off.
+                    for b in &backends {
+                        if let Some(tx) = self.interrupts.get(b) {
+                            tx.send_modify(|n| *n += 1);
+                        }
+                    }
                     let targets: Vec<Arc<BackendHandle>> =
                         self.members.iter().filter(|b| backends.contains(&b.cfg.name)).cloned().collect();
                     let http = self.http.clone();
@@ -700,6 +776,8 @@ impl Actor {
         if let Ok(mut v) = self.shared.view.lock() {
             *v = Some(view);
         }
+        let estimate = h.last_swap.unwrap_or(Duration::from_secs(10));
+        self.shared.estimate_ms.store(u64::try_from(estimate.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
         if let Ok(mut s) = self.shared.snapshot.lock() {
             *s = (h.phase.clone(), h.running.clone(), failed);
         }

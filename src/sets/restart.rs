@@ -48,7 +48,7 @@ impl Sets {
         // Counted as work on the member while it restarts, so its host neither drains it away nor idles it meanwhile.
         let _busy = self.passes.get(name).map(|c| {
             c.fetch_add(1, Ordering::AcqRel);
-            super::Pass { counters: vec![Arc::clone(c)] }
+            super::Pass { counters: vec![Arc::clone(c)], interrupts: Vec::new() }
         });
         match processes.restart(name).await {
             Some(State::Ready) => Ok(State::Ready),

@@ -22,11 +22,13 @@ struct Fake {
     flags: Vec<&'static str>,
     record: PathBuf,
     process_extra: &'static str,
+    /// Image slots (the rest wait in admission).
+    images: u32,
 }
 
 impl Fake {
     fn new(dir: &Path, name: &'static str, flags: &[&'static str]) -> Self {
-        Self { name, port: free_port(), flags: flags.to_vec(), record: dir.join(name), process_extra: "" }
+        Self { name, port: free_port(), flags: flags.to_vec(), record: dir.join(name), process_extra: "", images: 4 }
     }
 
     fn yaml(&self) -> String {
@@ -36,8 +38,8 @@ impl Fake {
         cmd.extend(self.flags.iter().map(|f| (*f).to_owned()));
         let cmd = serde_json::to_string(&cmd).unwrap();
         format!(
-            "  {}:\n    kind: openai\n    url: http://127.0.0.1:{}/v1\n    timeout: 20s\n    concurrency: {{ images: 4, text: 4 }}\n    process: {{ cmd: {cmd}, ready_timeout: 20s, stop: {{ grace: 2s }}{} }}\n",
-            self.name, self.port, self.process_extra
+            "  {}:\n    kind: openai\n    url: http://127.0.0.1:{}/v1\n    timeout: 20s\n    concurrency: {{ images: {}, text: 4 }}\n    process: {{ cmd: {cmd}, ready_timeout: 20s, stop: {{ grace: 2s }}{} }}\n",
+            self.name, self.port, self.images, self.process_extra
         )
     }
 
@@ -337,6 +339,69 @@ async fn a_forced_activation_interrupts_the_running_job_instead_of_draining() {
     assert_eq!(hosts(&gw).await["data"][0]["active_set"], "two");
     let (s, _, body) = gen_image(&gw, "mb").await;
     assert_eq!(s, 200, "{body}");
+    shutdown_without_orphans(gw, &[&a, &b]).await;
+}
+
+/// A forced swap away from `one` while a job runs on `fa` (one slot) and a second waits for that slot.
+async fn force_with_a_queued_request(mode: &str) -> (Gateway, Fake, Fake, tokio::task::JoinHandle<(u16, Value)>) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let mut a = Fake::new(&dir, "fa", &["--gen-secs", "8"]);
+    a.images = 1;
+    let b = Fake::new(&dir, "fb", &[]);
+    let sets = "  one: { host: gpu0, backends: [fa] }\n  two: { host: gpu0, backends: [fb] }\n";
+    let host = format!("{{ default_set: one, mode: {mode}, patience: 1s }}");
+    let cfg = config(&host, &[&a, &b], sets, &[("ma", "fa", "one"), ("mb", "fb", "two")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    wait_until("the default set to start", || a.starts() == 1).await;
+    let post = |prompt: &'static str| {
+        let (client, url) = (gw.client.clone(), gw.endpoint("/v1/images/generations"));
+        tokio::spawn(async move {
+            let resp = client.post(url).json(&json!({"model": "ma", "prompt": prompt})).send().await.unwrap();
+            let status = resp.status().as_u16();
+            let retry = resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+            let mut body: Value = resp.json().await.unwrap();
+            body["retry_after"] = json!(retry);
+            (status, body)
+        })
+    };
+    let running = post("running");
+    wait_until("the running job to begin", || a.lines().iter().any(|l| l == "gen begin")).await;
+    let queued = post("queued");
+    let deadline = tokio::time::Instant::now() + TEST_TIMEOUT;
+    while !metrics(&gw).await.lines().any(|l| l.starts_with("easel_admission_queue_depth") && l.ends_with(" 1")) {
+        assert!(tokio::time::Instant::now() < deadline, "the second request never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = gw.endpoint("/v1/admin/working-sets/two/activate?wait=true");
+    let resp = gw.client.post(&url).bearer_auth(ADMIN).body("{\"force\": true}").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let (status, body) = running.await.unwrap();
+    assert_eq!(status, 503, "interrupted running work: {body}");
+    assert_eq!(body["error"]["code"], "working_set_switching", "{body}");
+    let after: u64 = body["retry_after"].as_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&after), "{body}");
+    (gw, a, b, queued)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_swap_sends_queued_work_back_to_wait_for_its_set_in_auto_mode() {
+    let (gw, a, b, queued) = force_with_a_queued_request("auto").await;
+    // The queued request is demand for `one` again: a later swap brings `fa` back and it runs there.
+    let (status, body) = queued.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(a.starts(), 2, "{:?}", a.lines());
+    assert_eq!(a.lines().iter().filter(|l| *l == "gen begin").count(), 2, "{:?}", a.lines());
+    shutdown_without_orphans(gw, &[&a, &b]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_swap_refuses_queued_work_with_409_in_manual_mode() {
+    let (gw, a, b, queued) = force_with_a_queued_request("manual").await;
+    let (status, body) = queued.await.unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "working_set_inactive", "{body}");
+    assert_eq!(a.lines().iter().filter(|l| *l == "gen begin").count(), 1, "it never reached the backend");
+    assert_eq!(hosts(&gw).await["data"][0]["active_set"], "two");
     shutdown_without_orphans(gw, &[&a, &b]).await;
 }
 
