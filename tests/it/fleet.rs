@@ -20,9 +20,14 @@ async fn send(req: reqwest::RequestBuilder) -> (u16, reqwest::header::HeaderMap,
 
 /// Waits (with a deadline) until `cond` holds for a fresh reading of `path` on `url`.
 async fn until(url: &str, path: &str, what: &str, cond: impl Fn(u16, &Value) -> bool) -> Value {
+    until_as(url, path, ADMIN, what, cond).await
+}
+
+/// [`until`] with `bearer` (a key's secret for its own jobs).
+async fn until_as(url: &str, path: &str, bearer: &str, what: &str, cond: impl Fn(u16, &Value) -> bool) -> Value {
     let deadline = Instant::now() + TEST_TIMEOUT;
     loop {
-        let (s, _, v) = send(reqwest::Client::new().get(format!("{url}{path}")).bearer_auth(ADMIN)).await;
+        let (s, _, v) = send(reqwest::Client::new().get(format!("{url}{path}")).bearer_auth(bearer)).await;
         if cond(s, &v) {
             return v;
         }
