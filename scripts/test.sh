@@ -17,6 +17,8 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 [[ -x /usr/bin/chromium ]] || missing+=(chromium)
 # The PostgreSQL ledger tests (tests/it/postgres.rs) initdb and start a server of their own.
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null 2>&1 || missing+=(postgresql)
+# The several-instances tests (tests/it/fleet.rs) put easel instances behind a real nginx.
+command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
 if ((${#missing[@]})) && command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -67,6 +67,9 @@ pub enum Error {
     /// A reload was refused (the new configuration is invalid, or needs a restart); nothing changed.
     #[error("the configuration was not reloaded, and nothing changed: {0}")]
     ReloadRefused(String),
+    /// This instance is shutting down (SIGTERM): it finishes what it runs and takes nothing new.
+    #[error("this easel instance is shutting down and takes no new requests; retry, another instance will serve it")]
+    Draining,
     /// easel's own fault (a bug or the environment), never the client's.
     #[error("internal error: {0}")]
     Internal(String),

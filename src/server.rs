@@ -1,6 +1,7 @@
 //! The server: builds the runtime from a config, serves on a listener until shutdown, and runs the background
-//! work (health probes) under a task tracker. Shutdown stops accepting, lets in-flight requests finish (up to
-//! `server.shutdown_grace`), then stops background tasks.
+//! work (health probes) under a task tracker. Shutdown drains: `/readyz` turns 503 and new requests get 503
+//! `draining` while in-flight requests and streams finish (up to `server.drain_timeout`); then it stops
+//! accepting, stops background tasks, hands its job leases back and releases its Redis permits.
 
 use std::future::Future;
 
@@ -13,6 +14,11 @@ use crate::state::AppState;
 
 /// How often the ledger invariants are re-checked (the `easel_ledger_drift` metric).
 const LEDGER_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// After the drain, how long idle connections get to close before the listener is dropped.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long the last Redis releases may take on the way out.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A built gateway, ready to serve.
 pub struct Server {
@@ -85,14 +91,14 @@ impl Server {
             }
         });
 
-        let grace = self.state.config.server.shutdown_grace;
         let app = axum::ServiceExt::<axum::extract::Request>::into_make_service(crate::http::LiveRouter::new(live));
         let stop = CancellationToken::new();
         let stop_signal = stop.clone();
+        let draining = self.state.clone();
         let drained = async move {
             shutdown.await;
+            drain(&draining).await;
             stop_signal.cancel();
-            tracing::info!("Shutting down: finishing in-flight requests.");
         };
         let serve = match &self.certs {
             Some(certs) => {
@@ -118,15 +124,13 @@ impl Server {
         };
         let result = tokio::select! {
             r = serve => r.unwrap_or_else(|e| Err(std::io::Error::other(e))),
-            () = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
-                tracing::warn!(grace_s = grace.as_secs(), "Shutdown grace period over; dropping remaining requests.");
-                Ok(())
-            }
+            () = async { stop.cancelled().await; tokio::time::sleep(CLOSE_GRACE).await } => Ok(()),
         };
         background.cancel();
         self.state.processes.shutdown().await;
         tracker.close();
         tracker.wait().await;
+        hand_back(&self.state).await;
         result
     }
 }
@@ -184,4 +188,41 @@ async fn check_ledger(state: &AppState) {
         }
         Err(e) => tracing::error!(error = %e, "Ledger check failed."),
     }
+}
+
+/// SIGTERM: `/readyz` turns 503 at once and new requests get 503 `draining`; waits (at most
+/// `server.drain_timeout`) for the requests and streams in flight to finish.
+async fn drain(state: &AppState) {
+    state.drain.begin();
+    let timeout = state.config.server.drain_timeout;
+    tracing::info!(
+        in_flight = state.drain.in_flight(),
+        drain_timeout_s = timeout.as_secs(),
+        "Draining: refusing new requests, finishing those in flight."
+    );
+    if let Err(e) = state.ledger.mark_draining().await {
+        tracing::warn!(error = %e, "Marking this instance draining in the ledger failed.");
+    }
+    if !state.drain.until_idle(timeout).await {
+        tracing::warn!(
+            in_flight = state.drain.in_flight(),
+            drain_timeout_s = timeout.as_secs(),
+            "`server.drain_timeout` is over; dropping the requests still in flight."
+        );
+    }
+}
+
+/// The last step of a stop: job and webhook leases go back to the database for another instance, the slots of
+/// jobs running here are freed, and the Redis releases under way are given a moment to land.
+async fn hand_back(state: &AppState) {
+    match state.ledger.hand_back(state.jobs.owner()).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(jobs = n, "Handed job leases back for another instance to adopt."),
+        Err(e) => tracing::warn!(error = %e, "Handing job leases back failed; they lapse on their own."),
+    }
+    state.jobs.free_all_slots();
+    if let Some(fleet) = &state.cluster.fleet {
+        fleet.settle_releases(RELEASE_WAIT).await;
+    }
+    tracing::info!("Stopped.");
 }

@@ -47,6 +47,8 @@ pub struct Runtime {
     pub settling: Arc<Settling>,
     /// The job runner's slots and wake-up bell (shared by every runtime a reload builds).
     pub jobs: Arc<crate::jobs::Jobs>,
+    /// SIGTERM's drain: refuses new requests, counts those still running (shared by every runtime a reload builds).
+    pub drain: Arc<crate::http::drain::Drain>,
     /// Supervisors of backends with a `process:` block.
     pub processes: crate::process::Processes,
     /// Hosts and their working sets (one actor per host, started by the server).
@@ -93,6 +95,7 @@ impl AppState {
                 tasks: TaskTracker::new(),
                 settling: Arc::default(),
                 jobs: Arc::new(crate::jobs::Jobs::new()),
+                drain: Arc::default(),
                 processes,
                 sets,
                 cluster,
@@ -132,6 +135,7 @@ impl AppState {
                 tasks: self.tasks.clone(),
                 settling: Arc::clone(&self.settling),
                 jobs: Arc::clone(&self.jobs),
+                drain: Arc::clone(&self.drain),
                 cluster: Arc::clone(&self.cluster),
                 processes: self.processes.clone(),
                 sets: self.sets.clone(),

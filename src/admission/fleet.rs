@@ -32,6 +32,13 @@ end
 return {0, held}
 ";
 
+/// Permits not yet expired, by Redis's clock.
+const LIVE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+";
+
 /// Extends a lease that is still live. A lease already past its expiry is gone (its slot may have been handed
 /// out again): it is removed and 0 is returned, never revived.
 const RENEW: &str = r"
@@ -102,6 +109,8 @@ pub struct Fleet {
     acquire: Script,
     renew: Script,
     window: Script,
+    /// Releases on their way to Redis (a drain waits for them before the process exits).
+    releases: tokio_util::task::TaskTracker,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -133,6 +142,7 @@ impl Fleet {
             link: Mutex::new(Link::Unknown),
             acquire: Script::new(ACQUIRE),
             renew: Script::new(RENEW),
+            releases: tokio_util::task::TaskTracker::new(),
             window: Script::new(WINDOW),
         }))
     }
@@ -227,6 +237,19 @@ impl Fleet {
         let _: u8 =
             self.call(|mut c| async move { redis::cmd("ZREM").arg(key).arg(id).query_async(&mut c).await }).await?;
         Ok(())
+    }
+
+    /// Waits until the releases already under way have reached Redis (or failed), at most `within`.
+    pub async fn settle_releases(&self, within: Duration) {
+        self.releases.close();
+        let _ = tokio::time::timeout(within, self.releases.wait()).await;
+        self.releases.reopen();
+    }
+
+    /// Live permits of one gate across the fleet (expired ones not counted).
+    pub async fn live(&self, key: &str) -> Result<u64, RedisDown> {
+        let key = key.to_owned();
+        self.call(|mut c| async move { Script::new(LIVE).key(key).invoke_async(&mut c).await }).await
     }
 
     pub fn report(&self) -> RedisReport {
@@ -339,14 +362,15 @@ impl Drop for Lease {
         let freed = self.freed.take();
         // Without a runtime (process exit) the lease simply expires.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
+            let releases = fleet.releases.clone();
+            releases.spawn_on(async move {
                 if let Err(e) = fleet.release(&key, &id).await {
                     tracing::warn!(gate = %key, error = %e, "Releasing an admission lease failed; it expires on its own.");
                 }
                 if let Some(freed) = freed {
                     freed.notify_one();
                 }
-            });
+            }, &rt);
         }
     }
 }

@@ -383,6 +383,12 @@ impl Gate {
         self.inflight() == 0
     }
 
+    /// With `cluster.redis`: permits held across the whole fleet now (`None` without Redis, or Redis down).
+    pub async fn fleet_inflight(&self) -> Option<u64> {
+        let shared = self.shared.as_ref()?;
+        shared.fleet.live(&shared.key).await.ok()
+    }
+
     pub fn status(&self) -> GateStatus {
         let available = self.limit.saturating_sub(self.inflight());
         GateStatus {

@@ -178,7 +178,9 @@ pub struct ServerConfig {
     /// Base for output URLs; `None` = derived from the request's `Host` header.
     pub public_url: Option<Url>,
     pub max_body_bytes: usize,
-    pub shutdown_grace: Duration,
+    /// `server.drain_timeout`: after SIGTERM, how long in-flight requests and streams may take before the
+    /// process exits anyway.
+    pub drain_timeout: Duration,
     /// Most pixels an image easel decodes (client inputs, masks, upstream outputs it transcodes) may have.
     pub max_image_pixels: u64,
     /// Memory budget shared by all image decodes in the process.

@@ -113,7 +113,9 @@ pub struct RawServer {
     pub public_url: Option<String>,
     /// Largest request body accepted on image routes, e.g. `64MiB`.
     pub max_body: Option<String>,
-    /// How long in-flight requests get to finish after SIGTERM/SIGINT.
+    /// How long in-flight requests and streams get to finish after SIGTERM/SIGINT, e.g. `30s`.
+    pub drain_timeout: Option<String>,
+    /// The older name of `drain_timeout` (still accepted; setting both is an error).
     pub shutdown_grace: Option<String>,
     /// Most pixels (width × height) an image easel decodes may have, e.g. `50000000`.
     pub max_image_pixels: Option<u64>,

@@ -50,7 +50,7 @@ pub fn validate(raw: RawConfig, origin: &str, base: &Path, admin_token: Option<S
         listen,
         public_url,
         max_body_bytes: bytes(&mut p, "server.max_body", raw.server.max_body.as_deref(), 64 << 20),
-        shutdown_grace: duration(&mut p, "server.shutdown_grace", raw.server.shutdown_grace.as_deref(), 30),
+        drain_timeout: drain_timeout(&mut p, &raw.server),
         max_image_pixels: raw.server.max_image_pixels.unwrap_or(DEFAULT_MAX_IMAGE_PIXELS),
         decode_memory_bytes: bytes(&mut p, "server.decode_memory", raw.server.decode_memory.as_deref(), 1 << 30),
         tls: raw.server.tls.as_ref().and_then(|t| tls(&mut p, t, base)),
@@ -1395,4 +1395,24 @@ mod cluster_tests {
         let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
         assert!(paths.contains(&"cluster.fleet_size") && paths.contains(&"cluster.fallback"), "{err}");
     }
+}
+
+/// `server.drain_timeout` (or its older name `server.shutdown_grace`, not both): 30 s by default, at most an hour.
+fn drain_timeout(p: &mut Problems, server: &super::raw::RawServer) -> Duration {
+    let (field, value) = match (server.drain_timeout.as_deref(), server.shutdown_grace.as_deref()) {
+        (Some(_), Some(_)) => {
+            p.push((
+                "server.drain_timeout".into(),
+                "set `drain_timeout` or its older name `shutdown_grace`, not both".into(),
+            ));
+            return Duration::from_secs(30);
+        }
+        (None, Some(v)) => ("server.shutdown_grace", Some(v)),
+        (v, None) => ("server.drain_timeout", v),
+    };
+    let d = duration(p, field, value, 30);
+    if d > Duration::from_secs(3600) {
+        p.push((field.into(), format!("{}s is longer than the 1h a drain may take", d.as_secs())));
+    }
+    d
 }

@@ -110,6 +110,9 @@ fn shape(e: &Error) -> Shape {
         }
         Error::ReloadRefused(_) => Shape::new(StatusCode::BAD_REQUEST, INVALID, "config_rejected"),
         Error::Internal(_) => Shape::new(StatusCode::INTERNAL_SERVER_ERROR, SERVER, "internal_error"),
+        Error::Draining => {
+            Shape::new(StatusCode::SERVICE_UNAVAILABLE, SERVER, "draining").retry(super::drain::RETRY_ELSEWHERE)
+        }
         Error::UpstreamImageTooLarge(_) => Shape::new(StatusCode::BAD_GATEWAY, SERVER, "backend_error"),
         Error::Ledger(l) => match l {
             LedgerError::Insufficient { .. } => {

@@ -5,9 +5,11 @@ mod account;
 mod admin;
 mod auth;
 mod chat;
+pub mod drain;
 pub mod error;
 pub mod extract;
 mod files;
+mod fleet;
 mod hooks;
 mod images;
 mod jobs;
@@ -145,6 +147,8 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate))
         // The web page needs no key (its API calls carry one); added after `authenticate`, so outside it.
         .merge(if state.config.server.ui { ui::routes() } else { Router::new() })
+        // While draining (SIGTERM), new work is refused here; what runs is counted until its body ends.
+        .layer(middleware::from_fn_with_state(state.clone(), drain::gate))
         // Sees every request and the final response (including extractor rejections).
         .layer(middleware::from_fn(observe))
         // Outermost: whatever answer was chosen, the client may finish sending its body before it is read.

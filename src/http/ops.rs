@@ -21,6 +21,10 @@ pub async fn healthz_handler() -> &'static str {
 
 /// `GET /readyz`: config loaded, storage writable, at least one backend ready; else 503 with the reasons.
 pub async fn readyz_handler(State(state): State<AppState>) -> Response {
+    if state.drain.is_draining() {
+        let body = json!({"status": "draining", "reasons": ["this instance is draining (SIGTERM): it finishes what it runs and takes nothing new"], "in_flight": state.drain.in_flight()});
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
     let mut reasons = Vec::new();
     if let Err(e) = state.files.check().await {
         reasons.push(e.to_string());
@@ -103,8 +107,10 @@ struct BackendStatus {
     health: Snapshot,
 }
 
-/// `GET /v1/gateway/status`: admission and health per backend.
+/// `GET /v1/gateway/status`: admission and health per backend, and the fleet's view: the instances sharing the
+/// store and, with Redis, the permits held fleet-wide per backend.
 pub async fn status_handler(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let fleet = crate::http::fleet::view(&state).await;
     let backends: BTreeMap<&str, BackendStatus> = state
         .backend_list
         .iter()
@@ -130,5 +136,7 @@ pub async fn status_handler(State(state): State<AppState>) -> Json<serde_json::V
         "jobs_running": state.jobs.running(),
         // Hosts with their working sets (empty without `hosts:`).
         "hosts": state.sets.views(),
+        "instance": fleet.this,
+        "fleet": fleet.fleet,
     }))
 }

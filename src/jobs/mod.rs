@@ -80,6 +80,19 @@ impl Jobs {
         }
     }
 
+    /// This process's name as a lease owner.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Frees every slot running jobs hold (the process is stopping; the jobs go on elsewhere).
+    pub fn free_all_slots(&self) {
+        let all: Vec<String> = self.slots.lock().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect();
+        for job in all {
+            self.free_slot(&job);
+        }
+    }
+
     /// Jobs holding a slot, per backend (for `/v1/gateway/status`).
     pub fn running(&self) -> HashMap<String, usize> {
         let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
@@ -154,7 +167,13 @@ impl Jobs {
 pub async fn run(live: crate::reload::Live, stop: CancellationToken) {
     loop {
         let state = live.current();
-        match state.ledger.claim_jobs(&state.jobs.owner, LEASE, BATCH).await {
+        // A draining instance claims nothing more: what it holds is handed back when it stops.
+        let claimed = if state.drain.is_draining() {
+            Ok(Vec::new())
+        } else {
+            state.ledger.claim_jobs(&state.jobs.owner, LEASE, BATCH).await
+        };
+        match claimed {
             Ok(jobs) => {
                 let rounds = jobs.into_iter().map(|job| {
                     // Every call for a job carries the request id it was created under (or the job's id).

@@ -6,8 +6,8 @@ use std::time::Duration;
 use super::postgres::{PgStore, is_postgres_url};
 use super::sqlite::SqliteStore;
 use super::{
-    Balance, Drift, HoldOutcome, IdemClaim, JobChange, JobEnd, JobRecord, JobStat, KeyInfo, LedgerError, Millicredits,
-    NewJob, NewKey, OutboxRow, Principal, Store, StoredResponse, UsageRow, WebhookOutcome,
+    Balance, Drift, HoldOutcome, IdemClaim, InstanceRow, JobChange, JobEnd, JobRecord, JobStat, KeyInfo, LedgerError,
+    Millicredits, NewJob, NewKey, OutboxRow, Principal, Store, StoredResponse, UsageRow, WebhookOutcome,
 };
 
 #[derive(Debug)]
@@ -40,6 +40,14 @@ impl AnyStore {
     /// A trivial query, for `/readyz`.
     pub async fn ping(&self) -> Result<(), LedgerError> {
         each_store!(self, s => s.ping().await)
+    }
+
+    /// This serving process's instance row on PostgreSQL (`None` on SQLite, one server per file).
+    pub fn instance_id(&self) -> Option<&str> {
+        match self {
+            Self::Sqlite(_) => None,
+            Self::Postgres(p) => p.instance(),
+        }
     }
 
     /// The database, for messages: the SQLite file, or the PostgreSQL URL without its password.
@@ -218,5 +226,17 @@ impl Store for AnyStore {
 
     async fn usage(&self, key_id: i64) -> Result<Vec<UsageRow>, LedgerError> {
         each_store!(self, s => s.usage(key_id).await)
+    }
+
+    async fn instances(&self) -> Result<Vec<InstanceRow>, LedgerError> {
+        each_store!(self, s => s.instances().await)
+    }
+
+    async fn mark_draining(&self) -> Result<(), LedgerError> {
+        each_store!(self, s => s.mark_draining().await)
+    }
+
+    async fn hand_back(&self, owner: &str) -> Result<u64, LedgerError> {
+        each_store!(self, s => s.hand_back(owner).await)
     }
 }

@@ -315,6 +315,32 @@ pub trait Store: Send + Sync {
     fn reap_expired(&self) -> impl Future<Output = Result<u64, LedgerError>> + Send;
     fn check(&self) -> impl Future<Output = Result<Vec<Drift>, LedgerError>> + Send;
     fn usage(&self, key_id: i64) -> impl Future<Output = Result<Vec<UsageRow>, LedgerError>> + Send;
+    /// The serving instances sharing this database, newest first (SQLite: none; one server per file).
+    fn instances(&self) -> impl Future<Output = Result<Vec<InstanceRow>, LedgerError>> + Send {
+        async { Ok(Vec::new()) }
+    }
+    /// Marks this instance draining, for the others' view (SQLite: nothing to tell).
+    fn mark_draining(&self) -> impl Future<Output = Result<(), LedgerError>> + Send {
+        async { Ok(()) }
+    }
+    /// At the end of a drain: hands the leases `owner` holds on unfinished jobs and webhook deliveries back (the
+    /// epoch moves on, fencing anything of this process still running), so another instance takes them at once;
+    /// on PostgreSQL the instance row's lease ends too. Returns how many jobs were handed back.
+    fn hand_back(&self, owner: &str) -> impl Future<Output = Result<u64, LedgerError>> + Send;
+}
+
+/// One serving instance in the shared database (`/v1/gateway/status`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InstanceRow {
+    pub id: String,
+    /// Unix ms.
+    pub started_at: i64,
+    /// Unix ms of its last heartbeat.
+    pub last_heartbeat: i64,
+    /// Unix ms its drain began, if it is draining.
+    pub draining_since: Option<i64>,
+    /// Its lease has not lapsed.
+    pub alive: bool,
 }
 
 /// Now, in Unix milliseconds: the one clock of the ledger's and the jobs' timestamps.

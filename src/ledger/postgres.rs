@@ -10,9 +10,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Row};
 
 use super::{
-    ANONYMOUS_KEY, Balance, Drift, HoldOutcome, IdemClaim, JobChange, JobEnd, JobRecord, JobStat, KeyInfo, LedgerError,
-    Millicredits, NewJob, NewKey, OutboxRow, Principal, Store, StoredResponse, UsageRow, WebhookOutcome, hash_secret,
-    new_secret, now_ms,
+    ANONYMOUS_KEY, Balance, Drift, HoldOutcome, IdemClaim, InstanceRow, JobChange, JobEnd, JobRecord, JobStat, KeyInfo,
+    LedgerError, Millicredits, NewJob, NewKey, OutboxRow, Principal, Store, StoredResponse, UsageRow, WebhookOutcome,
+    hash_secret, new_secret, now_ms,
 };
 
 /// How long a completed idempotency record is kept.
@@ -1059,6 +1059,69 @@ impl Store for PgStore {
                 })
             })
             .collect()
+    }
+
+    async fn instances(&self) -> Result<Vec<InstanceRow>, LedgerError> {
+        let now = now_ms();
+        let rows = sqlx::query(
+            "SELECT id, started_at, lease_until, draining_since FROM instances ORDER BY started_at DESC, id LIMIT 100",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let lease_until: i64 = r.try_get(2)?;
+                Ok(InstanceRow {
+                    id: r.try_get(0)?,
+                    started_at: r.try_get(1)?,
+                    last_heartbeat: lease_until - INSTANCE_LEASE.as_millis() as i64,
+                    draining_since: r.try_get(3)?,
+                    alive: lease_until >= now,
+                })
+            })
+            .collect()
+    }
+
+    async fn mark_draining(&self) -> Result<(), LedgerError> {
+        if let Some(id) = &self.instance {
+            sqlx::query("UPDATE instances SET draining_since = COALESCE(draining_since, $2) WHERE id = $1")
+                .bind(id)
+                .bind(now_ms())
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn hand_back(&self, owner: &str) -> Result<u64, LedgerError> {
+        let now = now_ms();
+        let jobs = sqlx::query(
+            "UPDATE jobs SET lease_owner = NULL, lease_until = NULL, lease_epoch = lease_epoch + 1, next_poll_at = $2
+             WHERE lease_owner = $1 AND state NOT IN ('succeeded', 'failed', 'canceled')",
+        )
+        .bind(owner)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query(
+            "UPDATE webhook_outbox SET lease_owner = NULL, lease_until = NULL
+             WHERE lease_owner = $1 AND delivered_at IS NULL AND gave_up_at IS NULL",
+        )
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        // The heartbeat stops and the row's lease ends: the others see this instance gone at once.
+        if let Some(h) = &self.heartbeat {
+            h.abort();
+        }
+        if let Some(id) = &self.instance {
+            sqlx::query("UPDATE instances SET lease_until = $2 WHERE id = $1")
+                .bind(id)
+                .bind(now - 1)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(jobs.rows_affected())
     }
 
     async fn renew_job(&self, id: &str, epoch: i64, lease: Duration) -> Result<Option<bool>, LedgerError> {

@@ -923,6 +923,27 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn hand_back(&self, owner: &str) -> Result<u64, LedgerError> {
+        let _w = self.write.lock().await;
+        let now = now_ms();
+        let jobs = sqlx::query(
+            "UPDATE jobs SET lease_owner = NULL, lease_until = NULL, lease_epoch = lease_epoch + 1, next_poll_at = ?2
+             WHERE lease_owner = ?1 AND state NOT IN ('succeeded', 'failed', 'canceled')",
+        )
+        .bind(owner)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query(
+            "UPDATE webhook_outbox SET lease_owner = NULL, lease_until = NULL
+             WHERE lease_owner = ?1 AND delivered_at IS NULL AND gave_up_at IS NULL",
+        )
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(jobs.rows_affected())
+    }
+
     async fn renew_job(&self, id: &str, epoch: i64, lease: Duration) -> Result<Option<bool>, LedgerError> {
         let _w = self.write.lock().await;
         let row = sqlx::query(

@@ -16,6 +16,7 @@ mod config_cli;
 mod deploy;
 mod edits;
 mod fidelity;
+mod fleet;
 mod health;
 mod huggingface;
 mod image_jobs;
