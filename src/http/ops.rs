@@ -130,5 +130,7 @@ pub async fn status_handler(State(state): State<AppState>) -> Json<serde_json::V
         "jobs_running": state.jobs.running(),
         // Hosts with their working sets (empty without `hosts:`).
         "hosts": state.sets.views(),
+        // The latest failed requests (5xx), newest first, with the message each client got.
+        "recent_errors": state.recent_errors.newest_first(),
     }))
 }
