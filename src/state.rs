@@ -55,6 +55,8 @@ pub struct Runtime {
     pub sets: crate::sets::Sets,
     /// Fleet-wide admission through Redis (`cluster.redis`) and per-key limits.
     pub cluster: Arc<crate::admission::Cluster>,
+    /// The latest failed requests with their messages (for the status page).
+    pub recent_errors: Arc<crate::telemetry::recent::RecentErrors>,
 }
 
 impl AppState {
@@ -99,6 +101,7 @@ impl AppState {
                 processes,
                 sets,
                 cluster,
+                recent_errors: Arc::default(),
             }),
         })
     }
@@ -139,6 +142,7 @@ impl AppState {
                 cluster: Arc::clone(&self.cluster),
                 processes: self.processes.clone(),
                 sets: self.sets.clone(),
+                recent_errors: Arc::clone(&self.recent_errors),
             }),
         })
     }

@@ -1,5 +1,6 @@
 // The fleet: every backend's health, readiness, circuit and admission gauges from /v1/gateway/status and /health,
-// and the hosts with their working sets (activate one with the admin token); refreshed every two seconds while shown.
+// the hosts with their working sets (activate one with the admin token) and the latest failed requests with their
+// full messages; refreshed every two seconds while shown.
 
 import { call, json, creds } from "./api.js";
 
@@ -91,6 +92,21 @@ function hostCards(hosts, models) {
   }
 }
 
+function errorRows(errors) {
+  const body = $("fleet-errors").tBodies[0];
+  if (!errors || !errors.length) {
+    body.replaceChildren(el("tr", {}, el("td", { colSpan: 5, class: "muted" }, "None since the gateway started.")));
+    return;
+  }
+  body.replaceChildren(...errors.map((e) => el("tr", { "data-request": e.request_id },
+    el("td", {}, new Date(e.at_ms).toLocaleTimeString()),
+    el("td", {}, `${e.method} ${e.route}`, el("br"), el("code", { class: "muted" }, e.request_id)),
+    el("td", {}, String(e.status)),
+    el("td", {}, [e.model, e.backend].filter(Boolean).join(" / ") || "—"),
+    el("td", { class: "message" }, e.message),
+  )));
+}
+
 export async function refresh() {
   clearTimeout(timer);
   const err = $("fleet-error");
@@ -107,6 +123,7 @@ export async function refresh() {
     running = status.body.jobs_running || {};
     $("fleet-meta").textContent = `easel ${status.body.version} · up ${status.body.uptime_s} s · config ${status.body.config ?? "built-in"}`;
     hostCards(status.body.hosts, models);
+    errorRows(status.body.recent_errors);
   } else {
     problems.push(`Admission gauges need the admin token: ${(status.body && status.body.error && status.body.error.message) || `HTTP ${status.status}`}`);
   }

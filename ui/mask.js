@@ -1,5 +1,7 @@
 // The edit mask: the chosen image drawn on one canvas, the strokes on another above it. The mask sent is a PNG of
-// the image's size, opaque where it must stay and transparent where painted (OpenAI's convention).
+// the image's size, opaque where it must stay and transparent where painted (OpenAI's convention). The overlay is
+// focusable: arrow keys move a brush cursor (Shift for bigger steps), Space or Enter paints a dab where it is, and
+// holding Space/Enter down while moving paints a line.
 
 export class MaskPainter {
   constructor(base, overlay, brush) {
@@ -27,6 +29,59 @@ export class MaskPainter {
     const stop = () => { this.drawing = false; };
     overlay.addEventListener("pointerup", stop);
     overlay.addEventListener("pointercancel", stop);
+
+    // Keyboard: a cursor (drawn by the page as #pg-mask-cursor, positioned in percent of the canvas).
+    this.cursor = [0.5, 0.5];
+    this.inking = false;
+    this.cursorEl = overlay.parentElement?.querySelector(".mask-cursor") || null;
+    overlay.tabIndex = 0;
+    overlay.setAttribute("role", "application");
+    overlay.setAttribute("aria-roledescription", "mask canvas");
+    overlay.addEventListener("focus", () => this.showCursor(true));
+    overlay.addEventListener("blur", () => { this.inking = false; this.showCursor(false); });
+    overlay.addEventListener("keydown", (e) => this.key(e));
+    overlay.addEventListener("keyup", (e) => {
+      if (e.key === " " || e.key === "Enter") this.inking = false;
+    });
+  }
+
+  /** Where the keyboard cursor is, in canvas pixels. */
+  cursorPx() {
+    return [this.cursor[0] * this.overlay.width, this.cursor[1] * this.overlay.height];
+  }
+
+  key(e) {
+    const moves = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+    if (moves[e.key]) {
+      e.preventDefault();
+      const step = (e.shiftKey ? 0.1 : 0.025);
+      const before = this.cursorPx();
+      const [dx, dy] = moves[e.key];
+      this.cursor = [
+        Math.min(1, Math.max(0, this.cursor[0] + dx * step)),
+        Math.min(1, Math.max(0, this.cursor[1] + dy * step)),
+      ];
+      if (this.inking) this.stroke(before, this.cursorPx());
+      this.showCursor(true);
+    } else if (e.key === " " || e.key === "Enter") {
+      e.preventDefault();
+      if (!e.repeat) {
+        this.inking = true;
+        const p = this.cursorPx();
+        this.stroke(p, p);
+      }
+    }
+  }
+
+  showCursor(visible) {
+    const el = this.cursorEl;
+    if (!el) return;
+    el.hidden = !visible;
+    const r = this.overlay.getBoundingClientRect();
+    const size = r.width && this.overlay.width ? (Number(this.brush.value) * r.width) / this.overlay.width : 16;
+    el.style.left = `${this.cursor[0] * 100}%`;
+    el.style.top = `${this.cursor[1] * 100}%`;
+    el.style.width = el.style.height = `${Math.max(6, size)}px`;
   }
 
   /** Shows `img` (an HTMLImageElement that has loaded) and clears the mask. */

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, BodyDataStream, Bytes};
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -150,7 +150,7 @@ pub fn router(state: AppState) -> Router {
         // While draining (SIGTERM), new work is refused here; what runs is counted until its body ends.
         .layer(middleware::from_fn_with_state(state.clone(), drain::gate))
         // Sees every request and the final response (including extractor rejections).
-        .layer(middleware::from_fn(observe))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
         // Outermost: whatever answer was chosen, the client may finish sending its body before it is read.
         .layer(middleware::from_fn(drain_unread))
         // Preflights are answered before authentication (browsers send no key on them).
@@ -214,8 +214,9 @@ pub const TRACEPARENT: &str = "traceparent";
 
 /// Gives the request its context (request id, trace context, a slot for what handles it) and log span; sets
 /// `X-Request-Id` on the answer, whatever it is; records request metrics and the access-log line when the last
-/// response byte has gone (or the client left); logs server-side failures once.
-async fn observe(req: Request, next: Next) -> Response {
+/// response byte has gone (or the client left); logs server-side failures once and keeps them in the ring of
+/// recent errors.
+async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = static_route(req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()));
     let method = req.method().clone();
@@ -234,6 +235,17 @@ async fn observe(req: Request, next: Next) -> Response {
     if let Some(ServerFault(message)) = resp.extensions().get::<ServerFault>() {
         span.in_scope(|| {
             tracing::warn!(%method, route, status = status.as_u16(), error = %message, "Request failed.");
+        });
+        let h = ctx.handling();
+        state.recent_errors.push(crate::telemetry::recent::RecentError {
+            at_ms: 0,
+            request_id: ctx.id.to_string(),
+            method: method.to_string(),
+            route: route.to_owned(),
+            status: status.as_u16(),
+            model: h.model,
+            backend: h.backend,
+            message: message.clone(),
         });
     }
     let finish =

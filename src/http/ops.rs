@@ -138,5 +138,7 @@ pub async fn status_handler(State(state): State<AppState>) -> Json<serde_json::V
         "hosts": state.sets.views(),
         "instance": fleet.this,
         "fleet": fleet.fleet,
+        // The latest failed requests (5xx), newest first, with the message each client got.
+        "recent_errors": state.recent_errors.newest_first(),
     }))
 }

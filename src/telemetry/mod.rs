@@ -1,9 +1,11 @@
 //! Telemetry: logging setup (validated `EASEL_LOG` / `EASEL_LOG_FORMAT`), the per-request [`context`], process
-//! figures for `/metrics` ([`process`]) and the metric names (declared once in [`metrics`]).
+//! figures for `/metrics` ([`process`]), the metric names (declared once in [`metrics`]) and the ring of
+//! [`recent`] failed requests.
 
 pub mod context;
 pub mod metrics;
 pub mod process;
+pub mod recent;
 
 use std::io::IsTerminal;
 

@@ -1,12 +1,15 @@
 // The web page in headless Chromium (Debian's, driven by playwright-core) against the real easel binary with keys
 // on: create a key with the admin token and see its balance, generate an image and watch its progress bar move,
-// edit it with a painted mask, and watch the fleet page show a backend going down. No console errors allowed; a
-// screenshot of each page goes to $EASEL_ARTIFACTS (default ~/.cache/easel-artifacts).
+// edit it with a mask painted by mouse and by keyboard, watch the fleet page show a backend going down and list the
+// failed request's full message, and activate working sets on a host (real child processes, tests/fake_backend.py)
+// from the fleet page. No console errors allowed; a screenshot of each page goes to $EASEL_ARTIFACTS (default
+// ~/.cache/easel-artifacts).
 // Run by scripts/test.sh: `node --test tests/browser/` with EASEL_BIN set and playwright-core on NODE_PATH.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createServer } from "node:http";
+import { createServer as createTcpServer } from "node:net";
 import { mkdtempSync, mkdirSync, writeFileSync, rmSync } from "node:fs";
 import { tmpdir, homedir } from "node:os";
 import { join } from "node:path";
@@ -41,8 +44,25 @@ function startUpstream() {
   return new Promise((r) => s.listen(0, "127.0.0.1", () => r(s)));
 }
 
+// A port nothing listens on right now (for the managed fake backends).
+const freePort = () =>
+  new Promise((resolve) => {
+    const s = createTcpServer().listen(0, "127.0.0.1", () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+
+// A managed backend on the host: the fake image server started by easel when its working set is activated.
+const managed = (name, port) => {
+  const script = join(process.cwd(), "tests", "fake_backend.py");
+  const cmd = JSON.stringify(["python3", script, "--port", String(port)]);
+  return `  ${name}:\n    kind: openai\n    url: http://127.0.0.1:${port}/v1\n    timeout: 20s\n    process: {cmd: ${cmd}, ready_timeout: 20s, stop: {grace: 2s}}\n`;
+};
+
 before(async () => {
   upstream = await startUpstream();
+  const [portA, portB] = [await freePort(), await freePort()];
   dir = mkdtempSync(join(tmpdir(), "easel-browser-"));
   mkdirSync(ARTIFACTS, { recursive: true });
   writeFileSync(
@@ -52,11 +72,18 @@ health: {interval: 1s, unhealthy_threshold: 1}
 backends:
   sim: {kind: simulated, latency: 2s}
   up: {kind: openai, url: "http://127.0.0.1:${upstream.address().port}/v1", timeout: 5s}
+${managed("fa", portA)}${managed("fb", portB)}hosts:
+  gpu0: {mode: manual}
+working_sets:
+  one: {host: gpu0, backends: [fa]}
+  two: {host: gpu0, backends: [fb]}
 models:
   - {id: easel-sim, backends: [sim], default_size: 256x256, sizes: [256x256, 512x512], credits: 2}
   - {id: easel-clip, type: video, backends: [sim]}
   - {id: remote-img, backends: [up], upstream_model: up-img}
   - {id: chat, type: text, backends: [up], upstream_model: up-llm}
+  - {id: set-one-img, backends: [fa], upstream_model: fake-model, working_set: one}
+  - {id: set-two-img, backends: [fb], upstream_model: fake-model, working_set: two}
 `,
   );
   const bin = process.env.EASEL_BIN;
@@ -117,7 +144,7 @@ async function waitLoaded(img) {
   await page.waitForFunction((el) => el.complete && el.naturalWidth > 0, await img.elementHandle());
 }
 
-test("the page: a key with its balance, a job with progress, an edit with a mask, the fleet live", async () => {
+test("the page: a key with its balance, a job with progress, an edit with a mask, the fleet live, working sets", async () => {
   try {
     await walkThrough();
   } catch (e) {
@@ -154,7 +181,7 @@ async function walkThrough() {
   // Playground: the models grouped by type, the image model's sizes offered.
   await page.getByRole("link", { name: "Playground" }).click();
   const picker = page.locator("#page-playground").getByRole("combobox", { name: /^Model/ });
-  await page.waitForFunction(() => document.querySelectorAll("#pg-model option").length === 4);
+  await page.waitForFunction(() => document.querySelectorAll("#pg-model option").length === 6);
   const groups = await page.locator("#pg-model optgroup").evaluateAll((gs) => gs.map((g) => g.label));
   assert.deepEqual(groups.sort(), ["image", "text", "video"]);
   await picker.selectOption("easel-sim");
@@ -190,6 +217,37 @@ async function walkThrough() {
   const mask = page.locator("#pg-mask");
   await mask.waitFor();
   await mask.scrollIntoViewIfNeeded();
+  // By keyboard first: focus shows a cursor; Space paints a dab under it, Space held while moving paints a line.
+  const alphaAt = (fx, fy) =>
+    page.evaluate(([fx, fy]) => {
+      const c = document.getElementById("pg-mask");
+      return c.getContext("2d").getImageData(Math.floor(fx * c.width), Math.floor(fy * c.height), 1, 1).data[3];
+    }, [fx, fy]);
+  assert.equal(await page.getByRole("application", { name: /^Mask/ }).count(), 1, "the mask canvas is labelled");
+  await mask.focus();
+  const cursor = page.locator("#pg-mask-cursor");
+  await cursor.waitFor();
+  assert.equal(await alphaAt(0.5, 0.5), 0, "nothing painted yet");
+  await page.keyboard.press(" ");
+  assert.ok((await alphaAt(0.5, 0.5)) > 0, "Space painted under the cursor");
+  assert.equal(await alphaAt(0.25, 0.25), 0, "and nowhere else");
+  const at = await cursor.boundingBox();
+  await page.keyboard.press("Shift+ArrowUp");
+  await page.keyboard.press("Shift+ArrowUp");
+  await page.keyboard.press("Shift+ArrowLeft");
+  await page.keyboard.press("Shift+ArrowLeft");
+  const moved = await cursor.boundingBox();
+  assert.ok(moved.x < at.x && moved.y < at.y, "the visible cursor moved up and left");
+  assert.equal(await alphaAt(0.3, 0.3), 0, "moving without Space paints nothing");
+  await page.keyboard.down(" ");
+  for (let i = 0; i < 4; i++) await page.keyboard.press("ArrowRight");
+  await page.keyboard.up(" ");
+  assert.ok((await alphaAt(0.35, 0.3)) > 0, "holding Space while moving painted a line");
+  await page.getByRole("button", { name: "Clear mask" }).click();
+  await mask.focus();
+  await page.keyboard.press("Enter");
+  assert.ok((await alphaAt(0.4, 0.3)) > 0, "Enter paints too");
+  await shot("mask-keyboard");
   const box = await mask.boundingBox();
   await page.mouse.move(box.x + 10, box.y + box.height / 2);
   await page.mouse.down();
@@ -248,6 +306,30 @@ async function walkThrough() {
   upstream.closeAllConnections();
   await up.getByText("down", { exact: true }).waitFor();
   assert.match(await page.locator("#fleet-overall").textContent(), /degraded/);
+
+  // The chat request that fails now (sent from outside the page) is listed with its full message, live.
+  const failed = await fetch(`${url}/v1/chat/completions`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+    body: JSON.stringify({ model: "chat", messages: [{ role: "user", content: "hi" }] }),
+  });
+  assert.ok(failed.status >= 500, `the chat failed upstream: ${failed.status}`);
+  const failure = (await failed.json()).error.message;
+  const row = page.locator(`#fleet-errors tbody tr[data-request="${failed.headers.get("x-request-id")}"]`);
+  await row.waitFor();
+  assert.equal(await row.locator("td.message").textContent(), failure, "the whole message is shown");
+  assert.match(await row.textContent(), /POST \/v1\/chat\/completions/);
+
+  // Working sets: nothing runs on the manual host until the admin activates a set from the page, then the other.
+  const host = page.locator('article[aria-label="Host gpu0"]');
+  await host.getByText(/active none/).waitFor();
+  await host.getByRole("button", { name: "Activate one" }).click();
+  await host.getByText(/active one(?! →)/).waitFor();
+  await page.locator('article[data-backend="fa"]').getByText("healthy", { exact: true }).waitFor();
+  assert.equal(await host.getByRole("button", { name: "Activate one" }).isDisabled(), true, "the active set's button is off");
+  await host.getByRole("button", { name: "Activate two" }).click();
+  await host.getByText(/active two(?! →)/).waitFor();
+  await page.locator('article[data-backend="fb"]').getByText("healthy", { exact: true }).waitFor();
   await shot("fleet");
 
   // Back to the account: the two images were charged.

@@ -1,6 +1,10 @@
 //! The web page: `/ui/` served from the binary with its media types and cache rule, `/` redirecting there, every
-//! asset the page names loading, no key needed for the page itself with keys on, and `server.ui: false` removing it.
+//! asset the page names loading, no key needed for the page itself with keys on, and `server.ui: false` removing it;
+//! the recent errors the fleet page lists (`recent_errors` in `/v1/gateway/status`).
 
+use serde_json::json;
+
+use crate::support::a1111::{CHECKPOINT, FakeA1111};
 use crate::support::{Gateway, spawn_gateway, spawn_gateway_env};
 
 const SIM: &str = "backends:\n  sim: {kind: simulated}\nmodels:\n  - {id: easel-sim, backends: [sim]}\n";
@@ -105,4 +109,52 @@ async fn server_ui_false_turns_the_page_off() {
     }
     // The API is unaffected.
     assert_eq!(gw.get("/v1/models").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_requests_are_listed_newest_first_with_their_full_messages() {
+    let sd = FakeA1111::builder()
+        .fail_with(500, json!({"error": "OutOfMemoryError", "detail": "", "body": "", "errors": "CUDA out of memory. Tried to allocate 2.00 GiB"}))
+        .start()
+        .await;
+    let yaml = format!(
+        "backends:\n  sd: {{kind: a1111, url: \"{}\", timeout: 10s}}\nmodels:\n  - {{id: sd15, backends: [sd], upstream_model: \"{CHECKPOINT}\", default_size: 64x64}}\n",
+        sd.url
+    );
+    let gw = spawn_gateway(&yaml).await;
+    let status = |gw: &Gateway| {
+        let url = gw.endpoint("/v1/gateway/status");
+        async move { reqwest::get(url).await.unwrap().json::<serde_json::Value>().await.unwrap() }
+    };
+    assert_eq!(status(&gw).await["recent_errors"], json!([]), "none before anything failed");
+
+    // A client error is the client's: not listed.
+    let (s, _, _) = gw.post_json("/v1/images/generations", json!({"model": "nope", "prompt": "p"})).await;
+    assert_eq!(s, 404);
+    assert_eq!(status(&gw).await["recent_errors"], json!([]));
+
+    let mut ids = Vec::new();
+    for prompt in ["first", "second"] {
+        let (s, headers, body) =
+            gw.post_json("/v1/images/generations", json!({"model": "sd15", "prompt": prompt})).await;
+        assert_eq!(s, 502, "{body}");
+        ids.push((
+            headers["x-request-id"].to_str().unwrap().to_owned(),
+            body["error"]["message"].as_str().unwrap().to_owned(),
+        ));
+    }
+    let got = status(&gw).await;
+    let list = got["recent_errors"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{got}");
+    for (row, (id, message)) in list.iter().zip(ids.iter().rev()) {
+        assert_eq!(row["request_id"], id.as_str(), "newest first: {got}");
+        assert_eq!(row["message"], message.as_str(), "the message the client got: {got}");
+        assert!(message.contains("CUDA out of memory. Tried to allocate 2.00 GiB"), "{message}");
+        assert_eq!(row["status"], 502);
+        assert_eq!(row["method"], "POST");
+        assert_eq!(row["route"], "/v1/images/generations");
+        assert_eq!(row["model"], "sd15");
+        assert_eq!(row["backend"], "sd");
+        assert!(row["at_ms"].as_u64().unwrap() > 1_700_000_000_000, "{row}");
+    }
 }
