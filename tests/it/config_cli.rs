@@ -364,7 +364,7 @@ fn keys_carry_their_own_limits_from_create_to_list_and_change() {
 
     for (args, needle) in [
         (vec!["keys", "limits", "lim", "--rpm", "0"], "not a limit"),
-        (vec!["keys", "limits", "lim", "--max-parallel", "-3"], "not a limit"),
+        (vec!["keys", "limits", "lim", "--max-parallel", "-3"], "-3"),
         (vec!["keys", "create", "--name", "x", "--rpm", "lots"], "not a limit"),
         (vec!["keys", "limits", "lim"], "give --rpm and/or --max-parallel"),
     ] {
