@@ -1,4 +1,4 @@
-//! Per-key limits (`auth.key_limits`): requests per minute in a fixed window that starts with a key's first
+//! Per-key limits (`auth.key_limits`, or a key's own limits stored with it, which override them): requests per minute in a fixed window that starts with a key's first
 //! request, and at most `max_parallel` requests of a key in flight. In-process without `cluster.redis`; with it,
 //! the window is a Redis counter and the parallel slots are leases (so both hold fleet-wide). A refusal is a
 //! [`KeyLimited`] that says when to retry; every answer carries the numbers for the `x-ratelimit-*` headers.
@@ -10,6 +10,12 @@ use std::time::{Duration, Instant};
 use super::AdmissionError;
 use super::fleet::{Fleet, Lease};
 use crate::config::{ClusterFallback, KeyLimits};
+use crate::ledger::{KeyOverrides, Limit};
+
+/// Where a limit came from, as the refusal names it.
+fn set_by(own: Limit) -> &'static str {
+    if own == Limit::Default { "`auth.key_limits`" } else { "the key's own" }
+}
 
 /// The window of `requests_per_minute`.
 const WINDOW: Duration = Duration::from_secs(60);
@@ -30,12 +36,12 @@ pub struct RateInfo {
 /// A key over one of its limits.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KeyLimited {
-    #[error("API key `{key}` made {limit} requests this minute (`auth.key_limits.requests_per_minute`); retry in {}s", retry_after.as_secs().max(1))]
-    Rate { key: String, limit: u32, retry_after: Duration, info: RateInfo },
+    #[error("API key `{key}` made {limit} requests this minute ({set_by} `requests_per_minute`); retry in {}s", retry_after.as_secs().max(1))]
+    Rate { key: String, limit: u32, retry_after: Duration, info: RateInfo, set_by: &'static str },
     #[error(
-        "API key `{key}` already has {limit} requests in flight (`auth.key_limits.max_parallel`); retry when one finishes"
+        "API key `{key}` already has {limit} requests in flight ({set_by} `max_parallel`); retry when one finishes"
     )]
-    Parallel { key: String, limit: u32, info: Option<RateInfo> },
+    Parallel { key: String, limit: u32, info: Option<RateInfo>, set_by: &'static str },
 }
 
 impl KeyLimited {
@@ -156,13 +162,24 @@ impl KeyLimiter {
         Self { limits, fleet, local: Arc::default() }
     }
 
-    pub fn enabled(&self) -> bool {
-        !self.limits.is_empty()
+    /// The limits that hold for a key with these overrides.
+    pub fn limits_for(&self, own: &KeyOverrides) -> KeyLimits {
+        KeyLimits {
+            requests_per_minute: own.requests_per_minute.resolve(self.limits.requests_per_minute),
+            max_parallel: own.max_parallel.resolve(self.limits.max_parallel),
+        }
+    }
+
+    /// Whether a key with these overrides has any limit at all.
+    pub fn applies(&self, own: &KeyOverrides) -> bool {
+        !self.limits_for(own).is_empty()
     }
 
     /// Counts one request of `key` and takes a parallel slot; the slot must live as long as the request.
-    pub async fn admit(&self, key: &str) -> Result<(KeySlot, Option<RateInfo>), KeyRefusal> {
-        let info = match self.limits.requests_per_minute {
+    /// `own` are the key's stored limits (carried on its principal), each replacing the configured default.
+    pub async fn admit(&self, key: &str, own: &KeyOverrides) -> Result<(KeySlot, Option<RateInfo>), KeyRefusal> {
+        let limits = self.limits_for(own);
+        let info = match limits.requests_per_minute {
             None => None,
             Some(limit) => {
                 let (allowed, counted, reset) = match self.remote() {
@@ -179,12 +196,13 @@ impl KeyLimiter {
                         limit,
                         retry_after: reset,
                         info,
+                        set_by: set_by(own.requests_per_minute),
                     }));
                 }
                 Some(info)
             }
         };
-        let Some(limit) = self.limits.max_parallel else { return Ok((KeySlot::None, info)) };
+        let Some(limit) = limits.max_parallel else { return Ok((KeySlot::None, info)) };
         let slot = match self.remote() {
             Some(fleet) => match fleet.acquire(&format!("easel:key:{key}:parallel"), limit, false).await {
                 Ok(lease) => lease.map(KeySlot::Lease),
@@ -194,7 +212,12 @@ impl KeyLimiter {
         };
         match slot {
             Some(slot) => Ok((slot, info)),
-            None => Err(KeyRefusal::Limited(KeyLimited::Parallel { key: key.to_owned(), limit, info })),
+            None => Err(KeyRefusal::Limited(KeyLimited::Parallel {
+                key: key.to_owned(),
+                limit,
+                info,
+                set_by: set_by(own.max_parallel),
+            })),
         }
     }
 
@@ -220,19 +243,40 @@ mod tests {
 
     #[tokio::test]
     async fn rpm_and_parallel_hold_in_process() {
+        let none = KeyOverrides::default();
         let limiter = KeyLimiter::new(KeyLimits { requests_per_minute: Some(2), max_parallel: None }, None);
-        let (_, info) = limiter.admit("k").await.unwrap();
+        let (_, info) = limiter.admit("k", &none).await.unwrap();
         assert_eq!(info.unwrap().remaining, 1);
-        limiter.admit("k").await.unwrap();
-        let Err(KeyRefusal::Limited(e)) = limiter.admit("k").await else { panic!("third request admitted") };
+        limiter.admit("k", &none).await.unwrap();
+        let Err(KeyRefusal::Limited(e)) = limiter.admit("k", &none).await else { panic!("third request admitted") };
         assert!(matches!(e, KeyLimited::Rate { .. }));
         assert_eq!(e.info().unwrap().remaining, 0);
-        limiter.admit("other").await.unwrap();
+        limiter.admit("other", &none).await.unwrap();
 
         let limiter = KeyLimiter::new(KeyLimits { requests_per_minute: None, max_parallel: Some(1) }, None);
-        let (held, _) = limiter.admit("k").await.unwrap();
-        assert!(matches!(limiter.admit("k").await, Err(KeyRefusal::Limited(KeyLimited::Parallel { .. }))));
+        let (held, _) = limiter.admit("k", &none).await.unwrap();
+        assert!(matches!(limiter.admit("k", &none).await, Err(KeyRefusal::Limited(KeyLimited::Parallel { .. }))));
         drop(held);
-        limiter.admit("k").await.unwrap();
+        limiter.admit("k", &none).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_keys_own_limits_replace_the_default() {
+        let limiter = KeyLimiter::new(KeyLimits { requests_per_minute: Some(1), max_parallel: Some(1) }, None);
+        let own = KeyOverrides { requests_per_minute: Limit::Max(3), max_parallel: Limit::Unlimited };
+        let mut slots = Vec::new();
+        for _ in 0..3 {
+            slots.push(limiter.admit("own", &own).await.unwrap());
+        }
+        let Err(KeyRefusal::Limited(e)) = limiter.admit("own", &own).await else { panic!("fourth request admitted") };
+        assert!(e.to_string().contains("the key's own"), "{e}");
+        assert_eq!(e.info().unwrap().limit, 3);
+
+        let unlimited = KeyOverrides { requests_per_minute: Limit::Unlimited, max_parallel: Limit::Unlimited };
+        assert!(!limiter.applies(&unlimited));
+        let plain = KeyOverrides::default();
+        limiter.admit("plain", &plain).await.unwrap();
+        let Err(KeyRefusal::Limited(e)) = limiter.admit("plain", &plain).await else { panic!("default not applied") };
+        assert!(e.to_string().contains("`auth.key_limits`"), "{e}");
     }
 }

@@ -6,13 +6,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::config::{self, ProcessEnv};
-use crate::ledger::{AnyStore, KeyInfo, LedgerError, Store, fmt_credits, to_mc};
+use crate::ledger::{AnyStore, KeyInfo, KeyLimitsChange, KeyOverrides, LedgerError, Store, fmt_credits, to_mc};
 
 /// What to do with the ledger.
 #[derive(Debug)]
 pub enum Action {
-    Create { name: String, credits: f64, models: Option<Vec<String>> },
+    Create { name: String, credits: f64, models: Option<Vec<String>>, limits: KeyOverrides },
     List,
+    Limits { key: String, change: KeyLimitsChange },
     Revoke { key: String },
     Grant { key: String, credits: f64 },
     Migrate,
@@ -89,6 +90,11 @@ fn check_amounts(action: &Action) -> Result<(), String> {
                 return Err("--credits must not be negative".into());
             }
         }
+        Action::Limits { change, .. } if change.is_empty() => {
+            return Err(
+                "keys limits: give --rpm and/or --max-parallel (a whole number >= 1, `unlimited` or `default`)".into(),
+            );
+        }
         Action::Grant { credits, .. } => {
             exact("credits", *credits)?;
             if to_mc(*credits) == 0 {
@@ -100,27 +106,29 @@ fn check_amounts(action: &Action) -> Result<(), String> {
     Ok(())
 }
 
-const LIST_HEADER: &str = "  id  name                 prefix           state    available balance  held      models\n";
+const LIST_HEADER: &str = "  id  name                 prefix           state    available balance  held      models  (limits: rpm, parallel)\n";
 
 fn line(k: &KeyInfo) -> String {
     let models = k.allowed_models.as_ref().map_or_else(|| "all models".to_owned(), |m| m.join(","));
     let state = if k.revoked { "revoked" } else { "active" };
     format!(
-        "{:>4}  {:<20} {:<16} {:<8} available {:>10}  held {:>8}  {models}\n",
+        "{:>4}  {:<20} {:<16} {:<8} available {:>10}  held {:>8}  {models}  rpm {}  parallel {}\n",
         k.id,
         k.name,
         k.prefix,
         state,
         fmt_credits(k.available_mc),
-        fmt_credits(k.held_mc)
+        fmt_credits(k.held_mc),
+        k.limits.requests_per_minute,
+        k.limits.max_parallel
     )
 }
 
 async fn act(database: &str, action: Action) -> Result<(String, ExitCode), LedgerError> {
     let store = AnyStore::open(database, false).await?;
     Ok(match action {
-        Action::Create { name, credits, models } => {
-            let new = store.create_key(&name, to_mc(credits), models.as_deref()).await?;
+        Action::Create { name, credits, models, limits } => {
+            let new = store.create_key(&name, to_mc(credits), models.as_deref(), limits).await?;
             // The secret is alone on the last line, for scripts: `easel keys create --name x | tail -1`.
             (
                 format!(
@@ -149,6 +157,9 @@ async fn act(database: &str, action: Action) -> Result<(String, ExitCode), Ledge
                 Some(k) if k.revoked => (format!("already revoked: {}", line(k)), ExitCode::from(1)),
                 _ => (format!("revoked: {}", line(&store.revoke_key(&key).await?)), ExitCode::SUCCESS),
             }
+        }
+        Action::Limits { key, change } => {
+            (format!("limits set: {}", line(&store.set_key_limits(&key, change).await?)), ExitCode::SUCCESS)
         }
         Action::Grant { key, credits } => (line(&store.grant(&key, to_mc(credits), "cli").await?), ExitCode::SUCCESS),
         Action::Migrate => (format!("{}: migrations applied\n", store.describe()), ExitCode::SUCCESS),

@@ -117,9 +117,26 @@ enum KeysCommand {
         /// Comma-separated model ids this key may use (default: all).
         #[arg(long, value_delimiter = ',')]
         models: Option<Vec<String>>,
+        /// This key's requests per minute: a whole number >= 1 or `unlimited` (default: `auth.key_limits`).
+        #[arg(long, value_parser = crate::ledger::Limit::parse)]
+        rpm: Option<crate::ledger::Limit>,
+        /// This key's requests in flight at once: a whole number >= 1 or `unlimited` (default: `auth.key_limits`).
+        #[arg(long, value_parser = crate::ledger::Limit::parse)]
+        max_parallel: Option<crate::ledger::Limit>,
     },
-    /// List keys with their balances.
+    /// List keys with their balances and limits.
     List,
+    /// Change a key's own limits: a whole number >= 1, `unlimited`, or `default` (back to `auth.key_limits`).
+    Limits {
+        /// The key's name, id or prefix.
+        key: String,
+        /// Requests per minute.
+        #[arg(long, value_parser = crate::ledger::Limit::parse)]
+        rpm: Option<crate::ledger::Limit>,
+        /// Requests in flight at once.
+        #[arg(long, value_parser = crate::ledger::Limit::parse)]
+        max_parallel: Option<crate::ledger::Limit>,
+    },
     /// Revoke a key (by name, id or prefix).
     Revoke {
         /// The key's name, id or prefix.
@@ -168,8 +185,20 @@ pub fn run() -> ExitCode {
         Command::Keys { command } => keys::run(
             config,
             match command {
-                KeysCommand::Create { name, credits, models } => keys::Action::Create { name, credits, models },
+                KeysCommand::Create { name, credits, models, rpm, max_parallel } => keys::Action::Create {
+                    name,
+                    credits,
+                    models,
+                    limits: crate::ledger::KeyOverrides {
+                        requests_per_minute: rpm.unwrap_or_default(),
+                        max_parallel: max_parallel.unwrap_or_default(),
+                    },
+                },
                 KeysCommand::List => keys::Action::List,
+                KeysCommand::Limits { key, rpm, max_parallel } => keys::Action::Limits {
+                    key,
+                    change: crate::ledger::KeyLimitsChange { requests_per_minute: rpm, max_parallel },
+                },
                 KeysCommand::Revoke { key } => keys::Action::Revoke { key },
             },
         ),

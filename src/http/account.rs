@@ -1,4 +1,5 @@
-//! The caller's account (`/v1/me`, `/v1/usage`) and the admin API for keys and credits (`/v1/admin/*`).
+//! The caller's account (`/v1/me`, `/v1/usage`) and the admin API for keys, their credits and their own limits
+//! (`/v1/admin/*`).
 
 use axum::Extension;
 use axum::Json;
@@ -11,7 +12,7 @@ use serde_json::json;
 use super::error::ApiError;
 use super::extract::parse_json;
 use crate::error::Error;
-use crate::ledger::{KeyInfo, Principal, Store, fmt_credits, to_mc};
+use crate::ledger::{KeyInfo, KeyLimitsChange, KeyOverrides, Limit, Principal, Store, fmt_credits, to_mc};
 use crate::state::AppState;
 
 fn no_key() -> ApiError {
@@ -60,6 +61,34 @@ struct CreateKey {
     #[serde(default)]
     credits: f64,
     models: Option<Vec<String>>,
+    #[serde(default)]
+    requests_per_minute: serde_json::Value,
+    #[serde(default)]
+    max_parallel: serde_json::Value,
+}
+
+/// Limit fields of the admin API.
+const LIMIT_FIELDS: [&str; 2] = ["requests_per_minute", "max_parallel"];
+
+/// One limit in JSON: `null` (the configured default), `"unlimited"`, or a whole number of at least 1.
+fn limit_from_json(field: &str, v: &serde_json::Value) -> Result<Limit, ApiError> {
+    match v {
+        serde_json::Value::Null => Ok(Limit::Default),
+        serde_json::Value::String(s) if s == "unlimited" => Ok(Limit::Unlimited),
+        serde_json::Value::Number(n) => match n.as_u64().and_then(|n| u32::try_from(n).ok()) {
+            Some(n) if n >= 1 => Ok(Limit::Max(n)),
+            _ => Err(limit_error(field, v)),
+        },
+        _ => Err(limit_error(field, v)),
+    }
+}
+
+fn limit_error(field: &str, v: &serde_json::Value) -> ApiError {
+    crate::request::RequestError::param(
+        field,
+        format!("`{field}` must be a whole number of at least 1, \"unlimited\", or null for the configured default (not {v})"),
+    )
+    .into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,16 +101,22 @@ fn key_json(k: &KeyInfo) -> serde_json::Value {
     json!({
         "id": k.id, "name": k.name, "prefix": k.prefix, "allowed_models": k.allowed_models, "revoked": k.revoked,
         "created_at": k.created_at, "credits": {"available": fmt_credits(k.available_mc), "held": fmt_credits(k.held_mc)},
+        "limits": k.limits,
     })
 }
 
-/// `POST /v1/admin/keys` `{name, credits?, models?}` → the key with its secret (shown once).
+/// `POST /v1/admin/keys` `{name, credits?, models?, requests_per_minute?, max_parallel?}` → the key with its
+/// secret (shown once).
 pub async fn create_key_handler(State(state): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
     let req: CreateKey = parse_json(&body)?;
     if req.name.trim().is_empty() || !req.credits.is_finite() || req.credits < 0.0 {
         return Err(crate::request::RequestError::new("`name` must be non-empty and `credits` a number >= 0").into());
     }
-    let new = state.ledger.create_key(req.name.trim(), to_mc(req.credits), req.models.as_deref()).await?;
+    let limits = KeyOverrides {
+        requests_per_minute: limit_from_json("requests_per_minute", &req.requests_per_minute)?,
+        max_parallel: limit_from_json("max_parallel", &req.max_parallel)?,
+    };
+    let new = state.ledger.create_key(req.name.trim(), to_mc(req.credits), req.models.as_deref(), limits).await?;
     let mut v = key_json(&new.info);
     v["secret"] = json!(new.secret);
     Ok((StatusCode::CREATED, Json(v)).into_response())
@@ -112,6 +147,30 @@ pub async fn grant_handler(
         return Err(crate::request::RequestError::param("credits", "`credits` must be a number").into());
     }
     Ok(Json(key_json(&state.ledger.grant(&key, to_mc(req.credits), "admin-api").await?)))
+}
+
+/// `POST /v1/admin/keys/{key}/limits` `{requests_per_minute?, max_parallel?}`: a field left out stays as it is,
+/// `null` goes back to `auth.key_limits`; at least one field.
+pub async fn limits_handler(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let req: serde_json::Map<String, serde_json::Value> = parse_json(&body)?;
+    if let Some(unknown) = req.keys().find(|k| !LIMIT_FIELDS.contains(&k.as_str())) {
+        return Err(crate::request::RequestError::param(
+            unknown,
+            format!("unknown field `{unknown}`; only `requests_per_minute` and `max_parallel` can be set"),
+        )
+        .into());
+    }
+    let field = |name: &str| req.get(name).map(|v| limit_from_json(name, v)).transpose();
+    let change =
+        KeyLimitsChange { requests_per_minute: field("requests_per_minute")?, max_parallel: field("max_parallel")? };
+    if change.is_empty() {
+        return Err(crate::request::RequestError::new("give `requests_per_minute` and/or `max_parallel`").into());
+    }
+    Ok(Json(key_json(&state.ledger.set_key_limits(&key, change).await?)))
 }
 
 /// `GET /v1/admin/ledger/check`: the invariants; 200 when clean, 500 with the drift otherwise.

@@ -1,7 +1,7 @@
 //! Authentication at the router: with `auth.mode: keys` every route needs `Authorization: Bearer <key>` except
 //! the named [`PUBLIC_ROUTES`] (with `mode: static`, the one configured token instead of a key); the admin API (and the gateway status page) needs `EASEL_ADMIN_TOKEN` in every
 //! mode. A valid key becomes a [`Principal`] request extension. Generation, text and video requests of a key
-//! then pass its `auth.key_limits` (429 `rate_limited` with OpenAI's `x-ratelimit-*-requests` headers).
+//! then pass its limits (its own, stored with it, else `auth.key_limits`) (429 `rate_limited` with OpenAI's `x-ratelimit-*-requests` headers).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -72,13 +72,14 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
     match state.ledger.authenticate(secret).await {
         Ok(Some(principal)) => {
             crate::telemetry::context::note_key(&principal.name);
-            let limited = state.cluster.keys.enabled() && is_generation(&state, &req);
+            let limited = state.cluster.keys.applies(&principal.limits) && is_generation(&state, &req);
             let key = principal.name.clone();
+            let own = principal.limits;
             req.extensions_mut().insert(principal);
             if !limited {
                 return next.run(req).await;
             }
-            match state.cluster.keys.admit(&key).await {
+            match state.cluster.keys.admit(&key, &own).await {
                 Ok((slot, info)) => {
                     let mut resp = next.run(req).await;
                     rate_headers(&mut resp, info);

@@ -134,6 +134,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/keys", post(account::create_key_handler).get(account::list_keys_handler))
         .route("/v1/admin/keys/{key}", axum::routing::delete(account::revoke_key_handler))
         .route("/v1/admin/keys/{key}/credits", post(account::grant_handler))
+        .route("/v1/admin/keys/{key}/limits", post(account::limits_handler))
         .route("/v1/admin/ledger/check", get(account::ledger_check_handler))
         .route("/v1/admin/reload", post(admin::reload_handler))
         .route("/v1/admin/processes", get(admin::processes_handler))
@@ -476,6 +477,7 @@ fn static_route(route: &str) -> &'static str {
         "/v1/admin/keys",
         "/v1/admin/keys/{key}",
         "/v1/admin/keys/{key}/credits",
+        "/v1/admin/keys/{key}/limits",
         "/v1/admin/ledger/check",
         "/v1/admin/reload",
         "/v1/admin/processes",

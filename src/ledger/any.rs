@@ -6,8 +6,9 @@ use std::time::Duration;
 use super::postgres::{PgStore, is_postgres_url};
 use super::sqlite::SqliteStore;
 use super::{
-    Balance, Drift, HoldOutcome, IdemClaim, InstanceRow, JobChange, JobEnd, JobRecord, JobStat, KeyInfo, LedgerError,
-    Millicredits, NewJob, NewKey, OutboxRow, Principal, Store, StoredResponse, UsageRow, WebhookOutcome,
+    Balance, Drift, HoldOutcome, IdemClaim, InstanceRow, JobChange, JobEnd, JobRecord, JobStat, KeyInfo,
+    KeyLimitsChange, KeyOverrides, LedgerError, Millicredits, NewJob, NewKey, OutboxRow, Principal, Store,
+    StoredResponse, UsageRow, WebhookOutcome,
 };
 
 #[derive(Debug)]
@@ -65,8 +66,13 @@ impl Store for AnyStore {
         name: &str,
         credits_mc: Millicredits,
         models: Option<&[String]>,
+        limits: KeyOverrides,
     ) -> Result<NewKey, LedgerError> {
-        each_store!(self, s => s.create_key(name, credits_mc, models).await)
+        each_store!(self, s => s.create_key(name, credits_mc, models, limits).await)
+    }
+
+    async fn set_key_limits(&self, key: &str, change: KeyLimitsChange) -> Result<KeyInfo, LedgerError> {
+        each_store!(self, s => s.set_key_limits(key, change).await)
     }
 
     async fn list_keys(&self) -> Result<Vec<KeyInfo>, LedgerError> {

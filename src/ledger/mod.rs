@@ -48,6 +48,8 @@ pub struct Principal {
     pub name: String,
     /// `None` = every model.
     pub allowed_models: Option<Vec<String>>,
+    /// The key's own limits, loaded with it (no second lookup per request).
+    pub limits: KeyOverrides,
 }
 
 impl Principal {
@@ -68,6 +70,103 @@ pub struct KeyInfo {
     pub revoked: bool,
     pub available_mc: Millicredits,
     pub held_mc: Millicredits,
+    pub limits: KeyOverrides,
+}
+
+/// One per-key limit as stored with a key: the column is NULL for [`Limit::Default`] (`auth.key_limits`
+/// applies), 0 for [`Limit::Unlimited`], N for [`Limit::Max`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Limit {
+    #[default]
+    Default,
+    Unlimited,
+    Max(u32),
+}
+
+impl Limit {
+    pub fn from_column(v: Option<i64>) -> Self {
+        match v {
+            None => Self::Default,
+            Some(n) if n <= 0 => Self::Unlimited,
+            Some(n) => Self::Max(u32::try_from(n).unwrap_or(u32::MAX)),
+        }
+    }
+
+    pub fn to_column(self) -> Option<i64> {
+        match self {
+            Self::Default => None,
+            Self::Unlimited => Some(0),
+            Self::Max(n) => Some(i64::from(n)),
+        }
+    }
+
+    /// The limit that holds, given the configured default (`None` = unlimited).
+    pub fn resolve(self, default: Option<u32>) -> Option<u32> {
+        match self {
+            Self::Default => default,
+            Self::Unlimited => None,
+            Self::Max(n) => Some(n),
+        }
+    }
+
+    /// `default`, `unlimited` or a whole number of at least 1 (as typed on the command line).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "default" => Ok(Self::Default),
+            "unlimited" => Ok(Self::Unlimited),
+            t => match t.parse::<u32>() {
+                Ok(n) if n >= 1 => Ok(Self::Max(n)),
+                _ => Err(format!("`{s}` is not a limit: give a whole number of at least 1, `unlimited` or `default`")),
+            },
+        }
+    }
+}
+
+/// As `keys list` shows it: `default`, `unlimited` or the number.
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Default => f.write_str("default"),
+            Self::Unlimited => f.write_str("unlimited"),
+            Self::Max(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// In JSON: `null` (the configured default), `"unlimited"`, or the number.
+impl Serialize for Limit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Default => s.serialize_none(),
+            Self::Unlimited => s.serialize_str("unlimited"),
+            Self::Max(n) => s.serialize_u32(*n),
+        }
+    }
+}
+
+/// A key's own `requests_per_minute` and `max_parallel`, each overriding `auth.key_limits` unless `Default`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct KeyOverrides {
+    pub requests_per_minute: Limit,
+    pub max_parallel: Limit,
+}
+
+/// A key's limits from its two columns.
+pub(crate) fn overrides(rpm: Option<i64>, parallel: Option<i64>) -> KeyOverrides {
+    KeyOverrides { requests_per_minute: Limit::from_column(rpm), max_parallel: Limit::from_column(parallel) }
+}
+
+/// A change to a key's limits; `None` leaves that limit as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeyLimitsChange {
+    pub requests_per_minute: Option<Limit>,
+    pub max_parallel: Option<Limit>,
+}
+
+impl KeyLimitsChange {
+    pub fn is_empty(&self) -> bool {
+        self.requests_per_minute.is_none() && self.max_parallel.is_none()
+    }
 }
 
 /// A new key and its secret, shown once.
@@ -165,8 +264,15 @@ pub trait Store: Send + Sync {
         name: &str,
         credits_mc: Millicredits,
         models: Option<&[String]>,
+        limits: KeyOverrides,
     ) -> impl Future<Output = Result<NewKey, LedgerError>> + Send;
     fn list_keys(&self) -> impl Future<Output = Result<Vec<KeyInfo>, LedgerError>> + Send;
+    /// Sets or clears a key's own limits (by name, id or prefix); returns the key as it is now.
+    fn set_key_limits(
+        &self,
+        key: &str,
+        change: KeyLimitsChange,
+    ) -> impl Future<Output = Result<KeyInfo, LedgerError>> + Send;
     fn revoke_key(&self, key: &str) -> impl Future<Output = Result<KeyInfo, LedgerError>> + Send;
     fn grant(
         &self,

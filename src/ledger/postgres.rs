@@ -11,8 +11,8 @@ use sqlx::{PgConnection, PgPool, Row};
 
 use super::{
     ANONYMOUS_KEY, Balance, Drift, HoldOutcome, IdemClaim, InstanceRow, JobChange, JobEnd, JobRecord, JobStat, KeyInfo,
-    LedgerError, Millicredits, NewJob, NewKey, OutboxRow, Principal, Store, StoredResponse, UsageRow, WebhookOutcome,
-    hash_secret, new_secret, now_ms,
+    KeyLimitsChange, KeyOverrides, LedgerError, Millicredits, NewJob, NewKey, OutboxRow, Principal, Store,
+    StoredResponse, UsageRow, WebhookOutcome, hash_secret, new_secret, now_ms, overrides,
 };
 
 /// How long a completed idempotency record is kept.
@@ -98,6 +98,7 @@ fn key_info(r: &PgRow) -> Result<KeyInfo, LedgerError> {
         revoked: revoked.is_some(),
         available_mc: r.try_get(6)?,
         held_mc: r.try_get(7)?,
+        limits: overrides(r.try_get(8)?, r.try_get(9)?),
     })
 }
 
@@ -350,7 +351,8 @@ impl PgStore {
 
     async fn find_key(&self, conn: &mut PgConnection, key: &str) -> Result<KeyInfo, LedgerError> {
         let row = sqlx::query(
-            "SELECT k.id, k.name, k.prefix, k.allowed_models, k.created_at, k.revoked_at, a.available_mc, a.held_mc
+            "SELECT k.id, k.name, k.prefix, k.allowed_models, k.created_at, k.revoked_at, a.available_mc, a.held_mc,
+                    k.requests_per_minute, k.max_parallel
              FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.name = $1 OR CAST(k.id AS TEXT) = $1 OR k.prefix = $1",
         )
         .bind(key)
@@ -602,6 +604,7 @@ impl Store for PgStore {
         name: &str,
         credits_mc: Millicredits,
         models: Option<&[String]>,
+        limits: KeyOverrides,
     ) -> Result<NewKey, LedgerError> {
         let mut tx = self.pool.begin().await?;
         let now = now_ms();
@@ -623,7 +626,7 @@ impl Store for PgStore {
         let prefix: String = secret.chars().take(14).collect();
         let models_text = models.map(|m| m.join(","));
         let inserted = sqlx::query(
-            "INSERT INTO api_keys (account_id, name, prefix, secret_sha256, allowed_models, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO api_keys (account_id, name, prefix, secret_sha256, allowed_models, created_at, requests_per_minute, max_parallel) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(account)
         .bind(name)
@@ -631,6 +634,8 @@ impl Store for PgStore {
         .bind(hash_secret(&secret).to_vec())
         .bind(&models_text)
         .bind(now)
+        .bind(limits.requests_per_minute.to_column())
+        .bind(limits.max_parallel.to_column())
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -648,13 +653,30 @@ impl Store for PgStore {
 
     async fn list_keys(&self) -> Result<Vec<KeyInfo>, LedgerError> {
         let rows = sqlx::query(
-            "SELECT k.id, k.name, k.prefix, k.allowed_models, k.created_at, k.revoked_at, a.available_mc, a.held_mc
+            "SELECT k.id, k.name, k.prefix, k.allowed_models, k.created_at, k.revoked_at, a.available_mc, a.held_mc,
+                    k.requests_per_minute, k.max_parallel
              FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.name <> $1 ORDER BY k.id",
         )
         .bind(ANONYMOUS_KEY)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(key_info).collect()
+    }
+
+    async fn set_key_limits(&self, key: &str, change: KeyLimitsChange) -> Result<KeyInfo, LedgerError> {
+        let mut tx = self.pool.begin().await?;
+        let info = self.find_key(&mut tx, key).await?;
+        let rpm = change.requests_per_minute.unwrap_or(info.limits.requests_per_minute);
+        let parallel = change.max_parallel.unwrap_or(info.limits.max_parallel);
+        sqlx::query("UPDATE api_keys SET requests_per_minute = $2, max_parallel = $3 WHERE id = $1")
+            .bind(info.id)
+            .bind(rpm.to_column())
+            .bind(parallel.to_column())
+            .execute(&mut *tx)
+            .await?;
+        let info = self.find_key(&mut tx, key).await?;
+        tx.commit().await?;
+        Ok(info)
     }
 
     async fn revoke_key(&self, key: &str) -> Result<KeyInfo, LedgerError> {
@@ -696,6 +718,7 @@ impl Store for PgStore {
                 account_id: r.try_get(1)?,
                 name: ANONYMOUS_KEY.to_owned(),
                 allowed_models: None,
+                limits: KeyOverrides::default(),
             })
         };
         if let Some(r) = find().await? {
@@ -735,7 +758,7 @@ impl Store for PgStore {
 
     async fn authenticate(&self, secret: &str) -> Result<Option<Principal>, LedgerError> {
         let row = sqlx::query(
-            "SELECT id, account_id, name, allowed_models FROM api_keys WHERE secret_sha256 = $1 AND revoked_at IS NULL",
+            "SELECT id, account_id, name, allowed_models, requests_per_minute, max_parallel FROM api_keys WHERE secret_sha256 = $1 AND revoked_at IS NULL",
         )
         .bind(hash_secret(secret).to_vec())
         .fetch_optional(&self.pool)
@@ -747,6 +770,7 @@ impl Store for PgStore {
             account_id: r.try_get(1)?,
             name: r.try_get(2)?,
             allowed_models: models.map(|m| m.split(',').map(str::to_owned).collect()),
+            limits: overrides(r.try_get(4)?, r.try_get(5)?),
         }))
     }
 

@@ -12,9 +12,9 @@ use sqlx::{Row, SqlitePool};
 use tokio::sync::Mutex;
 
 use super::{
-    ANONYMOUS_KEY, Balance, Drift, HoldOutcome, IdemClaim, JobChange, JobEnd, JobRecord, JobStat, KeyInfo, LedgerError,
-    Millicredits, NewJob, NewKey, OutboxRow, Principal, Store, StoredResponse, UsageRow, WebhookOutcome, hash_secret,
-    new_secret, now_ms,
+    ANONYMOUS_KEY, Balance, Drift, HoldOutcome, IdemClaim, JobChange, JobEnd, JobRecord, JobStat, KeyInfo,
+    KeyLimitsChange, KeyOverrides, LedgerError, Millicredits, NewJob, NewKey, OutboxRow, Principal, Store,
+    StoredResponse, UsageRow, WebhookOutcome, hash_secret, new_secret, now_ms, overrides,
 };
 
 /// How long a completed idempotency record is kept.
@@ -144,7 +144,8 @@ impl SqliteStore {
 
     async fn find_key(&self, conn: &mut sqlx::SqliteConnection, key: &str) -> Result<KeyInfo, LedgerError> {
         let row = sqlx::query(
-            "SELECT k.id, k.name, k.prefix, k.allowed_models, k.created_at, k.revoked_at, a.available_mc, a.held_mc
+            "SELECT k.id, k.name, k.prefix, k.allowed_models, k.created_at, k.revoked_at, a.available_mc, a.held_mc,
+                    k.requests_per_minute, k.max_parallel
              FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.name = ?1 OR CAST(k.id AS TEXT) = ?1 OR k.prefix = ?1",
         )
         .bind(key)
@@ -412,6 +413,7 @@ fn key_info(r: &sqlx::sqlite::SqliteRow) -> Result<KeyInfo, LedgerError> {
         revoked: revoked.is_some(),
         available_mc: r.try_get(6)?,
         held_mc: r.try_get(7)?,
+        limits: overrides(r.try_get(8)?, r.try_get(9)?),
     })
 }
 
@@ -458,6 +460,7 @@ impl Store for SqliteStore {
         name: &str,
         credits_mc: Millicredits,
         models: Option<&[String]>,
+        limits: KeyOverrides,
     ) -> Result<NewKey, LedgerError> {
         let _w = self.write.lock().await;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
@@ -475,13 +478,15 @@ impl Store for SqliteStore {
         let secret = new_secret();
         let prefix: String = secret.chars().take(14).collect();
         let models_text = models.map(|m| m.join(","));
-        sqlx::query("INSERT INTO api_keys (account_id, name, prefix, secret_sha256, allowed_models, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+        sqlx::query("INSERT INTO api_keys (account_id, name, prefix, secret_sha256, allowed_models, created_at, requests_per_minute, max_parallel) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")
             .bind(account)
             .bind(name)
             .bind(&prefix)
             .bind(hash_secret(&secret).to_vec())
             .bind(&models_text)
             .bind(now)
+            .bind(limits.requests_per_minute.to_column())
+            .bind(limits.max_parallel.to_column())
             .execute(&mut *tx)
             .await?;
         if credits_mc != 0 {
@@ -494,13 +499,31 @@ impl Store for SqliteStore {
 
     async fn list_keys(&self) -> Result<Vec<KeyInfo>, LedgerError> {
         let rows = sqlx::query(
-            "SELECT k.id, k.name, k.prefix, k.allowed_models, k.created_at, k.revoked_at, a.available_mc, a.held_mc
+            "SELECT k.id, k.name, k.prefix, k.allowed_models, k.created_at, k.revoked_at, a.available_mc, a.held_mc,
+                    k.requests_per_minute, k.max_parallel
              FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.name != ?1 ORDER BY k.id",
         )
         .bind(ANONYMOUS_KEY)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(key_info).collect()
+    }
+
+    async fn set_key_limits(&self, key: &str, change: KeyLimitsChange) -> Result<KeyInfo, LedgerError> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let info = self.find_key(&mut tx, key).await?;
+        let rpm = change.requests_per_minute.unwrap_or(info.limits.requests_per_minute);
+        let parallel = change.max_parallel.unwrap_or(info.limits.max_parallel);
+        sqlx::query("UPDATE api_keys SET requests_per_minute = ?2, max_parallel = ?3 WHERE id = ?1")
+            .bind(info.id)
+            .bind(rpm.to_column())
+            .bind(parallel.to_column())
+            .execute(&mut *tx)
+            .await?;
+        let info = self.find_key(&mut tx, key).await?;
+        tx.commit().await?;
+        Ok(info)
     }
 
     async fn revoke_key(&self, key: &str) -> Result<KeyInfo, LedgerError> {
@@ -544,6 +567,7 @@ impl Store for SqliteStore {
                 account_id: r.try_get(1)?,
                 name: ANONYMOUS_KEY.to_owned(),
                 allowed_models: None,
+                limits: KeyOverrides::default(),
             })
         };
         if let Some(r) = find().await? {
@@ -581,7 +605,7 @@ impl Store for SqliteStore {
 
     async fn authenticate(&self, secret: &str) -> Result<Option<Principal>, LedgerError> {
         let row = sqlx::query(
-            "SELECT id, account_id, name, allowed_models FROM api_keys WHERE secret_sha256 = ?1 AND revoked_at IS NULL",
+            "SELECT id, account_id, name, allowed_models, requests_per_minute, max_parallel FROM api_keys WHERE secret_sha256 = ?1 AND revoked_at IS NULL",
         )
         .bind(hash_secret(secret).to_vec())
         .fetch_optional(&self.pool)
@@ -593,6 +617,7 @@ impl Store for SqliteStore {
             account_id: r.try_get(1)?,
             name: r.try_get(2)?,
             allowed_models: models.map(|m| m.split(',').map(str::to_owned).collect()),
+            limits: overrides(r.try_get(4)?, r.try_get(5)?),
         }))
     }
 
@@ -1223,7 +1248,7 @@ mod tests {
     #[tokio::test]
     async fn a_price_per_1k_tokens_is_recorded_with_its_unit_and_both_prices() {
         let (_d, s) = store().await;
-        let key = s.create_key("alice", 100_000, None).await.unwrap();
+        let key = s.create_key("alice", 100_000, None, Default::default()).await.unwrap();
         let who = s.authenticate(&key.secret).await.unwrap().unwrap();
         let price = s.upsert_price("chat", "1k_tokens", 500, 1_500).await.unwrap();
         assert_eq!(s.upsert_price("chat", "1k_tokens", 500, 1_500).await.unwrap(), price);
@@ -1248,7 +1273,7 @@ mod tests {
     #[tokio::test]
     async fn hold_capture_release_keep_the_books_balanced() {
         let (_d, s) = store().await;
-        let key = s.create_key("alice", 100_000, None).await.unwrap();
+        let key = s.create_key("alice", 100_000, None, Default::default()).await.unwrap();
         let who = s.authenticate(&key.secret).await.unwrap().unwrap();
         assert!(s.authenticate("sk-easel-wrong").await.unwrap().is_none());
         let price = s.upsert_price("m", "image", 10_000, 0).await.unwrap();
@@ -1280,7 +1305,7 @@ mod tests {
     #[tokio::test]
     async fn an_exact_capture_charges_that_amount_never_more_than_held() {
         let (_d, s) = store().await;
-        let key = s.create_key("carol", 10_000, None).await.unwrap();
+        let key = s.create_key("carol", 10_000, None, Default::default()).await.unwrap();
         let who = s.authenticate(&key.secret).await.unwrap().unwrap();
         let price = s.upsert_price("chat", "request", 0, 0).await.unwrap();
         let HoldOutcome::Held { hold_id } = s.hold(&who, price, 1, 3_000, Duration::from_secs(60), None).await.unwrap()
@@ -1306,7 +1331,7 @@ mod tests {
         let url = format!("sqlite://{}", dir.path().join("l.db").display());
         let s = SqliteStore::open(&url, true).await.unwrap();
         assert!(SqliteStore::open(&url, true).await.unwrap_err().to_string().contains("another `easel serve`"));
-        let key = s.create_key("bob", 5_000, None).await.unwrap();
+        let key = s.create_key("bob", 5_000, None, Default::default()).await.unwrap();
         let who = s.authenticate(&key.secret).await.unwrap().unwrap();
         let price = s.upsert_price("m", "image", 1_000, 0).await.unwrap();
         s.hold(&who, price, 3, 1_000, Duration::from_secs(60), None).await.unwrap();

@@ -329,3 +329,88 @@ async fn key_limits_hold_across_instances_with_redis() {
     let secrets = vec![key(&a, "carol").await, key(&b, "carol").await];
     assert_parallel(&[&a, &b], &secrets, &hold, &s).await;
 }
+
+async fn key_with(gw: &Gateway, body: serde_json::Value) -> (String, serde_json::Value) {
+    let resp = gw.client.post(gw.endpoint("/v1/admin/keys")).bearer_auth(ADMIN).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 201);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    (v["secret"].as_str().unwrap().to_owned(), v["limits"].clone())
+}
+
+async fn set_limits(gw: &Gateway, key: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let resp = gw
+        .client
+        .post(gw.endpoint(&format!("/v1/admin/keys/{key}/limits")))
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_own_limits_override_the_default_in_process() {
+    let (up, _) = upstream(Duration::ZERO, None).await;
+    let gw = spawn_gateway_env(&keyed(&up, "{requests_per_minute: 1}", ""), &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let (secret, limits) = key_with(&gw, json!({"name": "alice", "requests_per_minute": 3})).await;
+    assert_eq!(limits, json!({"requests_per_minute": 3, "max_parallel": null}));
+    assert_rpm(&[&gw], &[secret]).await;
+
+    // A key on the default gets one; raised through the admin API, it gets three more this minute.
+    let (plain, _) = key_with(&gw, json!({"name": "bob"})).await;
+    assert_eq!(keyed_call(&gw, &plain).await.0, 200);
+    let (status, _, body) = keyed_call(&gw, &plain).await;
+    assert_eq!(status, 429);
+    assert!(body["error"]["message"].as_str().unwrap().contains("auth.key_limits"), "{body}");
+    for bad in [json!({"requests_per_minute": 0}), json!({"max_parallel": "lots"}), json!({}), json!({"rpm": 3})] {
+        let (status, body) = set_limits(&gw, "bob", bad.clone()).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+    let (status, body) = set_limits(&gw, "bob", json!({"requests_per_minute": "unlimited"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["limits"], json!({"requests_per_minute": "unlimited", "max_parallel": null}));
+    let (status, headers, body) = keyed_call(&gw, &plain).await;
+    assert_eq!(status, 200, "unlimited now: {body}");
+    assert!(headers.get("x-ratelimit-limit-requests").is_none(), "no rate limit, no rate headers");
+    let listed: serde_json::Value =
+        gw.client.get(gw.endpoint("/v1/admin/keys")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    let bob = listed["data"].as_array().unwrap().iter().find(|k| k["name"] == "bob").unwrap().clone();
+    assert_eq!(bob["limits"]["requests_per_minute"], "unlimited");
+    assert_eq!(set_limits(&gw, "nobody", json!({"max_parallel": 1})).await.0, 404);
+
+    // No default at all: a key's own max_parallel still holds.
+    let hold = Arc::new(Semaphore::new(0));
+    let (up, s) = upstream(Duration::ZERO, Some(Arc::clone(&hold))).await;
+    let gw = spawn_gateway_env(
+        &format!("auth: {{mode: keys}}\n{}", config(&up, 8, 16, "20s", "")),
+        &[("EASEL_ADMIN_TOKEN", ADMIN)],
+    )
+    .await;
+    let (secret, _) = key_with(&gw, json!({"name": "carol", "max_parallel": 1})).await;
+    assert_parallel(&[&gw], &[secret], &hold, &s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_own_limits_hold_across_instances_with_redis() {
+    let redis = Redis::start();
+    let cluster = format!("cluster: {{redis: '{}'}}", redis.url);
+    let env = [("EASEL_ADMIN_TOKEN", ADMIN)];
+    let (up, _) = upstream(Duration::ZERO, None).await;
+    let yaml = keyed(&up, "{requests_per_minute: 1}", &cluster);
+    let (a, b) = (spawn_gateway_env(&yaml, &env).await, spawn_gateway_env(&yaml, &env).await);
+    let body = json!({"name": "alice", "requests_per_minute": 3});
+    let secrets = vec![key_with(&a, body.clone()).await.0, key_with(&b, body).await.0];
+    assert_rpm(&[&a, &b], &secrets).await;
+
+    let hold = Arc::new(Semaphore::new(0));
+    let (up, s) = upstream(Duration::ZERO, Some(Arc::clone(&hold))).await;
+    let yaml = keyed(&up, "{max_parallel: 5}", &cluster);
+    let (a, b) = (spawn_gateway_env(&yaml, &env).await, spawn_gateway_env(&yaml, &env).await);
+    let secrets = vec![key(&a, "carol").await, key(&b, "carol").await];
+    for gw in [&a, &b] {
+        assert_eq!(set_limits(gw, "carol", json!({"max_parallel": 1})).await.0, 200);
+    }
+    assert_parallel(&[&a, &b], &secrets, &hold, &s).await;
+}

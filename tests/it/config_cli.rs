@@ -331,3 +331,54 @@ async fn doctor_names_invokeai_node_types_the_server_lacks() {
         "{text}"
     );
 }
+
+#[test]
+fn keys_carry_their_own_limits_from_create_to_list_and_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("easel.yaml");
+    std::fs::write(
+        &path,
+        "auth: {mode: keys}\nbackends:\n  sim: {kind: simulated}\nmodels:\n  - {id: sdxl, backends: [sim]}\n",
+    )
+    .unwrap();
+    let c = path.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["-c", c]);
+        easel(&all, dir.path())
+    };
+    let out = run(&["keys", "create", "--name", "lim", "--rpm", "5", "--max-parallel", "unlimited"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    run(&["keys", "create", "--name", "plain"]);
+    let listed = String::from_utf8_lossy(&run(&["keys", "list"]).stdout).into_owned();
+    let line =
+        |name: &str, text: &str| text.lines().find(|l| l.contains(&format!(" {name} "))).unwrap_or("").to_owned();
+    assert!(line("lim", &listed).ends_with("rpm 5  parallel unlimited"), "{listed}");
+    assert!(line("plain", &listed).ends_with("rpm default  parallel default"), "{listed}");
+
+    let out = run(&["keys", "limits", "lim", "--rpm", "default", "--max-parallel", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rpm default  parallel 2"));
+    let listed = String::from_utf8_lossy(&run(&["keys", "list"]).stdout).into_owned();
+    assert!(line("lim", &listed).ends_with("rpm default  parallel 2"), "only what was given changed: {listed}");
+
+    for (args, needle) in [
+        (vec!["keys", "limits", "lim", "--rpm", "0"], "not a limit"),
+        (vec!["keys", "limits", "lim", "--max-parallel", "-3"], "-3"),
+        (vec!["keys", "create", "--name", "x", "--rpm", "lots"], "not a limit"),
+        (vec!["keys", "limits", "lim"], "give --rpm and/or --max-parallel"),
+    ] {
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = run(&["keys", "limits", "nobody", "--rpm", "3"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no API key named"));
+    let listed = String::from_utf8_lossy(&run(&["keys", "list"]).stdout).into_owned();
+    assert!(!listed.contains(" x "), "a refused create made no key: {listed}");
+}

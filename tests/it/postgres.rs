@@ -154,7 +154,7 @@ async fn only_the_holds_of_a_dead_instance_are_released() {
     let database = pg.database().await;
     let alive = PgStore::open(&database, true).await.unwrap();
     let dying = PgStore::open(&database, true).await.unwrap();
-    let new = alive.create_key("shared", 10_000, None).await.unwrap();
+    let new = alive.create_key("shared", 10_000, None, Default::default()).await.unwrap();
     let who = alive.authenticate(&new.secret).await.unwrap().unwrap();
     let price = alive.upsert_price("m", "image", 1_000, 0).await.unwrap();
     assert_eq!(dying.upsert_price("m", "image", 1_000, 0).await.unwrap(), price, "one row for one price");
@@ -179,4 +179,25 @@ async fn only_the_holds_of_a_dead_instance_are_released() {
     let b = alive.balance(who.account_id).await.unwrap();
     assert_eq!((b.available_mc, b.held_mc, b.captured_mc), (8_000, 0, 2_000));
     assert!(alive.check().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_own_limits_round_trip_through_postgres() {
+    use easel::ledger::{KeyLimitsChange, KeyOverrides, Limit};
+    let pg = Postgres::start().await;
+    let store = PgStore::open(&pg.database().await, true).await.unwrap();
+    let own = KeyOverrides { requests_per_minute: Limit::Max(7), max_parallel: Limit::Unlimited };
+    let new = store.create_key("limited", 0, None, own).await.unwrap();
+    assert_eq!(new.info.limits, own);
+    assert_eq!(store.authenticate(&new.secret).await.unwrap().unwrap().limits, own, "carried on the principal");
+    let change = KeyLimitsChange { requests_per_minute: None, max_parallel: Some(Limit::Max(2)) };
+    let info = store.set_key_limits("limited", change).await.unwrap();
+    let now = KeyOverrides { requests_per_minute: Limit::Max(7), max_parallel: Limit::Max(2) };
+    assert_eq!(info.limits, now);
+    let listed = store.list_keys().await.unwrap();
+    assert_eq!(listed.iter().find(|k| k.name == "limited").unwrap().limits, now);
+    let back = KeyLimitsChange { requests_per_minute: Some(Limit::Default), max_parallel: Some(Limit::Default) };
+    store.set_key_limits(&new.info.id.to_string(), back).await.unwrap();
+    assert_eq!(store.authenticate(&new.secret).await.unwrap().unwrap().limits, KeyOverrides::default());
+    assert!(matches!(store.set_key_limits("nobody", back).await, Err(easel::ledger::LedgerError::UnknownKey(_))));
 }
