@@ -1,5 +1,6 @@
 //! Wire types of `/v1/images/*`: the request body as clients send it, and the hand-written response writer
-//! (base64 goes straight into the output buffer, never through a second multi-megabyte `String`).
+//! (base64 goes straight into the output buffer, never through a second multi-megabyte `String`; an upstream's
+//! validated base64 is not even copied: the body is a chain of buffers around it).
 
 use base64::Engine;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -61,7 +62,49 @@ pub fn field_type(name: &str) -> Option<FieldType> {
 #[derive(Debug, Clone)]
 pub enum ImageData {
     Url(String),
+    /// Image bytes, base64-encoded as they are written.
     B64(Bytes),
+    /// The upstream's own base64, already validated: written as it is.
+    Base64(crate::media::Base64Image),
+}
+
+/// A whole response body as a chain of buffers (JSON text around base64 slices of upstream bodies), written to
+/// the connection one after the other without joining them.
+#[derive(Debug, Clone, Default)]
+pub struct BodyChunks(Vec<Bytes>);
+
+impl BodyChunks {
+    /// Bytes over all the chunks.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(Bytes::is_empty)
+    }
+
+    /// The body in one buffer (no copy when it is one chunk).
+    pub fn into_bytes(self) -> Bytes {
+        match <[Bytes; 1]>::try_from(self.0) {
+            Ok([one]) => one,
+            Err(many) => Bytes::from(many.concat()),
+        }
+    }
+
+    /// A copy of the body (what an Idempotency-Key stores).
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.0.concat()
+    }
+
+    pub fn into_chunks(self) -> Vec<Bytes> {
+        self.0
+    }
+}
+
+impl From<Bytes> for BodyChunks {
+    fn from(b: Bytes) -> Self {
+        Self(vec![b])
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -96,8 +139,9 @@ pub struct Partial {
 }
 
 impl ImagesResponse {
-    /// Writes the JSON body. Image bytes are base64-encoded directly into the output buffer.
-    pub fn to_json(&self) -> Bytes {
+    /// Writes the JSON body. Image bytes are base64-encoded directly into the output buffer; an upstream's
+    /// validated base64 becomes a chunk of its own between the JSON around it.
+    pub fn to_json(&self) -> BodyChunks {
         let engine = crate::media::base64_encoder();
         let estimate: usize = self
             .data
@@ -105,8 +149,10 @@ impl ImagesResponse {
             .map(|i| match &i.data {
                 ImageData::Url(u) => u.len() + 32,
                 ImageData::B64(b) => base64::encoded_len(b.len(), true).unwrap_or(0) + 32,
+                ImageData::Base64(_) => 32,
             })
             .sum();
+        let mut chunks = Vec::new();
         let mut out = BytesMut::with_capacity(estimate + 128);
         out.put_slice(b"{\"created\":");
         out.put_slice(self.created.to_string().as_bytes());
@@ -128,6 +174,12 @@ impl ImagesResponse {
                     // The buffer was sized exactly above, so this cannot fail; stay defensive anyway.
                     let written = engine.encode_slice(bytes, &mut out[start..]).unwrap_or(0);
                     out.truncate(start + written);
+                    out.put_u8(b'"');
+                }
+                ImageData::Base64(b64) => {
+                    out.put_slice(b"{\"b64_json\":\"");
+                    chunks.push(out.split().freeze());
+                    chunks.push(b64.text().clone());
                     out.put_u8(b'"');
                 }
             }
@@ -166,7 +218,8 @@ impl ImagesResponse {
             out.put_u8(b'}');
         }
         out.put_u8(b'}');
-        out.freeze()
+        chunks.push(out.freeze());
+        BodyChunks(chunks)
     }
 }
 
@@ -233,6 +286,7 @@ impl ImagesResponse {
         let engine = crate::media::base64_encoder();
         let b64 = match self.data.first().map(|i| &i.data) {
             Some(ImageData::B64(b)) => engine.encode(b),
+            Some(ImageData::Base64(b64)) => String::from_utf8_lossy(b64.text()).into_owned(),
             Some(ImageData::Url(_)) | None => String::new(),
         };
         let mut data = serde_json::json!({
@@ -289,7 +343,7 @@ mod tests {
             usage: Some(crate::backends::TokenUsage { input_tokens: 3, output_tokens: 5, total_tokens: 8 }),
             partial: Some(Partial { requested: 4, produced: 2, error: "backend `a` timed out".into() }),
         };
-        let v: serde_json::Value = serde_json::from_slice(&r.to_json()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&r.to_json().into_bytes()).unwrap();
         assert_eq!(v["created"], 7);
         assert_eq!(v["data"][0]["b64_json"], "iVBORw==");
         assert_eq!(v["data"][0]["revised_prompt"], "a \"q\"");

@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::client::Http;
-use super::{Backend, BackendError, EditInputs, Failure, ImageCall, ImageOutput, ProbeReport, decode_image_b64};
+use super::{Backend, BackendError, EditInputs, Failure, ImageCall, ImageOutput, ProbeReport, image_from_b64_in};
 use crate::config::BackendConfig;
 
 pub const KIND: &str = "a1111";
@@ -174,7 +174,8 @@ impl Backend for A1111Backend {
             .into_iter()
             .enumerate()
             .map(|(k, b64)| {
-                let mut image = decode_image_b64(b64).map_err(|e| self.invalid(&url, format!("image {k}: {e}")))?;
+                let mut image =
+                    image_from_b64_in(&raw, b64).map_err(|e| self.invalid(&url, format!("image {k}: {e}")))?;
                 image.revised_prompt = info.all_prompts.get(k).filter(|p| **p != req.prompt).cloned();
                 Ok(image)
             })
@@ -462,7 +463,7 @@ mod tests {
         let picked = select_results(&answer.images, &info, 2).unwrap();
         assert_eq!(picked.len(), 2);
         assert!(picked.iter().all(|b| b.starts_with("iVBOR")), "neither the grid nor the extra: {picked:?}");
-        decode_image_b64(picked[0]).unwrap();
+        crate::backends::decode_image_b64(picked[0]).unwrap();
 
         let empty: GenerationAnswer<'_> = serde_json::from_str(r#"{"images": [], "info": "{}"}"#).unwrap();
         assert!(select_results(&empty.images, &empty.info(), 1).unwrap_err().contains("send_images"));

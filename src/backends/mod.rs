@@ -71,7 +71,7 @@ pub struct EditInputs {
 /// One image as the backend produced it.
 #[derive(Debug, Clone)]
 pub struct ImageOutput {
-    pub bytes: Bytes,
+    pub image: ImageBytes,
     /// Sniffed from the bytes, never trusted from a header.
     pub format: ImageFormat,
     pub revised_prompt: Option<String>,
@@ -305,11 +305,66 @@ where
     Ok((image, mask))
 }
 
+/// An image's bytes as the adapter got them: raw bytes, or base64 text kept as the upstream sent it (already
+/// validated), so a `b64_json` answer writes it out without decoding and encoding it again.
+#[derive(Debug, Clone)]
+pub enum ImageBytes {
+    Raw(Bytes),
+    Base64(crate::media::Base64Image),
+}
+
+impl ImageBytes {
+    /// Width and height from the image header (for base64, as read when it was validated).
+    pub fn dimensions(&self) -> Option<(u32, u32)> {
+        match self {
+            Self::Raw(bytes) => crate::media::dimensions(bytes),
+            Self::Base64(b64) => b64.dimensions(),
+        }
+    }
+
+    /// The image bytes; base64 text is decoded (once, here).
+    pub fn into_bytes(self) -> Result<Bytes, String> {
+        match self {
+            Self::Raw(bytes) => Ok(bytes),
+            Self::Base64(b64) => b64.decode(),
+        }
+    }
+}
+
 /// Decodes base64 image data from an upstream, with or without a `data:` prefix, and sniffs its format.
 pub fn decode_image_b64(data: &str) -> Result<ImageOutput, String> {
     let bytes = crate::media::decode_base64(data)?;
     let format = crate::media::sniff(&bytes).ok_or("the decoded data is not a PNG, JPEG or WebP image")?;
-    Ok(ImageOutput { bytes, format, revised_prompt: None, reported: None })
+    Ok(ImageOutput { image: ImageBytes::Raw(bytes), format, revised_prompt: None, reported: None })
+}
+
+/// Like [`decode_image_b64`] for base64 read out of the upstream's `body`: canonical base64 (standard alphabet,
+/// padded, no whitespace) is validated in one streaming pass and kept as a slice of `body`, not decoded; any
+/// other spelling is decoded the lenient way.
+pub fn image_from_b64_in(body: &Bytes, data: &str) -> Result<ImageOutput, String> {
+    let payload = crate::media::base64_payload(data)?;
+    match crate::media::Base64Image::validate(slice_of(body, payload)) {
+        Ok(b64) => Ok(ImageOutput {
+            format: b64.format(),
+            image: ImageBytes::Base64(b64),
+            revised_prompt: None,
+            reported: None,
+        }),
+        Err(crate::media::Base64Refusal::Image(e)) => Err(e.to_string()),
+        Err(crate::media::Base64Refusal::NotCanonical) => decode_image_b64(payload),
+    }
+}
+
+/// `part` as a slice of `body` when it lies inside it (no copy); a copy when it does not (a JSON string with
+/// escapes is unescaped into its own buffer).
+fn slice_of(body: &Bytes, part: &str) -> Bytes {
+    let start = body.as_ptr() as usize;
+    let at = part.as_ptr() as usize;
+    if !part.is_empty() && at >= start && at + part.len() <= start + body.len() {
+        body.slice_ref(part.as_bytes())
+    } else {
+        Bytes::copy_from_slice(part.as_bytes())
+    }
 }
 
 /// Wraps raw bytes as an image output, checking that they are one.
@@ -318,5 +373,5 @@ pub fn image_from_bytes(bytes: Bytes) -> Result<ImageOutput, String> {
     let format = crate::media::sniff(&bytes).ok_or_else(|| {
         format!("expected PNG, JPEG or WebP image bytes but got {} bytes of something else", bytes.len())
     })?;
-    Ok(ImageOutput { bytes, format, revised_prompt: None, reported: None })
+    Ok(ImageOutput { image: ImageBytes::Raw(bytes), format, revised_prompt: None, reported: None })
 }

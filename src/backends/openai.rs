@@ -19,7 +19,7 @@ use super::client::Http;
 use super::jobs::{JobErrorCode, OutputKind, sniff_video};
 use super::{
     Backend, BackendError, Failure, ImageCall, ImageOutput, JobHandle, JobOutput, JobPoll, JobState, ProbeReport,
-    Reported, TokenUsage, VideoCall, decode_image_b64, image_from_bytes,
+    Reported, TokenUsage, VideoCall, image_from_b64_in, image_from_bytes,
 };
 use crate::config::BackendConfig;
 
@@ -40,8 +40,8 @@ impl OpenAiBackend {
         &self.http
     }
 
-    /// Turns the upstream's `data[]` into images, downloading URL items. Base64 is decoded straight from the
-    /// response buffer (borrowed, not copied into a `String`).
+    /// Turns the upstream's `data[]` into images, downloading URL items. Base64 stays a validated slice of the
+    /// response buffer (borrowed, neither copied nor decoded).
     async fn collect(&self, url: &str, raw: bytes::Bytes) -> Result<Vec<ImageOutput>, BackendError> {
         let body: ImagesBody<'_> = serde_json::from_slice(&raw).map_err(|e| {
             self.http.error(url, Failure::InvalidResponse(format!("the JSON body does not match the protocol: {e}")))
@@ -52,10 +52,10 @@ impl OpenAiBackend {
         for (i, item) in body.data.into_iter().enumerate() {
             let mut out = match (item.b64_json, item.url) {
                 (Some(b64), _) => {
-                    decode_image_b64(&b64).map_err(|e| self.http.error(url, Failure::InvalidResponse(e)))?
+                    image_from_b64_in(&raw, &b64).map_err(|e| self.http.error(url, Failure::InvalidResponse(e)))?
                 }
                 (None, Some(u)) if u.starts_with("data:") => {
-                    decode_image_b64(&u).map_err(|e| self.http.error(url, Failure::InvalidResponse(e)))?
+                    image_from_b64_in(&raw, &u).map_err(|e| self.http.error(url, Failure::InvalidResponse(e)))?
                 }
                 (None, Some(u)) => {
                     let (bytes, _) = self.http.download(&u).await?;

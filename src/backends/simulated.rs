@@ -123,7 +123,12 @@ impl Backend for SimulatedBackend {
         }
         Ok(images
             .into_iter()
-            .map(|bytes| ImageOutput { bytes, format: ImageFormat::Png, revised_prompt: None, reported: None })
+            .map(|bytes| ImageOutput {
+                image: super::ImageBytes::Raw(bytes),
+                format: ImageFormat::Png,
+                revised_prompt: None,
+                reported: None,
+            })
             .collect())
     }
 

@@ -256,7 +256,7 @@ async fn next_event(mut s: Streamed) -> Option<(Result<Bytes, std::convert::Infa
     if let Some(settlement) = answer.settlement.take() {
         settlement.delivered();
     }
-    Some((Ok(answer.body), s))
+    Some((Ok(answer.body.into_bytes()), s))
 }
 
 /// A failure after the stream began: an `error` event with OpenAI's error object (the SDK raises on it).
@@ -343,16 +343,20 @@ fn respond(joined: Result<Result<Delivered, Error>, tokio::task::JoinError>) -> 
 /// Set on an answer with fewer images than asked for: `produced=2, requested=4` (the body's `partial` says why).
 pub const PARTIAL_HEADER: header::HeaderName = header::HeaderName::from_static("easel-partial-result");
 
-/// A whole response body that settles its hold: captured when hyper takes the body to write it to the client's
-/// connection, released (by the settlement's drop) when the response is dropped before that.
+/// A whole response body that settles its hold: captured when hyper takes the body's last chunk to write it to
+/// the client's connection, released (by the settlement's drop) when the response is dropped before that.
 pub(super) struct SettledBody {
-    data: Option<Bytes>,
+    /// The chunks still to send, in reverse (the next one last).
+    data: Vec<Bytes>,
     settlement: Option<Settlement>,
 }
 
 impl SettledBody {
-    pub(super) fn new(data: Bytes, settlement: Option<Settlement>) -> Self {
-        Self { data: Some(data), settlement }
+    pub(super) fn new(data: crate::api::images::BodyChunks, settlement: Option<Settlement>) -> Self {
+        let mut data = data.into_chunks();
+        data.retain(|c| !c.is_empty());
+        data.reverse();
+        Self { data, settlement }
     }
 }
 
@@ -364,8 +368,8 @@ impl HttpBody for SettledBody {
         mut self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let data = self.data.take();
-        if data.is_some()
+        let data = self.data.pop();
+        if self.data.is_empty()
             && let Some(s) = self.settlement.take()
         {
             s.delivered();
@@ -374,10 +378,10 @@ impl HttpBody for SettledBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.data.is_none()
+        self.data.is_empty()
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+        SizeHint::with_exact(self.data.iter().map(|d| d.len() as u64).sum())
     }
 }

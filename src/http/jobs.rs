@@ -83,7 +83,7 @@ async fn images_result(state: &AppState, job: &JobRecord, outputs: &Value, base:
         }),
         partial,
     };
-    serde_json::from_slice(&resp.to_json()).unwrap_or(Value::Null)
+    serde_json::from_slice(&resp.to_json().into_bytes()).unwrap_or(Value::Null)
 }
 
 /// `GET /v1/jobs/{id}`.

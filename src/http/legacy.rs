@@ -41,12 +41,12 @@ pub async fn handler(
     drop(gone_on_drop.disarm());
     let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let (openai, settlement) = match delivered {
-        Delivered::Fresh(answer) => (answer.body, answer.settlement),
+        Delivered::Fresh(answer) => (answer.body.into_bytes(), answer.settlement),
         Delivered::Replayed(stored) => (stored.body.into(), None),
     };
     // A body that cannot be rendered is never delivered: the settlement drops with it and releases the hold.
     let (content_type, body) = crate::pipeline::routes::render(&route, openai, took_ms)?;
-    let mut resp = Response::new(Body::new(SettledBody::new(body, settlement)));
+    let mut resp = Response::new(Body::new(SettledBody::new(body.into(), settlement)));
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     Ok(resp)
 }

@@ -161,17 +161,22 @@ pub fn data_url(bytes: &[u8], format: ImageFormat) -> String {
     format!("data:{};base64,{}", format.mime(), ENCODE.encode(bytes))
 }
 
-/// Decodes base64 (standard or URL-safe, padded or not, line-wrapped or not), accepting a
-/// `data:<mime>;base64,` prefix. The common case (standard alphabet, no whitespace) is one SIMD pass.
-pub fn decode_base64(data: &str) -> Result<Bytes, String> {
+/// The base64 part of `data`: trimmed, after a `data:<mime>;base64,` prefix when there is one.
+pub fn base64_payload(data: &str) -> Result<&str, String> {
     let data = data.trim();
-    let payload = match data.strip_prefix("data:") {
+    match data.strip_prefix("data:") {
         Some(rest) => rest
             .split_once(";base64,")
             .map(|(_, p)| p)
-            .ok_or("a data URL must be base64 (`data:image/png;base64,...`)")?,
-        None => data,
-    };
+            .ok_or_else(|| "a data URL must be base64 (`data:image/png;base64,...`)".to_owned()),
+        None => Ok(data),
+    }
+}
+
+/// Decodes base64 (standard or URL-safe, padded or not, line-wrapped or not), accepting a
+/// `data:<mime>;base64,` prefix. The common case (standard alphabet, no whitespace) is one SIMD pass.
+pub fn decode_base64(data: &str) -> Result<Bytes, String> {
+    let payload = base64_payload(data)?;
     if let Ok(v) = DECODE_STANDARD.decode(payload) {
         return Ok(Bytes::from(v));
     }
@@ -185,6 +190,90 @@ pub fn decode_base64(data: &str) -> Result<Bytes, String> {
         .or_else(|_| DECODE_URL_SAFE.decode(clean.as_bytes()))
         .map(Bytes::from)
         .map_err(|e| format!("invalid base64: {e}"))
+}
+
+/// Decoded bytes per step of [`Base64Image::validate`]: a multiple of 3, so every step but the last is whole
+/// 4-character quads; also how much of the image's start is sniffed for its format and dimensions.
+const SCRATCH: usize = 48 * 1024;
+
+/// Base64 image text kept as it came (a slice of the upstream's body), after one streaming pass proved it is
+/// standard, padded, whitespace-free base64 of a PNG, JPEG or WebP whose header passes [`check`] when it can be
+/// read. It can be written to a client's `b64_json` unchanged; [`Base64Image::decode`] makes the bytes when a
+/// path needs them (URL mode, transcoding, a stream's event).
+#[derive(Debug, Clone)]
+pub struct Base64Image {
+    text: Bytes,
+    format: ImageFormat,
+    dimensions: Option<(u32, u32)>,
+}
+
+/// Why base64 text is not a [`Base64Image`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Base64Refusal {
+    /// Not canonical base64 (another alphabet, whitespace, no padding, or invalid): decode it the lenient way.
+    NotCanonical,
+    /// Canonical base64 whose bytes are not an acceptable image; the message says why.
+    Image(DecodeError),
+}
+
+impl Base64Image {
+    /// Validates `text` in one pass, decoding [`SCRATCH`]-sized steps into one fixed buffer (never the whole
+    /// image): the alphabet, the padding (only at the very end) and the trailing bits are checked; the first
+    /// step is sniffed for the format and the header's dimensions.
+    pub fn validate(text: Bytes) -> Result<Self, Base64Refusal> {
+        if text.is_empty() || text.len() % 4 != 0 {
+            return Err(Base64Refusal::NotCanonical);
+        }
+        let step = SCRATCH / 3 * 4;
+        let mut scratch = vec![0u8; SCRATCH];
+        let mut head: Option<(ImageFormat, Option<(u32, u32)>)> = None;
+        let mut chunks = text.chunks(step).peekable();
+        while let Some(chunk) = chunks.next() {
+            // Padding may only end the whole text, not a step inside it.
+            if chunks.peek().is_some() && chunk.last() == Some(&b'=') {
+                return Err(Base64Refusal::NotCanonical);
+            }
+            let n = ENCODE.decode_slice(chunk, &mut scratch).map_err(|_| Base64Refusal::NotCanonical)?;
+            if head.is_none() {
+                let decoded = &scratch[..n];
+                let format = sniff(decoded).ok_or_else(|| {
+                    Base64Refusal::Image(DecodeError::Invalid(
+                        "the decoded data is not a PNG, JPEG or WebP image".into(),
+                    ))
+                })?;
+                let dimensions = match dimensions(decoded) {
+                    Some(_) => Some(check(decoded).map_err(Base64Refusal::Image)?),
+                    None => None,
+                };
+                head = Some((format, dimensions));
+            }
+        }
+        let (format, dimensions) = head.ok_or(Base64Refusal::NotCanonical)?;
+        Ok(Self { text, format, dimensions })
+    }
+
+    pub fn format(&self) -> ImageFormat {
+        self.format
+    }
+
+    /// Width and height from the header, when the first decoded step held it.
+    pub fn dimensions(&self) -> Option<(u32, u32)> {
+        self.dimensions
+    }
+
+    /// The base64 text, exactly as it came.
+    pub fn text(&self) -> &Bytes {
+        &self.text
+    }
+
+    pub fn into_text(self) -> Bytes {
+        self.text
+    }
+
+    /// The image bytes (one full decode).
+    pub fn decode(&self) -> Result<Bytes, String> {
+        ENCODE.decode(&self.text).map(Bytes::from).map_err(|e| format!("invalid base64: {e}"))
+    }
 }
 
 /// Re-encodes `bytes` as `to` under the decode limits. Returns the input untouched when it already is `to`.
@@ -248,6 +337,72 @@ mod tests {
         assert_eq!(decode_base64(b64.trim_end_matches('=')).unwrap(), png);
         assert!(decode_base64("data:image/png,abc").is_err());
         assert!(decode_base64("!!!").is_err());
+    }
+
+    /// PNG's chunk checksum (so the edited header still reads).
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+
+    fn b64(bytes: &[u8]) -> Bytes {
+        Bytes::from(base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    #[test]
+    fn validates_base64_in_steps_without_copying() {
+        // Big enough to take several steps: the noise makes the PNG hard to compress.
+        let img = image::RgbImage::from_fn(300, 200, |x, y| image::Rgb([(x * 7 + y * 13) as u8, (x ^ y) as u8, 9]));
+        let png = encode(&image::DynamicImage::ImageRgb8(img), ImageFormat::Png, None).unwrap();
+        assert!(png.len() > SCRATCH, "the test image spans more than one step ({} bytes)", png.len());
+        let text = b64(&png);
+        let ok = Base64Image::validate(text.clone()).unwrap();
+        assert_eq!(ok.text().as_ptr(), text.as_ptr(), "the text is kept, not copied");
+        assert_eq!(ok.format(), ImageFormat::Png);
+        assert_eq!(ok.dimensions(), Some((300, 200)));
+        assert_eq!(ok.decode().unwrap(), png);
+    }
+
+    #[test]
+    fn refuses_bad_base64_and_huge_images() {
+        let text = b64(&tiny_png());
+        let refused = |t: &[u8]| Base64Image::validate(Bytes::copy_from_slice(t)).unwrap_err();
+        // An invalid character.
+        let mut bad = text.to_vec();
+        bad[5] = b'*';
+        assert_eq!(refused(&bad), Base64Refusal::NotCanonical);
+        assert!(decode_base64(std::str::from_utf8(&bad).unwrap()).is_err(), "the lenient decode refuses it too");
+        // Padding inside the text, and too much padding.
+        let mut mid = text.to_vec();
+        mid[4..8].copy_from_slice(b"AA==");
+        assert_eq!(refused(&mid), Base64Refusal::NotCanonical);
+        assert_eq!(refused(b"iVBORw0KGgo====="), Base64Refusal::NotCanonical);
+        // Truncated mid-quad: invalid whichever way it is read.
+        let cut = &text[..text.len() - 3];
+        assert_eq!(refused(cut), Base64Refusal::NotCanonical);
+        assert!(decode_base64(std::str::from_utf8(&text[..text.len() - 7]).unwrap()).is_err());
+        // Padding only at a step boundary inside a long text.
+        let step = SCRATCH / 3 * 4;
+        let mut long = b64(&[0x89, b'P', b'N', b'G', b'\r', b'\n', 0x1a, b'\n']).to_vec();
+        long.resize(step, b'A');
+        long[step - 2..].copy_from_slice(b"==");
+        long.extend_from_slice(b"AAAA");
+        assert_eq!(refused(&long), Base64Refusal::NotCanonical);
+        // Not an image.
+        assert!(matches!(refused(&b64(b"hello world!")), Base64Refusal::Image(DecodeError::Invalid(_))));
+        // A header over the pixel limit (`server.max_image_pixels`), refused from the first step.
+        let mut huge = tiny_png().to_vec();
+        huge[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        huge[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        let crc = crc32(&huge[12..29]);
+        huge[29..33].copy_from_slice(&crc.to_be_bytes());
+        assert!(matches!(refused(&b64(&huge)), Base64Refusal::Image(DecodeError::TooLarge(_))));
     }
 
     #[tokio::test]

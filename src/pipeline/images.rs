@@ -9,14 +9,15 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::dispatch::dispatch;
 use crate::api::images::{ImageData, ImageItem, ImagesRequest, ImagesResponse, Partial, StreamMeta};
 use crate::backends::progress::Progress;
-use crate::backends::{BackendError, EditInputs, Failure, ImageCall, ImageOutput, InputImage, Reported, TokenUsage};
+use crate::backends::{
+    BackendError, EditInputs, Failure, ImageBytes, ImageCall, ImageOutput, InputImage, Reported, TokenUsage,
+};
 use crate::config::{Capability, ModelConfig, ModelType};
 use crate::error::Error;
 use crate::ledger::{HoldOutcome, IdemClaim, Principal, SettlingGuard, Store, StoredResponse};
@@ -50,7 +51,7 @@ pub enum Delivered {
 /// An answer made now.
 #[derive(Debug)]
 pub struct Answer {
-    pub body: Bytes,
+    pub body: crate::api::images::BodyChunks,
     /// Set when fewer images were made than asked for (also in the body's `partial` field).
     pub partial: Option<Partial>,
     /// The hold to settle once the body is delivered; `None` when nothing was held.
@@ -322,7 +323,7 @@ async fn charged(
         background: StreamMeta::background(req.background.as_deref()),
     });
     let render = |resp: &ImagesResponse| match &stream {
-        Some(meta) => resp.to_sse_completed(meta),
+        Some(meta) => resp.to_sse_completed(meta).into(),
         None => resp.to_json(),
     };
     let content_type = if stream.is_some() { "text/event-stream" } else { "application/json" };
@@ -502,7 +503,7 @@ pub(crate) async fn produce(
         Partial { requested: req.n, produced: outputs.len() as u32, error: e.to_string() }
     });
     // Report the size that was made, not the one asked for (backends round, clamp or ignore sizes).
-    let made = outputs.first().and_then(|o| crate::media::dimensions(&o.bytes)).map(|(w, h)| Size::new(w, h));
+    let made = outputs.first().and_then(|o| o.image.dimensions()).map(|(w, h)| Size::new(w, h));
     let reported = Reported::of(&outputs);
 
     // 4. Format and deliver.
@@ -510,10 +511,18 @@ pub(crate) async fn produce(
     let mut data = Vec::with_capacity(outputs.len());
     let mut stored = Vec::new();
     for out in outputs {
+        // The upstream's base64, in the format asked for, goes out as it came: no decode, no encode, no copy.
+        if let (ResponseFormat::B64Json, ImageBytes::Base64(b64)) = (req.response_format, &out.image)
+            && out.format == target
+        {
+            data.push(ImageItem { data: ImageData::Base64(b64.clone()), revised_prompt: out.revised_prompt });
+            continue;
+        }
+        let raw = out.image.into_bytes().map_err(Error::Internal)?;
         let bytes = if out.format == target {
-            out.bytes
+            raw
         } else {
-            crate::media::transcode(out.bytes, target, req.output_compression).await.map_err(|e| match e {
+            crate::media::transcode(raw, target, req.output_compression).await.map_err(|e| match e {
                 crate::media::DecodeError::TooLarge(m) => Error::UpstreamImageTooLarge(m),
                 e => Error::Internal(format!("transcoding to {}: {e}", target.as_str())),
             })?

@@ -1,10 +1,13 @@
 //! Every metric easel exports, by name, with its labels, in one place. Labels are bounded: route templates,
 //! configured backend and model names, outcome enums. Never API keys or user-supplied strings.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{LazyLock, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
-use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::config::Capability;
@@ -168,10 +171,40 @@ pub fn method_label(method: &str) -> &'static str {
     }
 }
 
+/// Handles of one metric by configured name (a model's or a backend's id), then by its static labels.
+type Handles<T> = LazyLock<RwLock<HashMap<Box<str>, HashMap<(&'static str, &'static str), T>>>>;
+
+/// The handle of a metric for `name` and `tags`, registered on first use and then reused: recording on the
+/// request path neither allocates a label nor hashes a whole key into the registry. Names come from the
+/// configuration, so the maps stay as small as it. Before the recorder is installed nothing is kept (a handle
+/// made then would record nowhere forever).
+fn cached<T: Clone>(
+    handles: &Handles<T>,
+    name: &str,
+    tags: (&'static str, &'static str),
+    make: impl FnOnce(String) -> T,
+) -> T {
+    if HANDLE.get().is_none() {
+        return make(name.to_owned());
+    }
+    if let Some(h) = handles.read().unwrap_or_else(PoisonError::into_inner).get(name).and_then(|m| m.get(&tags)) {
+        return h.clone();
+    }
+    let mut map = handles.write().unwrap_or_else(PoisonError::into_inner);
+    map.entry(name.into()).or_default().entry(tags).or_insert_with(|| make(name.to_owned())).clone()
+}
+
+static GENERATION_COUNTERS: Handles<Counter> = LazyLock::new(Default::default);
+static IMAGE_COUNTERS: Handles<Counter> = LazyLock::new(Default::default);
+static UPSTREAM_COUNTERS: Handles<Counter> = LazyLock::new(Default::default);
+static UPSTREAM_HISTOGRAMS: Handles<Histogram> = LazyLock::new(Default::default);
+static INFLIGHT_GAUGES: Handles<Gauge> = LazyLock::new(Default::default);
+
 pub fn generation(model: &str, outcome: &'static str, images: u64) {
-    counter!(GENERATIONS, "model" => model.to_owned(), "outcome" => outcome).increment(1);
+    cached(&GENERATION_COUNTERS, model, (outcome, ""), |m| counter!(GENERATIONS, "model" => m, "outcome" => outcome))
+        .increment(1);
     if images > 0 {
-        counter!(IMAGES, "model" => model.to_owned()).increment(images);
+        cached(&IMAGE_COUNTERS, model, ("", ""), |m| counter!(IMAGES, "model" => m)).increment(images);
     }
 }
 
@@ -233,8 +266,15 @@ pub fn images_missing(model: &str, missing: u64) {
 }
 
 pub fn upstream_call(backend: &str, kind: &'static str, outcome: &'static str, took: Duration) {
-    counter!(UPSTREAM_CALLS, "backend" => backend.to_owned(), "kind" => kind, "outcome" => outcome).increment(1);
-    histogram!(UPSTREAM_DURATION, "backend" => backend.to_owned()).record(took.as_secs_f64());
+    cached(
+        &UPSTREAM_COUNTERS,
+        backend,
+        (kind, outcome),
+        |b| counter!(UPSTREAM_CALLS, "backend" => b, "kind" => kind, "outcome" => outcome),
+    )
+    .increment(1);
+    cached(&UPSTREAM_HISTOGRAMS, backend, ("", ""), |b| histogram!(UPSTREAM_DURATION, "backend" => b))
+        .record(took.as_secs_f64());
 }
 
 pub fn fallback(from: &str, reason: &'static str) {
@@ -250,7 +290,9 @@ pub fn circuit(backend: &str, open: bool) {
 }
 
 pub fn admission_inflight(backend: &str, capability: Capability, n: u32) {
-    gauge!(ADMISSION_INFLIGHT, "backend" => backend.to_owned(), "capability" => capability.as_str()).set(f64::from(n));
+    let cap = capability.as_str();
+    cached(&INFLIGHT_GAUGES, backend, (cap, ""), |b| gauge!(ADMISSION_INFLIGHT, "backend" => b, "capability" => cap))
+        .set(f64::from(n));
 }
 
 pub fn admission_queued(backend: &str, capability: Capability, n: u32) {

@@ -167,3 +167,76 @@ async fn bad_keys_and_dead_servers() {
     let msg = body["error"]["message"].as_str().unwrap();
     assert!(msg.contains("`oa`") && msg.contains(&dead_url) && msg.contains("unreachable"), "{msg}");
 }
+
+/// A PNG large enough that validating its base64 takes several steps (noise does not compress).
+fn noisy_png(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        let v = x.wrapping_mul(2_654_435_761).wrapping_add(y.wrapping_mul(40_503)).rotate_left(x % 13);
+        image::Rgb([v as u8, (v >> 8) as u8, (v >> 16) as u8])
+    });
+    let mut out = Vec::new();
+    image::DynamicImage::ImageRgb8(img).write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_base64_reaches_the_client_byte_identical() {
+    let up = support::openai::start().await;
+    let gw = spawn_gateway(&config(&up.url, "sd-turbo", "")).await;
+    let png = noisy_png(300, 200);
+    let text = base64::engine::general_purpose::STANDARD.encode(&png);
+    assert!(text.len() > 200_000, "spans several validation steps: {} bytes", text.len());
+    *up.state.b64_answer.lock().unwrap() = Some(text.clone());
+
+    let resp = gw
+        .client
+        .post(gw.endpoint("/v1/images/generations"))
+        .json(&json!({"model": "m", "prompt": "p", "n": 2, "response_format": "b64_json"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let raw = resp.bytes().await.unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&raw).expect("the chained body is one JSON document");
+    for i in 0..2 {
+        assert_eq!(body["data"][i]["b64_json"].as_str(), Some(text.as_str()), "image {i} is the upstream's text");
+    }
+    assert_eq!(body["size"], "300x200", "dimensions read while validating");
+    assert_eq!(body["output_format"], "png");
+    let needle = format!("\"b64_json\":\"{text}\"");
+    assert_eq!(raw.windows(needle.len()).filter(|w| *w == needle.as_bytes()).count(), 2, "the bytes as sent");
+
+    // URL mode and a format change still decode it.
+    let (s, _, body) = gw.post_json("/v1/images/generations", json!({"model": "m", "prompt": "p"})).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, _, bytes) = gw.get(body["data"][0]["url"].as_str().unwrap()).await;
+    assert_eq!((s, &bytes[..]), (200, &png[..]), "the stored file is the decoded image");
+    let (s, _, body) = gw
+        .post_json(
+            "/v1/images/generations",
+            json!({"model": "m", "prompt": "p", "response_format": "b64_json", "output_format": "jpeg"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let jpeg = base64::engine::general_purpose::STANDARD.decode(body["data"][0]["b64_json"].as_str().unwrap()).unwrap();
+    assert!(jpeg.starts_with(&[0xFF, 0xD8, 0xFF]), "transcoded to JPEG");
+
+    // Line-wrapped base64 is still read (the lenient way) and goes out as one line.
+    let wrapped: Vec<String> = text.as_bytes().chunks(76).map(|l| String::from_utf8(l.to_vec()).unwrap()).collect();
+    *up.state.b64_answer.lock().unwrap() = Some(wrapped.join("\n"));
+    let (s, _, body) = gw
+        .post_json("/v1/images/generations", json!({"model": "m", "prompt": "p", "response_format": "b64_json"}))
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["data"][0]["b64_json"].as_str(), Some(text.as_str()));
+
+    // Invalid base64 is refused as the upstream's fault.
+    let mut bad = text.clone();
+    bad.replace_range(1000..1001, "*");
+    *up.state.b64_answer.lock().unwrap() = Some(bad);
+    let (s, _, body) = gw
+        .post_json("/v1/images/generations", json!({"model": "m", "prompt": "p", "response_format": "b64_json"}))
+        .await;
+    assert_eq!(s, 502, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("invalid base64"), "{body}");
+}

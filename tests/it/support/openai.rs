@@ -34,6 +34,8 @@ pub struct OpenAiState {
     pub fail: Mutex<Option<(u16, Value)>>,
     /// Answer generations with `url` items pointing exactly here (instead of the fake's own CDN).
     pub answer_urls: Mutex<Option<Vec<String>>>,
+    /// Answer every generation item with exactly this `b64_json` text.
+    pub b64_answer: Mutex<Option<String>>,
     /// Where `GET /redirect` sends the client (302).
     pub redirect_to: Mutex<Option<String>>,
     /// The Videos API (`/v1/videos`).
@@ -152,9 +154,12 @@ fn answer(s: &OpenAiState, n: u64, revised: bool) -> Response {
         let data: Vec<Value> = urls.iter().map(|u| json!({"url": u})).collect();
         return Json(json!({"created": 1_700_000_000, "data": data})).into_response();
     }
+    let fixed = s.b64_answer.lock().unwrap().clone();
     let data: Vec<Value> = (0..n)
         .map(|i| {
-            let mut item = if s.url_answers.load(Ordering::SeqCst) {
+            let mut item = if let Some(text) = &fixed {
+                json!({"b64_json": text})
+            } else if s.url_answers.load(Ordering::SeqCst) {
                 json!({"url": format!("{base}/files/img{i}.png")})
             } else {
                 json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(png(i as u8 * 40))})
