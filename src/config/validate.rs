@@ -1351,6 +1351,26 @@ fn bytes(p: &mut Problems, at: &str, s: Option<&str>, default: usize) -> usize {
     }
 }
 
+/// `server.drain_timeout` (or its older name `server.shutdown_grace`, not both): 30 s by default, at most an hour.
+fn drain_timeout(p: &mut Problems, server: &super::raw::RawServer) -> Duration {
+    let (field, value) = match (server.drain_timeout.as_deref(), server.shutdown_grace.as_deref()) {
+        (Some(_), Some(_)) => {
+            p.push((
+                "server.drain_timeout".into(),
+                "set `drain_timeout` or its older name `shutdown_grace`, not both".into(),
+            ));
+            return Duration::from_secs(30);
+        }
+        (None, Some(v)) => ("server.shutdown_grace", Some(v)),
+        (v, None) => ("server.drain_timeout", v),
+    };
+    let d = duration(p, field, value, 30);
+    if d > Duration::from_secs(3600) {
+        p.push((field.into(), format!("{}s is longer than the 1h a drain may take", d.as_secs())));
+    }
+    d
+}
+
 #[cfg(test)]
 mod cluster_tests {
     use std::path::Path;
@@ -1395,24 +1415,4 @@ mod cluster_tests {
         let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
         assert!(paths.contains(&"cluster.fleet_size") && paths.contains(&"cluster.fallback"), "{err}");
     }
-}
-
-/// `server.drain_timeout` (or its older name `server.shutdown_grace`, not both): 30 s by default, at most an hour.
-fn drain_timeout(p: &mut Problems, server: &super::raw::RawServer) -> Duration {
-    let (field, value) = match (server.drain_timeout.as_deref(), server.shutdown_grace.as_deref()) {
-        (Some(_), Some(_)) => {
-            p.push((
-                "server.drain_timeout".into(),
-                "set `drain_timeout` or its older name `shutdown_grace`, not both".into(),
-            ));
-            return Duration::from_secs(30);
-        }
-        (None, Some(v)) => ("server.shutdown_grace", Some(v)),
-        (v, None) => ("server.drain_timeout", v),
-    };
-    let d = duration(p, field, value, 30);
-    if d > Duration::from_secs(3600) {
-        p.push((field.into(), format!("{}s is longer than the 1h a drain may take", d.as_secs())));
-    }
-    d
 }
