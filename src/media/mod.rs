@@ -221,7 +221,7 @@ impl Base64Image {
     /// image): the alphabet, the padding (only at the very end) and the trailing bits are checked; the first
     /// step is sniffed for the format and the header's dimensions.
     pub fn validate(text: Bytes) -> Result<Self, Base64Refusal> {
-        if text.is_empty() || text.len() % 4 != 0 {
+        if text.is_empty() || !text.len().is_multiple_of(4) {
             return Err(Base64Refusal::NotCanonical);
         }
         let step = SCRATCH / 3 * 4;
