@@ -83,6 +83,7 @@ impl AppState {
         let metrics = crate::telemetry::metrics::install();
         Ok(Self {
             inner: Arc::new(Runtime {
+                jobs: Arc::new(crate::jobs::Jobs::owned_by(ledger.instance_id())),
                 config,
                 registry,
                 backends,
@@ -96,7 +97,6 @@ impl AppState {
                 started_at: SystemTime::now(),
                 tasks: TaskTracker::new(),
                 settling: Arc::default(),
-                jobs: Arc::new(crate::jobs::Jobs::new()),
                 drain: Arc::default(),
                 processes,
                 sets,

@@ -3,9 +3,6 @@
 //! mode. A valid key becomes a [`Principal`] request extension. Generation, text and video requests of a key
 //! then pass its limits (its own, stored with it, else `auth.key_limits`) (429 `rate_limited` with OpenAI's `x-ratelimit-*-requests` headers).
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, header};
@@ -13,7 +10,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
-use crate::admission::keys::{KeyRefusal, KeySlot, RateInfo};
+use crate::admission::keys::{KeyRefusal, RateInfo};
 use crate::config::AuthMode;
 use crate::error::Error;
 use crate::ledger::Store;
@@ -84,7 +81,7 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
                     let mut resp = next.run(req).await;
                     rate_headers(&mut resp, info);
                     // The parallel slot is held until the answer is fully sent (streams included).
-                    resp.map(|body| Body::new(Holding { body, _slot: slot }))
+                    resp.map(|body| Body::new(super::Holding::new(body, slot)))
                 }
                 Err(KeyRefusal::Limited(e)) => {
                     let info = e.info();
@@ -130,32 +127,6 @@ fn rate_headers(resp: &mut Response, info: Option<RateInfo>) {
         if let Ok(v) = HeaderValue::from_str(&value) {
             h.insert(name, v);
         }
-    }
-}
-
-/// A response body that keeps a key's parallel slot until it ends or is dropped.
-struct Holding {
-    body: Body,
-    _slot: KeySlot,
-}
-
-impl http_body::Body for Holding {
-    type Data = axum::body::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
     }
 }
 

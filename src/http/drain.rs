@@ -9,7 +9,6 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http_body_util::BodyExt;
 use tokio::sync::Notify;
 
 use crate::http::error::ApiError;
@@ -102,11 +101,5 @@ pub async fn gate(State(state): State<AppState>, req: Request, next: Next) -> Re
         return ApiError::from(crate::error::Error::Draining).into_response();
     }
     let guard = drain.enter();
-    let resp = next.run(req).await;
-    let (parts, body) = resp.into_parts();
-    let body = body.map_frame(move |frame| {
-        let _held = &guard;
-        frame
-    });
-    Response::from_parts(parts, Body::new(body))
+    next.run(req).await.map(|body| Body::new(super::Holding::new(body, guard)))
 }

@@ -497,3 +497,36 @@ fn static_route(route: &str) -> &'static str {
     ];
     ROUTES.iter().find(|r| **r == route).copied().unwrap_or("unmatched")
 }
+
+/// A response body that keeps `G` (a key's parallel slot, the drain's in-flight count) until the body ends or is
+/// dropped, with the inner body's size passed on (a known length stays a `Content-Length`).
+pub(crate) struct Holding<G> {
+    body: Body,
+    _held: G,
+}
+
+impl<G> Holding<G> {
+    pub(crate) fn new(body: Body, held: G) -> Self {
+        Self { body, _held: held }
+    }
+}
+
+impl<G: Unpin> http_body::Body for Holding<G> {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}

@@ -57,8 +57,15 @@ struct LocalRun {
 }
 
 impl Jobs {
-    pub fn new() -> Self {
-        Self { owner: format!("easel-{}-{:08x}", std::process::id(), rand::random::<u32>()), ..Self::default() }
+    /// Leases taken under `instance` (this process's row in the shared store), so that another instance can take
+    /// them over as soon as this one's instance lease lapses rather than when each job lease does; a random name
+    /// without one.
+    pub fn owned_by(instance: Option<&str>) -> Self {
+        let owner = match instance {
+            Some(id) => id.to_owned(),
+            None => format!("easel-{}-{:08x}", std::process::id(), rand::random::<u32>()),
+        };
+        Self { owner, ..Self::default() }
     }
 
     /// Keeps the admission slot a job took at submit on `backend` until the job ends.

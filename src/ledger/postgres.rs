@@ -935,11 +935,14 @@ impl Store for PgStore {
 
     async fn claim_jobs(&self, owner: &str, lease: Duration, limit: u32) -> Result<Vec<JobRecord>, LedgerError> {
         let now = now_ms();
-        // Pollers on several instances each lock the rows they take and skip the ones another is taking.
+        // Pollers on several instances each lock the rows they take and skip the ones another is taking. A job
+        // whose lease holder (an instance id: see `Jobs::owned_by`) has stopped heartbeating is taken over at once,
+        // without waiting for its own job lease.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE jobs SET lease_owner = $1, lease_until = $2, lease_epoch = lease_epoch + 1
              WHERE id IN (SELECT id FROM jobs WHERE state NOT IN ('succeeded', 'failed', 'canceled')
-                          AND next_poll_at <= $3 AND (lease_until IS NULL OR lease_until < $3)
+                          AND next_poll_at <= $3 AND (lease_until IS NULL OR lease_until < $3
+                               OR NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = jobs.lease_owner AND i.lease_until >= $3))
                           ORDER BY next_poll_at LIMIT $4 FOR UPDATE SKIP LOCKED)
              RETURNING {JOB_COLUMNS}"
         )))

@@ -56,8 +56,10 @@ async fn a_job_of_a_killed_instance_is_adopted_by_another_and_charged_once() {
     assert_eq!(s, 200, "{job}");
     let id = job["id"].as_str().unwrap().to_owned();
     // A polls it (it runs upstream), then dies without a word.
-    until(&a_url, &format!("/v1/videos/{id}"), "A polling the job", |s, v| s == 200 && v["status"] == "in_progress")
-        .await;
+    until_as(&a_url, &format!("/v1/videos/{id}"), &secret, "A polling the job", |s, v| {
+        s == 200 && v["status"] == "in_progress"
+    })
+    .await;
     a.kill().unwrap();
     a.wait().unwrap();
 
