@@ -62,10 +62,10 @@ pub fn field_type(name: &str) -> Option<FieldType> {
 #[derive(Debug, Clone)]
 pub enum ImageData {
     Url(String),
-    /// Image bytes, base64-encoded as they are written.
+    /// Raw image bytes, base64-encoded as they are written.
     B64(Bytes),
-    /// The upstream's own base64, already validated: written as it is.
-    Base64(crate::media::Base64Image),
+    /// Base64 text an upstream sent, already validated: written as it is, never decoded.
+    Encoded(crate::media::Base64Image),
 }
 
 /// A whole response body as a chain of buffers (JSON text around base64 slices of upstream bodies), written to
@@ -149,7 +149,7 @@ impl ImagesResponse {
             .map(|i| match &i.data {
                 ImageData::Url(u) => u.len() + 32,
                 ImageData::B64(b) => base64::encoded_len(b.len(), true).unwrap_or(0) + 32,
-                ImageData::Base64(_) => 32,
+                ImageData::Encoded(_) => 32,
             })
             .sum();
         let mut chunks = Vec::new();
@@ -176,7 +176,7 @@ impl ImagesResponse {
                     out.truncate(start + written);
                     out.put_u8(b'"');
                 }
-                ImageData::Base64(b64) => {
+                ImageData::Encoded(b64) => {
                     out.put_slice(b"{\"b64_json\":\"");
                     chunks.push(out.split().freeze());
                     chunks.push(b64.text().clone());
@@ -286,7 +286,7 @@ impl ImagesResponse {
         let engine = crate::media::base64_encoder();
         let b64 = match self.data.first().map(|i| &i.data) {
             Some(ImageData::B64(b)) => engine.encode(b),
-            Some(ImageData::Base64(b64)) => String::from_utf8_lossy(b64.text()).into_owned(),
+            Some(ImageData::Encoded(b64)) => String::from_utf8_lossy(b64.text()).into_owned(),
             Some(ImageData::Url(_)) | None => String::new(),
         };
         let mut data = serde_json::json!({

@@ -515,7 +515,7 @@ pub(crate) async fn produce(
         if let (ResponseFormat::B64Json, ImageBytes::Base64(b64)) = (req.response_format, &out.image)
             && out.format == target
         {
-            data.push(ImageItem { data: ImageData::Base64(b64.clone()), revised_prompt: out.revised_prompt });
+            data.push(ImageItem { data: ImageData::Encoded(b64.clone()), revised_prompt: out.revised_prompt });
             continue;
         }
         let raw = out.image.into_bytes().map_err(Error::Internal)?;
