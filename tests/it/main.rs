@@ -24,6 +24,7 @@ mod images_api;
 mod invokeai;
 mod ledger;
 mod limits;
+mod nginx_fleet;
 mod observability;
 mod openai;
 mod outbound;

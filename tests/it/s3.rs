@@ -15,14 +15,14 @@ use serde_json::{Value, json};
 
 use crate::support::{Gateway, TEST_TIMEOUT, job_events, spawn_gateway_env};
 
-const BUCKET: &str = "easel-outputs";
+pub(crate) const BUCKET: &str = "easel-outputs";
 const SIGNING_SECRET: &str = "0123456789abcdef0123456789abcdef-shared";
 
 /// A moto S3 server on 127.0.0.1; killed on drop.
-struct Moto {
+pub(crate) struct Moto {
     child: Child,
     /// `http://127.0.0.1:PORT`.
-    endpoint: String,
+    pub(crate) endpoint: String,
 }
 
 impl Drop for Moto {
@@ -33,7 +33,7 @@ impl Drop for Moto {
 }
 
 /// Starts moto on a free port (it picks one for `-p 0` and prints it) and creates [`BUCKET`].
-async fn start_moto() -> Moto {
+pub(crate) async fn start_moto() -> Moto {
     let python = std::env::var("EASEL_MOTO").unwrap_or_else(|_| {
         panic!(
             "EASEL_MOTO is not set: the S3 tests need a Python with `moto[server]` installed; run scripts/test.sh \
@@ -125,7 +125,7 @@ fn bucket(moto: &Moto) -> object_store::aws::AmazonS3 {
 }
 
 /// An object straight from the bucket through the S3 API.
-async fn object(moto: &Moto, key: &str) -> bytes::Bytes {
+pub(crate) async fn object(moto: &Moto, key: &str) -> bytes::Bytes {
     let s3 = bucket(moto);
     let got = tokio::time::timeout(TEST_TIMEOUT, s3.get(&object_store::path::Path::from(key))).await.unwrap();
     got.unwrap_or_else(|e| panic!("{key} is not in the bucket: {e}")).bytes().await.unwrap()

@@ -7,6 +7,7 @@ pub mod comfyui;
 pub mod fal;
 pub mod huggingface;
 pub mod invokeai;
+pub mod nginx;
 pub mod openai;
 pub mod postgres;
 pub mod redis;

@@ -1,6 +1,6 @@
 //! A fake OpenAI-compatible image server: generations (b64 or URL answers), multipart edits, the model list,
 //! OpenAI's error envelope (401 bad key, 400 validation), an LLM-only mode (404 on image paths, as vLLM), and a
-//! CDN for URL answers. It records every request.
+//! CDN for URL answers. It records every request, and the most generations it served at once.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +25,9 @@ pub struct OpenAiState {
     /// Field names (and file names) of multipart edits.
     pub edit_fields: Mutex<Vec<(String, Option<String>)>>,
     pub calls: AtomicU32,
+    /// Generations being served right now, and the most ever served at once (the high-water mark).
+    pub active: AtomicU32,
+    pub max_active: AtomicU32,
     /// Answer with `url` items instead of `b64_json`.
     pub url_answers: AtomicBool,
     /// Serve /v1/models but 404 every image path (an LLM-only server).
@@ -102,6 +105,7 @@ async fn handle(State(s): State<Arc<OpenAiState>>, req: Request) -> Response {
         (_, "/v1/images/generations" | "/v1/images/edits") if s.llm_only.load(Ordering::SeqCst) => (StatusCode::NOT_FOUND, Json(json!({"detail": "Not Found"}))).into_response(),
         (Method::POST, "/v1/images/generations") => {
             s.calls.fetch_add(1, Ordering::SeqCst);
+            let _serving = Serving::start(&s);
             let bytes = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap();
             let body: Value = serde_json::from_slice(&bytes).unwrap();
             s.bodies.lock().unwrap().push(body.clone());
@@ -145,6 +149,23 @@ async fn handle(State(s): State<Arc<OpenAiState>>, req: Request) -> Response {
             answer(&s, n, false)
         }
         _ => (StatusCode::NOT_FOUND, Json(json!({"error": {"message": format!("Invalid URL ({path})"), "type": "invalid_request_error", "param": null, "code": null}}))).into_response(),
+    }
+}
+
+/// One generation counted in [`OpenAiState::active`] while it lives.
+struct Serving<'a>(&'a OpenAiState);
+
+impl<'a> Serving<'a> {
+    fn start(s: &'a OpenAiState) -> Self {
+        let now = s.active.fetch_add(1, Ordering::SeqCst) + 1;
+        s.max_active.fetch_max(now, Ordering::SeqCst);
+        Serving(s)
+    }
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
