@@ -1,8 +1,14 @@
 #!/usr/bin/env python3
 """A fake OpenAI-compatible image server for easel's managed-process tests (standard library only).
 
-Serves GET /v1/models, POST /v1/images/generations and a streamed POST /v1/chat/completions on 127.0.0.1:--port. Flags make it misbehave the way
-real GPU servers do: slow to load, crash, ignore SIGTERM, leave a grandchild in its process group.
+Serves GET /v1/models, GET /slots, POST /v1/images/generations and a streamed POST /v1/chat/completions on
+127.0.0.1:--port. Flags make it misbehave the way real GPU servers do (the names of the working-set design's
+fake): slow to load (--load-secs), exit while loading (--exit-during-load), crash after a time or on a request
+(--crash-after, --crash-on-request), slow generations (--gen-secs), ignore SIGTERM or take long to stop
+(--ignore-sigterm, --slow-stop), leave a grandchild in its process group or in a session of its own
+(--fork-grandchild, --setsid-grandchild), stop answering once ready (--hang-after-ready), report work easel did not
+submit (--external-busy), and hold a "GPU" file that a second server cannot take until the first has let it go
+(--hold-file, --release-delay).
 """
 
 import argparse
@@ -21,17 +27,39 @@ PNG_B64 = (
 )
 
 
+def zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--start-delay", type=float, default=0.0, help="seconds before the port is bound")
+    ap.add_argument("--load-secs", "--start-delay", dest="start_delay", type=float, default=0.0,
+                    help="seconds before the port is bound")
     ap.add_argument("--crash-after", type=float, default=None, help="exit with status 3 after this many seconds")
+    ap.add_argument("--crash-on-request", type=int, default=None,
+                    help="exit with status 3 on the Nth generation request (1 = the first), before answering it")
     ap.add_argument("--ignore-sigterm", action="store_true")
-    ap.add_argument("--grandchild", default=None, help="spawn a grandchild ignoring SIGTERM; write its pid here")
+    ap.add_argument("--slow-stop", type=float, default=0.0, help="seconds between SIGTERM and the exit")
+    ap.add_argument("--fork-grandchild", "--grandchild", dest="grandchild", default=None,
+                    help="spawn a grandchild in the group, ignoring SIGTERM; write its pid here")
+    ap.add_argument("--setsid-grandchild", default=None,
+                    help="spawn a grandchild in a session (and group) of its own, ignoring SIGTERM; write its pid here")
+    ap.add_argument("--hang-after-ready", type=float, default=None,
+                    help="this many seconds after ready, stop answering (requests hang, the port stays open)")
+    ap.add_argument("--hold-file", default=None,
+                    help="a file standing for GPU memory: exit 1 at start if another live process holds it")
+    ap.add_argument("--release-delay", type=float, default=0.0,
+                    help="on SIGTERM, keep holding --hold-file this long before letting go and exiting")
     ap.add_argument("--lines", type=int, default=0, help="print this many numbered lines at start")
     ap.add_argument("--gen-secs", type=float, default=0.0, help="seconds one image generation takes")
     ap.add_argument("--record", default=None, help="append `start PID`, `gen begin`, `gen done`, `exit` lines here")
-    ap.add_argument("--fail-start", action="store_true", help="exit with status 1 while loading")
+    ap.add_argument("--exit-during-load", "--fail-start", dest="fail_start", action="store_true",
+                    help="exit with status 1 while loading")
     ap.add_argument("--external-busy", type=float, default=0.0,
                     help="GET /slots reports a slot processing (work easel did not submit) this long after ready")
     args = ap.parse_args()
@@ -41,25 +69,53 @@ def main():
             with open(args.record, "a") as f:
                 f.write(line + "\n")
 
+    def let_go():
+        if args.hold_file:
+            try:
+                with open(args.hold_file) as f:
+                    mine = f.read().strip() == str(os.getpid())
+                if mine:
+                    os.unlink(args.hold_file)
+            except OSError:
+                pass
+
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
         def on_term(*_):
+            delay = max(args.slow_stop, args.release_delay)
+            if delay:
+                record("stopping")
+                time.sleep(delay)
+            let_go()
             record("exit")
             os._exit(0)
         signal.signal(signal.SIGTERM, on_term)
     record(f"start {os.getpid()}")
+    if args.hold_file:
+        try:
+            with open(args.hold_file) as f:
+                holder = int(f.read().strip() or "0")
+        except (OSError, ValueError):
+            holder = 0
+        if holder and holder != os.getpid() and os.path.exists(f"/proc/{holder}") and not zombie(holder):
+            record(f"oom held by {holder}")
+            print(f"fake backend: CUDA out of memory (the GPU is held by pid {holder})", flush=True)
+            os._exit(1)
+        with open(args.hold_file, "w") as f:
+            f.write(str(os.getpid()))
     print(f"fake backend pid {os.getpid()} starting on port {args.port}", flush=True)
     for i in range(args.lines):
         print(f"fake line {i}", flush=True)
     print("fake stderr line", file=sys.stderr, flush=True)
-    if args.grandchild:
-        code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)"
-        child = subprocess.Popen([sys.executable, "-c", code])
-        tmp = args.grandchild + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(str(child.pid))
-        os.rename(tmp, args.grandchild)
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)"
+    for path, own_session in ((args.grandchild, False), (args.setsid_grandchild, True)):
+        if path:
+            child = subprocess.Popen([sys.executable, "-c", code], start_new_session=own_session)
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(str(child.pid))
+            os.rename(tmp, path)
     if args.fail_start:
         time.sleep(0.2)
         print("fake backend: CUDA out of memory while loading", flush=True)
@@ -84,7 +140,13 @@ def main():
             self.end_headers()
             self.wfile.write(data)
 
+        def hang(self):
+            if args.hang_after_ready is not None and time.monotonic() >= ready_at + args.hang_after_ready:
+                record("hung")
+                time.sleep(3600)
+
         def do_GET(self):
+            self.hang()
             if self.path == "/slots":
                 busy = time.monotonic() < ready_at + args.external_busy
                 said = "slots busy" if busy else "slots idle"
@@ -98,6 +160,7 @@ def main():
                 self.answer(404, {"error": {"message": "not found"}})
 
         def do_POST(self):
+            self.hang()
             length = int(self.headers.get("Content-Length", "0"))
             self.rfile.read(length)
             if self.path == "/v1/chat/completions":
@@ -111,6 +174,13 @@ def main():
                 self.wfile.flush()
                 self.close_connection = True
             elif self.path == "/v1/images/generations":
+                with lock:
+                    generations[0] += 1
+                    n = generations[0]
+                if args.crash_on_request is not None and n >= args.crash_on_request:
+                    record("crash on request")
+                    print("fake backend crashing on a request", flush=True)
+                    os._exit(3)
                 record("gen begin")
                 time.sleep(args.gen_secs)
                 record("gen done")
@@ -119,6 +189,8 @@ def main():
                 self.answer(404, {"error": {"message": "not found"}})
 
     reported = set()
+    generations = [0]
+    lock = threading.Lock()
     ready_at = time.monotonic()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     print("fake backend ready", flush=True)

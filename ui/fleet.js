@@ -69,10 +69,14 @@ function hostCards(hosts, models) {
   for (const h of hosts) {
     const sets = [...new Set(models.filter((m) => m.meta.host === h.host && m.meta.working_set).map((m) => m.meta.working_set))];
     const card = el("article", { class: "card stack", "aria-label": `Host ${h.host}` },
-      el("h3", {}, h.host, " ", badge(h.phase || "—", h.phase === "ready" || h.phase === "active" ? "ok" : "warn")),
+      el("h3", {}, h.host, " ", badge(h.state || "—", h.state === "active" ? "ok" : h.state === "failed" ? "bad" : "warn")),
       el("p", { class: "muted" }, `mode ${h.mode} · active ${h.active_set || "none"}${h.target_set ? ` → ${h.target_set}` : ""} · ${Math.round(h.elapsed_s)} s in phase · swap queue ${h.swap_queue_depth}`));
+    if (h.failed) card.append(el("p", { class: "error", role: "status" }, `${h.failed.set} failed (retry in ${Math.ceil(h.failed.retry_after_s)} s): ${h.failed.error}`));
     const members = el("ul", {});
-    for (const m of h.members || []) members.append(el("li", {}, `${m.backend}: ${m.process}, ${m.in_flight} in flight`));
+    for (const m of h.members || []) {
+      const restarts = m.restarts ? `, ${m.restarts} restart${m.restarts === 1 ? "" : "s"}${m.last_exit ? ` (last: ${m.last_exit})` : ""}` : "";
+      members.append(el("li", {}, `${m.backend}: ${m.process}${m.pid ? ` (pid ${m.pid})` : ""}, ${m.in_flight} in flight${restarts}`));
+    }
     card.append(members);
     for (const s of sets) {
       const btn = el("button", { type: "button", class: "secondary", disabled: !creds.admin || s === h.active_set }, `Activate ${s}`);

@@ -64,7 +64,9 @@ impl Drain {
         self.in_flight.load(Ordering::SeqCst)
     }
 
-    fn enter(self: &Arc<Self>) -> InFlight {
+    /// Counts one more piece of work in flight until the returned guard drops (a request, or an image job running
+    /// in this process).
+    pub fn enter(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight(Arc::clone(self))
     }

@@ -42,7 +42,8 @@ pub struct Jobs {
     owner: String,
     /// Image jobs running inside this process.
     local: Mutex<HashMap<String, LocalRun>>,
-    /// Fires when the process stops: image jobs running here are abandoned (not ended) and run again later.
+    /// Fires when the process stops: image jobs still running here (past the drain) are abandoned (not ended) and
+    /// run again later.
     pub(crate) stopping: CancellationToken,
 }
 
@@ -54,6 +55,9 @@ struct LocalRun {
     epoch: Arc<AtomicI64>,
     /// (sequence number, preview): event streams send a preview once per number.
     preview: Option<(u64, Preview)>,
+    /// Counts as work in flight for SIGTERM's drain, which lets the job finish (within `server.drain_timeout`)
+    /// rather than abandon it to run again elsewhere.
+    _drain: crate::http::drain::InFlight,
 }
 
 impl Jobs {
@@ -112,7 +116,11 @@ impl Jobs {
 
     /// Registers an image job this process starts running at `epoch`; `None` when it runs here already (then the
     /// run takes the new epoch, and a cancel request reaches it).
-    fn start_local(&self, job: &JobRecord) -> Option<(CancellationToken, Arc<AtomicI64>)> {
+    fn start_local(
+        &self,
+        job: &JobRecord,
+        drain: &Arc<crate::http::drain::Drain>,
+    ) -> Option<(CancellationToken, Arc<AtomicI64>)> {
         let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(run) = local.get(&job.id) {
             run.epoch.store(job.lease_epoch, Ordering::SeqCst);
@@ -125,6 +133,7 @@ impl Jobs {
             cancel: CancellationToken::new(),
             epoch: Arc::new(AtomicI64::new(job.lease_epoch)),
             preview: None,
+            _drain: drain.enter(),
         };
         let handles = (run.cancel.clone(), run.epoch.clone());
         local.insert(job.id.clone(), run);
@@ -208,7 +217,7 @@ async fn advance(state: &AppState, job: JobRecord) {
     let epoch = job.lease_epoch;
     if job.object == "job" {
         // An image job runs inside easel, in its own task (the runner goes on polling the others).
-        if let Some((cancel, epoch)) = state.jobs.start_local(&job) {
+        if let Some((cancel, epoch)) = state.jobs.start_local(&job, &state.drain) {
             let work = crate::pipeline::image_jobs::run(state.clone(), job, cancel, epoch);
             state.tasks.spawn(crate::telemetry::context::propagate(work));
         }

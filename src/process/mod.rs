@@ -269,6 +269,20 @@ impl Processes {
         self.members.get(name).map(|m| m.status.borrow().state)
     }
 
+    /// Why `name` gave up, with its last `lines` output lines; `None` unless it is [`State::Failed`].
+    pub fn failure(&self, name: &str, lines: usize) -> Option<String> {
+        let m = self.members.get(name)?;
+        let snap = m.snapshot(name, lines);
+        if snap.state != State::Failed {
+            return None;
+        }
+        let why = snap.error.or(snap.last_exit).unwrap_or_else(|| "it gave up".into());
+        if snap.lines.is_empty() {
+            return Some(why);
+        }
+        Some(format!("{why}; its last output: {}", snap.lines.join(" | ")))
+    }
+
     /// Every managed backend with its last `lines` output lines.
     pub fn snapshots(&self, lines: usize) -> Vec<Snapshot> {
         self.members.iter().map(|(name, m)| m.snapshot(name, lines)).collect()
@@ -532,6 +546,14 @@ impl Member {
                 let _ = os::signal_group(child.pid, Signal::Stop(cfg.stop_signal));
             }
         }
+        // Descendants that left the group (setsid) are found while their parent still runs, and get the same
+        // signal; the group's end does not wait for them, the kill after it does.
+        let escaped = os::escapees(child.pid);
+        if cfg.stop_cmd.is_none() {
+            for (pid, start) in &escaped {
+                os::signal_pid(*pid, *start, Signal::Stop(cfg.stop_signal));
+            }
+        }
         let gone = tokio::time::timeout(cfg.grace, async {
             child.exited().await;
             wait_group_gone(child.pid).await;
@@ -541,12 +563,31 @@ impl Member {
             tracing::warn!(backend = %self.name(), grace_s = cfg.grace.as_secs_f64(), "The managed process outlived its grace period; killing its group.");
         }
         self.reap_group(child).await;
+        self.reap_escapees(&escaped).await;
         let exit = child.exit.clone();
         self.set(|s| {
             s.state = State::Stopped;
             s.pid = None;
             s.last_exit = exit;
         });
+    }
+
+    /// SIGKILL to the processes that left the group and still run, then waits for them to vanish.
+    async fn reap_escapees(&self, escaped: &[(u32, u64)]) {
+        let killed: Vec<(u32, u64)> =
+            escaped.iter().copied().filter(|(pid, start)| os::signal_pid(*pid, *start, Signal::Kill)).collect();
+        if killed.is_empty() {
+            return;
+        }
+        let pids: Vec<String> = killed.iter().map(|(p, _)| p.to_string()).collect();
+        self.log_line(&format!("[easel] killed {} that left the process group: pid {}", pids.len(), pids.join(", ")));
+        tracing::warn!(backend = %self.name(), pids = %pids.join(","), "Killed processes that had left the managed group.");
+        let _ = tokio::time::timeout(KILL_WAIT, async {
+            while killed.iter().any(|(pid, start)| os::start_time(*pid) == Some(*start)) {
+                tokio::time::sleep(GROUP_POLL).await;
+            }
+        })
+        .await;
     }
 
     /// SIGKILL to whatever is left of the group, waits for it to vanish, and forgets it in the state file.

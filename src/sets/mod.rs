@@ -21,6 +21,8 @@ use crate::telemetry::metrics as m;
 
 /// How often an actor looks at its members' work.
 const TICK: Duration = Duration::from_millis(100);
+/// Output lines of a member that gave up, quoted in the 503 its set's requests get.
+const FAILURE_LINES: usize = 20;
 /// Longest a backend's own busy signal may take to answer.
 const NATIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -139,8 +141,15 @@ enum Msg {
 pub struct HostView {
     pub host: String,
     pub mode: &'static str,
+    /// `idle`, `starting`, `active`, `degraded` (a member restarts after a crash), `draining`, `stopping` or
+    /// `failed` (the last set failed and is held off).
+    pub state: &'static str,
     #[serde(flatten)]
     pub phase: Phase,
+    /// Members restarting after a crash.
+    pub degraded: Vec<String>,
+    /// The set that failed and is held off: its name, seconds left and why.
+    pub failed: Option<serde_json::Value>,
     pub active_set: Option<String>,
     pub target_set: Option<String>,
     /// Seconds in the current phase.
@@ -155,6 +164,10 @@ pub struct HostView {
 pub struct MemberView {
     pub backend: String,
     pub process: &'static str,
+    pub pid: Option<u32>,
+    /// Restarts after crashes since easel started.
+    pub restarts: u32,
+    pub last_exit: Option<String>,
     pub in_flight: u32,
 }
 
@@ -573,7 +586,7 @@ impl Actor {
                 },
                 _ = every.tick() => {
                     let busy = self.busy().await;
-                    Some(Event::Tick { now: self.now(), busy })
+                    Some(Event::Tick { now: self.now(), busy, down: self.down() })
                 }
             };
             let Some(event) = event else { continue };
@@ -696,6 +709,25 @@ impl Actor {
         }
     }
 
+    /// Running members whose process is not up: restarting after a crash (`None`), or given up (`Some(why)`, with
+    /// its last output lines, for the 503 that requests for its set get).
+    fn down(&self) -> BTreeMap<String, Option<String>> {
+        let mut down = BTreeMap::new();
+        for name in &self.host.running {
+            match self.processes.state(name) {
+                Some(crate::process::State::Backoff | crate::process::State::Starting) => {
+                    down.insert(name.clone(), None);
+                }
+                Some(crate::process::State::Failed) => {
+                    let why = self.processes.failure(name, FAILURE_LINES).unwrap_or_else(|| "it gave up".into());
+                    down.insert(name.clone(), Some(why));
+                }
+                _ => {}
+            }
+        }
+        down
+    }
+
     /// Running members with work: easel's (permits held or queued, passes) or their own (native busy signal).
     async fn busy(&self) -> BTreeSet<String> {
         let mut busy = BTreeSet::new();
@@ -747,10 +779,16 @@ impl Actor {
             m::working_set_active(&self.shared.cfg.name, set, on);
         }
         m::swap_queue_depth(&self.shared.cfg.name, h.waiting());
+        let snaps = self.processes.snapshots(0);
         let view = HostView {
             host: self.shared.cfg.name.clone(),
             mode: self.shared.cfg.mode.as_str(),
+            state: h.state(now),
             phase: h.phase.clone(),
+            degraded: h.degraded.iter().cloned().collect(),
+            failed: h.failed_set(now).map(|(set, left, error)| {
+                serde_json::json!({"set": set, "retry_after_s": left.as_secs_f64(), "error": error})
+            }),
             active_set: h.active().map(str::to_owned),
             target_set: h.target().map(str::to_owned),
             elapsed_s: self.phase_since.elapsed().as_secs_f64(),
@@ -766,10 +804,16 @@ impl Actor {
             members: self
                 .members
                 .iter()
-                .map(|b| MemberView {
-                    backend: b.cfg.name.clone(),
-                    process: self.processes.state(&b.cfg.name).map_or("external", |s| s.as_str()),
-                    in_flight: b.gates.values().map(|g| g.inflight()).sum(),
+                .map(|b| {
+                    let snap = snaps.iter().find(|s| s.backend == b.cfg.name);
+                    MemberView {
+                        backend: b.cfg.name.clone(),
+                        process: snap.map_or("external", |s| s.state.as_str()),
+                        pid: snap.and_then(|s| s.pid),
+                        restarts: snap.map_or(0, |s| s.restarts),
+                        last_exit: snap.and_then(|s| s.last_exit.clone()),
+                        in_flight: b.gates.values().map(|g| g.inflight()).sum(),
+                    }
                 })
                 .collect(),
         };

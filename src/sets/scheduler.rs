@@ -28,7 +28,7 @@ pub struct Settings {
 
 /// Where the host is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
+#[serde(tag = "phase", rename_all = "snake_case")]
 pub enum Phase {
     /// No set is active (members left over from a failed start may still be stopping).
     Idle,
@@ -48,11 +48,13 @@ pub enum Phase {
         to: Option<String>,
         leaving: BTreeSet<String>,
     },
-    /// Starting the members of `set` that are not running yet.
+    /// Starting the members of `set` that are not running yet (`fresh`).
     Starting {
         set: String,
         #[serde(skip)]
         since: Duration,
+        #[serde(skip)]
+        fresh: BTreeSet<String>,
     },
 }
 
@@ -99,8 +101,9 @@ pub enum Event {
     Unload { now: Duration },
     /// The waiter `id` left.
     Cancel { id: u64 },
-    /// Time passed; `busy` are the running members that have work (easel's or their own).
-    Tick { now: Duration, busy: BTreeSet<String> },
+    /// Time passed; `busy` are the running members that have work (easel's or their own), `down` the running
+    /// members whose process is not up: `None` while it restarts after a crash, `Some(why)` once it gave up.
+    Tick { now: Duration, busy: BTreeSet<String>, down: BTreeMap<String, Option<String>> },
     /// The last `Start` finished.
     Started { ok: bool, error: Option<String>, now: Duration },
     /// The last `Stop` finished.
@@ -140,6 +143,8 @@ pub struct Host {
     pub running: BTreeSet<String>,
     /// Busy members as of the last tick.
     pub busy: BTreeSet<String>,
+    /// Running members restarting after a crash, as of the last tick: the active set is degraded.
+    pub degraded: BTreeSet<String>,
     waiters: VecDeque<Waiter>,
     /// Set → (until, why, consecutive failures, last error).
     holds: BTreeMap<String, (Duration, Hold, u32, String)>,
@@ -147,6 +152,8 @@ pub struct Host {
     fresh: bool,
     /// An admin asked for this set: commit without waiting for patience.
     forced: Option<String>,
+    /// An admin asked to unload while a start or stop ran: done once it has.
+    unload: bool,
     /// How long the last successful swap took (for Retry-After).
     pub last_swap: Option<Duration>,
     swap_began: Option<Duration>,
@@ -168,10 +175,12 @@ impl Host {
             phase: Phase::Idle,
             running: BTreeSet::new(),
             busy: BTreeSet::new(),
+            degraded: BTreeSet::new(),
             waiters: VecDeque::new(),
             holds: BTreeMap::new(),
             fresh: false,
             forced: None,
+            unload: false,
             last_swap: None,
             swap_began: None,
             last_work: Duration::ZERO,
@@ -250,9 +259,16 @@ impl Host {
                 now
             }
             Event::Unload { now } => {
-                if !matches!(self.phase, Phase::Idle) || !self.running.is_empty() {
-                    self.forced = None;
-                    self.commit(None, now, &mut out);
+                self.forced = None;
+                match &self.phase {
+                    // A start or stop in progress finishes first (one start or stop at a time); then the host drains.
+                    Phase::Starting { .. } | Phase::Stopping { .. } => self.unload = true,
+                    // A drain toward another set now drains everything and goes idle.
+                    Phase::Draining { from, since, .. } => {
+                        let (from, since) = (from.clone(), *since);
+                        self.phase = Phase::Draining { from, to: None, leaving: self.running.clone(), since };
+                    }
+                    Phase::Idle | Phase::Active { .. } => self.unload_now(now, &mut out),
                 }
                 now
             }
@@ -263,12 +279,24 @@ impl Host {
                 }
                 return out;
             }
-            Event::Tick { now, busy } => {
+            Event::Tick { now, busy, down } => {
                 if !busy.is_empty() {
                     self.last_work = now;
                 }
                 self.busy = busy;
                 self.fresh = true;
+                self.degraded.clear();
+                for (member, gave_up) in down {
+                    if !self.running.contains(&member) {
+                        continue;
+                    }
+                    match gave_up {
+                        None => {
+                            self.degraded.insert(member);
+                        }
+                        Some(why) => self.member_failed(&member, why, now),
+                    }
+                }
                 now
             }
             Event::Started { ok, error, now } => {
@@ -316,6 +344,7 @@ impl Host {
     }
 
     fn activate(&mut self, id: u64, set: String, now: Duration, force: bool, out: &mut Vec<Action>) {
+        self.unload = false;
         if matches!(&self.phase, Phase::Active { set: s } if *s == set) {
             out.push(Action::Reply(id, Outcome::Ready));
             return;
@@ -387,12 +416,64 @@ impl Host {
         }
     }
 
-    fn started(&mut self, ok: bool, error: Option<String>, now: Duration, out: &mut Vec<Action>) {
-        let Phase::Starting { set, .. } = &self.phase else { return };
+    /// A running member's process gave up (restarts exhausted). It is no longer running; an active set it belongs to
+    /// fails as a failed start does: held off for a doubling cooldown, its waiters and new requests answered 503,
+    /// then started again (only the missing member) on demand. Its other members keep serving what they can.
+    fn member_failed(&mut self, member: &str, why: String, now: Duration) {
+        self.running.remove(member);
+        self.busy.remove(member);
+        let Phase::Active { set } = &self.phase else { return };
+        if !self.settings.sets.get(set).is_some_and(|m| m.contains(member)) {
+            return;
+        }
         let set = set.clone();
+        let failures = self.holds.get(&set).map_or(0, |h| h.2) + 1;
+        let cooldown = self.cooldown(failures);
+        self.holds.insert(set, (now + cooldown, Hold::Failed, failures, format!("backend `{member}`: {why}")));
+        self.phase = Phase::Idle;
+    }
+
+    /// The hold after `failures` consecutive failures: `failure_cooldown`, doubling, capped.
+    fn cooldown(&self, failures: u32) -> Duration {
+        self.settings.failure_cooldown.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(MAX_COOLDOWN)
+    }
+
+    /// The set that failed last and is still held off, with the time left and why (for the host's state).
+    pub fn failed_set(&self, now: Duration) -> Option<(&str, Duration, &str)> {
+        self.holds
+            .iter()
+            .filter(|(_, (until, why, _, _))| *why == Hold::Failed && *until > now)
+            .max_by_key(|(_, (until, _, _, _))| *until)
+            .map(|(set, (until, _, _, error))| (set.as_str(), *until - now, error.as_str()))
+    }
+
+    /// What the host is doing, in the design's words: `active` becomes `degraded` while a member restarts after a
+    /// crash, and an idle host whose last set failed and is held off is `failed`.
+    pub fn state(&self, now: Duration) -> &'static str {
+        match &self.phase {
+            Phase::Active { .. } if !self.degraded.is_empty() => "degraded",
+            Phase::Active { .. } => "active",
+            Phase::Idle if self.failed_set(now).is_some() => "failed",
+            Phase::Idle => "idle",
+            Phase::Draining { .. } => "draining",
+            Phase::Stopping { .. } => "stopping",
+            Phase::Starting { .. } => "starting",
+        }
+    }
+
+    fn started(&mut self, ok: bool, error: Option<String>, now: Duration, out: &mut Vec<Action>) {
+        let Phase::Starting { set, fresh, .. } = &self.phase else { return };
+        let (set, started) = (set.clone(), fresh.clone());
         let members = self.settings.sets.get(&set).cloned().unwrap_or_default();
+        // A member the set kept from before may have gone down (restarts exhausted) while the others started.
+        let lost: Vec<&String> =
+            members.iter().filter(|m| !started.contains(*m) && !self.running.contains(*m)).collect();
+        let (ok, error) = match lost.first() {
+            Some(m) if ok => (false, Some(format!("backend `{m}` went down while the set started"))),
+            _ => (ok, error),
+        };
         if ok {
-            self.running.extend(members);
+            self.running.extend(started);
             self.holds.remove(&set);
             if let Some(began) = self.swap_began.take() {
                 self.last_swap = Some(now.saturating_sub(began));
@@ -403,7 +484,7 @@ impl Host {
         }
         let error = error.unwrap_or_else(|| "a member did not become ready".into());
         let failures = self.holds.get(&set).map_or(0, |h| h.2) + 1;
-        let cooldown = self.settings.failure_cooldown.saturating_mul(1 << (failures - 1).min(16)).min(MAX_COOLDOWN);
+        let cooldown = self.cooldown(failures);
         self.holds.insert(set.clone(), (now + cooldown, Hold::Failed, failures, error.clone()));
         self.swap_began = None;
         let mut i = 0;
@@ -418,7 +499,7 @@ impl Host {
             }
         }
         // Whatever of the set came up is stopped again; members it kept from before stay.
-        let fresh: BTreeSet<String> = members.difference(&self.running).cloned().collect();
+        let fresh = started;
         if fresh.is_empty() {
             self.phase = Phase::Idle;
         } else {
@@ -451,12 +532,13 @@ impl Host {
         };
         let members = self.settings.sets.get(&set).cloned().unwrap_or_default();
         let fresh: BTreeSet<String> = members.difference(&self.running).cloned().collect();
-        if fresh.is_empty() {
-            self.phase = Phase::Starting { set, since: now };
+        let none = fresh.is_empty();
+        if !none {
+            out.push(Action::Start(fresh.clone()));
+        }
+        self.phase = Phase::Starting { set, since: now, fresh };
+        if none {
             self.started(true, None, now, out);
-        } else {
-            out.push(Action::Start(fresh));
-            self.phase = Phase::Starting { set, since: now };
         }
     }
 
@@ -496,6 +578,10 @@ impl Host {
                     self.abort(from, to, now, out);
                 }
             }
+            Phase::Idle | Phase::Active { .. } if self.unload => {
+                self.unload = false;
+                self.unload_now(now, out);
+            }
             Phase::Idle | Phase::Active { .. } => {
                 self.maybe_commit(now, out);
                 self.maybe_idle(now, out);
@@ -524,6 +610,13 @@ impl Host {
             } else {
                 i += 1;
             }
+        }
+    }
+
+    /// Drains whatever runs and goes idle.
+    fn unload_now(&mut self, now: Duration, out: &mut Vec<Action>) {
+        if !matches!(self.phase, Phase::Idle) || !self.running.is_empty() {
+            self.commit(None, now, out);
         }
     }
 

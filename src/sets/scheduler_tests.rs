@@ -1,11 +1,10 @@
-//! The host state machine without processes: scripted scenarios and a seeded random-sequence check of its
-//! invariants.
+//! The host state machine without processes: scripted scenarios, and property tests (proptest) of its invariants
+//! over random sequences of requests, admin calls, starts, stops, crashes and work.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use proptest::prelude::*;
 
 use super::*;
 
@@ -39,7 +38,7 @@ fn req(id: u64, set: &str, needs: &[&str], now: u64) -> Event {
 }
 
 fn tick(now: u64, busy: &[&str]) -> Event {
-    Event::Tick { now: s(now), busy: names(busy) }
+    Event::Tick { now: s(now), busy: names(busy), down: BTreeMap::new() }
 }
 
 fn ok(now: u64) -> Event {
@@ -239,21 +238,224 @@ fn a_forced_activation_aborts_a_running_drain_for_another_set() {
     }
 }
 
+#[test]
+fn a_crashed_member_degrades_the_set_and_one_that_gave_up_fails_it_until_the_cooldown() {
+    let mut h = active_creative();
+    let down = |m: &str, why: Option<&str>| BTreeMap::from([(m.to_owned(), why.map(str::to_owned))]);
+    // Restarting after a crash: degraded, still active, requests still go through (they wait for the backend).
+    h.step(Event::Tick { now: s(2), busy: BTreeSet::new(), down: down("comfy", None) });
+    assert_eq!(h.state(s(2)), "degraded");
+    assert_eq!(h.step(req(2, "creative", &["comfy"], 2)), vec![Action::Reply(2, Outcome::Ready)]);
+    // Back up: active again.
+    h.step(tick(3, &[]));
+    assert_eq!(h.state(s(3)), "active");
+    // Restarts exhausted: the set fails for failure_cooldown (15 s); what still runs keeps serving.
+    h.step(Event::Tick { now: s(4), busy: BTreeSet::new(), down: down("comfy", Some("exited with status 3")) });
+    assert_eq!(h.state(s(4)), "failed");
+    assert_eq!(h.phase, Phase::Idle);
+    let (set, left, why) = h.failed_set(s(4)).unwrap();
+    assert_eq!((set, left), ("creative", s(15)));
+    assert!(why.contains("backend `comfy`: exited with status 3"), "{why}");
+    let out = h.step(req(3, "creative", &["comfy"], 5));
+    assert!(
+        matches!(&out[..], [Action::Reply(3, Outcome::Failed { retry_after, .. })] if *retry_after == s(14)),
+        "{out:?}"
+    );
+    assert_eq!(h.step(req(4, "creative", &["llm"], 5)), vec![Action::Reply(4, Outcome::Ready)]);
+    // After the cooldown, demand starts only the member that is missing.
+    assert_eq!(h.step(req(5, "creative", &["comfy"], 20)), vec![Action::Start(names(&["comfy"]))]);
+    assert_eq!(h.step(ok(21)), vec![Action::Reply(5, Outcome::Ready)]);
+    assert_eq!(h.state(s(21)), "active");
+}
+
+#[test]
+fn a_member_that_gave_up_outside_the_active_set_only_leaves_running() {
+    let mut h = active_creative();
+    // `big` is not running: a report about it changes nothing.
+    let down = BTreeMap::from([("big".to_owned(), Some("gone".to_owned()))]);
+    h.step(Event::Tick { now: s(2), busy: BTreeSet::new(), down });
+    assert_eq!(h.state(s(2)), "active");
+    assert_eq!(h.running, names(&["comfy", "llm"]));
+}
+
+#[test]
+fn an_unload_during_a_start_lets_it_finish_then_drains_and_stops() {
+    let mut h = Host::new(settings(HostMode::Auto));
+    assert_eq!(h.step(req(1, "creative", &["comfy"], 0)), vec![Action::Start(names(&["comfy", "llm"]))]);
+    // No second start or a stop while the first start runs.
+    assert_eq!(h.step(Event::Unload { now: s(1) }), vec![]);
+    assert_eq!(h.step(ok(2)), vec![Action::Reply(1, Outcome::Ready)]);
+    assert!(matches!(h.phase, Phase::Draining { to: None, .. }), "{:?}", h.phase);
+    assert_eq!(h.step(tick(3, &["comfy"])), vec![]);
+    assert_eq!(h.step(tick(4, &[])), vec![Action::Stop(names(&["comfy", "llm"]))]);
+    h.step(Event::Stopped { now: s(5) });
+    assert_eq!(h.state(s(5)), "idle");
+}
+
+/// What a property test does next.
+#[derive(Debug, Clone)]
+enum Op {
+    /// A request for set `set` (index) needing the members picked by `mask`.
+    Request {
+        set: usize,
+        mask: u8,
+    },
+    Activate {
+        set: usize,
+        force: bool,
+    },
+    Cancel {
+        pick: u16,
+    },
+    /// The outstanding start finishes: all up (`ok`), or some (picked by `mask`) up and a failure.
+    Start {
+        ok: bool,
+        mask: u8,
+    },
+    Stop,
+    /// A running member crashes; `gives_up`: its restarts are exhausted (else it restarts and comes back).
+    Crash {
+        pick: u8,
+        gives_up: bool,
+    },
+    /// Time passes; work finishes on the members picked by `mask`.
+    Tick {
+        mask: u8,
+    },
+    Unload,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..3usize, any::<u8>()).prop_map(|(set, mask)| Op::Request { set, mask }),
+        1 => (0..3usize, any::<bool>()).prop_map(|(set, force)| Op::Activate { set, force }),
+        1 => any::<u16>().prop_map(|pick| Op::Cancel { pick }),
+        2 => (prop::bool::weighted(0.8), any::<u8>()).prop_map(|(ok, mask)| Op::Start { ok, mask }),
+        2 => Just(Op::Stop),
+        1 => (any::<u8>(), any::<bool>()).prop_map(|(pick, gives_up)| Op::Crash { pick, gives_up }),
+        5 => any::<u8>().prop_map(|mask| Op::Tick { mask }),
+        1 => Just(Op::Unload),
+    ]
+}
+
+const SETS: [(&str, &[&str]); 3] =
+    [("creative", &["comfy", "llm"]), ("coding", &["coder", "comfy"]), ("solo", &["big"])];
+
+fn pick<T: Clone>(items: &[T], mask: u8) -> Vec<T> {
+    items.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, x)| x.clone()).collect()
+}
+
 /// A world around the scheduler: processes that start and stop later, work that runs on backends, requests that
-/// come and leave. Every action is checked against the invariants.
+/// come and leave, members that crash. Every action is checked against the invariants.
 struct World {
     host: Host,
     up: BTreeSet<String>,
     work: BTreeMap<String, u32>,
+    /// Members restarting after a crash (reported in the next ticks until they are back).
+    restarting: BTreeSet<String>,
+    /// Members whose restarts ran out (reported once each until the scheduler drops them).
+    gave_up: BTreeSet<String>,
     outstanding_start: Option<BTreeSet<String>>,
     outstanding_stop: Option<BTreeSet<String>>,
     replies: BTreeMap<u64, u32>,
     asked: BTreeSet<u64>,
     waiting_ready: BTreeMap<u64, BTreeSet<String>>,
+    now: u64,
+    next_id: u64,
 }
 
 impl World {
-    fn apply(&mut self, event: Event, rng: &mut StdRng) {
+    fn new(settings: Settings) -> Self {
+        Self {
+            host: Host::new(settings),
+            up: BTreeSet::new(),
+            work: BTreeMap::new(),
+            restarting: BTreeSet::new(),
+            gave_up: BTreeSet::new(),
+            outstanding_start: None,
+            outstanding_stop: None,
+            replies: BTreeMap::new(),
+            asked: BTreeSet::new(),
+            waiting_ready: BTreeMap::new(),
+            now: 0,
+            next_id: 0,
+        }
+    }
+
+    fn tick(&mut self) -> Event {
+        let busy = self.work.iter().filter(|(_, v)| **v > 0).map(|(k, _)| k.clone()).collect();
+        let mut down: BTreeMap<String, Option<String>> = self.restarting.iter().map(|b| (b.clone(), None)).collect();
+        down.extend(self.gave_up.iter().map(|b| (b.clone(), Some("gave up".to_owned()))));
+        Event::Tick { now: s(self.now), busy, down }
+    }
+
+    fn event(&mut self, op: Op) -> Option<Event> {
+        Some(match op {
+            Op::Request { set, mask } => {
+                self.next_id += 1;
+                let (name, members) = SETS[set];
+                let needs = pick(members, mask);
+                let needs = if needs.is_empty() { vec![members[0]] } else { needs };
+                self.asked.insert(self.next_id);
+                self.waiting_ready.insert(self.next_id, names(&needs));
+                req(self.next_id, name, &needs, self.now)
+            }
+            Op::Activate { set, force } => {
+                self.next_id += 1;
+                self.asked.insert(self.next_id);
+                Event::Activate { id: self.next_id, set: SETS[set].0.into(), now: s(self.now), force }
+            }
+            Op::Cancel { pick } if self.next_id > 0 => Event::Cancel { id: 1 + u64::from(pick) % self.next_id },
+            Op::Cancel { .. } => return None,
+            Op::Start { ok, mask } => {
+                let b = self.outstanding_start.take()?;
+                // A failed start may leave some members up; the scheduler stops them.
+                let list: Vec<String> = b.into_iter().collect();
+                self.up.extend(if ok { list } else { pick(&list, mask) });
+                Event::Started { ok, error: None, now: s(self.now) }
+            }
+            Op::Stop => {
+                let b = self.outstanding_stop.take()?;
+                for x in &b {
+                    self.up.remove(x);
+                    self.restarting.remove(x);
+                    self.gave_up.remove(x);
+                }
+                Event::Stopped { now: s(self.now) }
+            }
+            Op::Crash { pick: which, gives_up } => {
+                let candidates: Vec<String> = self.up.iter().filter(|b| !self.gave_up.contains(*b)).cloned().collect();
+                let b = candidates.get(usize::from(which) % candidates.len().max(1))?.clone();
+                if gives_up {
+                    // Its process is gone and its work failed (the clients got 502).
+                    self.up.remove(&b);
+                    self.work.remove(&b);
+                    self.restarting.remove(&b);
+                    self.gave_up.insert(b);
+                } else {
+                    self.restarting.insert(b);
+                }
+                self.tick()
+            }
+            Op::Tick { mask } => {
+                self.now += u64::from(mask % 4);
+                let keys: Vec<String> = self.work.keys().cloned().collect();
+                for k in pick(&keys, mask) {
+                    if let Some(v) = self.work.get_mut(&k) {
+                        *v = v.saturating_sub(1);
+                    }
+                }
+                // A restarting member comes back now and then.
+                if mask & 0x80 != 0 {
+                    self.restarting.clear();
+                }
+                self.tick()
+            }
+            Op::Unload => Event::Unload { now: s(self.now) },
+        })
+    }
+
+    fn apply(&mut self, event: Event) {
         let mut interrupted: Option<BTreeSet<String>> = None;
         for action in self.host.step(event) {
             match action {
@@ -261,6 +463,9 @@ impl World {
                     assert!(self.outstanding_start.is_none(), "a second start while one runs");
                     assert!(self.outstanding_stop.is_none(), "start while stopping");
                     assert!(b.is_disjoint(&self.up), "start of a running backend: {b:?}");
+                    for x in &b {
+                        self.gave_up.remove(x);
+                    }
                     self.outstanding_start = Some(b);
                 }
                 Action::Interrupt(b) => {
@@ -288,112 +493,74 @@ impl World {
                     {
                         for b in needs {
                             assert!(self.up.contains(&b), "ready for {b}, which is not up");
-                            *self.work.entry(b).or_default() += rng.random_range(0..2);
+                            *self.work.entry(b).or_default() += 1;
                         }
                     }
                 }
             }
         }
         assert!(interrupted.is_none(), "an interrupt without a stop");
+        // Never two sets on one host: what runs under an active set is that set's.
         if let Phase::Active { set } = &self.host.phase {
             let members = &self.host.settings.sets[set];
             assert!(self.up.is_subset(members), "up {:?} beyond active set {set}", self.up);
         }
+        assert!(self.host.running.is_subset(&self.up), "running {:?} beyond up {:?}", self.host.running, self.up);
+    }
+
+    /// Lets outstanding starts and stops finish, work end, crashed members come back, and time run past every
+    /// bound.
+    fn settle(&mut self) {
+        for _ in 0..50 {
+            self.now += 400;
+            if let Some(b) = self.outstanding_start.take() {
+                self.up.extend(b);
+                self.apply(ok(self.now));
+            }
+            if let Some(b) = self.outstanding_stop.take() {
+                for x in &b {
+                    self.up.remove(x);
+                }
+                self.apply(Event::Stopped { now: s(self.now) });
+            }
+            self.work.clear();
+            self.restarting.clear();
+            let t = self.tick();
+            self.apply(t);
+        }
     }
 }
 
-#[test]
-fn random_sequences_keep_the_invariants() {
-    let sets: Vec<(&str, &[&str])> =
-        vec![("creative", &["comfy", "llm"]), ("coding", &["coder", "comfy"]), ("solo", &["big"])];
-    for seed in 0..300u64 {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mode = if seed % 5 == 0 { HostMode::Manual } else { HostMode::Auto };
-        let mut cfg = settings(mode);
-        cfg.patience = s(rng.random_range(0..20));
-        cfg.drain_timeout = s(rng.random_range(5..60));
-        cfg.max_wait = s(rng.random_range(10..120));
-        cfg.idle_ttl = if seed % 3 == 0 { s(rng.random_range(1..30)) } else { Duration::ZERO };
-        let mut w = World {
-            host: Host::new(cfg),
-            up: BTreeSet::new(),
-            work: BTreeMap::new(),
-            outstanding_start: None,
-            outstanding_stop: None,
-            replies: BTreeMap::new(),
-            asked: BTreeSet::new(),
-            waiting_ready: BTreeMap::new(),
-        };
-        let mut now = 0u64;
-        let mut next_id = 0u64;
-        for step in 0..400 {
-            now += rng.random_range(0..3);
-            let quiet = step > 300;
-            let event = match rng.random_range(0..10) {
-                0 | 1 if !quiet => {
-                    next_id += 1;
-                    let (set, members) = sets[rng.random_range(0..sets.len())];
-                    let needs: Vec<&str> = members.iter().copied().filter(|_| rng.random_bool(0.6)).collect();
-                    let needs = if needs.is_empty() { vec![members[0]] } else { needs };
-                    w.asked.insert(next_id);
-                    w.waiting_ready.insert(next_id, names(&needs));
-                    req(next_id, set, &needs, now)
-                }
-                2 if !quiet && rng.random_bool(0.2) => {
-                    next_id += 1;
-                    w.asked.insert(next_id);
-                    let set = sets[rng.random_range(0..sets.len())].0.into();
-                    Event::Activate { id: next_id, set, now: s(now), force: rng.random_bool(0.4) }
-                }
-                3 if !quiet && next_id > 0 => Event::Cancel { id: rng.random_range(1..=next_id) },
-                4 if w.outstanding_start.is_some() => {
-                    let Some(b) = w.outstanding_start.take() else { continue };
-                    let ok = rng.random_bool(0.8);
-                    // A failed start may leave some members up; the scheduler stops them.
-                    w.up.extend(b.into_iter().filter(|_| ok || rng.random_bool(0.5)));
-                    Event::Started { ok, error: None, now: s(now) }
-                }
-                5 if w.outstanding_stop.is_some() => {
-                    let Some(b) = w.outstanding_stop.take() else { continue };
-                    for x in &b {
-                        w.up.remove(x);
-                    }
-                    Event::Stopped { now: s(now) }
-                }
-                _ => {
-                    // Work finishes now and then.
-                    for v in w.work.values_mut() {
-                        if *v > 0 && (quiet || rng.random_bool(0.3)) {
-                            *v -= 1;
-                        }
-                    }
-                    let busy = w.work.iter().filter(|(_, v)| **v > 0).map(|(k, _)| k.as_str()).collect::<Vec<_>>();
-                    tick(now, &busy)
-                }
-            };
-            w.apply(event, &mut rng);
-        }
-        // Drain the world: let outstanding starts and stops finish, time run past every bound.
-        for _ in 0..50 {
-            now += 400;
-            if let Some(b) = w.outstanding_start.take() {
-                w.up.extend(b);
-                w.apply(ok(now), &mut rng);
+fn world_settings() -> impl Strategy<Value = Settings> {
+    (prop::bool::weighted(0.2), 0..20u64, 5..60u64, 10..120u64, prop::option::weighted(0.3, 1..30u64)).prop_map(
+        |(manual, patience, drain, max_wait, idle)| {
+            let mut cfg = settings(if manual { HostMode::Manual } else { HostMode::Auto });
+            cfg.patience = s(patience);
+            cfg.drain_timeout = s(drain);
+            cfg.max_wait = s(max_wait);
+            cfg.idle_ttl = idle.map_or(Duration::ZERO, s);
+            cfg
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Nothing is signalled while it has work (unless forced), at most one start or stop at a time and never of a
+    /// running backend, never two sets on one host, and every waiter gets exactly one outcome.
+    #[test]
+    fn random_sequences_keep_the_invariants(settings in world_settings(), ops in prop::collection::vec(op(), 1..300)) {
+        let mut w = World::new(settings);
+        for op in ops {
+            if let Some(event) = w.event(op) {
+                w.apply(event);
             }
-            if let Some(b) = w.outstanding_stop.take() {
-                for x in &b {
-                    w.up.remove(x);
-                }
-                w.apply(Event::Stopped { now: s(now) }, &mut rng);
-            }
-            w.work.clear();
-            w.apply(tick(now, &[]), &mut rng);
         }
-        // Admin waiters may still wait for a set that keeps failing; everyone else got exactly one answer.
+        w.settle();
         for id in &w.asked {
             let n = w.replies.get(id).copied().unwrap_or(0);
-            assert!(n <= 1, "seed {seed}: waiter {id} got {n} outcomes");
-            assert_eq!(n, 1, "seed {seed}: waiter {id} got no outcome (phase {:?})", w.host.phase);
+            prop_assert_eq!(n, 1, "waiter {} got {} outcomes (phase {:?})", id, n, w.host.phase);
         }
     }
 }

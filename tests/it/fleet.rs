@@ -1,11 +1,12 @@
 //! Several instances: an async job on an instance killed with SIGKILL is adopted by another and charged once
-//! (PostgreSQL), and SIGTERM drains (readyz 503, new requests 503 `draining`, the in-flight one finishes, exit 0).
+//! (PostgreSQL), and SIGTERM drains (readyz 503, new requests 503 `draining`, the in-flight request and image job
+//! finish, exit 0).
 
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::books::{ADMIN, credits, key_at, ledger_clean};
+use crate::support::books::{ADMIN, credits, credits_at, key_at, ledger_clean};
 use crate::support::postgres::Postgres;
 use crate::support::{TEST_TIMEOUT, spawn_gateway_env, start_binary};
 use crate::videos::until_done;
@@ -85,6 +86,18 @@ async fn sigterm_drains_in_flight_work_refuses_new_requests_and_exits_zero() {
         reqwest::Client::new().post(format!("{url}/v1/images/generations")).bearer_auth(&secret).json(&image),
     ));
     until(&url, "/v1/gateway/status", "the slow request in flight", |_, v| v["instance"]["in_flight"] == 1).await;
+    // An image job running in this process counts as work in flight too: the drain lets it finish.
+    let (s, _, job) = send(
+        reqwest::Client::new()
+            .post(format!("{url}/v1/images/generations"))
+            .bearer_auth(&secret)
+            .header("Prefer", "respond-async")
+            .json(&json!({"model": "slow", "prompt": "a job"})),
+    )
+    .await;
+    assert_eq!(s, 202, "{job}");
+    let job_id = job["id"].as_str().unwrap().to_owned();
+    until(&url, "/v1/gateway/status", "the job running here", |_, v| v["instance"]["in_flight"] == 2).await;
 
     signal(&child, "-TERM");
     let ready = until(&url, "/readyz", "readyz to turn 503", |s, _| s == 503).await;
@@ -108,4 +121,13 @@ async fn sigterm_drains_in_flight_work_refuses_new_requests_and_exits_zero() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(code.code(), Some(0), "a drained stop exits 0");
+
+    // The job ended before the exit (it was not abandoned to run again): the next instance on the same data
+    // finds it completed at its first look, charged once.
+    let (mut again, url) = start_binary(dir.path(), &[("EASEL_ADMIN_TOKEN", ADMIN)]);
+    let (s, _, done) = send(reqwest::Client::new().get(format!("{url}/v1/jobs/{job_id}")).bearer_auth(&secret)).await;
+    assert_eq!((s, done["status"].as_str()), (200, Some("completed")), "{done}");
+    assert_eq!(credits_at(&url, &secret).await, (8_000, 0), "the request and the job, each charged once");
+    again.kill().unwrap();
+    again.wait().unwrap();
 }
