@@ -162,3 +162,16 @@ pub async fn job_events(
         })
         .collect()
 }
+
+/// Waits up to `within` for a server process the test signalled to exit, then kills it (test teardown only).
+pub fn wait_or_kill(child: &mut std::process::Child, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

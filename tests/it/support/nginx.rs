@@ -122,14 +122,6 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         // SIGTERM to the master is nginx's fast shutdown, which also stops its worker; a SIGKILL would orphan it.
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        super::wait_or_kill(&mut self.child, Duration::from_secs(10));
     }
 }

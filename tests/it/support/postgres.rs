@@ -148,14 +148,6 @@ impl Drop for Postgres {
                 let _ = self.child.kill();
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        super::wait_or_kill(&mut self.child, Duration::from_secs(20));
     }
 }
