@@ -138,8 +138,8 @@ async fn a_swap_waits_for_the_running_job_and_keeps_the_shared_member() {
     let shared = Fake::new(dir.path(), "shared", &[]);
     let a = Fake::new(dir.path(), "fa", &["--gen-secs", "1.5"]);
     let b = Fake::new(dir.path(), "fb", &[]);
-    let sets = "  one: { host: gpu0, backends: [shared, fa] }\n  two: { host: gpu0, backends: [shared, fb] }\n";
-    let models = [("ma", "fa", "one"), ("mb", "fb", "two"), ("ms", "shared", "one")];
+    let sets = "  one: { host: gpu0, backends: [shared, fa] }\n  later: { host: gpu0, backends: [shared, fb] }\n";
+    let models = [("ma", "fa", "one"), ("mb", "fb", "later"), ("ms", "shared", "one")];
     let cfg = config("{ default_set: one, patience: 0s }", &[&shared, &a, &b], sets, &models);
     let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
     wait_until("the default set to start", || a.starts() == 1 && shared.starts() == 1).await;
@@ -166,9 +166,10 @@ async fn a_swap_waits_for_the_running_job_and_keeps_the_shared_member() {
     let (s, _, body) = gen_image(&gw, "ms").await;
     assert_eq!(s, 200, "{body}");
     let h = hosts(&gw).await;
-    assert_eq!(h["data"][0]["active_set"], "two", "{h}");
+    assert_eq!(h["data"][0]["active_set"], "later", "{h}");
+    // Metrics are one registry for every gateway in this test binary: the set name is this test's own.
     let metrics = gw.client.get(gw.endpoint("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("easel_working_set_active{host=\"gpu0\",set=\"two\"} 1"), "{metrics}");
+    assert!(metrics.contains("easel_working_set_active{host=\"gpu0\",set=\"later\"} 1"), "{metrics}");
     shutdown_without_orphans(gw, &[&shared, &a, &b]).await;
 }
 
