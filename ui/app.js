@@ -2,6 +2,7 @@
 
 import { creds } from "./api.js";
 import { initPlayground, loadModels } from "./playground.js";
+import { loadGallery } from "./gallery.js";
 import { showFleet } from "./fleet.js";
 import { initAccount, refreshAccount } from "./account.js";
 
@@ -58,7 +59,10 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   window.addEventListener("easel:creds", () => {
     credsState();
-    if (playgroundReady) loadModels();
+    if (playgroundReady) {
+      loadModels();
+      loadGallery(true);
+    }
     show();
   });
   initAccount(toast);

@@ -3,6 +3,7 @@
 
 import { call, json, events, blobUrl, curl, python, creds } from "./api.js";
 import { MaskPainter } from "./mask.js";
+import { addOutput, initGallery, loadGallery } from "./gallery.js";
 
 const $ = (id) => document.getElementById(id);
 let models = [];
@@ -151,26 +152,6 @@ function setProgress(value, text) {
   $("pg-progress-text").textContent = text;
 }
 
-function addToGallery(src, caption, req) {
-  const li = document.createElement("li");
-  const b = document.createElement("button");
-  b.type = "button";
-  b.setAttribute("aria-label", `Open: ${caption}`);
-  const img = document.createElement("img");
-  img.src = src;
-  img.alt = caption;
-  b.append(img);
-  b.addEventListener("click", () => {
-    $("viewer-img").src = src;
-    $("viewer-img").alt = caption;
-    $("viewer-req").textContent = req;
-    $("viewer-dl").href = src;
-    $("viewer").showModal();
-  });
-  li.append(b);
-  $("gallery").prepend(li);
-}
-
 function showImages(result, prompt, code) {
   const out = $("pg-result");
   out.replaceChildren();
@@ -181,7 +162,7 @@ function showImages(result, prompt, code) {
     img.alt = `Generated: ${prompt}`;
     img.className = "output";
     out.append(img);
-    addToGallery(src, prompt, code);
+    addOutput(src, prompt, code);
   }
   if (result && result.partial) showError(`Only ${result.partial.produced} of ${result.partial.requested} images: ${result.partial.error}`);
 }
@@ -275,6 +256,7 @@ async function runVideo(r, signal) {
     dl.download = `${v.id}.${(type.split("/")[1] || "bin").split(";")[0]}`;
     dl.textContent = "Download";
     $("pg-result").replaceChildren(video, dl);
+    loadGallery(true);
   });
 }
 
@@ -356,6 +338,7 @@ function chooseFile(file) {
 
 export function initPlayground() {
   painter = new MaskPainter($("pg-base"), $("pg-mask"), $("pg-brush"));
+  initGallery();
   $("pg-model").addEventListener("change", onModel);
   $("pg-form").addEventListener("input", renderCode);
   $("pg-form").addEventListener("submit", run);
@@ -386,6 +369,5 @@ export function initPlayground() {
     });
   }
   $("pg-copy").addEventListener("click", () => navigator.clipboard && navigator.clipboard.writeText($("pg-code-text").textContent));
-  $("viewer-close").addEventListener("click", () => $("viewer").close());
   loadModels();
 }

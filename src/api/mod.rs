@@ -2,6 +2,7 @@
 
 pub mod chat;
 pub mod error;
+pub mod files;
 pub mod images;
 pub mod jobs;
 pub mod models;

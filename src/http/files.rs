@@ -1,16 +1,18 @@
+//! `GET /v1/files`: the stored outputs newest first (the caller's own with keys on), for the gallery.
 //! `GET /v1/files/{id}`: stored outputs, by the ids easel issued and nothing else. A signed URL
 //! (`?exp=…&sig=…`, as easel hands them out) works without a key until it expires; without a signature, keys mode
 //! serves an output only to the key that made it (another key gets the same 404 as a missing file). [`send`] is
 //! the one way outputs leave storage (here and for video content): streamed, with single-range `Range` support,
 //! from the local folder or S3 alike, or as a redirect to a presigned S3 URL.
 
-use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 
 use super::error::ApiError;
+use crate::api::files::FileList;
 use crate::config::AuthMode;
 use crate::error::Error;
 use crate::ledger::{Principal, Store};
@@ -18,6 +20,46 @@ use crate::request::RequestError;
 use crate::state::AppState;
 use crate::storage::Opened;
 use crate::storage::signing::SignatureProblem;
+
+/// `GET /v1/files?limit=&after=&purpose=output&order=desc`.
+pub async fn list_handler(
+    State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Json<FileList>, ApiError> {
+    let (mut limit, mut after) = (20u32, None);
+    for (k, v) in url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "limit" => {
+                limit = v.parse().ok().filter(|l| (1..=100).contains(l)).ok_or_else(|| {
+                    RequestError::param("limit", format!("`limit` must be a whole number from 1 to 100, not `{v}`"))
+                })?;
+            }
+            "after" if !v.is_empty() => after = Some(v.into_owned()),
+            "purpose" if v == "output" => {}
+            "purpose" => {
+                return Err(RequestError::param(
+                    "purpose",
+                    format!("this gateway stores only generated outputs (`purpose=output`), not `{v}`"),
+                )
+                .into());
+            }
+            "order" if v == "desc" => {}
+            "order" => {
+                return Err(RequestError::param(
+                    "order",
+                    format!("outputs are listed newest first (`order=desc`), not `{v}`"),
+                )
+                .into());
+            }
+            other => return Err(RequestError::param(other, format!("unknown query parameter `{other}`")).into()),
+        }
+    }
+    let who = principal.as_ref().map(|Extension(p)| p);
+    let base = super::base_url(&state, &headers);
+    Ok(Json(crate::pipeline::outputs::list(&state, who, after.as_deref(), limit, &base).await?))
+}
 
 pub async fn get_handler(
     State(state): State<AppState>,
@@ -71,7 +113,7 @@ pub async fn get_handler(
             .into());
         }
     }
-    if !crate::storage::is_image_id(&id) {
+    if crate::storage::mime_of(&id).is_none() {
         return Err(Error::FileNotFound(id).into());
     }
     // Ids are never reused, so the content never changes.

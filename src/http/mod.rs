@@ -115,6 +115,7 @@ pub fn router(state: AppState) -> Router {
         .merge(text)
         .route("/v1/models", get(models::list_handler))
         .route("/v1/models/{*id}", get(models::get_handler))
+        .route("/v1/files", get(files::list_handler))
         .route("/v1/files/{id}", get(files::get_handler))
         .route("/v1/videos/{id}", get(videos::get_handler).delete(videos::delete_handler))
         .route("/v1/videos/{id}/content", get(videos::content_handler))
@@ -466,6 +467,7 @@ fn static_route(route: &str) -> &'static str {
         "/v1/embeddings",
         "/v1/models",
         "/v1/models/{*id}",
+        "/v1/files",
         "/v1/files/{id}",
         "/v1/gateway/status",
         "/healthz",

@@ -36,6 +36,7 @@ const ASSETS: &[Asset] = &[
     asset!("playground.js", JS),
     asset!("mask.js", JS),
     asset!("fleet.js", JS),
+    asset!("gallery.js", JS),
     asset!("account.js", JS),
 ];
 

@@ -7,8 +7,8 @@ use super::postgres::{PgStore, is_postgres_url};
 use super::sqlite::SqliteStore;
 use super::{
     Balance, Drift, HoldOutcome, IdemClaim, InstanceRow, JobChange, JobEnd, JobRecord, JobStat, KeyInfo,
-    KeyLimitsChange, KeyOverrides, LedgerError, Millicredits, NewJob, NewKey, OutboxRow, Principal, Store,
-    StoredResponse, UsageRow, WebhookOutcome,
+    KeyLimitsChange, KeyOverrides, LedgerError, Made, Millicredits, NewJob, NewKey, OutboxRow, OutputEntry, Principal,
+    Store, StoredResponse, UsageRow, WebhookOutcome,
 };
 
 #[derive(Debug)]
@@ -126,9 +126,26 @@ impl Store for AnyStore {
         hold_id: &str,
         units: i64,
         response: Option<(&Principal, &str, &StoredResponse)>,
-        outputs: &[String],
+        made: &Made,
     ) -> Result<(), LedgerError> {
-        each_store!(self, s => s.capture(hold_id, units, response, outputs).await)
+        each_store!(self, s => s.capture(hold_id, units, response, made).await)
+    }
+
+    async fn record_outputs(&self, made: &Made) -> Result<(), LedgerError> {
+        each_store!(self, s => s.record_outputs(made).await)
+    }
+
+    async fn list_outputs(
+        &self,
+        key_id: Option<i64>,
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<Vec<OutputEntry>, LedgerError> {
+        each_store!(self, s => s.list_outputs(key_id, limit, after).await)
+    }
+
+    async fn forget_outputs(&self, before_ms: i64) -> Result<u64, LedgerError> {
+        each_store!(self, s => s.forget_outputs(before_ms).await)
     }
 
     async fn hold_job(

@@ -305,15 +305,27 @@ pub trait Store: Send + Sync {
         lease: Duration,
         idem: Option<&IdemClaim>,
     ) -> impl Future<Output = Result<HoldOutcome, LedgerError>> + Send;
-    /// Captures `units` (≤ held), stores the response for the Idempotency-Key and records the hold's key as the
-    /// owner of the stored `outputs`, in one transaction.
+    /// Captures `units` (≤ held), stores the response for the Idempotency-Key and records the stored outputs in
+    /// `made` (the hold's key as their owner), in one transaction.
     fn capture(
         &self,
         hold_id: &str,
         units: i64,
         response: Option<(&Principal, &str, &StoredResponse)>,
-        outputs: &[String],
+        made: &Made,
     ) -> impl Future<Output = Result<(), LedgerError>> + Send;
+    /// Records outputs made without a key (`auth.mode` `none` or `static`): listed, owned by nobody.
+    fn record_outputs(&self, made: &Made) -> impl Future<Output = Result<(), LedgerError>> + Send;
+    /// Stored outputs, newest first: `key_id`'s own, or every one for `None`; at most `limit`, starting after the
+    /// output `after` (a cursor: an id from an earlier page). Thumbnails are not listed (their video names them).
+    fn list_outputs(
+        &self,
+        key_id: Option<i64>,
+        limit: u32,
+        after: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<OutputEntry>, LedgerError>> + Send;
+    /// Forgets the outputs recorded before `before_ms` (retention deleted their files); returns how many.
+    fn forget_outputs(&self, before_ms: i64) -> impl Future<Output = Result<u64, LedgerError>> + Send;
     /// Like `hold` for a job: the hold (kind `job`, no lease: the job's own deadline bounds it) and the job row
     /// (state `pending`) commit together.
     fn hold_job(
@@ -605,6 +617,86 @@ pub struct JobStat {
     pub state: String,
     pub count: i64,
     pub oldest_created_at: i64,
+}
+
+/// One stored output: its id, what it is (`image`, `video` or `thumbnail`), its MIME type and size, and for a
+/// video the id of its thumbnail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MadeOutput {
+    pub id: String,
+    pub kind: String,
+    pub mime: String,
+    pub bytes: i64,
+    pub poster: Option<String>,
+}
+
+/// What one request stored, with the model and the request (JSON text) that made it: the gallery shows both.
+#[derive(Debug, Clone, Default)]
+pub struct Made {
+    pub model: String,
+    pub request: String,
+    pub outputs: Vec<MadeOutput>,
+}
+
+impl Made {
+    /// A finished job's outputs: from its `outputs` (see [`output_files`]) and its stored request (an image job's
+    /// wire request with its operation; a video job's request as it is).
+    pub fn of_job(job: &JobRecord, outputs: &serde_json::Value) -> Self {
+        let (list, default_kind) = match outputs.get("images") {
+            Some(images) => (images, "image"),
+            None => (outputs, "video"),
+        };
+        let items = list.as_array().map(Vec::as_slice).unwrap_or_default();
+        let poster =
+            items.iter().find(|o| o["kind"] == "thumbnail").and_then(|o| o["file"].as_str()).map(str::to_owned);
+        let outputs = items
+            .iter()
+            .filter_map(|o| {
+                let id = o["file"].as_str()?.to_owned();
+                let kind = o["kind"].as_str().unwrap_or(default_kind).to_owned();
+                let mime = o["mime"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .or_else(|| crate::storage::mime_of(&id).map(str::to_owned))
+                    .unwrap_or_else(|| "application/octet-stream".to_owned());
+                let poster = if kind == "video" { poster.clone() } else { None };
+                Some(MadeOutput { id, kind, mime, bytes: o["bytes"].as_i64().unwrap_or(0), poster })
+            })
+            .collect();
+        let request = match job.request.get("wire") {
+            Some(wire) => {
+                let mut shown = wire.clone();
+                if let (Some(map), Some(op)) = (shown.as_object_mut(), job.request.get("operation")) {
+                    map.insert("operation".into(), op.clone());
+                }
+                shown
+            }
+            None => job.request.clone(),
+        };
+        let mut request = request;
+        if let Some(map) = request.as_object_mut() {
+            // Where the job came from, for logs; not part of what was asked. Unset fields are left out.
+            map.remove("request_id");
+            map.retain(|_, v| !v.is_null());
+        }
+        Self { model: job.model.clone(), request: request.to_string(), outputs }
+    }
+}
+
+/// A stored output as the gallery lists it.
+#[derive(Debug, Clone)]
+pub struct OutputEntry {
+    pub id: String,
+    pub key_id: Option<i64>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub model: Option<String>,
+    pub kind: Option<String>,
+    pub mime: Option<String>,
+    pub bytes: Option<i64>,
+    /// The request that made it, as JSON text.
+    pub request: Option<String>,
+    pub poster: Option<String>,
 }
 
 /// The stored file ids in a job's `outputs`: a list of `{"file"}` (videos) or `{"images": [{"file"}]}` (images).

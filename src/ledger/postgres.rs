@@ -11,8 +11,8 @@ use sqlx::{PgConnection, PgPool, Row};
 
 use super::{
     ANONYMOUS_KEY, Balance, Drift, HoldOutcome, IdemClaim, InstanceRow, JobChange, JobEnd, JobRecord, JobStat, KeyInfo,
-    KeyLimitsChange, KeyOverrides, LedgerError, Millicredits, NewJob, NewKey, OutboxRow, Principal, Store,
-    StoredResponse, UsageRow, WebhookOutcome, hash_secret, new_secret, now_ms, overrides,
+    KeyLimitsChange, KeyOverrides, LedgerError, Made, Millicredits, NewJob, NewKey, OutboxRow, OutputEntry, Principal,
+    Store, StoredResponse, UsageRow, WebhookOutcome, hash_secret, new_secret, now_ms, overrides,
 };
 
 /// How long a completed idempotency record is kept.
@@ -206,17 +206,41 @@ async fn add_credits(
     Ok(())
 }
 
-async fn record_output(tx: &mut PgConnection, id: &str, hold_id: &str, now: i64) -> Result<(), LedgerError> {
-    sqlx::query(
-        "INSERT INTO outputs (id, key_id, hold_id, created_at) SELECT $1, key_id, id, $3 FROM holds WHERE id = $2
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(id)
-    .bind(hold_id)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
+/// Records `made`'s outputs; with a hold, its key owns them.
+async fn record_made(tx: &mut PgConnection, made: &Made, hold_id: Option<&str>, now: i64) -> Result<(), LedgerError> {
+    for o in &made.outputs {
+        sqlx::query(
+            "INSERT INTO outputs (id, key_id, hold_id, created_at, model, kind, mime, bytes, request, poster)
+             VALUES ($1, (SELECT key_id FROM holds WHERE id = $2), $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&o.id)
+        .bind(hold_id)
+        .bind(now)
+        .bind(&made.model)
+        .bind(&o.kind)
+        .bind(&o.mime)
+        .bind(o.bytes)
+        .bind(&made.request)
+        .bind(&o.poster)
+        .execute(&mut *tx)
+        .await?;
+    }
     Ok(())
+}
+
+fn output_entry(r: &sqlx::postgres::PgRow) -> Result<OutputEntry, LedgerError> {
+    Ok(OutputEntry {
+        id: r.try_get(0)?,
+        key_id: r.try_get(1)?,
+        created_at: r.try_get(2)?,
+        model: r.try_get(3)?,
+        kind: r.try_get(4)?,
+        mime: r.try_get(5)?,
+        bytes: r.try_get(6)?,
+        request: r.try_get(7)?,
+        poster: r.try_get(8)?,
+    })
 }
 
 /// Locks the idempotency records of a hold first (the lock order), before the hold itself is settled.
@@ -851,7 +875,7 @@ impl Store for PgStore {
         hold_id: &str,
         units: i64,
         response: Option<(&Principal, &str, &StoredResponse)>,
-        outputs: &[String],
+        made: &Made,
     ) -> Result<(), LedgerError> {
         let mut tx = self.pool.begin().await?;
         if response.is_some() {
@@ -859,9 +883,7 @@ impl Store for PgStore {
         }
         settle(&mut tx, hold_id, Some(Capture::Units(units)), "completed").await?;
         let now = now_ms();
-        for id in outputs {
-            record_output(&mut tx, id, hold_id, now).await?;
-        }
+        record_made(&mut tx, made, Some(hold_id), now).await?;
         if let Some((who, key, resp)) = response {
             sqlx::query(
                 "UPDATE idempotency_records SET state = 'completed', lease_until = NULL, instance_id = NULL, status_code = $4,
@@ -1013,9 +1035,7 @@ impl Store for PgStore {
         match end {
             JobEnd::Succeeded { units, outputs } => {
                 settle(&mut tx, &job.hold_id, Some(Capture::Units(*units)), "job succeeded").await?;
-                for file in super::output_files(outputs) {
-                    record_output(&mut tx, &file, &job.hold_id, now).await?;
-                }
+                record_made(&mut tx, &Made::of_job(&job, outputs), Some(&job.hold_id), now).await?;
             }
             JobEnd::Failed { code, .. } => {
                 settle(&mut tx, &job.hold_id, None, code).await?;
@@ -1251,7 +1271,43 @@ impl Store for PgStore {
 
     async fn output_owner(&self, id: &str) -> Result<Option<i64>, LedgerError> {
         let row = sqlx::query("SELECT key_id FROM outputs WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
-        row.map(|r| r.try_get(0)).transpose().map_err(Into::into)
+        Ok(row.map(|r| r.try_get::<Option<i64>, _>(0)).transpose()?.flatten())
+    }
+
+    async fn record_outputs(&self, made: &Made) -> Result<(), LedgerError> {
+        if made.outputs.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        record_made(&mut tx, made, None, now_ms()).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_outputs(
+        &self,
+        key_id: Option<i64>,
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<Vec<OutputEntry>, LedgerError> {
+        // `$1 IS NULL` lists every key's; the cursor compares (created_at, id) so equal times still page exactly.
+        let rows = sqlx::query(
+            "SELECT id, key_id, created_at, model, kind, mime, bytes, request, poster FROM outputs
+             WHERE ($1::BIGINT IS NULL OR key_id = $1) AND request IS NOT NULL AND kind <> 'thumbnail'
+               AND ($2::TEXT IS NULL OR (created_at, id) < (SELECT created_at, id FROM outputs WHERE id = $2))
+             ORDER BY created_at DESC, id DESC LIMIT $3",
+        )
+        .bind(key_id)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(output_entry).collect()
+    }
+
+    async fn forget_outputs(&self, before_ms: i64) -> Result<u64, LedgerError> {
+        let done = sqlx::query("DELETE FROM outputs WHERE created_at < $1").bind(before_ms).execute(&self.pool).await?;
+        Ok(done.rows_affected())
     }
 
     async fn release(&self, hold_id: &str, reason: &str) -> Result<(), LedgerError> {

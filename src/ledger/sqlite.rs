@@ -13,8 +13,8 @@ use tokio::sync::Mutex;
 
 use super::{
     ANONYMOUS_KEY, Balance, Drift, HoldOutcome, IdemClaim, JobChange, JobEnd, JobRecord, JobStat, KeyInfo,
-    KeyLimitsChange, KeyOverrides, LedgerError, Millicredits, NewJob, NewKey, OutboxRow, Principal, Store,
-    StoredResponse, UsageRow, WebhookOutcome, hash_secret, new_secret, now_ms, overrides,
+    KeyLimitsChange, KeyOverrides, LedgerError, Made, Millicredits, NewJob, NewKey, OutboxRow, OutputEntry, Principal,
+    Store, StoredResponse, UsageRow, WebhookOutcome, hash_secret, new_secret, now_ms, overrides,
 };
 
 /// How long a completed idempotency record is kept.
@@ -698,22 +698,12 @@ impl Store for SqliteStore {
         hold_id: &str,
         units: i64,
         response: Option<(&Principal, &str, &StoredResponse)>,
-        outputs: &[String],
+        made: &Made,
     ) -> Result<(), LedgerError> {
         let _w = self.write.lock().await;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         self.resolve(&mut tx, hold_id, Some(units), "completed").await?;
-        let now = now_ms();
-        for id in outputs {
-            sqlx::query(
-                "INSERT OR IGNORE INTO outputs (id, key_id, hold_id, created_at) SELECT ?1, key_id, id, ?3 FROM holds WHERE id = ?2",
-            )
-            .bind(id)
-            .bind(hold_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
+        record_made(&mut tx, made, Some(hold_id), now_ms()).await?;
         if let Some((who, key, resp)) = response {
             sqlx::query(
                 "UPDATE idempotency_records SET state = 'completed', lease_until = NULL, status_code = ?4, content_type = ?5, response_body = ?6
@@ -894,16 +884,7 @@ impl Store for SqliteStore {
             JobEnd::Succeeded { units, outputs } => {
                 self.resolve(&mut tx, &job.hold_id, Some(*units), "job succeeded").await?;
                 // The job's key owns what it made (edits may name these files; unsigned reads need the owner).
-                for file in super::output_files(outputs) {
-                    sqlx::query(
-                        "INSERT OR IGNORE INTO outputs (id, key_id, hold_id, created_at) SELECT ?1, key_id, id, ?3 FROM holds WHERE id = ?2",
-                    )
-                    .bind(file)
-                    .bind(&job.hold_id)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                }
+                record_made(&mut tx, &Made::of_job(&job, outputs), Some(&job.hold_id), now).await?;
             }
             JobEnd::Failed { code, .. } => {
                 self.resolve(&mut tx, &job.hold_id, None, code).await?;
@@ -1081,7 +1062,45 @@ impl Store for SqliteStore {
 
     async fn output_owner(&self, id: &str) -> Result<Option<i64>, LedgerError> {
         let row = sqlx::query("SELECT key_id FROM outputs WHERE id = ?1").bind(id).fetch_optional(&self.pool).await?;
-        row.map(|r| r.try_get(0)).transpose().map_err(Into::into)
+        Ok(row.map(|r| r.try_get::<Option<i64>, _>(0)).transpose()?.flatten())
+    }
+
+    async fn record_outputs(&self, made: &Made) -> Result<(), LedgerError> {
+        if made.outputs.is_empty() {
+            return Ok(());
+        }
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        record_made(&mut tx, made, None, now_ms()).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_outputs(
+        &self,
+        key_id: Option<i64>,
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<Vec<OutputEntry>, LedgerError> {
+        // `?1 IS NULL` lists every key's; the cursor compares (created_at, id) so equal times still page exactly.
+        let rows = sqlx::query(
+            "SELECT id, key_id, created_at, model, kind, mime, bytes, request, poster FROM outputs
+             WHERE (?1 IS NULL OR key_id = ?1) AND request IS NOT NULL AND kind <> 'thumbnail'
+               AND (?2 IS NULL OR (created_at, id) < (SELECT created_at, id FROM outputs WHERE id = ?2))
+             ORDER BY created_at DESC, id DESC LIMIT ?3",
+        )
+        .bind(key_id)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(output_entry).collect()
+    }
+
+    async fn forget_outputs(&self, before_ms: i64) -> Result<u64, LedgerError> {
+        let _w = self.write.lock().await;
+        let done = sqlx::query("DELETE FROM outputs WHERE created_at < ?1").bind(before_ms).execute(&self.pool).await?;
+        Ok(done.rows_affected())
     }
 
     async fn release(&self, hold_id: &str, reason: &str) -> Result<(), LedgerError> {
@@ -1235,9 +1254,51 @@ impl Store for SqliteStore {
     }
 }
 
+/// Records `made`'s outputs; with a hold, its key owns them.
+async fn record_made(
+    tx: &mut sqlx::SqliteConnection,
+    made: &Made,
+    hold_id: Option<&str>,
+    now: i64,
+) -> Result<(), LedgerError> {
+    for o in &made.outputs {
+        sqlx::query(
+            "INSERT OR IGNORE INTO outputs (id, key_id, hold_id, created_at, model, kind, mime, bytes, request, poster)
+             VALUES (?1, (SELECT key_id FROM holds WHERE id = ?2), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .bind(&o.id)
+        .bind(hold_id)
+        .bind(now)
+        .bind(&made.model)
+        .bind(&o.kind)
+        .bind(&o.mime)
+        .bind(o.bytes)
+        .bind(&made.request)
+        .bind(&o.poster)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+fn output_entry(r: &sqlx::sqlite::SqliteRow) -> Result<OutputEntry, LedgerError> {
+    Ok(OutputEntry {
+        id: r.try_get(0)?,
+        key_id: r.try_get(1)?,
+        created_at: r.try_get(2)?,
+        model: r.try_get(3)?,
+        kind: r.try_get(4)?,
+        mime: r.try_get(5)?,
+        bytes: r.try_get(6)?,
+        request: r.try_get(7)?,
+        poster: r.try_get(8)?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::MadeOutput;
 
     async fn store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -1284,8 +1345,8 @@ mod tests {
             panic!()
         };
         assert_eq!(s.balance(who.account_id).await.unwrap().held_mc, 40_000);
-        s.capture(&hold_id, 2, None, &[]).await.unwrap();
-        s.capture(&hold_id, 2, None, &[]).await.unwrap(); // second settle is a no-op
+        s.capture(&hold_id, 2, None, &Made::default()).await.unwrap();
+        s.capture(&hold_id, 2, None, &Made::default()).await.unwrap(); // second settle is a no-op
         let b = s.balance(who.account_id).await.unwrap();
         assert_eq!((b.available_mc, b.held_mc, b.captured_mc), (80_000, 0, 20_000), "2 of 4 produced: 2 charged");
         let HoldOutcome::Held { hold_id } =
@@ -1341,5 +1402,28 @@ mod tests {
         assert_eq!(s.recover().await.unwrap(), 1);
         assert_eq!(s.balance(who.account_id).await.unwrap().available_mc, 5_000);
         assert!(s.check().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn outputs_without_a_key_are_listed_and_forgotten_by_age() {
+        let (_dir, s) = store().await;
+        let out = |id: &str| MadeOutput {
+            id: id.into(),
+            kind: "image".into(),
+            mime: "image/png".into(),
+            bytes: 3,
+            poster: None,
+        };
+        let thumb = MadeOutput { kind: "thumbnail".into(), ..out("img_t") };
+        let made = Made { model: "m".into(), request: r#"{"prompt":"p"}"#.into(), outputs: vec![out("img_a"), thumb] };
+        s.record_outputs(&made).await.unwrap();
+        let listed = s.list_outputs(None, 10, None).await.unwrap();
+        assert_eq!(listed.iter().map(|o| o.id.as_str()).collect::<Vec<_>>(), ["img_a"], "thumbnails are not listed");
+        assert_eq!((listed[0].key_id, listed[0].request.as_deref()), (None, Some(r#"{"prompt":"p"}"#)));
+        assert_eq!(s.output_owner("img_a").await.unwrap(), None, "made without a key: nobody owns it");
+        assert!(s.list_outputs(Some(1), 10, None).await.unwrap().is_empty(), "not any key's");
+        assert_eq!(s.forget_outputs(listed[0].created_at).await.unwrap(), 0, "nothing older than itself");
+        assert_eq!(s.forget_outputs(listed[0].created_at + 1).await.unwrap(), 2);
+        assert!(s.list_outputs(None, 10, None).await.unwrap().is_empty());
     }
 }

@@ -338,7 +338,11 @@ async fn execute(
                 .data
                 .iter()
                 .zip(&stored)
-                .map(|(item, file)| serde_json::json!({"file": file, "revised_prompt": item.revised_prompt}))
+                .map(|(item, file)| {
+                    serde_json::json!({
+                        "file": file.id, "mime": file.mime, "bytes": file.bytes, "revised_prompt": item.revised_prompt,
+                    })
+                })
                 .collect();
             let outputs = serde_json::json!({
                 "created": resp.created,

@@ -20,7 +20,7 @@ use crate::backends::{
 };
 use crate::config::{Capability, ModelConfig, ModelType};
 use crate::error::Error;
-use crate::ledger::{HoldOutcome, IdemClaim, Principal, SettlingGuard, Store, StoredResponse};
+use crate::ledger::{HoldOutcome, IdemClaim, Made, MadeOutput, Principal, SettlingGuard, Store, StoredResponse};
 use crate::request::{GenerateImage, ImageFormat, RequestError, ResponseFormat, Size};
 use crate::routing::BackendHandle;
 use crate::state::AppState;
@@ -70,8 +70,8 @@ pub struct Settlement {
     produced: i64,
     /// The Idempotency-Key's record: who, which key, and the response to replay.
     record: Option<(Principal, String, StoredResponse)>,
-    /// Ids of the outputs stored for this answer: the hold's key becomes their owner.
-    outputs: Vec<String>,
+    /// The outputs stored for this answer: the hold's key becomes their owner, the gallery lists them.
+    made: Made,
     settled: bool,
     /// Balance reads of this account wait until this settlement is done.
     guard: Option<SettlingGuard>,
@@ -84,11 +84,11 @@ impl Settlement {
         let state = self.state.clone();
         let hold_id = std::mem::take(&mut self.hold_id);
         let (produced, record, guard) = (self.produced, self.record.take(), self.guard.take());
-        let outputs = std::mem::take(&mut self.outputs);
+        let made = std::mem::take(&mut self.made);
         spawn_settlement(&self.state, async move {
             let _guard = guard;
             let record = record.as_ref().map(|(who, key, resp)| (who, key.as_str(), resp));
-            if let Err(e) = state.ledger.capture(&hold_id, produced, record, &outputs).await {
+            if let Err(e) = state.ledger.capture(&hold_id, produced, record, &made).await {
                 // The hold stays open until the reaper (or the next start) releases it: the customer is not charged.
                 tracing::error!(hold = %hold_id, error = %e, "Capturing a hold failed.");
             }
@@ -333,7 +333,11 @@ async fn charged(
         Some(p) => p.clone(),
         None if caller.idempotency_key.is_some() => state.ledger.anonymous().await?,
         None => {
-            let (resp, _, _) = produce(state, req, &model, edit, base_url, caller).await?;
+            let request = shown_request(&req, edit.is_some());
+            let (resp, _, outputs) = produce(state, req, &model, edit, base_url, caller).await?;
+            // Nothing to charge: the gallery's record is written before the answer goes out.
+            let made = Made { model: model.id.clone(), request, outputs };
+            state.ledger.record_outputs(&made).await?;
             let partial = resp.partial.clone();
             return Ok(Delivered::Fresh(Box::new(Answer { body: render(&resp), partial, settlement: None })));
         }
@@ -360,6 +364,7 @@ async fn charged(
         }
         HoldOutcome::Held { hold_id } => hold_id,
     };
+    let request = shown_request(&req, edit.is_some());
     match produce(state, req, &model, edit, base_url, caller).await {
         Ok((resp, produced, outputs)) => {
             let body = render(&resp);
@@ -378,7 +383,7 @@ async fn charged(
                 hold_id,
                 produced: produced as i64,
                 record,
-                outputs,
+                made: Made { model: model.id.clone(), request, outputs },
                 settled: false,
                 guard,
             };
@@ -436,8 +441,8 @@ pub(crate) async fn resolve_input(
     }
 }
 
-/// Runs the upstream calls and delivers the images; returns the response, how many images it holds and the ids
-/// of those it stored.
+/// Runs the upstream calls and delivers the images; returns the response, how many images it holds and those it
+/// stored.
 pub(crate) async fn produce(
     state: &AppState,
     req: GenerateImage,
@@ -445,7 +450,7 @@ pub(crate) async fn produce(
     edit: Option<Arc<EditInputs>>,
     base_url: &str,
     caller: &Caller,
-) -> Result<(ImagesResponse, usize, Vec<String>), Error> {
+) -> Result<(ImagesResponse, usize, Vec<MadeOutput>), Error> {
     let gone = &caller.gone;
     // 1. The model must be able to do it.
     if edit.is_some() {
@@ -532,7 +537,13 @@ pub(crate) async fn produce(
             ResponseFormat::Url => {
                 let id = state.files.put(&bytes, target).await?;
                 let url = format!("{}/v1/files/{id}?{}", base_url.trim_end_matches('/'), state.signer.query(&id));
-                stored.push(id);
+                stored.push(MadeOutput {
+                    id,
+                    kind: "image".into(),
+                    mime: target.mime().into(),
+                    bytes: bytes.len() as i64,
+                    poster: None,
+                });
                 ImageData::Url(url)
             }
         };
@@ -574,6 +585,29 @@ impl Reported {
             background: told.iter().find_map(|r| r.background.clone()),
         }
     }
+}
+
+/// The request as the gallery shows it (JSON text): what was asked, without the input images themselves.
+fn shown_request(req: &GenerateImage, edit: bool) -> String {
+    let mut shown = serde_json::Map::new();
+    let mut put = |k: &str, v: serde_json::Value| {
+        if !v.is_null() {
+            shown.insert(k.to_owned(), v);
+        }
+    };
+    put("operation", (if edit { "edits" } else { "generations" }).into());
+    put("model", req.model.clone().into());
+    put("prompt", req.prompt.clone().into());
+    put("negative_prompt", req.negative_prompt.clone().into());
+    put("n", req.n.into());
+    put("size", req.size.map(|s| s.to_string()).into());
+    put("quality", req.quality.clone().into());
+    put("output_format", req.output_format.map(|f| f.as_str()).into());
+    put("background", req.background.clone().into());
+    put("seed", req.seed.into());
+    put("steps", req.steps.into());
+    put("guidance_scale", req.guidance_scale.into());
+    serde_json::Value::Object(shown).to_string()
 }
 
 /// One planned upstream call.

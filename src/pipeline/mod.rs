@@ -4,6 +4,7 @@
 pub mod dispatch;
 pub mod image_jobs;
 pub mod images;
+pub mod outputs;
 pub mod routes;
 pub mod text;
 pub mod videos;

@@ -402,6 +402,11 @@ fn parse_id(id: &str) -> Option<ImageFormat> {
     }
 }
 
+/// The MIME type of an id easel issued (image or video), or `None` for anything else.
+pub fn mime_of(id: &str) -> Option<&'static str> {
+    media_mime(id)
+}
+
 /// The MIME type of a well-formed image or video id, or `None` for anything easel could not have issued.
 fn media_mime(id: &str) -> Option<&'static str> {
     if let Some(f) = parse_id(id) {

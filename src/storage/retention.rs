@@ -1,11 +1,12 @@
 //! `storage.retention`: a background task that deletes stored outputs older than the configured age, in the
 //! local folder and in S3 alike (by each object's last-modified time). Several instances sweeping one bucket is
-//! harmless: deleting an already deleted object succeeds.
+//! harmless: deleting an already deleted object succeeds. The gallery's records of those outputs go with them.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::ledger::Store;
 use crate::state::AppState;
 
 /// How often to sweep: a tenth of the retention, between one minute and one hour.
@@ -27,6 +28,11 @@ pub async fn run(state: AppState, stop: CancellationToken) {
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "Deleted outputs older than the retention."),
             Err(e) => tracing::warn!(error = %e, "Cannot sweep old outputs; trying again later."),
+        }
+        // The gallery forgets them too (their records, by the time they were made).
+        let before_ms = cutoff.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        if let Err(e) = state.ledger.forget_outputs(before_ms).await {
+            tracing::warn!(error = %e, "Cannot forget old outputs' records; trying again later.");
         }
     }
 }

@@ -2,7 +2,7 @@
 // on: create a key with the admin token and see its balance, generate an image and watch its progress bar move,
 // edit it with a mask painted by mouse and by keyboard, watch the fleet page show a backend going down and list the
 // failed request's full message, and activate working sets on a host (real child processes, tests/fake_backend.py)
-// from the fleet page. No console errors allowed; a screenshot of each page goes to $EASEL_ARTIFACTS (default
+// from the fleet page; the gallery lists the key's outputs again after a reload. No console errors allowed; a screenshot of each page goes to $EASEL_ARTIFACTS (default
 // ~/.cache/easel-artifacts).
 // Run by scripts/test.sh: `node --test tests/browser/` with EASEL_BIN set and playwright-core on NODE_PATH.
 import { test, before, after } from "node:test";
@@ -279,6 +279,25 @@ async function walkThrough() {
   );
   assert.equal(await page.locator("#pg-error").isHidden(), true, await page.locator("#pg-error").textContent());
   await shot("video");
+
+  // The gallery outlives the visit: after a reload it lists this key's three outputs (the clip once, with its
+  // poster), newest first, each with the request that made it, from signed URLs.
+  await page.waitForFunction(() => document.querySelectorAll("#gallery li").length === 3);
+  await page.reload();
+  await page.waitForFunction(() => document.querySelectorAll("#gallery li").length === 3);
+  const tiles = page.locator("#gallery li button");
+  assert.match(await tiles.nth(0).textContent(), /video/, "the newest is the clip, marked as a video");
+  await tiles.nth(1).click();
+  await page.locator("#viewer").waitFor();
+  assert.match(await page.locator("#viewer-req").textContent(), /the same lighthouse, at night/);
+  assert.match(await page.locator("#viewer-req").textContent(), /"operation": "edits"/);
+  const full = page.locator("#viewer-img");
+  await page.waitForFunction((el) => el.complete && el.naturalWidth > 0, await full.elementHandle());
+  const dl = await page.locator("#viewer-dl").getAttribute("href");
+  assert.match(dl, /\/v1\/files\/img_.+sig=/, "download from a signed URL");
+  assert.ok(!dl.includes(key), "no key in the download URL");
+  await shot("gallery");
+  await page.locator("#viewer-close").click();
 
   // A text model: the chat answer streams in.
   await picker.selectOption("chat");

@@ -17,6 +17,7 @@ mod deploy;
 mod edits;
 mod fidelity;
 mod fleet;
+mod gallery;
 mod health;
 mod huggingface;
 mod image_jobs;

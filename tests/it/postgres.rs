@@ -2,6 +2,7 @@
 //! captured once, a failure released, idempotent replay, 200 concurrent requests against 100 credits, a video job
 //! charged once, and two easel instances sharing one database (no overselling across them, and a starting
 //! instance releases only the holds of dead instances, never a live one's).
+//! The gallery's listing pages the same way on it.
 
 use std::time::{Duration, Instant};
 
@@ -175,7 +176,7 @@ async fn only_the_holds_of_a_dead_instance_are_released() {
     assert_eq!(restarted.recover().await.unwrap(), 1, "only the dead instance's hold");
     let b = alive.balance(who.account_id).await.unwrap();
     assert_eq!((b.available_mc, b.held_mc), (8_000, 2_000), "the live instance's hold is still held");
-    alive.capture(&kept, 2, None, &[]).await.unwrap();
+    alive.capture(&kept, 2, None, &easel::ledger::Made::default()).await.unwrap();
     let b = alive.balance(who.account_id).await.unwrap();
     assert_eq!((b.available_mc, b.held_mc, b.captured_mc), (8_000, 0, 2_000));
     assert!(alive.check().await.unwrap().is_empty());
@@ -200,4 +201,46 @@ async fn a_keys_own_limits_round_trip_through_postgres() {
     store.set_key_limits(&new.info.id.to_string(), back).await.unwrap();
     assert_eq!(store.authenticate(&new.secret).await.unwrap().unwrap().limits, KeyOverrides::default());
     assert!(matches!(store.set_key_limits("nobody", back).await, Err(easel::ledger::LedgerError::UnknownKey(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gallery_lists_each_keys_outputs_and_pages_on_postgres() {
+    let pg = Postgres::start().await;
+    let gw = gateway(&pg.database().await).await;
+    let (alice, bob) = (key(&gw, 10.0).await, key(&gw, 10.0).await);
+    let mut made = Vec::new();
+    for (who, prompt) in [(&alice, "a0"), (&bob, "b0"), (&alice, "a1"), (&alice, "a2")] {
+        let body = json!({"model": "m", "prompt": prompt, "response_format": "url"});
+        let (status, _, v) = generate(&gw, who, body, None).await;
+        assert_eq!(status, 200, "{v}");
+        made.push(
+            v["data"][0]["url"]
+                .as_str()
+                .unwrap()
+                .split("/v1/files/")
+                .nth(1)
+                .unwrap()
+                .split('?')
+                .next()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let page = |q: &'static str, who: String| {
+        let gw = &gw;
+        async move { call(gw, reqwest::Method::GET, &format!("/v1/files{q}"), &who, None).await }
+    };
+    let ids = |v: &Value| -> Vec<String> {
+        v["data"].as_array().unwrap().iter().map(|f| f["id"].as_str().unwrap().to_owned()).collect()
+    };
+    let (s, first) = page("?limit=2", alice.clone()).await;
+    assert_eq!(s, 200, "{first}");
+    assert_eq!(ids(&first), [made[3].clone(), made[2].clone()]);
+    assert_eq!(first["has_more"], true);
+    assert_eq!(first["data"][0]["request"]["prompt"], "a2");
+    let after = format!("/v1/files?limit=2&after={}", made[2]);
+    let (_, rest) = call(&gw, reqwest::Method::GET, &after, &alice, None).await;
+    assert_eq!((ids(&rest), rest["has_more"].as_bool()), (vec![made[0].clone()], Some(false)));
+    let (_, bobs) = page("", bob.clone()).await;
+    assert_eq!(ids(&bobs), [made[1].clone()]);
 }
