@@ -529,6 +529,10 @@ impl Member {
     async fn stop_child(&self, child: &mut Child) {
         self.set(|s| s.state = State::Stopping);
         let cfg = &self.cfg;
+        // Descendants that left the group (setsid) are found before the signal, while their parent still runs:
+        // once it exits they are re-parented and no longer traceable. They get the same signal; the group's end
+        // does not wait for them, the kill after it does.
+        let escaped = os::escapees(child.pid);
         match &cfg.stop_cmd {
             Some(stop) => {
                 let run = tokio::process::Command::new(&stop[0])
@@ -546,9 +550,6 @@ impl Member {
                 let _ = os::signal_group(child.pid, Signal::Stop(cfg.stop_signal));
             }
         }
-        // Descendants that left the group (setsid) are found while their parent still runs, and get the same
-        // signal; the group's end does not wait for them, the kill after it does.
-        let escaped = os::escapees(child.pid);
         if cfg.stop_cmd.is_none() {
             for (pid, start) in &escaped {
                 os::signal_pid(*pid, *start, Signal::Stop(cfg.stop_signal));

@@ -1,6 +1,8 @@
 //! Working sets on a host, with real child processes (tests/fake_backend.py): a cold set starts once for many
 //! requests, a swap waits for running work and keeps shared members, manual mode refuses with 409, a set that
-//! dies while loading fails with a cooldown, and no process outlives the gateway.
+//! dies while loading fails with a cooldown, alternating demand is collated by patience, a drain that outlasts
+//! `drain_timeout` aborts the swap, a crash degrades then fails the set, a new set starts only after the old one
+//! let go of the GPU, and no process (not even a setsid grandchild) outlives the gateway.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -651,4 +653,162 @@ async fn an_image_job_waits_out_a_set_switch_that_outlasts_max_wait_and_complete
     assert_eq!(last["status"], "completed", "{last}");
     assert_eq!(a.starts(), 1, "the set started once");
     shutdown_without_orphans(gw, &[&a]).await;
+}
+
+/// Polls `/v1/admin/hosts` until the host's state is `state` (and `also` holds), then returns that view.
+async fn wait_for_state(gw: &Gateway, state: &str, also: impl Fn() -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + TEST_TIMEOUT;
+    loop {
+        let h = hosts(gw).await;
+        if h["data"][0]["state"] == state && also() {
+            return h;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the host never became {state}: {h}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alternating_arrivals_for_two_sets_cause_at_most_two_swaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Fake::new(dir.path(), "fa", &["--gen-secs", "0.5"]);
+    let b = Fake::new(dir.path(), "fb", &["--gen-secs", "0.5"]);
+    let sets = "  one: { host: gpu0, backends: [fa] }\n  two: { host: gpu0, backends: [fb] }\n";
+    let cfg =
+        config("{ default_set: one, patience: 5s }", &[&a, &b], sets, &[("ma", "fa", "one"), ("mb", "fb", "two")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    wait_until("the default set to start", || a.starts() == 1).await;
+    // A, B, A, B, …: without patience every arrival for the other set would swap.
+    let models = ["ma", "mb"].repeat(6);
+    let all = futures_util::future::join_all(models.iter().map(|m| gen_image(&gw, m))).await;
+    for (m, (s, _, body)) in models.iter().zip(&all) {
+        assert_eq!(*s, 200, "{m}: {body}");
+    }
+    let gens = |f: &Fake| f.lines().iter().filter(|l| *l == "gen done").count();
+    assert_eq!((gens(&a), gens(&b)), (6, 6), "{:?} {:?}", a.lines(), b.lines());
+    // The default set's start is not a swap; every later start of either set is one.
+    let swaps = a.starts() - 1 + b.starts();
+    assert!((1..=2).contains(&swaps), "{swaps} swaps: {:?} {:?}", a.lines(), b.lines());
+    shutdown_without_orphans(gw, &[&a, &b]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_longer_than_drain_timeout_aborts_the_swap_and_keeps_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Fake::new(dir.path(), "fa", &["--gen-secs", "4"]);
+    let b = Fake::new(dir.path(), "fb", &[]);
+    let sets = "  one: { host: gpu0, backends: [fa] }\n  two: { host: gpu0, backends: [fb] }\n";
+    let host = "{ default_set: one, patience: 0s, drain_timeout: 1s, failure_cooldown: 10s }";
+    let cfg = config(host, &[&a, &b], sets, &[("ma", "fa", "one"), ("mb", "fb", "two")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    wait_until("the default set to start", || a.starts() == 1).await;
+    let pid = a.pids()[0];
+    let slow = tokio::spawn({
+        let (client, url) = (gw.client.clone(), gw.endpoint("/v1/images/generations"));
+        async move { client.post(url).json(&json!({"model": "ma", "prompt": "slow"})).send().await.unwrap().status() }
+    });
+    wait_until("the slow job to begin", || a.lines().iter().any(|l| l == "gen begin")).await;
+    let (s, headers, body) = gen_image(&gw, "mb").await;
+    assert_eq!(s, 503, "{body}");
+    assert_eq!(body["error"]["code"], "working_set_busy", "{body}");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    assert!(alive(pid), "the busy backend was stopped: {:?}", a.lines());
+    assert!(!a.lines().iter().any(|l| l == "stopping" || l == "exit"), "{:?}", a.lines());
+    assert_eq!(b.starts(), 0, "nothing of the target set started");
+    assert_eq!(hosts(&gw).await["data"][0]["active_set"], "one");
+    assert_eq!(slow.await.unwrap(), 200, "the long job completes");
+    assert!(alive(pid) && a.starts() == 1, "{:?}", a.lines());
+    assert!(!a.lines().iter().any(|l| l == "exit"), "SIGTERM never reached fa: {:?}", a.lines());
+    let (s, _, body) = gen_image(&gw, "ma").await;
+    assert_eq!(s, 200, "the active set serves after the abort: {body}");
+    shutdown_without_orphans(gw, &[&a, &b]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_on_a_request_gives_502_degraded_then_failed_without_respawn() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Fake::new(dir.path(), "fa", &["--crash-on-request", "1"]);
+    a.process_extra = ", restart: { max: 1, backoff: 1s }";
+    let cfg =
+        config("{ failure_cooldown: 20s }", &[&a], "  one: { host: gpu0, backends: [fa] }\n", &[("ma", "fa", "one")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let (s, _, body) = gen_image(&gw, "ma").await;
+    assert_eq!(s, 502, "{body}");
+    // Restarting after the crash (1 s backoff): the host is degraded, then active again with a new process.
+    let h = wait_for_state(&gw, "degraded", || true).await;
+    assert_eq!(h["data"][0]["degraded"], json!(["fa"]), "{h}");
+    wait_for_state(&gw, "active", || a.starts() == 2).await;
+    // The restarted process crashes too: the one restart is used up and the set fails.
+    let (s, _, body) = gen_image(&gw, "ma").await;
+    assert_eq!(s, 502, "{body}");
+    wait_for_state(&gw, "failed", || true).await;
+    let (s, headers, body) = gen_image(&gw, "ma").await;
+    assert_eq!(s, 503, "{body}");
+    assert_eq!(body["error"]["code"], "working_set_failed", "{body}");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("fake backend crashing on a request"), "the log tail is in the message: {msg}");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=20).contains(&retry), "Retry-After {retry}");
+    // During the cooldown nothing is spawned again.
+    let (s, _, _) = gen_image(&gw, "ma").await;
+    assert_eq!(s, 503);
+    assert_eq!(a.starts(), 2, "{:?}", a.lines());
+    shutdown_without_orphans(gw, &[&a]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_starts_the_new_set_only_after_the_old_one_let_go_of_the_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let gpu = dir.path().join("vram").display().to_string();
+    let gpu: &'static str = Box::leak(gpu.into_boxed_str());
+    // fa keeps the "VRAM" for 1 s after SIGTERM; fb cannot load while anyone else holds it.
+    let a = Fake::new(dir.path(), "fa", &["--hold-file", gpu, "--release-delay", "1"]);
+    let mut b = Fake::new(dir.path(), "fb", &["--hold-file", gpu]);
+    // No restart: a start that came too early would fail the request instead of being retried.
+    b.process_extra = ", restart: { max: 0 }";
+    let sets = "  one: { host: gpu0, backends: [fa] }\n  two: { host: gpu0, backends: [fb] }\n";
+    let cfg =
+        config("{ default_set: one, patience: 0s }", &[&a, &b], sets, &[("ma", "fa", "one"), ("mb", "fb", "two")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    wait_until("the default set to start", || a.starts() == 1).await;
+    wait_until("fa to hold the GPU", || std::fs::read_to_string(gpu).is_ok_and(|p| p == a.pids()[0].to_string())).await;
+    let (s, _, body) = gen_image(&gw, "mb").await;
+    assert_eq!(s, 200, "{body}");
+    let (al, bl) = (a.lines(), b.lines());
+    assert!(al.iter().any(|l| l == "stopping") && al.iter().any(|l| l == "exit"), "{al:?}");
+    assert!(!bl.iter().any(|l| l.starts_with("oom")), "fb started while fa held the GPU: {bl:?}");
+    assert_eq!(b.starts(), 1, "{bl:?}");
+    assert_eq!(std::fs::read_to_string(gpu).unwrap(), b.pids()[0].to_string(), "fb holds the GPU now");
+    shutdown_without_orphans(gw, &[&a, &b]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setsid_grandchild_is_gone_after_unload_and_after_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("grandchild").display().to_string();
+    let first: &'static str = Box::leak(first.into_boxed_str());
+    let a = Fake::new(dir.path(), "fa", &["--setsid-grandchild", first]);
+    let cfg = config("{ default_set: one }", &[&a], "  one: { host: gpu0, backends: [fa] }\n", &[("ma", "fa", "one")]);
+    let gw = spawn_gateway_env(&cfg, &[("EASEL_ADMIN_TOKEN", ADMIN)]).await;
+    let grandchild = |path: &str| std::fs::read_to_string(path).ok().and_then(|p| p.trim().parse::<u32>().ok());
+    wait_until("the grandchild to be spawned", || grandchild(first).is_some()).await;
+    let escaped = grandchild(first).unwrap();
+    assert!(alive(escaped));
+    wait_for_state(&gw, "active", || true).await;
+    let resp = gw.client.post(gw.endpoint("/v1/admin/hosts/gpu0/unload")).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    wait_for_state(&gw, "idle", || true).await;
+    wait_until("the unloaded set's setsid grandchild to exit", || !alive(escaped)).await;
+    assert!(!alive(a.pids()[0]));
+
+    // Started again by a request, then stopped by the gateway's shutdown.
+    std::fs::remove_file(first).unwrap();
+    let (s, _, body) = gen_image(&gw, "ma").await;
+    assert_eq!(s, 200, "{body}");
+    wait_until("the second grandchild to be spawned", || grandchild(first).is_some()).await;
+    let escaped = grandchild(first).unwrap();
+    assert!(alive(escaped));
+    shutdown_without_orphans(gw, &[&a]).await;
+    wait_until("the setsid grandchild to exit with the gateway", || !alive(escaped)).await;
 }
