@@ -2,7 +2,8 @@
 //! Usage: `sse_bench URL MODEL ttft REQUESTS` — REQUESTS one after another, each 4 chunks long; prints the time
 //! from sending to the first `data:` event (p50, p99, ms). `sse_bench URL MODEL throughput REQUESTS CHUNKS
 //! CONCURRENCY` — REQUESTS streams of CHUNKS chunks, CONCURRENCY at a time; prints the `data:` events received per
-//! second. Every request has a 60 s limit; one that fails or comes back short counts as an error.
+//! second. Every request has a 60 s limit; one that fails counts as an error, one that carries fewer chunks than
+//! asked as `short`.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -87,15 +88,20 @@ fn main() -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .await;
         let elapsed = started.elapsed().as_secs_f64();
-        let (mut events, mut errors) = (0u64, 0u64);
+        // Every relayed event counts; a stream that carried fewer than asked (a relay that merges or drops chunks)
+        // is reported as `short`, one that failed as an error.
+        let (mut events, mut errors, mut short) = (0u64, 0u64, 0u64);
         for r in results {
             match r {
-                Ok((_, n)) if n >= chunks => events += n,
-                _ => errors += 1,
+                Ok((_, n)) => {
+                    events += n;
+                    short += u64::from(n < chunks);
+                }
+                Err(_) => errors += 1,
             }
         }
         anyhow::Ok(format!(
-            "{{\"requests\":{requests},\"errors\":{errors},\"events\":{events},\"seconds\":{elapsed:.3},\"chunks_per_s\":{:.0}}}",
+            "{{\"requests\":{requests},\"errors\":{errors},\"short\":{short},\"events\":{events},\"seconds\":{elapsed:.3},\"chunks_per_s\":{:.0}}}",
             events as f64 / elapsed
         ))
     })?;

@@ -42,14 +42,18 @@ fn main() -> anyhow::Result<()> {
         let client = reqwest::Client::builder().pool_max_idle_per_host(n + 8).timeout(Duration::from_secs(120)).build()?;
         let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut waiters = Vec::with_capacity(n);
-        for _ in 0..n {
+        let spawn = |waiters: &mut Vec<tokio::task::JoinHandle<()>>| {
             let (client, url, body, done) = (client.clone(), url.clone(), body.clone(), done.clone());
             waiters.push(tokio::spawn(async move {
                 let _ = client.post(&url).header("content-type", "application/json").body(body).send().await;
                 done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }));
+        };
+        for _ in 0..n {
+            spawn(&mut waiters);
         }
-        // The queue is full once a fresh request is refused; wait for that state with a deadline.
+        // The queue is full once a fresh request is refused; wait for that state with a deadline. The backend
+        // keeps finishing requests while the waiters connect, so top the queue up until it refuses.
         let deadline = Instant::now() + Duration::from_secs(60);
         let fresh = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
         let (first_429, retry_after) = loop {
@@ -59,9 +63,12 @@ fn main() -> anyhow::Result<()> {
             if Instant::now() > deadline {
                 bail!("the queue never filled within 60 s");
             }
+            for _ in 0..8 {
+                spawn(&mut waiters);
+            }
         };
         let waiting_kb = rss_kb(&pid)?;
-        let waiting = n - done.load(std::sync::atomic::Ordering::Relaxed);
+        let waiting = waiters.len() - done.load(std::sync::atomic::Ordering::Relaxed);
         // Refused until a slot frees and a waiter leaves the queue; the first request that waits marks that moment.
         let admitted_after = loop {
             if probe(&fresh, &url, &body, Duration::from_millis(300)).await?.is_none() {

@@ -79,6 +79,14 @@ PY
 if [[ "${BENCH_ONLY:-}" != stream ]]; then
 body() { printf '{"model":"%s","prompt":"bench","response_format":"%s"}' "$1" "${2:-b64_json}"; }
 RESULTS="$WORK/results.jsonl"
+# 1,000 clients waiting in the admission queue of a slow backend (2 slots, SLOW_MS per request), plus the 2 it runs.
+# First, while easel's RSS is still its idle figure: after the large answers the allocator keeps their memory.
+w=$("$REL/examples/waiters" "http://127.0.0.1:$GW_PORT/v1/images/generations" "$(body slow)" "$((${BENCH_WAITERS:-1000} + 2))" "$EASEL_PID") \
+  && put waiters "$w" || echo "waiters benchmark failed" >&2
+echo "waiters $w" >&2
+# The dropped waiters leave the queue; wait (with a deadline) for easel to forget them before the next parts.
+for _ in $(seq 1 100); do curl -s -o /dev/null -w '%{http_code}' -m 0.3 "http://127.0.0.1:$GW_PORT/v1/images/generations" -H 'content-type: application/json' -d "$(body small)" | grep -q 200 && break; sleep 0.1; done
+
 for case in small large; do
   for c in 1 16 64; do
     direct=$("$REL/examples/loadgen" "http://127.0.0.1:$UP_PORT/v1/images/generations" "$(body $case)" "$c" "$SECONDS_PER_CELL" 1)
@@ -119,17 +127,12 @@ g=$("$REL/examples/loadgen" "http://127.0.0.1:$GW_PORT/v1/images/edits" "@$WORK/
 unset LOADGEN_CONTENT_TYPE
 put edit "{\"mb\":$EDIT_MB,\"direct\":$d,\"gateway\":$g}"; echo "edit direct=$d gateway=$g" >&2
 
-# 1,000 clients waiting in the admission queue of a slow backend (2 slots, SLOW_MS per request), plus the 2 it runs.
-w=$("$REL/examples/waiters" "http://127.0.0.1:$GW_PORT/v1/images/generations" "$(body slow)" "$((${BENCH_WAITERS:-1000} + 2))" "$EASEL_PID") \
-  && put waiters "$w" || echo "waiters benchmark failed" >&2
-echo "waiters $w" >&2
-# The dropped waiters leave the queue; wait (with a deadline) for easel to forget them before the next parts.
-for _ in $(seq 1 100); do curl -s -o /dev/null -w '%{http_code}' -m 0.3 "http://127.0.0.1:$GW_PORT/v1/images/generations" -H 'content-type: application/json' -d "$(body small)" | grep -q 200 && break; sleep 0.1; done
-
 # A 100 MB stored video through GET /v1/files/{id}, against nginx serving the same file; c=4.
 VID="vid_$(python3 -c 'import secrets; print(secrets.token_hex(16))').mp4"
 mkdir -p "$WORK/files"
 head -c 104857600 /dev/urandom > "$WORK/files/$VID"
+# nginx's workers drop root for `nobody`: the mktemp folder (mode 700) must let them read the file.
+chmod 755 "$WORK" "$WORK/files"; chmod 644 "$WORK/files/$VID"
 if [[ -x /usr/sbin/nginx ]]; then
   NG_PORT=$(free_port)
   mkdir -p "$WORK/nginx"
@@ -299,7 +302,9 @@ if st:
         ok = added < 1 if via == "easel" else None
         row(f"SSE text, TTFT p50 over {sa['ttft_n']} streams ({via})", f"{d['ttft']['ttft_p50_ms']:.3f} ms", f"{r['ttft']['ttft_p50_ms']:.3f} ms", f"+{added:.3f} ms", "< 1 ms added" if via == "easel" else "", ok)
         cps, dcps = r["tput"]["chunks_per_s"], d["tput"]["chunks_per_s"]
-        row(f"SSE text relay, {sa['streams']}×{sa['chunks']} chunks, 4 at a time ({via})", f"{dcps:.0f} chunks/s", f"{cps:.0f} chunks/s", f"{cps/dcps:.0%}" if dcps else "", "≥ 50,000 chunks/s" if via == "easel" else "", cps >= 50000 if via == "easel" else None)
+        t = r["tput"]
+        notes = "".join(f", {t[k]} {k}" for k in ("errors", "short") if t.get(k))
+        row(f"SSE text relay, {sa['streams']}×{sa['chunks']} chunks, 4 at a time ({via})", f"{dcps:.0f} chunks/s", f"{cps:.0f} chunks/s{notes}", f"{cps/dcps:.0%}" if dcps else "", "≥ 50,000 chunks/s" if via == "easel" else "", cps >= 50000 if via == "easel" else None)
     if sa["litellm"] != "yes":
         p("| SSE via LiteLLM | | not measured: skipped (BENCH_LITELLM=0) or could not be installed or started | | | |")
 je = x.get("job_events")

@@ -66,7 +66,9 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
     let Some(secret) = token else {
         return unauthorized("no API key: send `Authorization: Bearer <key>` (create one with `easel keys create`)");
     };
-    match state.ledger.authenticate(secret).await {
+    // Boxed (here and the key limits' admit): the middleware's future stays small for every request, whatever
+    // the store's or Redis's futures weigh.
+    match Box::pin(state.ledger.authenticate(secret)).await {
         Ok(Some(principal)) => {
             crate::telemetry::context::note_key(&principal.name);
             let limited = state.cluster.keys.applies(&principal.limits) && is_generation(&state, &req);
@@ -76,7 +78,7 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
             if !limited {
                 return next.run(req).await;
             }
-            match state.cluster.keys.admit(&key, &own).await {
+            match Box::pin(state.cluster.keys.admit(&key, &own)).await {
                 Ok((slot, info)) => {
                     let mut resp = next.run(req).await;
                     rate_headers(&mut resp, info);

@@ -49,7 +49,7 @@ pub async fn generations_handler(
         crate::pipeline::images::generate_images(&state, &caller, body, &base).await
     }));
     match previews {
-        Some(rx) => stream(task, rx, meta, gone_on_drop).await,
+        Some(rx) => Box::pin(stream(task, rx, meta, gone_on_drop)).await,
         None => respond(task.await),
     }
 }
@@ -101,7 +101,7 @@ async fn edit(
         crate::pipeline::images::edit_images(&state, &caller, body.fields, body.images, body.mask, &base).await
     }));
     match previews {
-        Some(rx) => stream(task, rx, meta, gone_on_drop).await,
+        Some(rx) => Box::pin(stream(task, rx, meta, gone_on_drop)).await,
         None => respond(task.await),
     }
 }

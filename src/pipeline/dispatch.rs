@@ -155,7 +155,9 @@ where
             crate::telemetry::context::note_backend(&handle.cfg.name);
             let started = Instant::now();
             let limit = handle.cfg.timeout + TIMEOUT_SLACK;
-            let result = match tokio::time::timeout(limit, operation(Arc::clone(&handle), permit)).await {
+            // Boxed: the upstream call's state (clients, bodies, decoders) is allocated only once admitted, so a
+            // request waiting in the queue holds a small future, not the call's.
+            let result = match tokio::time::timeout(limit, Box::pin(operation(Arc::clone(&handle), permit))).await {
                 Ok(r) => r,
                 Err(_) => Err(BackendError::new(
                     &handle.cfg.name,

@@ -304,6 +304,9 @@ pub(crate) fn fingerprint(caller: &Caller, wire: &impl serde::Serialize, inputs:
 
 /// The ledger around [`produce`]: hold the price before any backend is called, capture what was produced, release
 /// on every failure (and when the client went away), replay a completed Idempotency-Key.
+///
+/// The ledger's, storage's and transcoding's futures are boxed where they are awaited: a request waiting for
+/// admission then holds a future of a few KB rather than one sized for all of them (tens of KB per waiter).
 async fn charged(
     state: &AppState,
     caller: &Caller,
@@ -331,13 +334,13 @@ async fn charged(
     // ledger's anonymous principal and a free hold.
     let who = match &caller.principal {
         Some(p) => p.clone(),
-        None if caller.idempotency_key.is_some() => state.ledger.anonymous().await?,
+        None if caller.idempotency_key.is_some() => Box::pin(state.ledger.anonymous()).await?,
         None => {
             let request = shown_request(&req, edit.is_some());
             let (resp, _, outputs) = produce(state, req, &model, edit, base_url, caller).await?;
             // Nothing to charge: the gallery's record is written before the answer goes out.
             let made = Made { model: model.id.clone(), request, outputs };
-            state.ledger.record_outputs(&made).await?;
+            Box::pin(state.ledger.record_outputs(&made)).await?;
             let partial = resp.partial.clone();
             return Ok(Delivered::Fresh(Box::new(Answer { body: render(&resp), partial, settlement: None })));
         }
@@ -354,11 +357,8 @@ async fn charged(
         path: caller.path.into(),
         fingerprint,
     });
-    let hold_id = match state
-        .ledger
-        .hold(&who, price_id, i64::from(req.n), unit_mc, hold_lease(state, &model), claim.as_ref())
-        .await?
-    {
+    let hold = state.ledger.hold(&who, price_id, i64::from(req.n), unit_mc, hold_lease(state, &model), claim.as_ref());
+    let hold_id = match Box::pin(hold).await? {
         HoldOutcome::Replay { status, content_type, body } => {
             return Ok(Delivered::Replayed(StoredResponse { status, content_type, body }));
         }
@@ -403,7 +403,7 @@ async fn charged(
 }
 
 async fn release(state: &AppState, hold_id: &str, reason: &str) {
-    if let Err(e) = state.ledger.release(hold_id, reason).await {
+    if let Err(e) = Box::pin(state.ledger.release(hold_id, reason)).await {
         tracing::error!(hold = %hold_id, error = %e, "Releasing a hold failed; the reaper releases it when its lease ends.");
     }
 }
@@ -427,11 +427,11 @@ pub(crate) async fn resolve_input(
             // With keys, only the key that made an output may use it; another key is told it does not exist.
             if let Some(who) = &caller.principal {
                 state.settling.wait(Some(who.account_id), crate::ledger::SETTLE_WAIT).await;
-                if state.ledger.output_owner(&id).await? != Some(who.key_id) {
+                if Box::pin(state.ledger.output_owner(&id)).await? != Some(who.key_id) {
                     return Err(missing().into());
                 }
             }
-            match state.files.get(&id).await? {
+            match Box::pin(state.files.get(&id)).await? {
                 Some((bytes, format)) => {
                     Ok(InputImage { bytes, format, name: format!("input-{index}.{}", format.as_str()) })
                 }
@@ -527,7 +527,7 @@ pub(crate) async fn produce(
         let bytes = if out.format == target {
             raw
         } else {
-            crate::media::transcode(raw, target, req.output_compression).await.map_err(|e| match e {
+            Box::pin(crate::media::transcode(raw, target, req.output_compression)).await.map_err(|e| match e {
                 crate::media::DecodeError::TooLarge(m) => Error::UpstreamImageTooLarge(m),
                 e => Error::Internal(format!("transcoding to {}: {e}", target.as_str())),
             })?
@@ -535,7 +535,7 @@ pub(crate) async fn produce(
         let item = match req.response_format {
             ResponseFormat::B64Json => ImageData::B64(bytes),
             ResponseFormat::Url => {
-                let id = state.files.put(&bytes, target).await?;
+                let id = Box::pin(state.files.put(&bytes, target)).await?;
                 let url = format!("{}/v1/files/{id}?{}", base_url.trim_end_matches('/'), state.signer.query(&id));
                 stored.push(MadeOutput {
                     id,
