@@ -108,6 +108,14 @@ fn multipart_rejection(e: axum::extract::multipart::MultipartRejection) -> ApiEr
     RequestError::new(format!("malformed multipart body: {}", e.body_text())).into()
 }
 
+/// A list's `limit` query parameter: 1 to 100 (OpenAI's range).
+pub fn list_limit(v: &str) -> Result<u32, RequestError> {
+    v.parse()
+        .ok()
+        .filter(|l| (1..=100).contains(l))
+        .ok_or_else(|| RequestError::param("limit", format!("`limit` must be a whole number from 1 to 100, not `{v}`")))
+}
+
 /// Parses a JSON body into `T`, naming the position of a syntax error and the field of a type error.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);

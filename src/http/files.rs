@@ -31,11 +31,7 @@ pub async fn list_handler(
     let (mut limit, mut after) = (20u32, None);
     for (k, v) in url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
         match k.as_ref() {
-            "limit" => {
-                limit = v.parse().ok().filter(|l| (1..=100).contains(l)).ok_or_else(|| {
-                    RequestError::param("limit", format!("`limit` must be a whole number from 1 to 100, not `{v}`"))
-                })?;
-            }
+            "limit" => limit = super::extract::list_limit(&v)?,
             "after" if !v.is_empty() => after = Some(v.into_owned()),
             "purpose" if v == "output" => {}
             "purpose" => {

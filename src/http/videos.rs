@@ -55,11 +55,7 @@ pub async fn list_handler(
     let (mut limit, mut ascending, mut after) = (20u32, false, None);
     for (k, v) in url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
         match k.as_ref() {
-            "limit" => {
-                limit = v.parse().ok().filter(|l| (1..=100).contains(l)).ok_or_else(|| {
-                    RequestError::param("limit", format!("`limit` must be a whole number from 1 to 100, not `{v}`"))
-                })?;
-            }
+            "limit" => limit = super::extract::list_limit(&v)?,
             "order" => {
                 ascending = match v.as_ref() {
                     "asc" => true,
