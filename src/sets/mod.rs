@@ -592,7 +592,7 @@ impl Actor {
             let Some(event) = event else { continue };
             let before = self.host.phase.clone();
             let actions = self.host.step(event);
-            self.act(actions);
+            let replies = self.act(actions);
             match (&before, &self.host.phase) {
                 (Phase::Starting { .. }, Phase::Active { .. }) => m::swap("ok"),
                 (Phase::Starting { .. }, Phase::Stopping { .. } | Phase::Idle) => m::swap("failed"),
@@ -612,7 +612,11 @@ impl Actor {
                 self.phase_since = Instant::now();
                 tracing::info!(host = %self.shared.cfg.name, phase = ?self.host.phase, "Working set phase.");
             }
+            // The view first: whoever is told "ready" then reads the state that made it so.
             self.publish();
+            for (id, outcome) in replies {
+                self.reply(id, outcome);
+            }
         }
     }
 
@@ -634,26 +638,30 @@ impl Actor {
         })
     }
 
-    fn act(&mut self, actions: Vec<Action>) {
+    /// Tells waiter `id` how its wait ended; a "ready" counts a pass on each backend it needs.
+    fn reply(&mut self, id: u64, outcome: Outcome) {
+        let Some((reply, needs)) = self.replies.remove(&id) else { return };
+        let counters: Vec<Arc<AtomicU32>> = needs.iter().filter_map(|b| self.passes.get(b).cloned()).collect();
+        let ready = outcome == Outcome::Ready;
+        if ready {
+            for c in &counters {
+                c.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        let delivered = reply.is_some_and(|r| r.send(outcome).is_ok());
+        if ready && !delivered {
+            for c in &counters {
+                c.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Carries out a step's actions; its replies are returned, to be sent once the new state is published.
+    fn act(&mut self, actions: Vec<Action>) -> Vec<(u64, Outcome)> {
+        let mut replies = Vec::new();
         for action in actions {
             match action {
-                Action::Reply(id, outcome) => {
-                    let Some((reply, needs)) = self.replies.remove(&id) else { continue };
-                    let counters: Vec<Arc<AtomicU32>> =
-                        needs.iter().filter_map(|b| self.passes.get(b).cloned()).collect();
-                    let ready = outcome == Outcome::Ready;
-                    if ready {
-                        for c in &counters {
-                            c.fetch_add(1, Ordering::AcqRel);
-                        }
-                    }
-                    let delivered = reply.is_some_and(|r| r.send(outcome).is_ok());
-                    if ready && !delivered {
-                        for c in &counters {
-                            c.fetch_sub(1, Ordering::AcqRel);
-                        }
-                    }
-                }
+                Action::Reply(id, outcome) => replies.push((id, outcome)),
                 Action::Start(backends) => {
                     let (processes, tx) = (self.processes.clone(), self.shared.tx.clone());
                     tokio::spawn(async move {
@@ -707,6 +715,7 @@ impl Actor {
                 }
             }
         }
+        replies
     }
 
     /// Running members whose process is not up: restarting after a crash (`None`), or given up (`Some(why)`, with
