@@ -1,7 +1,8 @@
 //! A closed-loop HTTP load generator for the benchmarks: C workers each send the same POST back to back for a
 //! fixed time and record latencies. Usage: `loadgen URL BODY CONCURRENCY SECONDS [WARMUP_SECONDS]`, where BODY is
 //! JSON, `@FILE` (sent as is, with the content type in `LOADGEN_CONTENT_TYPE`), or `GET` (a GET, no body).
-//! Prints one JSON line: requests, errors, req/s, p50/p99 in ms, response bytes per second.
+//! Prints one JSON line: requests, errors, req/s, p50/p99 in ms, response bytes per second (the bytes that arrived
+//! inside the measured window, over its length).
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -49,14 +50,19 @@ fn main() -> anyhow::Result<()> {
                         client.post(&url).header("content-type", ct.as_str()).body(body.clone())
                     };
                     let ok = match request.send().await {
-                        Ok(r) if r.status().is_success() => match r.bytes().await {
-                            Ok(b) => {
-                                if started >= warm_end {
-                                    bytes += b.len() as u64;
+                        Ok(mut r) if r.status().is_success() => loop {
+                            // Bytes count when they arrive inside the measured window, so a long download
+                            // that straddles its edges counts only its share.
+                            match r.chunk().await {
+                                Ok(Some(b)) => {
+                                    let now = Instant::now();
+                                    if now >= warm_end && now < end {
+                                        bytes += b.len() as u64;
+                                    }
                                 }
-                                true
+                                Ok(None) => break true,
+                                Err(_) => break false,
                             }
-                            Err(_) => false,
                         },
                         _ => false,
                     };

@@ -337,7 +337,7 @@ impl Gate {
                     capability: self.capability.as_str(),
                     limit: self.limit,
                     depth: self.depth,
-                    retry_after: self.retry_after(current),
+                    retry_after: self.room_after(),
                 });
             }
             match self.queued.compare_exchange_weak(current, current + 1, Ordering::AcqRel, Ordering::Acquire) {
@@ -361,6 +361,14 @@ impl Gate {
         let waves = u64::from(position / self.limit.max(1) + 1);
         let secs = (p50.as_secs_f64() * waves as f64).ceil() as u64;
         Duration::from_secs(secs.max(1))
+    }
+
+    /// Seconds until a full queue is likely to have room again: the head of the queue moves on to a slot about
+    /// every `p50 / limit` while every slot is busy (that is when a retry gets in; how long it then waits is the
+    /// queue's `wait`). Never 0.
+    pub fn room_after(&self) -> Duration {
+        let p50 = self.p50().unwrap_or(DEFAULT_SERVICE);
+        Duration::from_secs((p50.as_secs_f64() / f64::from(self.limit.max(1))).ceil().max(1.0) as u64)
     }
 
     /// Median of recent service times.
@@ -475,6 +483,21 @@ mod tests {
         waiter.await.unwrap().unwrap();
         assert_eq!(gate.inflight(), 0);
         assert_eq!(gate.queued(), 0);
+    }
+
+    #[test]
+    fn a_full_queue_has_room_again_when_the_next_slot_frees() {
+        let gate = Gate::new("b", Capability::Images, 4, 1000, Duration::from_secs(600));
+        for _ in 0..5 {
+            gate.record(Duration::from_secs(10));
+        }
+        // Four slots each busy for 10 s: one frees about every 2.5 s, and the head of the queue takes it.
+        assert_eq!(gate.room_after(), Duration::from_secs(3));
+        // Where the thousandth waiter would be served is another matter (a waiter that ran out of time).
+        assert_eq!(gate.retry_after(1000), Duration::from_secs(2510));
+        let fast = Gate::new("f", Capability::Images, 2, 10, Duration::from_secs(5));
+        fast.record(Duration::from_millis(200));
+        assert_eq!(fast.room_after(), Duration::from_secs(1), "never 0");
     }
 
     #[tokio::test(start_paused = true)]

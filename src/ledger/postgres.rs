@@ -1279,6 +1279,8 @@ impl Store for PgStore {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
+        // A gallery record is no more durable than the output it describes: no wait for the WAL flush.
+        sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
         record_made(&mut tx, made, None, now_ms()).await?;
         tx.commit().await?;
         Ok(())

@@ -5,10 +5,12 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::PoisonError;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
+
 use tokio::sync::Mutex;
 
 use super::{
@@ -32,6 +34,12 @@ pub struct SqliteStore {
     pool: SqlitePool,
     /// Write transactions in this process go one at a time (SQLite has one writer anyway).
     write: Mutex<()>,
+    /// One connection with `synchronous=NORMAL`, for records no more durable than what they describe: a gallery
+    /// entry of an output file that itself is written without fsync. Its commits skip the fsync (a power cut may
+    /// lose the last few, never corrupt the database); money never goes through it.
+    relaxed: SqlitePool,
+    /// Gallery records waiting for the next group commit on `relaxed`.
+    unrecorded: std::sync::Mutex<Vec<Made>>,
     /// Held for the server's lifetime: the exclusive lock on `<db>.lock`.
     _lock: Option<File>,
     pub path: PathBuf,
@@ -100,6 +108,20 @@ async fn insert_job(
     Ok(())
 }
 
+/// Gallery records taken for one group commit; whatever is left in `batch` when dropped goes back to `back`.
+struct Unrecorded<'a> {
+    batch: Vec<Made>,
+    back: &'a std::sync::Mutex<Vec<Made>>,
+}
+
+impl Drop for Unrecorded<'_> {
+    fn drop(&mut self) {
+        if !self.batch.is_empty() {
+            self.back.lock().unwrap_or_else(PoisonError::into_inner).append(&mut self.batch);
+        }
+    }
+}
+
 /// The file path of a `sqlite://PATH` (or `sqlite:PATH`) URL.
 pub fn path_of(url: &str) -> Result<PathBuf, LedgerError> {
     let rest = url
@@ -128,12 +150,16 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
+        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options.clone()).await?;
         sqlx::migrate!("migrations/sqlite")
             .run(&pool)
             .await
             .map_err(|e| LedgerError::Db(format!("migration failed: {e}")))?;
-        Ok(Self { pool, write: Mutex::new(()), _lock: lock, path })
+        let relaxed = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.synchronous(SqliteSynchronous::Normal))
+            .await?;
+        Ok(Self { pool, write: Mutex::new(()), relaxed, unrecorded: std::sync::Mutex::default(), _lock: lock, path })
     }
 
     /// A trivial query, for `/readyz`.
@@ -1069,10 +1095,23 @@ impl Store for SqliteStore {
         if made.outputs.is_empty() {
             return Ok(());
         }
+        // Group commit: records wait here while a write runs, and the next writer commits all of them at once.
+        self.unrecorded.lock().unwrap_or_else(PoisonError::into_inner).push(made.clone());
         let _w = self.write.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        record_made(&mut tx, made, None, now_ms()).await?;
+        let batch = std::mem::take(&mut *self.unrecorded.lock().unwrap_or_else(PoisonError::into_inner));
+        if batch.is_empty() {
+            // A writer before us committed ours (it held the write lock until its commit).
+            return Ok(());
+        }
+        // Failed or cancelled, the batch goes back for the next writer to try; this caller learns of a failure.
+        let mut batch = Unrecorded { batch, back: &self.unrecorded };
+        let mut tx = self.relaxed.begin_with("BEGIN IMMEDIATE").await?;
+        let now = now_ms();
+        for m in &batch.batch {
+            record_made(&mut tx, m, None, now).await?;
+        }
         tx.commit().await?;
+        batch.batch.clear();
         Ok(())
     }
 
@@ -1425,5 +1464,36 @@ mod tests {
         assert_eq!(s.forget_outputs(listed[0].created_at).await.unwrap(), 0, "nothing older than itself");
         assert_eq!(s.forget_outputs(listed[0].created_at + 1).await.unwrap(), 2);
         assert!(s.list_outputs(None, 10, None).await.unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_records_are_committed_together_and_each_is_listed_when_its_call_returns() {
+        let (_dir, s) = store().await;
+        let s = std::sync::Arc::new(s);
+        let calls = (0..40).map(|i| {
+            let s = std::sync::Arc::clone(&s);
+            tokio::spawn(async move {
+                let id = format!("img_{i:02}");
+                let output = MadeOutput {
+                    id: id.clone(),
+                    kind: "image".into(),
+                    mime: "image/png".into(),
+                    bytes: 1,
+                    poster: None,
+                };
+                s.record_outputs(&Made { model: "m".into(), request: "{}".into(), outputs: vec![output] })
+                    .await
+                    .unwrap();
+                // Returned Ok: this call's record is committed, whichever call's transaction carried it.
+                assert_eq!(s.output_owner(&id).await.unwrap(), None);
+                let listed = s.list_outputs(None, 100, None).await.unwrap();
+                assert!(listed.iter().any(|o| o.id == id), "{id} is listed once its call has returned");
+            })
+        });
+        for call in futures_util::future::join_all(calls).await {
+            call.unwrap();
+        }
+        assert_eq!(s.list_outputs(None, 100, None).await.unwrap().len(), 40);
+        assert!(s.unrecorded.lock().unwrap().is_empty(), "nothing is left waiting");
     }
 }
