@@ -22,7 +22,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n 4096 2>/dev/null || true
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/easel-target}"
 SECONDS_PER_CELL="${BENCH_SECONDS:-5}"
-cargo build --release --locked --bin easel --example bench_upstream --example loadgen --example sse_upstream --example sse_bench --example waiters --example job_events
+cargo build --release --locked ${BENCH_FEATURES:+--features "$BENCH_FEATURES"} --bin easel --example bench_upstream --example loadgen --example sse_upstream --example sse_bench --example waiters --example job_events
 REL="$CARGO_TARGET_DIR/release"
 WORK="$(mktemp -d)"
 PIDS=()
