@@ -65,6 +65,11 @@ fn budget() -> (u32, Arc<tokio::sync::Semaphore>) {
 /// cannot be read are `Invalid`.
 pub fn check(bytes: &[u8]) -> Result<(u32, u32), DecodeError> {
     let (w, h) = dimensions(bytes).ok_or_else(|| DecodeError::Invalid("cannot read the image header".into()))?;
+    check_pixels(w, h)
+}
+
+/// [`check`]'s limit for dimensions already read.
+fn check_pixels(w: u32, h: u32) -> Result<(u32, u32), DecodeError> {
     let max = MAX_PIXELS.load(Ordering::Relaxed);
     let pixels = u64::from(w) * u64::from(h);
     if pixels > max {
@@ -143,6 +148,18 @@ pub fn sniff(bytes: &[u8]) -> Option<ImageFormat> {
 
 /// Width and height from the image header, without decoding pixels.
 pub fn dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
+    // A PNG's first chunk is its 13-byte IHDR at a fixed place: read it without building a decoder (whose
+    // inflate state alone is tens of KB to allocate and clear per image).
+    if let Some(ihdr) = bytes.get(8..24).filter(|_| sniff(bytes) == Some(ImageFormat::Png))
+        && ihdr[..8] == *b"\0\0\0\x0dIHDR"
+    {
+        let w = u32::from_be_bytes([ihdr[8], ihdr[9], ihdr[10], ihdr[11]]);
+        let h = u32::from_be_bytes([ihdr[12], ihdr[13], ihdr[14], ihdr[15]]);
+        // PNG allows 1 ..= 2^31-1 each way; anything else goes to the full reader (which refuses it).
+        if (1..=i32::MAX as u32).contains(&w) && (1..=i32::MAX as u32).contains(&h) {
+            return Some((w, h));
+        }
+    }
     ImageReader::new(Cursor::new(bytes)).with_guessed_format().ok()?.into_dimensions().ok()
 }
 
@@ -225,7 +242,8 @@ impl Base64Image {
             return Err(Base64Refusal::NotCanonical);
         }
         let step = SCRATCH / 3 * 4;
-        let mut scratch = vec![0u8; SCRATCH];
+        // Never more than the decoded text needs (a small image clears a few bytes, not the whole step).
+        let mut scratch = vec![0u8; SCRATCH.min(text.len() / 4 * 3)];
         let mut head: Option<(ImageFormat, Option<(u32, u32)>)> = None;
         let mut chunks = text.chunks(step).peekable();
         while let Some(chunk) = chunks.next() {
@@ -242,7 +260,7 @@ impl Base64Image {
                     ))
                 })?;
                 let dimensions = match dimensions(decoded) {
-                    Some(_) => Some(check(decoded).map_err(Base64Refusal::Image)?),
+                    Some((w, h)) => Some(check_pixels(w, h).map_err(Base64Refusal::Image)?),
                     None => None,
                 };
                 head = Some((format, dimensions));
@@ -367,6 +385,22 @@ mod tests {
         assert_eq!(ok.format(), ImageFormat::Png);
         assert_eq!(ok.dimensions(), Some((300, 200)));
         assert_eq!(ok.decode().unwrap(), png);
+    }
+
+    #[test]
+    fn png_header_read_without_a_decoder_agrees_with_the_decoder() {
+        let full = |b: &[u8]| ImageReader::new(Cursor::new(b)).with_guessed_format().unwrap().into_dimensions().ok();
+        for (w, h) in [(1, 1), (300, 200), (4096, 3)] {
+            let png = encode(&image::DynamicImage::new_rgb8(w, h), ImageFormat::Png, None).unwrap();
+            assert_eq!(dimensions(&png), Some((w, h)));
+            assert_eq!(dimensions(&png), full(&png));
+        }
+        // A zero width is not a PNG header: the full reader decides (and refuses it).
+        let mut zero = tiny_png().to_vec();
+        zero[16..20].copy_from_slice(&0u32.to_be_bytes());
+        assert_eq!(dimensions(&zero), None);
+        // Too short to hold the header.
+        assert_eq!(dimensions(&tiny_png()[..20]), None);
     }
 
     #[test]
