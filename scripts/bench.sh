@@ -260,9 +260,12 @@ secs = sys.argv[7]
 x = json.load(open(sys.argv[8]))
 out = []
 p = out.append
+# The command that reproduces this run: every BENCH_* setting it had, with the cell length always shown.
+knobs = {k: v for k, v in os.environ.items() if k.startswith("BENCH_")} | {"BENCH_SECONDS": secs}
+command = " ".join(f"{k}={v}" for k, v in sorted(knobs.items())) + " scripts/bench.sh"
 p("# Gateway benchmark\n")
 p(f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} cores (load generator, upstream and easel share them), "
-  f"{secs} s per cell after 1 s warm-up, release build, command: `BENCH_SECONDS={secs} scripts/bench.sh`. "
+  f"{secs} s per cell after 1 s warm-up, release build, command: `{command}`. "
   "Each figure is a ratio to its limit measured in the same run; on shared cores the figures are noisy.\n")
 p("| figure | direct / limit | easel | ratio or added | target | |")
 p("|---|---|---|---|---|---|")

@@ -148,19 +148,23 @@ pub fn sniff(bytes: &[u8]) -> Option<ImageFormat> {
 
 /// Width and height from the image header, without decoding pixels.
 pub fn dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
-    // A PNG's first chunk is its 13-byte IHDR at a fixed place: read it without building a decoder (whose
-    // inflate state alone is tens of KB to allocate and clear per image).
-    if let Some(ihdr) = bytes.get(8..24).filter(|_| sniff(bytes) == Some(ImageFormat::Png))
-        && ihdr[..8] == *b"\0\0\0\x0dIHDR"
-    {
-        let w = u32::from_be_bytes([ihdr[8], ihdr[9], ihdr[10], ihdr[11]]);
-        let h = u32::from_be_bytes([ihdr[12], ihdr[13], ihdr[14], ihdr[15]]);
-        // PNG allows 1 ..= 2^31-1 each way; anything else goes to the full reader (which refuses it).
-        if (1..=i32::MAX as u32).contains(&w) && (1..=i32::MAX as u32).contains(&h) {
-            return Some((w, h));
-        }
+    if let Some(size) = png_ihdr(bytes) {
+        return Some(size);
     }
     ImageReader::new(Cursor::new(bytes)).with_guessed_format().ok()?.into_dimensions().ok()
+}
+
+/// A PNG's size from its first chunk, the 13-byte IHDR at a fixed place, without building a decoder (whose
+/// inflate state alone is tens of KB to allocate and clear per image). `None` when the bytes do not start that
+/// way, or the size is outside PNG's 1 ..= 2^31-1 each way: the full reader then decides (and refuses it).
+fn png_ihdr(bytes: &[u8]) -> Option<(u32, u32)> {
+    if sniff(bytes) != Some(ImageFormat::Png) || bytes.get(8..16)? != b"\0\0\0\x0dIHDR" {
+        return None;
+    }
+    let be = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    let (w, h) = (be(16)?, be(20)?);
+    let valid = 1..=i32::MAX as u32;
+    (valid.contains(&w) && valid.contains(&h)).then_some((w, h))
 }
 
 /// The base64 engines: SIMD (AVX2/NEON picked at run time, scalar fallback), built once.
