@@ -54,7 +54,11 @@ impl Http {
     /// A request to `path` under the backend's root.
     pub fn request(&self, method: Method, path: &str) -> (RequestBuilder, String) {
         let url = self.cfg.endpoint(path);
-        (self.client.request(method, &url), url)
+        let rb = match self.cfg.endpoint_url(path) {
+            Some(parsed) => self.client.request(method, parsed),
+            None => self.client.request(method, &url),
+        };
+        (rb, url)
     }
 
     /// A request to an absolute URL the backend handed back (a job's status URL). On the backend's own origin it

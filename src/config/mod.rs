@@ -503,6 +503,34 @@ impl BackendConfig {
         format!("{base}{path}")
     }
 
+    /// `endpoint(path)` as a parsed URL, built from the root parsed once at load: only the path and query are
+    /// set, so the scheme and host (and their IDNA mapping) are not parsed again per request. `None` when there
+    /// is no root or the root carries a query or fragment (then the caller parses the string form).
+    pub fn endpoint_url(&self, path: &str) -> Option<Url> {
+        let root = self.url.as_ref()?;
+        if root.query().is_some()
+            || root.fragment().is_some()
+            || root.cannot_be_a_base()
+            || path.contains('#')
+            || !(path.is_empty() || path.starts_with('/'))
+        {
+            return None;
+        }
+        let (path, query) = match path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path, None),
+        };
+        let mut url = root.clone();
+        let prefix = root.path().trim_end_matches('/');
+        if prefix.is_empty() {
+            url.set_path(path);
+        } else {
+            url.set_path(&format!("{prefix}{path}"));
+        }
+        url.set_query(query);
+        Some(url)
+    }
+
     /// The configured limit for a capability (0 = this backend does not serve it).
     pub fn limit(&self, capability: Capability) -> u32 {
         self.concurrency.get(&capability).copied().unwrap_or(0)

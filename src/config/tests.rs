@@ -248,3 +248,52 @@ fn one_check_lists_every_unknown_key_and_type_error_in_words() {
     assert_eq!((got[3].0.as_str(), got[3].1.as_str()), ("easel.yaml:11:5", "models[0].max_n"));
     assert_eq!(got[3].2, "expected a whole number, got the text \"many\"");
 }
+
+#[test]
+fn a_pre_parsed_endpoint_is_the_same_url_as_parsing_its_string() {
+    let roots = [
+        "http://127.0.0.1:8188",
+        "http://127.0.0.1:8188/",
+        "https://api.example.com/v1",
+        "https://Bücher.example/prefix/",
+        "http://[::1]:9000/a/b",
+        "http://h/root?key=1",
+    ];
+    let paths = [
+        "",
+        "/",
+        "/prompt",
+        "/history/3f2a-1",
+        "/sdapi/v1/progress?skip_current_image=true",
+        "/api/v1/images/upload?image_category=user&is_intermediate=true",
+        "/a b/ü?q=x y&z=ä",
+        "/x/../y/./z",
+        "/ws/socket.io/?EIO=4&transport=websocket",
+        "/?",
+        "relative",
+        "/frag#part",
+    ];
+    let mut built = 0;
+    for root in roots {
+        let text = format!(
+            "backends:\n  b:\n    kind: openai\n    url: {root}\nmodels:\n  - id: m\n    backends: [b]\n    upstream_model: x\n"
+        );
+        let cfg = load(&text, &MapEnv::default()).unwrap();
+        let b = &cfg.backends[0];
+        for path in paths {
+            match b.endpoint_url(path) {
+                Some(u) => {
+                    built += 1;
+                    let parsed = Url::parse(&b.endpoint(path)).unwrap();
+                    assert_eq!(u.as_str(), parsed.as_str(), "root {root} path {path}");
+                }
+                // The fallback is for roots or paths the fast form does not cover.
+                None => assert!(
+                    root.contains('?') || path.contains('#') || path == "relative",
+                    "no fast form for root {root} path {path}"
+                ),
+            }
+        }
+    }
+    assert_eq!(built, 5 * 10);
+}

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::sync::Notify;
@@ -92,9 +92,9 @@ fn always_served(path: &str) -> bool {
     matches!(path, "/healthz" | "/readyz" | "/health" | "/metrics" | "/v1/gateway/status")
 }
 
-/// Middleware: counts every request until its response body ends; while draining, refuses new ones with 503
-/// `draining` and Retry-After (the ops endpoints still answer).
-pub async fn gate(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// Counts every request until its response body ends; while draining, refuses new ones with 503 `draining` and
+/// Retry-After (the ops endpoints still answer). One step of the front middleware (`http::front`).
+pub async fn gate(state: &AppState, req: Request, next: Next) -> Response {
     let drain = &state.drain;
     if always_served(req.uri().path()) {
         return next.run(req).await;

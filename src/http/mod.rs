@@ -149,12 +149,8 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate))
         // The web page needs no key (its API calls carry one); added after `authenticate`, so outside it.
         .merge(if state.config.server.ui { ui::routes() } else { Router::new() })
-        // While draining (SIGTERM), new work is refused here; what runs is counted until its body ends.
-        .layer(middleware::from_fn_with_state(state.clone(), drain::gate))
-        // Sees every request and the final response (including extractor rejections).
-        .layer(middleware::from_fn_with_state(state.clone(), observe))
-        // Outermost: whatever answer was chosen, the client may finish sending its body before it is read.
-        .layer(middleware::from_fn(drain_unread))
+        // Unread-body draining, observation and the drain gate, in one layer (see `front`).
+        .layer(middleware::from_fn_with_state(state.clone(), front))
         // Preflights are answered before authentication (browsers send no key on them).
         .layer(cors(&state))
         .with_state(state)
@@ -214,11 +210,24 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// W3C trace context, passed through to backends when valid.
 pub const TRACEPARENT: &str = "traceparent";
 
+/// The one middleware every route passes (one layer, not three: each `from_fn` layer boxes the inner service and
+/// its future per request). Outside in: whatever answer is chosen, the client may finish sending its body before
+/// it is read (`drain_unread`); every request and its final response, extractor rejections included, is observed
+/// (`observe`); while draining (SIGTERM) new work is refused and what runs is counted until its body ends
+/// (`drain::gate`).
+async fn front(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    drain_unread(req, |req| observe(&state, req, |req| drain::gate(&state, req, next))).await
+}
+
 /// Gives the request its context (request id, trace context, a slot for what handles it) and log span; sets
 /// `X-Request-Id` on the answer, whatever it is; records request metrics and the access-log line when the last
 /// response byte has gone (or the client left); logs server-side failures once and keeps them in the ring of
 /// recent errors.
-async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
+async fn observe<F, Fut>(state: &AppState, req: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let started = Instant::now();
     let route = static_route(req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()));
     let method = req.method().clone();
@@ -228,7 +237,7 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
         (RequestContext::new(text(REQUEST_ID), text(TRACEPARENT)), bytes_in)
     };
     let span = tracing::info_span!("request", request_id = %ctx.id);
-    let resp = ctx.clone().scope(next.run(req)).instrument(span.clone()).await;
+    let resp = ctx.clone().scope(next(req)).instrument(span.clone()).await;
     let status = resp.status();
     let mut resp = openai_shaped(resp, &ctx.id).await;
     if let Ok(v) = HeaderValue::from_str(&ctx.id) {
@@ -385,13 +394,17 @@ impl Drop for Returning {
 
 /// Reads and discards (bounded in bytes and time) the part of the request body the handler left unread, then
 /// answers. A body declared larger than the cap is not read: the answer says `Connection: close` instead.
-async fn drain_unread(req: Request, next: Next) -> Response {
+async fn drain_unread<F, Fut>(req: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let declared =
         req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let (parts, body) = req.into_parts();
     let (back, mut rest) = tokio::sync::oneshot::channel();
     let body = Body::from_stream(Returning { inner: Some(body.into_data_stream()), back: Some(back), done: false });
-    let mut resp = next.run(Request::from_parts(parts, body)).await;
+    let mut resp = next(Request::from_parts(parts, body)).await;
     let Ok(mut rest) = rest.try_recv() else { return resp };
     if declared.is_some_and(|n| n > DRAIN_BYTES) {
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
