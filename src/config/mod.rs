@@ -504,8 +504,9 @@ impl BackendConfig {
     }
 
     /// `endpoint(path)` as a parsed URL, built from the root parsed once at load: only the path and query are
-    /// set, so the scheme and host (and their IDNA mapping) are not parsed again per request. `None` when there
-    /// is no root or the root carries a query or fragment (then the caller parses the string form).
+    /// set, so the scheme and host (and their IDNA mapping) are not parsed again per request. `None` (the caller
+    /// then parses the string form) when there is no root, the root carries a query or fragment, or `path` has a
+    /// fragment or does not start with `/`.
     pub fn endpoint_url(&self, path: &str) -> Option<Url> {
         let root = self.url.as_ref()?;
         if root.query().is_some()
