@@ -304,7 +304,7 @@ async fn execute(
         gone: cancel.clone(),
         progress: progress.clone(),
     };
-    let work = super::images::produce(state, req, &model, edit_inputs, "", &caller);
+    let work = super::images::produce(state, Arc::new(req), &model, edit_inputs, "", &caller);
     tokio::pin!(work);
     let mut beat = tokio::time::interval(HEARTBEAT);
     let mut reported = 0;

@@ -336,10 +336,10 @@ async fn charged(
         Some(p) => p.clone(),
         None if caller.idempotency_key.is_some() => Box::pin(state.ledger.anonymous()).await?,
         None => {
-            let request = shown_request(&req, edit.is_some());
-            let (resp, _, outputs) = produce(state, req, &model, edit, base_url, caller).await?;
+            let (is_edit, req) = (edit.is_some(), Arc::new(req));
+            let (resp, _, outputs) = produce(state, Arc::clone(&req), &model, edit, base_url, caller).await?;
             // Nothing to charge: the gallery's record is written before the answer goes out.
-            let made = Made { model: model.id.clone(), request, outputs };
+            let made = Made { model: model.id.clone(), request: shown_request(&req, is_edit, &outputs), outputs };
             Box::pin(state.ledger.record_outputs(&made)).await?;
             let partial = resp.partial.clone();
             return Ok(Delivered::Fresh(Box::new(Answer { body: render(&resp), partial, settlement: None })));
@@ -364,9 +364,10 @@ async fn charged(
         }
         HoldOutcome::Held { hold_id } => hold_id,
     };
-    let request = shown_request(&req, edit.is_some());
-    match produce(state, req, &model, edit, base_url, caller).await {
+    let (is_edit, req) = (edit.is_some(), Arc::new(req));
+    match produce(state, Arc::clone(&req), &model, edit, base_url, caller).await {
         Ok((resp, produced, outputs)) => {
+            let request = shown_request(&req, is_edit, &outputs);
             let body = render(&resp);
             if caller.gone.is_cancelled() {
                 release(state, &hold_id, "client went away").await;
@@ -445,7 +446,7 @@ pub(crate) async fn resolve_input(
 /// stored.
 pub(crate) async fn produce(
     state: &AppState,
-    req: GenerateImage,
+    req: Arc<GenerateImage>,
     model: &Arc<ModelConfig>,
     edit: Option<Arc<EditInputs>>,
     base_url: &str,
@@ -478,7 +479,6 @@ pub(crate) async fn produce(
     }
 
     // 3. Run them.
-    let req = Arc::new(req);
     let results = futures_util::future::join_all(
         calls.into_iter().map(|plan| run_call(state, model, &req, edit.as_ref(), plan, gone, &caller.progress)),
     )
@@ -587,8 +587,12 @@ impl Reported {
     }
 }
 
-/// The request as the gallery shows it (JSON text): what was asked, without the input images themselves.
-fn shown_request(req: &GenerateImage, edit: bool) -> String {
+/// The request as the gallery shows it (JSON text): what was asked, without the input images themselves. Only
+/// stored outputs are shown there, so with none (base64 answers) nothing is built.
+fn shown_request(req: &GenerateImage, edit: bool, outputs: &[MadeOutput]) -> String {
+    if outputs.is_empty() {
+        return String::new();
+    }
     let mut shown = serde_json::Map::new();
     let mut put = |k: &str, v: serde_json::Value| {
         if !v.is_null() {
