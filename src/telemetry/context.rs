@@ -81,14 +81,14 @@ pub fn request_id() -> Option<Arc<str>> {
 }
 
 /// Wraps a future about to be spawned so it runs with the spawning request's context and log span.
+///
+/// Not an `async` block: one would hold `fut` twice (its captured copy beside the scope future awaiting it), so a
+/// spawned request task, and what moving it copies, would be twice the size of its work.
 pub fn propagate<F: Future>(fut: F) -> impl Future<Output = F::Output> {
-    let ctx = current();
     let fut = fut.instrument(tracing::Span::current());
-    async move {
-        match ctx {
-            Some(ctx) => ctx.scope(fut).await,
-            None => fut.await,
-        }
+    match current() {
+        Some(ctx) => futures_util::future::Either::Left(ctx.scope(fut)),
+        None => futures_util::future::Either::Right(fut),
     }
 }
 
@@ -167,5 +167,28 @@ mod tests {
         assert!(!valid_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"));
         assert!(valid_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"));
         assert!(!valid_traceparent("garbage"));
+    }
+
+    #[tokio::test]
+    async fn a_propagated_future_is_its_work_once_and_runs_in_the_request_context() {
+        let work = |n: usize| async move {
+            let state = [7u8; 4096];
+            tokio::task::yield_now().await;
+            (request_id(), state.iter().map(|&b| usize::from(b)).sum::<usize>() + n)
+        };
+        let alone = std::mem::size_of_val(&work(0));
+        let ctx = RequestContext::new(Some("req-1"), None);
+        let (wrapped, inside) = ctx
+            .scope(async {
+                let fut = propagate(work(1));
+                (std::mem::size_of_val(&fut), tokio::spawn(fut).await)
+            })
+            .await;
+        // The span and the context add a few words; a second copy of the work would add 4 KB.
+        assert!(wrapped < alone + 256, "wrapped {wrapped} bytes around {alone}");
+        let (id, sum) = inside.unwrap();
+        assert_eq!((id.as_deref(), sum), (Some("req-1"), 7 * 4096 + 1), "the spawned task sees the request id");
+        let (id, _) = tokio::spawn(propagate(work(2))).await.unwrap();
+        assert_eq!(id, None, "without a request there is no context to carry");
     }
 }
