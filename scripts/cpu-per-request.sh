@@ -5,12 +5,13 @@
 #   scripts/cpu-per-request.sh BUILD_DIR [MODEL] [CONCURRENCY] [SECONDS] [-- perf record options]
 #
 # BUILD_DIR holds `easel` and `examples/{bench_upstream,loadgen}` (e.g. target/release after
-# `cargo build --release --bin easel --example bench_upstream --example loadgen`). MODEL is `small` (about
+# `cargo build --release --bin easel --example bench_upstream --example loadgen`); EASEL_BIN names another easel
+# binary, e.g. the shipped build, target/dist/easel after `cargo build --profile dist --bin easel`. MODEL is `small` (about
 # 100 bytes of base64) or `large` (about 1.5 MB). With `-- <options>`, `perf record <options>` samples easel
 # during the load and writes perf.data into the work directory. Everything binds 127.0.0.1 and stops by itself.
 set -euo pipefail
 REL=${1:?usage: $0 BUILD_DIR [MODEL] [CONCURRENCY] [SECONDS] [-- perf options]}
-MODEL=${2:-small}; C=${3:-16}; S=${4:-4}
+EASEL_BIN=${EASEL_BIN:-$REL/easel}; MODEL=${2:-small}; C=${3:-16}; S=${4:-4}
 shift $(($# < 4 ? $# : 4))
 [ "${1:-}" = "--" ] && shift
 W=$(mktemp -d); EPID=; UPID=; PERF=
@@ -27,7 +28,7 @@ models:
   - {id: small, backends: [up]}
   - {id: large, backends: [up]}
 YAML
-EASEL_LOG=warn "$REL/easel" serve --config "$W/easel.yaml" --listen "127.0.0.1:$GW" >"$W/easel.log" 2>&1 & EPID=$!
+EASEL_LOG=warn "$EASEL_BIN" serve --config "$W/easel.yaml" --listen "127.0.0.1:$GW" >"$W/easel.log" 2>&1 & EPID=$!
 for _ in $(seq 200); do curl -sf "http://127.0.0.1:$GW/readyz" >/dev/null && break; sleep 0.05; done
 URL="http://127.0.0.1:$GW/v1/images/generations"
 BODY="{\"model\":\"$MODEL\",\"prompt\":\"bench\",\"response_format\":\"b64_json\"}"

@@ -6,7 +6,8 @@
 #   scripts/heap-profile.sh BUILD_DIR large|waiters [N]
 #
 # BUILD_DIR holds `easel` and `examples/{bench_upstream,loadgen,waiters}` (target/release after
-# `cargo build --release --bin easel --example bench_upstream --example loadgen --example waiters`). N is the
+# `cargo build --release --bin easel --example bench_upstream --example loadgen --example waiters`; EASEL_BIN names
+# another easel binary, e.g. target/dist/easel, the shipped build). N is the
 # concurrency (large, default 16) or the number of waiters (default 1000). easel runs under heaptrack (Debian's
 # `heaptrack` package); the script prints the heap at its peak grouped by the code that allocated it (the first
 # frame of each backtrace that is not the allocator, `bytes` or `RawVec`), per request or waiter. Everything binds
@@ -14,6 +15,7 @@
 set -euo pipefail
 REL=${1:?usage: $0 BUILD_DIR large|waiters [N]}
 CASE=${2:?usage: $0 BUILD_DIR large|waiters [N]}
+EASEL_BIN=${EASEL_BIN:-$REL/easel}
 case "$CASE" in
   large) N=${3:-16} ;;
   waiters) N=${3:-1000} ;;
@@ -34,11 +36,11 @@ models:
   - {id: large, backends: [up]}
   - {id: slow, backends: [slow]}
 YAML
-EASEL_LOG=warn heaptrack -o "$W/heap" "$REL/easel" serve --config "$W/easel.yaml" --listen "127.0.0.1:$GW" \
+EASEL_LOG=warn heaptrack -o "$W/heap" "$EASEL_BIN" serve --config "$W/easel.yaml" --listen "127.0.0.1:$GW" \
   >"$W/easel.log" 2>&1 &
 HPID=$!
 for _ in $(seq 400); do curl -sf "http://127.0.0.1:$GW/readyz" >/dev/null && break; sleep 0.05; done
-EPID=$(pgrep -f "^$REL/easel serve .*127.0.0.1:$GW" | head -1)
+EPID=$(pgrep -f "^$EASEL_BIN serve .*127.0.0.1:$GW" | head -1)
 URL="http://127.0.0.1:$GW/v1/images/generations"
 if [ "$CASE" = large ]; then
   "$REL/examples/loadgen" "$URL" '{"model":"large","prompt":"bench","response_format":"b64_json"}' "$N" 3 1 >&2
