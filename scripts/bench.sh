@@ -32,7 +32,7 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. scripts/bench-common.sh # free_port, wait_ready
 UP_PORT=$(free_port)
 SLOW_MS="${BENCH_SLOW_MS:-1000}" "$REL/examples/bench_upstream" "127.0.0.1:$UP_PORT" > "$WORK/upstream.log" 2>&1 &
 PIDS+=($!)
@@ -57,13 +57,6 @@ GW_PORT=$(free_port)
 EASEL_LOG=warn "$EASEL_BIN" serve --config "$WORK/easel.yaml" --listen "127.0.0.1:$GW_PORT" > "$WORK/easel.log" 2>&1 &
 EASEL_PID=$!
 PIDS+=($EASEL_PID)
-wait_ready() { # PORT LOG
-  for _ in $(seq 1 200); do
-    curl -sf "http://127.0.0.1:$1/readyz" >/dev/null 2>&1 && return 0
-    sleep 0.05
-  done
-  echo "easel did not become ready"; cat "$2"; exit 1
-}
 wait_ready "$GW_PORT" "$WORK/easel.log"
 sleep 1 # let startup allocations settle before reading idle RSS
 

@@ -17,19 +17,12 @@ shift $(($# < 4 ? $# : 4))
 W=$(mktemp -d); EPID=; UPID=; PERF=
 # The work directory goes too unless it holds perf data.
 trap 'kill $EPID $UPID 2>/dev/null || true; [ -n "$PERF" ] || rm -rf "$W"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. "$(dirname "$0")/bench-common.sh"
 UP=$(free_port); GW=$(free_port)
 "$REL/examples/bench_upstream" "127.0.0.1:$UP" >"$W/upstream.log" 2>&1 & UPID=$!
-cat >"$W/easel.yaml" <<YAML
-storage: {database: "sqlite://$W/easel.db", files: "$W/files"}
-backends:
-  up: {kind: openai, url: "http://127.0.0.1:$UP", timeout: 30s, concurrency: {images: 256}, queue: {depth: 1024, wait: 30s}}
-models:
-  - {id: small, backends: [up]}
-  - {id: large, backends: [up]}
-YAML
+bench_config "$W" "$UP"
 EASEL_LOG=warn "$EASEL_BIN" serve --config "$W/easel.yaml" --listen "127.0.0.1:$GW" >"$W/easel.log" 2>&1 & EPID=$!
-for _ in $(seq 200); do curl -sf "http://127.0.0.1:$GW/readyz" >/dev/null && break; sleep 0.05; done
+wait_ready "$GW" "$W/easel.log"
 URL="http://127.0.0.1:$GW/v1/images/generations"
 BODY="{\"model\":\"$MODEL\",\"prompt\":\"bench\",\"response_format\":\"b64_json\"}"
 "$REL/examples/loadgen" "$URL" "$BODY" "$C" 1 1 >/dev/null   # warm-up

@@ -24,22 +24,14 @@ esac
 command -v heaptrack >/dev/null || { echo "heaptrack is not installed (apt-get install heaptrack)" >&2; exit 1; }
 W=$(mktemp -d); UPID=; EPID=
 trap 'kill $EPID $UPID 2>/dev/null || true; rm -rf "$W"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. "$(dirname "$0")/bench-common.sh"
 UP=$(free_port); GW=$(free_port)
 SLOW_MS=1000 "$REL/examples/bench_upstream" "127.0.0.1:$UP" >"$W/upstream.log" 2>&1 & UPID=$!
-cat >"$W/easel.yaml" <<YAML
-storage: {database: "sqlite://$W/easel.db", files: "$W/files"}
-backends:
-  up: {kind: openai, url: "http://127.0.0.1:$UP", timeout: 30s, concurrency: {images: 256}, queue: {depth: 1024, wait: 30s}}
-  slow: {kind: openai, url: "http://127.0.0.1:$UP", timeout: 120s, concurrency: {images: 2}, queue: {depth: $N, wait: 120s}}
-models:
-  - {id: large, backends: [up]}
-  - {id: slow, backends: [slow]}
-YAML
+bench_config "$W" "$UP" "$N"
 EASEL_LOG=warn heaptrack -o "$W/heap" "$EASEL_BIN" serve --config "$W/easel.yaml" --listen "127.0.0.1:$GW" \
   >"$W/easel.log" 2>&1 &
 HPID=$!
-for _ in $(seq 400); do curl -sf "http://127.0.0.1:$GW/readyz" >/dev/null && break; sleep 0.05; done
+wait_ready "$GW" "$W/easel.log"
 EPID=$(pgrep -f "^$EASEL_BIN serve .*127.0.0.1:$GW" | head -1)
 URL="http://127.0.0.1:$GW/v1/images/generations"
 if [ "$CASE" = large ]; then

@@ -318,9 +318,11 @@ async fn charged(
     let operation = if edit.is_some() { "image edits" } else { "image generation" };
     let model = state.registry.resolve(req.model.as_deref(), ModelType::Image, operation)?;
     req.check_model(&model)?;
+    // Shared with `produce` from here on; read again for the gallery's record once outputs are stored.
+    let (is_edit, req) = (edit.is_some(), Arc::new(req));
     // A streamed answer's body is its `completed` event (the partial events go out before it, as they come).
     let stream = req.stream.map(|_| StreamMeta {
-        prefix: StreamMeta::prefix(edit.is_some()),
+        prefix: StreamMeta::prefix(is_edit),
         size: req.size_or(model.default_size).to_string(),
         quality: StreamMeta::quality(req.quality.as_deref()),
         background: StreamMeta::background(req.background.as_deref()),
@@ -336,7 +338,6 @@ async fn charged(
         Some(p) => p.clone(),
         None if caller.idempotency_key.is_some() => Box::pin(state.ledger.anonymous()).await?,
         None => {
-            let (is_edit, req) = (edit.is_some(), Arc::new(req));
             let (resp, _, outputs) = produce(state, Arc::clone(&req), &model, edit, base_url, caller).await?;
             // Nothing to charge: the gallery's record is written before the answer goes out.
             let made = Made { model: model.id.clone(), request: shown_request(&req, is_edit, &outputs), outputs };
@@ -364,7 +365,6 @@ async fn charged(
         }
         HoldOutcome::Held { hold_id } => hold_id,
     };
-    let (is_edit, req) = (edit.is_some(), Arc::new(req));
     match produce(state, Arc::clone(&req), &model, edit, base_url, caller).await {
         Ok((resp, produced, outputs)) => {
             let request = shown_request(&req, is_edit, &outputs);
