@@ -91,7 +91,7 @@ impl Server {
             }
         });
 
-        let app = axum::ServiceExt::<axum::extract::Request>::into_make_service(crate::http::LiveRouter::new(live));
+        let app = crate::http::LiveRouter::new(live);
         let stop = CancellationToken::new();
         let stop_signal = stop.clone();
         let draining = self.state.clone();
@@ -107,23 +107,23 @@ impl Server {
                     let plain = TcpListener::bind(addr).await?;
                     let redirect = crate::tls::redirect_router(tls_port, self.state.config.server.public_url.clone());
                     let until = stop.clone();
-                    tokio::spawn(async move {
-                        axum::serve(plain, redirect).with_graceful_shutdown(until.cancelled_owned()).await
-                    });
+                    tokio::spawn(
+                        async move { crate::http::serve::serve(plain, redirect, until.cancelled_owned()).await },
+                    );
                 }
                 let tls = crate::tls::listen(listener, certs.clone(), stop.clone()).map_err(std::io::Error::other)?;
-                tokio::spawn(axum::serve(tls, app).with_graceful_shutdown(drained).into_future())
+                tokio::spawn(crate::http::serve::serve(tls, app, drained))
             }
             None => {
                 // Small writes (stream events, progress) leave at once instead of waiting for the peer's ACK.
                 let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
                     let _ = tcp.set_nodelay(true);
                 });
-                tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(drained).into_future())
+                tokio::spawn(crate::http::serve::serve(listener, app, drained))
             }
         };
         let result = tokio::select! {
-            r = serve => r.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            r = serve => r.map_err(std::io::Error::other),
             () = async { stop.cancelled().await; tokio::time::sleep(CLOSE_GRACE).await } => Ok(()),
         };
         background.cancel();

@@ -13,20 +13,17 @@ use crate::backends::InputImage;
 use crate::error::Error;
 use crate::pipeline::images::ImageSource;
 use crate::request::RequestError;
+use crate::state::AppState;
 
 /// A body for the image routes, from JSON, multipart or form fields.
 #[derive(Debug)]
 pub struct ImageBody<T>(pub T);
 
-/// The largest body the image routes read, set per route group (see `http::router`).
-#[derive(Debug, Clone, Copy)]
-pub struct BodyLimit(pub usize);
-
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ImageBody<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for ImageBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let (limit, mime) = limits(&req)?;
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let (limit, mime) = limits(&req, state)?;
         let object = match mime.as_str() {
             "application/json" | "" => {
                 let bytes = read_body(req, limit).await?;
@@ -69,9 +66,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ImageBody<T> {
     }
 }
 
-/// The route's body limit and the request's media type; refuses a declared length over the limit at once.
-fn limits(req: &Request) -> Result<(usize, String), ApiError> {
-    let limit = req.extensions().get::<BodyLimit>().map_or(64 << 20, |l| l.0);
+/// The body limit (`server.max_body_bytes`) and the request's media type; refuses a declared length over the
+/// limit at once.
+fn limits(req: &Request, state: &AppState) -> Result<(usize, String), ApiError> {
+    let limit = state.config.server.max_body_bytes;
     let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     let declared = req
@@ -244,11 +242,11 @@ pub struct EditBody {
     pub mask: Option<ImageSource>,
 }
 
-impl<S: Send + Sync> FromRequest<S> for EditBody {
+impl FromRequest<AppState> for EditBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let (limit, mime) = limits(&req)?;
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let (limit, mime) = limits(&req, state)?;
         match mime.as_str() {
             "multipart/form-data" => {
                 let mut multipart = Multipart::from_request(req, state).await.map_err(multipart_rejection)?;
@@ -397,11 +395,11 @@ pub struct VideoBody {
     pub reference: Option<ImageSource>,
 }
 
-impl<S: Send + Sync> FromRequest<S> for VideoBody {
+impl FromRequest<AppState> for VideoBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let (limit, mime) = limits(&req)?;
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let (limit, mime) = limits(&req, state)?;
         match mime.as_str() {
             "multipart/form-data" => {
                 let mut multipart = Multipart::from_request(req, state).await.map_err(multipart_rejection)?;

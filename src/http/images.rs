@@ -33,17 +33,15 @@ pub async fn generations_handler(
     headers: HeaderMap,
     ImageBody(body): ImageBody<ImagesRequest>,
 ) -> Result<Response, ApiError> {
-    let base = super::base_url(&state, &headers);
-    if respond_async(&headers) {
-        let (caller, _) = caller(&headers, principal, "/v1/images/generations", None)?;
+    let (listen, meta) = streaming(&body, false);
+    let Asked { base, job, caller, previews } = asked(&state, headers, principal, "/v1/images/generations", listen)?;
+    if job {
         let task = tokio::spawn(crate::telemetry::context::propagate(async move {
             let job = crate::pipeline::image_jobs::submit(&state, &caller, body, Vec::new(), None, false).await?;
             Ok::<_, Error>(accepted(&state, &job, &base).await)
         }));
         return Ok(task.await.map_err(|e| Error::Internal(format!("the request task failed: {e}")))??);
     }
-    let (listen, meta) = streaming(&body, false);
-    let (caller, previews) = caller(&headers, principal, "/v1/images/generations", listen)?;
     let gone_on_drop = caller.gone.clone().drop_guard();
     let task = tokio::spawn(crate::telemetry::context::propagate(async move {
         crate::pipeline::images::generate_images(&state, &caller, body, &base).await
@@ -84,9 +82,9 @@ async fn edit(
     body: EditBody,
     path: &'static str,
 ) -> Result<Response, ApiError> {
-    let base = super::base_url(&state, &headers);
-    if respond_async(&headers) {
-        let (caller, _) = caller(&headers, principal, path, None)?;
+    let (listen, meta) = streaming(&body.fields, true);
+    let Asked { base, job, caller, previews } = asked(&state, headers, principal, path, listen)?;
+    if job {
         let task = tokio::spawn(crate::telemetry::context::propagate(async move {
             let job =
                 crate::pipeline::image_jobs::submit(&state, &caller, body.fields, body.images, body.mask, true).await?;
@@ -94,8 +92,6 @@ async fn edit(
         }));
         return Ok(task.await.map_err(|e| Error::Internal(format!("the request task failed: {e}")))??);
     }
-    let (listen, meta) = streaming(&body.fields, true);
-    let (caller, previews) = caller(&headers, principal, path, listen)?;
     let gone_on_drop = caller.gone.clone().drop_guard();
     let task = tokio::spawn(crate::telemetry::context::propagate(async move {
         crate::pipeline::images::edit_images(&state, &caller, body.fields, body.images, body.mask, &base).await
@@ -104,6 +100,31 @@ async fn edit(
         Some(rx) => Box::pin(stream(task, rx, meta, gone_on_drop)).await,
         None => respond(task.await),
     }
+}
+
+/// What an image request asks in its headers, read before it waits. The `HeaderMap` is dropped here: its values
+/// share hyper's read buffer for the connection, which a request queued for a busy backend would otherwise keep
+/// alive (8 KB per waiter) next to the buffer hyper reads the connection into while it waits.
+struct Asked {
+    /// Where stored outputs are linked from.
+    base: String,
+    /// `Prefer: respond-async`: a job, not an answer.
+    job: bool,
+    caller: Caller,
+    /// Previews for a streamed answer (never for a job).
+    previews: Option<mpsc::UnboundedReceiver<Preview>>,
+}
+
+fn asked(
+    state: &AppState,
+    headers: HeaderMap,
+    principal: Option<Extension<Principal>>,
+    path: &'static str,
+    listen: Option<u32>,
+) -> Result<Asked, ApiError> {
+    let job = respond_async(&headers);
+    let (caller, previews) = caller(&headers, principal, path, listen.filter(|_| !job))?;
+    Ok(Asked { base: super::base_url(state, &headers), job, caller, previews })
 }
 
 /// Whether the client asked for a job instead of waiting (`Prefer: respond-async`, RFC 7240).

@@ -16,6 +16,7 @@ mod jobs;
 mod legacy;
 mod models;
 mod ops;
+pub mod serve;
 mod sets;
 mod ui;
 mod videos;
@@ -36,7 +37,6 @@ use http_body::Body as _;
 use tracing::Instrument;
 
 use self::error::{ApiError, ServerFault};
-use self::extract::BodyLimit;
 use crate::error::Error;
 use crate::state::AppState;
 use crate::telemetry::context::RequestContext;
@@ -48,30 +48,40 @@ use crate::telemetry::metrics as m;
 #[derive(Clone)]
 pub struct LiveRouter {
     live: crate::reload::Live,
-    cached: std::sync::Arc<std::sync::RwLock<(u64, Router)>>,
+    cached: std::sync::Arc<std::sync::RwLock<Routed>>,
 }
+
+/// A runtime's router and the body limit its requests start with (see [`router`]), for one config generation.
+type Routed = (u64, Router, DefaultBodyLimit);
 
 impl LiveRouter {
     pub fn new(live: crate::reload::Live) -> Self {
-        let first = (live.generation(), router(live.current()));
+        let first = routed(&live);
         Self { live, cached: std::sync::Arc::new(std::sync::RwLock::new(first)) }
     }
 
-    fn router(&self) -> Router {
+    /// The router of the current runtime, rebuilt only when a reload changed it.
+    fn router(&self) -> (Router, DefaultBodyLimit) {
         use std::sync::PoisonError;
         let generation = self.live.generation();
         {
             let cached = self.cached.read().unwrap_or_else(PoisonError::into_inner);
             if cached.0 == generation {
-                return cached.1.clone();
+                return (cached.1.clone(), cached.2);
             }
         }
         let mut cached = self.cached.write().unwrap_or_else(PoisonError::into_inner);
         if cached.0 != generation {
-            *cached = (generation, router(self.live.current()));
+            *cached = routed(&self.live);
         }
-        cached.1.clone()
+        (cached.1.clone(), cached.2)
     }
+}
+
+fn routed(live: &crate::reload::Live) -> Routed {
+    let state = live.current();
+    let limit = DefaultBodyLimit::max(state.config.server.max_body_bytes);
+    (live.generation(), router(state), limit)
 }
 
 impl tower::Service<Request> for LiveRouter {
@@ -85,13 +95,16 @@ impl tower::Service<Request> for LiveRouter {
 
     fn call(&mut self, mut req: Request) -> Self::Future {
         req.extensions_mut().insert(self.live.clone());
-        tower::Service::call(&mut self.router(), req)
+        let (router, limit) = self.router();
+        // The body limit is set here, around the router, not as a route layer (which would box a service clone
+        // and a future per request on the hot routes); routes that take small bodies set a smaller one.
+        tower::Service::call(&mut tower::Layer::layer(&limit, router), req)
     }
 }
 
-/// Builds the router for `state`.
-pub fn router(state: AppState) -> Router {
-    let limit = state.config.server.max_body_bytes;
+/// Builds the router for `state`. Requests reach it with `server.max_body_bytes` as their body limit (see
+/// [`LiveRouter`]): the image and text routes read bodies up to it, every other route up to [`SMALL_BODY`].
+fn router(state: AppState) -> Router {
     crate::media::configure(state.config.server.max_image_pixels, state.config.server.decode_memory_bytes);
     // Image routes take large bodies (edits carry images); the limit is enforced while reading, never buffered past.
     let mut images = Router::new()
@@ -103,16 +116,12 @@ pub fn router(state: AppState) -> Router {
     for r in &state.config.routes {
         images = images.route(&r.path, post(legacy::handler));
     }
-    let images = images.layer(DefaultBodyLimit::max(limit)).layer(axum::Extension(BodyLimit(limit)));
     let text = Router::new()
         .route("/v1/chat/completions", post(chat::chat_handler))
         .route("/v1/completions", post(chat::completions_handler))
-        .route("/v1/embeddings", post(chat::embeddings_handler))
-        .layer(DefaultBodyLimit::max(limit));
+        .route("/v1/embeddings", post(chat::embeddings_handler));
 
-    Router::new()
-        .merge(images)
-        .merge(text)
+    let rest = Router::new()
         .route("/v1/models", get(models::list_handler))
         .route("/v1/models/{*id}", get(models::get_handler))
         .route("/v1/files", get(files::list_handler))
@@ -143,6 +152,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/working-sets/{name}/activate", post(sets::activate_handler))
         .route("/v1/admin/hosts/{host}/unload", post(sets::unload_handler))
         .route("/v1/admin/backends/{name}/restart", post(sets::restart_handler))
+        .layer(DefaultBodyLimit::max(SMALL_BODY));
+    let app = images
+        .merge(text)
+        .merge(rest)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Inside `observe`: authentication answers are measured and logged like any other.
@@ -150,19 +163,24 @@ pub fn router(state: AppState) -> Router {
         // The web page needs no key (its API calls carry one); added after `authenticate`, so outside it.
         .merge(if state.config.server.ui { ui::routes() } else { Router::new() })
         // Unread-body draining, observation and the drain gate, in one layer (see `front`).
-        .layer(middleware::from_fn_with_state(state.clone(), front))
-        // Preflights are answered before authentication (browsers send no key on them).
-        .layer(cors(&state))
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(state.clone(), front));
+    // Preflights are answered before authentication (browsers send no key on them). Without `server.cors`, no
+    // layer at all: even an identity layer costs each request a boxed clone and future.
+    let app = match cors(&state) {
+        Some(cors) => app.layer(cors),
+        None => app,
+    };
+    app.with_state(state)
 }
 
+/// The body limit of every route that is not an image or text route: keys, grants, webhooks (axum's default).
+const SMALL_BODY: usize = 2 << 20;
+
 /// CORS from `server.cors`; without it, no CORS headers at all.
-fn cors(state: &AppState) -> tower::util::Either<tower_http::cors::CorsLayer, tower::layer::util::Identity> {
+fn cors(state: &AppState) -> Option<tower_http::cors::CorsLayer> {
     use axum::http::Method;
     use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
-    let Some(c) = &state.config.server.cors else {
-        return tower::util::Either::Right(tower::layer::util::Identity::new());
-    };
+    let c = state.config.server.cors.as_ref()?;
     let origin = if c.origins.is_empty() { AllowOrigin::any() } else { AllowOrigin::list(c.origins.clone()) };
     let layer = CorsLayer::new()
         .allow_origin(origin)
@@ -176,7 +194,7 @@ fn cors(state: &AppState) -> tower::util::Either<tower_http::cors::CorsLayer, to
             header::HeaderName::from_static("preference-applied"),
         ])
         .max_age(c.max_age);
-    tower::util::Either::Left(layer)
+    Some(layer)
 }
 
 /// Where stored outputs are served from: `server.public_url`, else the `Host` the client used.

@@ -114,7 +114,8 @@ fn describe() {
     describe_gauge!(BUILD_INFO, "Always 1; the labels say which easel build is running.");
 }
 
-/// One HTTP exchange. Labels are `'static` (route templates, method names), so recording allocates nothing.
+/// One HTTP exchange. Labels are `'static` (route templates, method names), and the handles are registered once
+/// per route, method and status, so recording allocates nothing and hashes no key into the registry.
 pub fn http_request(
     route: &'static str,
     method: &'static str,
@@ -123,13 +124,47 @@ pub fn http_request(
     bytes_in: u64,
     bytes_out: u64,
 ) {
-    counter!(HTTP_REQUESTS, "route" => route, "method" => method, "status" => status_label(status)).increment(1);
-    histogram!(HTTP_DURATION, "route" => route).record(took.as_secs_f64());
-    if bytes_in > 0 {
-        counter!(HTTP_BYTES_IN, "route" => route).increment(bytes_in);
+    let key = (route, method, status_label(status));
+    let record = |h: &HttpHandles| {
+        h.requests.increment(1);
+        h.duration.record(took.as_secs_f64());
+        if bytes_in > 0 {
+            h.bytes_in.increment(bytes_in);
+        }
+        h.bytes_out.increment(bytes_out);
+    };
+    if HANDLE.get().is_none() {
+        return record(&HttpHandles::new(key));
     }
-    counter!(HTTP_BYTES_OUT, "route" => route).increment(bytes_out);
+    if let Some(h) = HTTP_HANDLES.read().unwrap_or_else(PoisonError::into_inner).get(&key) {
+        return record(h);
+    }
+    let mut handles = HTTP_HANDLES.write().unwrap_or_else(PoisonError::into_inner);
+    record(handles.entry(key).or_insert_with(|| HttpHandles::new(key)));
 }
+
+/// The HTTP metrics of one route, method and status (the last three per route only).
+struct HttpHandles {
+    requests: Counter,
+    duration: Histogram,
+    bytes_in: Counter,
+    bytes_out: Counter,
+}
+
+impl HttpHandles {
+    fn new((route, method, status): (&'static str, &'static str, &'static str)) -> Self {
+        Self {
+            requests: counter!(HTTP_REQUESTS, "route" => route, "method" => method, "status" => status),
+            duration: histogram!(HTTP_DURATION, "route" => route),
+            bytes_in: counter!(HTTP_BYTES_IN, "route" => route),
+            bytes_out: counter!(HTTP_BYTES_OUT, "route" => route),
+        }
+    }
+}
+
+/// Route templates, methods and statuses are all fixed sets, so this map stays small.
+type HttpKey = (&'static str, &'static str, &'static str);
+static HTTP_HANDLES: LazyLock<RwLock<HashMap<HttpKey, HttpHandles>>> = LazyLock::new(Default::default);
 
 /// Status codes as static labels (the ones easel answers), without formatting a string per request.
 fn status_label(status: u16) -> &'static str {

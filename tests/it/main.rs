@@ -13,6 +13,7 @@ mod comfyui;
 mod comfyui_video;
 mod compat;
 mod config_cli;
+mod connections;
 mod deploy;
 mod edits;
 mod fidelity;
