@@ -26,14 +26,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ImageBody<T> {
         let (limit, mime) = limits(&req, state)?;
         let object = match mime.as_str() {
             "application/json" | "" => {
-                let bytes = read_body(req, limit).await?;
-                if bytes.is_empty() {
-                    return Err(RequestError::new(
-                        "the request body is empty; send a JSON object such as {\"prompt\": \"...\"}",
-                    )
-                    .into());
-                }
-                return parse_json(&bytes).map(ImageBody);
+                return parse_json(&json_body(req, limit).await?).map(ImageBody);
             }
             "application/x-www-form-urlencoded" => {
                 let bytes = read_body(req, limit).await?;
@@ -85,6 +78,17 @@ fn limits(req: &Request, state: &AppState) -> Result<(usize, String), ApiError> 
         return Err(Error::PayloadTooLarge { limit }.into());
     }
     Ok((limit, mime))
+}
+
+/// A JSON body, refused when empty (a client that forgot to send it).
+async fn json_body(req: Request, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    let bytes = read_body(req, limit).await?;
+    if bytes.is_empty() {
+        return Err(
+            RequestError::new("the request body is empty; send a JSON object such as {\"prompt\": \"...\"}").into()
+        );
+    }
+    Ok(bytes)
 }
 
 async fn read_body(req: Request, limit: usize) -> Result<axum::body::Bytes, ApiError> {
@@ -450,13 +454,7 @@ impl VideoBody {
                 Ok(Self { fields: from_value(Value::Object(fields))?, reference })
             }
             "application/json" | "" => {
-                let bytes = read_body(req, limit).await?;
-                if bytes.is_empty() {
-                    return Err(RequestError::new(
-                        "the request body is empty; send a JSON object such as {\"prompt\": \"...\"}",
-                    )
-                    .into());
-                }
+                let bytes = json_body(req, limit).await?;
                 let mut object: Map<String, Value> = parse_json(&bytes)?;
                 let reference =
                     object.remove("input_reference").map(|r| image_ref(r, "input_reference", 0)).transpose()?;
